@@ -1,0 +1,188 @@
+"""The two backends GhostRunner is built on: a :class:`Store` and an :class:`Executor`.
+
+Both are small protocols with domain verbs. Implementations ship in
+``ghostrunner.sqlite`` (:class:`~ghostrunner.SQLiteStore`), ``ghostrunner.meshcentral``
+(:class:`~ghostrunner.MeshCentralExecutor`) and ``ghostrunner.testing`` (in-memory
+fakes). One contract test suite (``tests/contract``) runs against every store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from datetime import datetime
+from typing import Protocol, runtime_checkable
+
+from ._types import (
+    Device,
+    DeviceEvent,
+    Outcome,
+    Page,
+    Run,
+    RunKey,
+    RunRequest,
+    RunState,
+    Task,
+    TaskQuery,
+    TaskSummary,
+    Token,
+)
+
+__all__ = ["Executor", "Store"]
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Durable state: tasks, their runs, and API tokens.
+
+    Contract, for every implementation:
+
+    * Every method is atomic: it fully happens or not at all, and a crash right after
+      it returns loses nothing (durable for persistent stores).
+    * Run state changes follow :data:`ghostrunner._types.TRANSITIONS`; a change from a
+      state other than the one the method expects raises ``IllegalTransition`` (or, for
+      :meth:`claim` and :meth:`cancel`, is silently skipped, as documented there).
+    * Runs of one device come out of :meth:`next_pending` in submission order.
+    * Methods never block the event loop for long (SQLite work runs on its own thread).
+    * Raises only ``NotFound``, ``Conflict``, ``IllegalTransition`` or other
+      ``StoreError``\\ s, never the backend library's own exceptions.
+    """
+
+    async def open(self) -> None:
+        """Make the store ready (create or migrate the schema). Idempotent."""
+
+    async def close(self) -> None:
+        """Release resources. The data stays; :meth:`open` may be called again."""
+
+    # ---------------------------------------------------------------- tasks
+
+    async def add_task(self, task: Task, now: datetime) -> Sequence[Run]:
+        """Store ``task`` and one pending run per target, in one transaction.
+
+        Raises ``Conflict`` if a task with this id exists.
+        """
+
+    async def get_task(self, task_id: str) -> TaskSummary:
+        """The task with run counts. Raises ``NotFound``."""
+
+    async def get_runs(self, task_id: str) -> Sequence[Run]:
+        """The task's runs, in target order. Raises ``NotFound`` for an unknown task."""
+
+    async def list_tasks(self, query: TaskQuery) -> Page:
+        """Tasks matching ``query``, newest first, one page at a time."""
+
+    async def delete_task(self, task_id: str) -> None:
+        """Remove a task whose runs are all terminal.
+
+        Raises ``NotFound``, or ``IllegalTransition`` if a run is still active.
+        """
+
+    # ---------------------------------------------------------------- the loop's verbs
+
+    async def next_pending(self, node_ids: Collection[str], now: datetime) -> Sequence[Run]:
+        """For each of ``node_ids``, its first pending run (in submission order) whose
+        ``available_at`` is not after ``now`` and that has not expired. At most one run
+        per device; devices with nothing ready are absent. Must not scan all runs."""
+
+    async def claim(self, key: RunKey, now: datetime) -> Run | None:
+        """Atomically move a pending run to ``dispatched``: ``attempts`` + 1,
+        ``started_at`` = now. Returns None (and changes nothing) if the run is no longer
+        pending, e.g. cancelled in the meantime."""
+
+    async def finish(
+        self,
+        key: RunKey,
+        state: RunState,
+        now: datetime,
+        *,
+        outcome: Outcome | None = None,
+        error: str | None = None,
+    ) -> Run:
+        """Record the terminal ``state`` of a dispatched run, with its outcome (exit
+        code, output, times) or an error. Raises ``IllegalTransition`` if it is not
+        dispatched or ``state`` is not terminal."""
+
+    async def release(
+        self,
+        key: RunKey,
+        now: datetime,
+        *,
+        available_at: datetime,
+        error: str,
+        delivered: bool,
+    ) -> Run:
+        """Put a dispatched run back to pending, eligible again at ``available_at``.
+
+        ``delivered=False``: the command certainly did not reach the device, so the
+        attempt is given back (``attempts`` - 1, ``undelivered`` + 1).
+        ``delivered=True``: an at-least-once retry; ``attempts`` stays.
+        """
+
+    async def cancel(self, task_id: str, node_ids: Collection[str] | None = None,
+                     *, now: datetime) -> Sequence[Run]:
+        """Cancel the task's pending runs (all, or those of ``node_ids``). Runs in any
+        other state are left alone. Returns the runs cancelled. Raises ``NotFound``."""
+
+    async def expire_due(self, now: datetime) -> int:
+        """Move every pending run whose ``expires_at`` is not after ``now`` to expired.
+        Returns how many."""
+
+    async def dispatched(self) -> Sequence[Run]:
+        """Every run in ``dispatched`` state (for recovery after a crash)."""
+
+    async def next_wakeup(self, now: datetime) -> datetime | None:
+        """The earliest future moment a pending run becomes available or expires."""
+
+    async def counts(self) -> Mapping[RunState, int]:
+        """How many runs are in each state, over all tasks."""
+
+    # ---------------------------------------------------------------- tokens
+
+    async def add_token(self, token: Token) -> None:
+        """Store a token. Raises ``Conflict`` if the name is taken."""
+
+    async def token_by_hash(self, secret_hash: str) -> Token | None:
+        """The token whose secret hashes to ``secret_hash``, if any."""
+
+    async def list_tokens(self) -> Sequence[Token]:
+        """Every token, oldest first."""
+
+    async def delete_token(self, name: str) -> None:
+        """Remove a token. Raises ``NotFound``."""
+
+    async def touch_token(self, name: str, now: datetime) -> None:
+        """Record that the token was used at ``now``."""
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """Runs commands on devices and knows which devices are online.
+
+    Contract:
+
+    * :meth:`devices` is the executor's current view, cheap and without I/O.
+    * :meth:`events` yields a :class:`DeviceEvent` whenever the view may have changed.
+      Events only wake the loop: losing one costs latency, never correctness.
+    * :meth:`run` sends one command to one device and returns its :class:`Outcome`,
+      or raises one of the ``ExecutorError`` kinds below. Every call ends, by
+      ``request.timeout`` plus a grace at the latest: no call waits forever.
+
+      - ``NotDelivered``: the command certainly did not reach the device.
+      - ``OutcomeUnknown``: it may have run, the result can't be learned.
+      - ``PermanentError``: it can never run as asked.
+    * The loop never calls :meth:`run` twice at once for the same device.
+    """
+
+    async def open(self) -> None:
+        """Connect. Must not fail because the remote end is down: keep trying."""
+
+    async def close(self) -> None:
+        """Disconnect and stop every background task."""
+
+    def devices(self) -> Mapping[str, Device]:
+        """The current view: node id -> Device."""
+
+    def events(self) -> AsyncIterator[DeviceEvent]:
+        """Changes of the view, for as long as the executor is open."""
+
+    async def run(self, request: RunRequest) -> Outcome:
+        """Run ``request.command`` on ``request.node_id``; see the class docstring."""

@@ -1,0 +1,239 @@
+"""The facade: :class:`GhostRunner`, what applications use."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Collection, Mapping, Sequence
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Self
+
+import attrs
+
+from ._errors import IllegalTransition, NotFound
+from ._loop import LoopSettings, Reconciler
+from ._protocols import Executor, Store
+from ._types import (
+    Device,
+    Page,
+    Run,
+    RunState,
+    Task,
+    TaskQuery,
+    TaskSummary,
+    utcnow,
+)
+
+__all__ = ["FlushResult", "GhostRunner"]
+
+
+@attrs.frozen(kw_only=True)
+class FlushResult:
+    """What :meth:`GhostRunner.flush` did."""
+
+    cancelled: int
+    """Pending runs cancelled."""
+    deleted: int
+    """Tasks removed (all their runs were terminal)."""
+    kept: int
+    """Tasks kept because a run is still in flight; flush again later."""
+
+
+class GhostRunner:
+    """Queue commands for devices; run them when the devices come online.
+
+    An async context manager: entering it opens the store and the executor and starts
+    the reconcile loop in the background; leaving it stops the loop gracefully
+    (waiting up to ``settings.shutdown_grace`` for commands in flight) and closes both.
+
+    Args:
+        store: where tasks and runs live, e.g. ``SQLiteStore("ghostrunner.db")``.
+        executor: what runs commands, e.g. ``MeshCentralExecutor(...)``.
+        settings: loop tuning (:class:`LoopSettings`).
+        clock: returns the current aware datetime; tests pass a fake one.
+        background: run the loop in the background (default). With False nothing runs
+            by itself: tests call :meth:`run_until_idle`.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        executor: Executor,
+        settings: LoopSettings | None = None,
+        clock: Callable[[], datetime] = utcnow,
+        background: bool = True,
+    ) -> None:
+        self.store = store
+        self.executor = executor
+        self.settings = settings or LoopSettings()
+        self.clock = clock
+        self.background = background
+        self._changed = asyncio.Event()
+        self.loop = Reconciler(
+            store, executor, self.settings, clock=clock, on_change=self._notify
+        )
+        self._stop = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def __aenter__(self) -> Self:
+        await self.store.open()
+        try:
+            await self.executor.open()
+        except BaseException:
+            await self.store.close()
+            raise
+        if self.background:
+            self._runner = asyncio.create_task(
+                self.loop.run_forever(self._stop), name="ghostrunner-loop"
+            )
+        else:
+            await self.loop.recover()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        try:
+            if self._runner is not None:
+                await self._runner
+            else:
+                await self.loop.drain()
+        finally:
+            try:
+                await self.executor.close()
+            finally:
+                await self.store.close()
+
+    async def crash(self) -> None:
+        """For tests: stop as abruptly as a killed process would, writing nothing more.
+        The store and executor are left open, as a dead process leaves them."""
+        await self.loop.abort()
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+
+    async def run_until_idle(self) -> None:
+        """Pass until nothing is in flight and nothing can start (see Reconciler)."""
+        await self.loop.run_until_idle()
+
+    # ---------------------------------------------------------------- operations
+
+    async def submit(self, task: Task | None = None, /, **fields: Any) -> Task:
+        """Queue a task: ``submit(Task(...))`` or ``submit(name=..., command=...,
+        targets=[...])``. Its runs start as their devices come online.
+
+        Raises:
+            ValidationError: naming the invalid field.
+            Conflict: a task with this id exists.
+        """
+        if task is None:
+            fields.setdefault("name", fields.get("command", "task")[:60] or "task")
+            task = Task(**fields)
+        elif fields:
+            raise TypeError("pass a Task or keyword fields, not both")
+        await self.store.add_task(task, self.clock())
+        self.loop.wake()
+        self._notify()
+        return task
+
+    async def cancel(self, task_id: str, node_ids: Collection[str] | None = None) -> list[Run]:
+        """Cancel the task's pending runs (or those of ``node_ids``). Runs already
+        dispatched cannot be recalled and finish normally. Returns the cancelled runs.
+
+        Raises:
+            NotFound: no such task.
+        """
+        runs = list(await self.store.cancel(task_id, node_ids, now=self.clock()))
+        self._notify()
+        return runs
+
+    async def get(self, task_id: str) -> TaskSummary:
+        """The task and how many of its runs are in each state. Raises NotFound."""
+        return await self.store.get_task(task_id)
+
+    async def runs(self, task_id: str) -> Sequence[Run]:
+        """The task's runs, in target order. Raises NotFound."""
+        return await self.store.get_runs(task_id)
+
+    async def list(self, query: TaskQuery | None = None, **filters: Any) -> Page:
+        """A page of tasks, newest first: ``list(TaskQuery(...))`` or ``list(limit=...,
+        state=..., node_id=..., name=..., cursor=...)``."""
+        return await self.store.list_tasks(query or TaskQuery(**filters))
+
+    async def wait(self, task_id: str, timeout: float | None = None) -> Sequence[Run]:
+        """Wait until every run of the task is terminal; return the runs.
+
+        Raises:
+            NotFound: no such task.
+            TimeoutError: ``timeout`` seconds passed first.
+        """
+        async with asyncio.timeout(timeout):
+            while True:
+                changed = self._changed
+                runs = await self.store.get_runs(task_id)
+                if all(r.terminal for r in runs):
+                    return runs
+                # a change notification wakes us; the periodic re-check is a safety net
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), self.settings.resync_interval)
+
+    async def delete(self, task_id: str) -> bool:
+        """Cancel the task's pending runs and remove it. Returns False (and keeps it)
+        if a run is still in flight; its result is recorded when it comes.
+
+        Raises:
+            NotFound: no such task.
+        """
+        await self.cancel(task_id)
+        try:
+            await self.store.delete_task(task_id)
+        except IllegalTransition:
+            return False
+        self._notify()
+        return True
+
+    async def flush(self) -> FlushResult:
+        """Cancel every pending run and remove every task whose runs are all terminal."""
+        cancelled = deleted = kept = 0
+        cursor: str | None = None
+        while True:
+            page = await self.store.list_tasks(TaskQuery(limit=500, cursor=cursor))
+            for summary in page.items:
+                task_id = summary.task.id
+                try:
+                    cancelled += len(await self.store.cancel(task_id, now=self.clock()))
+                    await self.store.delete_task(task_id)
+                    deleted += 1
+                except IllegalTransition:
+                    kept += 1
+                except NotFound:
+                    continue
+            if page.next_cursor is None:
+                break
+            cursor = page.next_cursor
+        self._notify()
+        return FlushResult(cancelled=cancelled, deleted=deleted, kept=kept)
+
+    def devices(self) -> Mapping[str, Device]:
+        """The executor's current view of the devices."""
+        return self.executor.devices()
+
+    async def counts(self) -> Mapping[RunState, int]:
+        """How many runs are in each state, over all tasks."""
+        return await self.store.counts()
+
+    # ---------------------------------------------------------------- internals
+
+    def _notify(self) -> None:
+        # wake every waiter, then arm a fresh event for the next change
+        self._changed.set()
+        self._changed = asyncio.Event()

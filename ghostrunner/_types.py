@@ -1,0 +1,546 @@
+"""GhostRunner's values: frozen attrs classes, changed only through ``attrs.evolve``.
+
+A :class:`Task` is what an operator queues: one command and its target devices.
+Each (task, device) pair is a :class:`Run`, tracked on its own through the states of
+:class:`RunState`. Validation happens at construction and raises
+:class:`~ghostrunner.ValidationError` naming the field, so an invalid value never exists.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import time
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import attrs
+
+from ._errors import ValidationError
+
+__all__ = [
+    "ACTIVE_STATES",
+    "TERMINAL_STATES",
+    "AgentKind",
+    "Delivery",
+    "Device",
+    "DeviceEvent",
+    "EventKind",
+    "Outcome",
+    "Page",
+    "Run",
+    "RunKey",
+    "RunRequest",
+    "RunState",
+    "Scope",
+    "Shell",
+    "Task",
+    "TaskQuery",
+    "TaskStatus",
+    "TaskSummary",
+    "Token",
+    "new_id",
+    "task_status",
+    "utcnow",
+]
+
+MAX_NAME = 200
+MAX_COMMAND = 64 * 1024
+MAX_TARGETS = 10_000
+MAX_NODE_ID = 256
+MAX_TIMEOUT = 7 * 24 * 3600.0
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware in UTC."""
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    """A new, unique, time-ordered identifier (UUIDv7 layout, 32 hex digits)."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | (rand & ((1 << 76) - 1))
+    # set the RFC 4122 variant bits
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)
+    return f"{value:032x}"
+
+
+class RunState(enum.StrEnum):
+    """Where one (task, device) run stands.
+
+    ``pending`` and ``dispatched`` are active; the rest are terminal and never change.
+    """
+
+    PENDING = "pending"
+    """Waiting for its device to come online (or for ``not_before`` / a retry backoff)."""
+    DISPATCHED = "dispatched"
+    """Sent to the device; the outcome is not known yet."""
+    SUCCEEDED = "succeeded"
+    """Ran and exited 0."""
+    FAILED = "failed"
+    """Ran and exited non-zero, or can never run as asked (``error`` says why)."""
+    TIMED_OUT = "timed_out"
+    """Ran past the task's timeout and was killed on the device."""
+    EXPIRED = "expired"
+    """The task's ``expires_at`` passed before the run could start."""
+    CANCELLED = "cancelled"
+    """Cancelled by an operator while pending."""
+    LOST = "lost"
+    """It may have run, and its outcome can never be known."""
+
+    @property
+    def terminal(self) -> bool:
+        """True for the states a run never leaves."""
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES: frozenset[RunState] = frozenset(
+    {
+        RunState.SUCCEEDED,
+        RunState.FAILED,
+        RunState.TIMED_OUT,
+        RunState.EXPIRED,
+        RunState.CANCELLED,
+        RunState.LOST,
+    }
+)
+ACTIVE_STATES: frozenset[RunState] = frozenset({RunState.PENDING, RunState.DISPATCHED})
+
+#: Every legal change of a run's state. Anything else is an IllegalTransition.
+TRANSITIONS: Mapping[RunState, frozenset[RunState]] = {
+    RunState.PENDING: frozenset({RunState.DISPATCHED, RunState.EXPIRED, RunState.CANCELLED}),
+    RunState.DISPATCHED: frozenset(
+        {
+            RunState.PENDING,  # certainly not delivered, or at-least-once retry
+            RunState.SUCCEEDED,
+            RunState.FAILED,
+            RunState.TIMED_OUT,
+            RunState.LOST,
+        }
+    ),
+}
+
+
+class Shell(enum.StrEnum):
+    """Which shell runs the command on the device."""
+
+    AUTO = "auto"
+    """``sh`` on Linux, macOS and BSD agents, ``cmd`` on Windows agents."""
+    SH = "sh"
+    CMD = "cmd"
+    POWERSHELL = "powershell"
+
+
+class Delivery(enum.StrEnum):
+    """What GhostRunner may do when it can't know whether a command ran."""
+
+    AT_MOST_ONCE = "at_most_once"
+    """Never send again a command that may have reached the device: it becomes ``lost``."""
+    AT_LEAST_ONCE = "at_least_once"
+    """Send it again (up to ``max_attempts``, with backoff) until an outcome is known."""
+
+
+class AgentKind(enum.StrEnum):
+    """The family of a device's MeshCentral agent, which decides the default shell."""
+
+    POSIX = "posix"
+    WINDOWS = "windows"
+    UNKNOWN = "unknown"
+
+
+class Scope(enum.StrEnum):
+    """What an API token may do. ``admin`` implies ``write`` implies ``read``."""
+
+    READ = "read"
+    WRITE = "write"
+    ADMIN = "admin"
+
+    def allows(self, needed: Scope) -> bool:
+        """True if a token with this scope may do what ``needed`` requires."""
+        order = [Scope.READ, Scope.WRITE, Scope.ADMIN]
+        return order.index(self) >= order.index(needed)
+
+
+# --------------------------------------------------------------------------- validators
+
+
+def _aware(inst: object, attribute: attrs.Attribute[Any], value: datetime | None) -> None:
+    if value is None:
+        return
+    if not isinstance(value, datetime):
+        raise ValidationError(attribute.name, "must be a datetime")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValidationError(attribute.name, "must be timezone-aware (e.g. end with Z)")
+
+
+def _text(max_len: int, *, strip: bool = True) -> Any:
+    def check(inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
+        if not isinstance(value, str):
+            raise ValidationError(attribute.name, "must be a string")
+        if not (value.strip() if strip else value):
+            raise ValidationError(attribute.name, "must not be empty")
+        if len(value) > max_len:
+            raise ValidationError(attribute.name, f"must be at most {max_len} characters")
+        if "\x00" in value:
+            raise ValidationError(attribute.name, "must not contain NUL characters")
+
+    return check
+
+
+def _targets(value: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(value, str):
+        raise ValidationError("targets", "must be a list of node ids, not a string")
+    return tuple(value)
+
+
+def _check_targets(inst: object, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    if not value:
+        raise ValidationError(attribute.name, "must name at least one device")
+    if len(value) > MAX_TARGETS:
+        raise ValidationError(attribute.name, f"must name at most {MAX_TARGETS} devices")
+    seen: set[str] = set()
+    for i, node in enumerate(value):
+        if not isinstance(node, str) or not node.strip():
+            raise ValidationError(f"{attribute.name}[{i}]", "must be a non-empty node id")
+        if len(node) > MAX_NODE_ID or "\x00" in node:
+            raise ValidationError(f"{attribute.name}[{i}]", "is not a valid node id")
+        if node in seen:
+            raise ValidationError(f"{attribute.name}[{i}]", f"duplicate node id {node!r}")
+        seen.add(node)
+
+
+def _positive_timeout(inst: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValidationError(attribute.name, "must be a number of seconds")
+    if not (0 < value <= MAX_TIMEOUT):  # also rejects NaN
+        raise ValidationError(attribute.name, f"must be > 0 and <= {MAX_TIMEOUT:.0f} seconds")
+
+
+def _attempts(inst: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(attribute.name, "must be an integer")
+    if not (1 <= value <= 100):
+        raise ValidationError(attribute.name, "must be between 1 and 100")
+
+
+def _enum(cls: type[enum.StrEnum]) -> Any:
+    def convert(value: Any) -> Any:
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            return value  # the validator reports it with the field name
+
+    return convert
+
+
+def _is(cls: type[enum.StrEnum]) -> Any:
+    def check(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if not isinstance(value, cls):
+            allowed = ", ".join(m.value for m in cls)
+            raise ValidationError(attribute.name, f"must be one of: {allowed} (got {value!r})")
+
+    return check
+
+
+# --------------------------------------------------------------------------- tasks & runs
+
+
+@attrs.frozen(kw_only=True)
+class Task:
+    """A command queued for one or more devices.
+
+    Args:
+        name: a label for operators (not unique).
+        command: the shell command, run as is by ``shell`` on each device.
+        targets: MeshCentral node ids (full ``node//...`` form); one run each.
+        shell: ``auto`` picks ``sh`` or ``cmd`` from the device's agent.
+        run_as_user: run in the logged-in user's session instead of as the agent.
+        timeout: seconds the command may run on the device before it is killed.
+        not_before: do not start before this time.
+        expires_at: runs not started by this time end ``expired``.
+        max_attempts: the most times the command may be handed to a device.
+        delivery: ``at_most_once`` (default) or ``at_least_once``.
+
+    Raises:
+        ValidationError: naming the field, for any invalid value.
+    """
+
+    id: str = attrs.field(factory=new_id, validator=_text(64))
+    name: str = attrs.field(validator=_text(MAX_NAME))
+    command: str = attrs.field(validator=_text(MAX_COMMAND, strip=True))
+    targets: tuple[str, ...] = attrs.field(converter=_targets, validator=_check_targets)
+    created_at: datetime = attrs.field(factory=utcnow, validator=_aware)
+    shell: Shell = attrs.field(default=Shell.AUTO, converter=_enum(Shell), validator=_is(Shell))
+    run_as_user: bool = attrs.field(default=False)
+    timeout: float = attrs.field(default=300.0, validator=_positive_timeout)
+    not_before: datetime | None = attrs.field(default=None, validator=_aware)
+    expires_at: datetime | None = attrs.field(default=None, validator=_aware)
+    max_attempts: int = attrs.field(default=3, validator=_attempts)
+    delivery: Delivery = attrs.field(
+        default=Delivery.AT_MOST_ONCE, converter=_enum(Delivery), validator=_is(Delivery)
+    )
+
+    @run_as_user.validator
+    def _check_bool(self, attribute: attrs.Attribute[bool], value: bool) -> None:
+        if not isinstance(value, bool):
+            raise ValidationError(attribute.name, "must be true or false")
+
+    def __attrs_post_init__(self) -> None:
+        if (
+            self.not_before is not None
+            and self.expires_at is not None
+            and self.expires_at <= self.not_before
+        ):
+            raise ValidationError("expires_at", "must be later than not_before")
+
+    def first_runs(self, now: datetime | None = None) -> list[Run]:
+        """The pending runs this task starts with, one per target, in target order."""
+        queued = now or utcnow()
+        return [
+            Run(
+                task_id=self.id,
+                node_id=node,
+                queued_at=queued,
+                available_at=self.not_before or queued,
+                expires_at=self.expires_at,
+            )
+            for node in self.targets
+        ]
+
+
+@attrs.frozen(order=True)
+class RunKey:
+    """Identifies one run: a task and one of its target devices."""
+
+    task_id: str
+    node_id: str
+
+    def __str__(self) -> str:
+        return f"{self.task_id}/{self.node_id}"
+
+
+@attrs.frozen(kw_only=True)
+class Run:
+    """One (task, device) pair and everything known about its execution.
+
+    ``attempts`` counts the times the command was handed to the device (or may have
+    been); ``undelivered`` counts dispatches that certainly did not reach it (device
+    not connected, agent busy), which are retried without using up ``max_attempts``.
+    ``output`` is capped: when ``output_truncated`` is true the middle was cut and the
+    head and tail kept.
+    """
+
+    task_id: str
+    node_id: str
+    state: RunState = attrs.field(default=RunState.PENDING, converter=_enum(RunState))
+    attempts: int = 0
+    undelivered: int = 0
+    queued_at: datetime = attrs.field(factory=utcnow, validator=_aware)
+    available_at: datetime = attrs.field(factory=utcnow, validator=_aware)
+    expires_at: datetime | None = attrs.field(default=None, validator=_aware)
+    started_at: datetime | None = attrs.field(default=None, validator=_aware)
+    finished_at: datetime | None = attrs.field(default=None, validator=_aware)
+    exit_code: int | None = None
+    output: str = ""
+    output_truncated: bool = False
+    error: str | None = None
+
+    @property
+    def key(self) -> RunKey:
+        """This run's :class:`RunKey`."""
+        return RunKey(self.task_id, self.node_id)
+
+    @property
+    def terminal(self) -> bool:
+        """True once the run can never change again."""
+        return self.state.terminal
+
+
+class TaskStatus(enum.StrEnum):
+    """A task's overall status, derived from its runs' states."""
+
+    PENDING = "pending"
+    """No run has started yet."""
+    RUNNING = "running"
+    """Some runs have started or finished, others are still active."""
+    SUCCEEDED = "succeeded"
+    """Every run succeeded."""
+    CANCELLED = "cancelled"
+    """Every run was cancelled."""
+    FAILED = "failed"
+    """Every run is terminal and at least one did not succeed."""
+
+
+def task_status(counts: Mapping[RunState, int]) -> TaskStatus:
+    """The overall status of a task whose runs are in ``counts``."""
+    total = sum(counts.values())
+    pending = counts.get(RunState.PENDING, 0)
+    active = pending + counts.get(RunState.DISPATCHED, 0)
+    if total == 0 or pending == total:
+        return TaskStatus.PENDING
+    if active:
+        return TaskStatus.RUNNING
+    if counts.get(RunState.SUCCEEDED, 0) == total:
+        return TaskStatus.SUCCEEDED
+    if counts.get(RunState.CANCELLED, 0) == total:
+        return TaskStatus.CANCELLED
+    return TaskStatus.FAILED
+
+
+@attrs.frozen(kw_only=True)
+class TaskSummary:
+    """A task with the number of its runs in each state."""
+
+    task: Task
+    counts: Mapping[RunState, int]
+
+    @property
+    def status(self) -> TaskStatus:
+        """The task's overall status (see :class:`TaskStatus`)."""
+        return task_status(self.counts)
+
+
+@attrs.frozen(kw_only=True)
+class TaskQuery:
+    """Filters and pagination for listing tasks, newest first.
+
+    Args:
+        limit: page size, 1 to 1000.
+        cursor: the ``next_cursor`` of the previous page.
+        state: only tasks having at least one run in this state.
+        status: only tasks whose overall status is this.
+        node_id: only tasks targeting this device.
+        name: only tasks with exactly this name.
+    """
+
+    limit: int = attrs.field(default=50)
+    cursor: str | None = None
+    state: RunState | None = None
+    status: TaskStatus | None = None
+    node_id: str | None = None
+    name: str | None = None
+
+    @limit.validator
+    def _check_limit(self, attribute: attrs.Attribute[int], value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not (1 <= value <= 1000):
+            raise ValidationError("limit", "must be an integer between 1 and 1000")
+
+
+@attrs.frozen(kw_only=True)
+class Page:
+    """One page of a listing; ``next_cursor`` is None on the last page."""
+
+    items: tuple[TaskSummary, ...]
+    next_cursor: str | None = None
+
+
+# --------------------------------------------------------------------------- devices
+
+
+@attrs.frozen(kw_only=True)
+class Device:
+    """A device as the executor sees it.
+
+    ``online`` means ready to take a command now (for MeshCentral: agent connected and
+    its start-up finished), not merely "seen on the network".
+    """
+
+    node_id: str
+    name: str = ""
+    online: bool = False
+    group_id: str | None = None
+    os: str | None = None
+    agent_kind: AgentKind = AgentKind.UNKNOWN
+
+
+class EventKind(enum.StrEnum):
+    """What changed in the executor's view of the devices."""
+
+    ONLINE = "online"
+    OFFLINE = "offline"
+    CHANGED = "changed"
+    REMOVED = "removed"
+    RESYNC = "resync"
+    """The whole view was refreshed (e.g. after a reconnect): recompute everything."""
+
+
+@attrs.frozen(kw_only=True)
+class DeviceEvent:
+    """A change in who is online. Only wakes the loop, which then looks at the state."""
+
+    kind: EventKind
+    node_id: str | None = None
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+@attrs.frozen(kw_only=True)
+class RunRequest:
+    """What the loop asks an executor to run: one command on one device."""
+
+    task_id: str
+    node_id: str
+    command: str
+    shell: Shell = Shell.AUTO
+    run_as_user: bool = False
+    timeout: float = 300.0
+    attempt: int = 1
+    delivery: Delivery = Delivery.AT_MOST_ONCE
+
+    @property
+    def key(self) -> RunKey:
+        """The run this request is for."""
+        return RunKey(self.task_id, self.node_id)
+
+
+@attrs.frozen(kw_only=True)
+class Outcome:
+    """What happened when a command ran on a device.
+
+    ``exit_code`` is None only when ``timed_out`` is true (the command was killed).
+    """
+
+    exit_code: int | None
+    output: str = ""
+    output_truncated: bool = False
+    timed_out: bool = False
+    started_at: datetime | None = attrs.field(default=None, validator=_aware)
+    finished_at: datetime | None = attrs.field(default=None, validator=_aware)
+
+    @property
+    def state(self) -> RunState:
+        """The terminal run state this outcome leads to."""
+        if self.timed_out:
+            return RunState.TIMED_OUT
+        return RunState.SUCCEEDED if self.exit_code == 0 else RunState.FAILED
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+@attrs.frozen(kw_only=True)
+class Token:
+    """An API token. Only a hash of its secret is ever kept (and never shown in reprs)."""
+
+    name: str = attrs.field(validator=_text(MAX_NAME))
+    secret_hash: str = attrs.field(repr=False)
+    scope: Scope = attrs.field(default=Scope.READ, converter=_enum(Scope), validator=_is(Scope))
+    created_at: datetime = attrs.field(factory=utcnow, validator=_aware)
+    last_used: datetime | None = attrs.field(default=None, validator=_aware)
+    builtin: bool = False
+    """The bootstrap admin token: it cannot be deleted."""
+
+    @property
+    def scopes(self) -> frozenset[Scope]:
+        """Every scope this token's scope implies."""
+        return frozenset(s for s in Scope if self.scope.allows(s))
+
+
+def backoff(base: float, cap: float, n: int) -> timedelta:
+    """Exponential backoff: ``base * 2**(n-1)`` seconds, capped, for the n-th retry."""
+    return timedelta(seconds=min(cap, base * (2 ** max(0, n - 1))))

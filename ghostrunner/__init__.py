@@ -49,10 +49,7 @@ from ._types import (
     Token,
     utcnow,
 )
-try:  # TEMP until sqlite.py lands
-    from .sqlite import SQLiteStore
-except ImportError:  # pragma: no cover
-    pass
+from .sqlite import SQLiteStore
 
 if TYPE_CHECKING:
     from .meshcentral import MeshCentralExecutor

@@ -94,6 +94,7 @@ class Reconciler:
         self._wake = asyncio.Event()
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         self._tasks: OrderedDict[str, Task] = OrderedDict()
+        self._step_lock = asyncio.Lock()  # passes never interleave (one planner at a time)
         self._aborted = False
         self._stopping = False
         self.passes = 0
@@ -128,6 +129,10 @@ class Reconciler:
     async def step(self) -> int:
         """One pass: expire what is due, then start what can start. Returns how many
         dispatches it started."""
+        async with self._step_lock:
+            return await self._step()
+
+    async def _step(self) -> int:
         self.passes += 1
         now = self.clock()
         if await self.store.expire_due(now):
@@ -145,10 +150,17 @@ class Reconciler:
         )
         if not chosen:
             return 0
-        # concurrent claims reach a batching store together (one transaction)
-        claimed = await asyncio.gather(*(self.store.claim(r.key, now) for r in chosen))
+        # concurrent claims reach a batching store together (one transaction); one
+        # failing claim must not strand the others dispatched with nothing in flight
+        claimed = await asyncio.gather(
+            *(self.store.claim(r.key, now) for r in chosen), return_exceptions=True
+        )
         started = 0
+        failure: BaseException | None = None
         for run in claimed:
+            if isinstance(run, BaseException):
+                failure = failure or run
+                continue
             if run is None:  # cancelled meanwhile
                 continue
             task = await self._task(run.task_id)
@@ -158,6 +170,8 @@ class Reconciler:
             started += 1
         if started:
             self._on_change()
+        if failure is not None:
+            raise failure
         return started
 
     async def run_until_idle(self, max_passes: int = 100_000) -> None:
@@ -180,7 +194,9 @@ class Reconciler:
         ``resync_interval``, until ``stop`` is set; then stop gracefully."""
         watcher = asyncio.create_task(self._watch_events(), name="ghostrunner-events")
         try:
-            await self._retrying(self.recover)
+            # runs left dispatched must be settled before anything else: retry until done
+            while not stop.is_set() and not await self._retrying(self.recover):
+                pass
             while not stop.is_set():
                 self._wake.clear()
                 await self._retrying(self.step)
@@ -236,7 +252,8 @@ class Reconciler:
             self._tasks.move_to_end(task_id)
         return task
 
-    async def _retrying(self, step: Callable[[], object]) -> None:
+    async def _retrying(self, step: Callable[[], object]) -> bool:
+        """Run ``step``; on failure log, pause ``retry_base`` and return False."""
         try:
             result = step()
             if asyncio.iscoroutine(result):
@@ -244,6 +261,8 @@ class Reconciler:
         except Exception:  # the loop must outlive a failing store or executor
             log.exception("pass failed; retrying after %.1fs", self.settings.retry_base)
             await asyncio.sleep(self.settings.retry_base)
+            return False
+        return True
 
     async def _idle_delay(self) -> float:
         delay = self.settings.resync_interval

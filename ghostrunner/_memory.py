@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
+from typing import Any
 
 import attrs
 
@@ -62,11 +63,11 @@ class InMemoryStore:
         except KeyError:
             raise NotFound(f"no run {key}") from None
 
-    def _move(self, key: RunKey, to: RunState, **changes: object) -> Run:
+    def _move(self, key: RunKey, to: RunState, **changes: Any) -> Run:
         run = self._run(key)
         if to not in TRANSITIONS.get(run.state, frozenset()):
             raise IllegalTransition(f"run {key}: {run.state} -> {to} is not allowed")
-        new = attrs.evolve(run, state=to, **changes)  # type: ignore[misc]
+        new = attrs.evolve(run, state=to, **changes)
         self.runs[key] = new
         return new
 
@@ -128,7 +129,9 @@ class InMemoryStore:
             raise IllegalTransition(f"task {task_id} still has active runs")
         for run in runs:
             del self.runs[run.key]
-            self._by_node[run.node_id].remove(run.key)
+            keys = self._by_node.get(run.node_id, [])
+            if run.key in keys:  # next_pending may have pruned it already
+                keys.remove(run.key)
         del self.tasks[task_id]
         del self._order[task_id]
 
@@ -225,7 +228,9 @@ class InMemoryStore:
             if r.state is RunState.PENDING and r.expires_at is not None and r.expires_at <= now
         ]
         for key in due:
-            self._move(key, RunState.EXPIRED, finished_at=now, error="expired before it could start")
+            self._move(
+                key, RunState.EXPIRED, finished_at=now, error="expired before it could start"
+            )
         return len(due)
 
     async def dispatched(self) -> Sequence[Run]:

@@ -169,8 +169,15 @@ class GhostRunner:
         state=..., node_id=..., name=..., cursor=...)``."""
         return await self.store.list_tasks(query or TaskQuery(**filters))
 
-    async def wait(self, task_id: str, timeout: float | None = None) -> Sequence[Run]:
-        """Wait until every run of the task is terminal; return the runs.
+    async def wait(
+        self,
+        task_id: str,
+        timeout: float | None = None,
+        *,
+        node_ids: Collection[str] | None = None,
+    ) -> Sequence[Run]:
+        """Wait until every run of the task (or those of ``node_ids``) is terminal;
+        return the task's runs.
 
         Raises:
             NotFound: no such task.
@@ -180,7 +187,7 @@ class GhostRunner:
             while True:
                 changed = self._changed
                 runs = await self.store.get_runs(task_id)
-                if all(r.terminal for r in runs):
+                if all(r.terminal for r in runs if node_ids is None or r.node_id in node_ids):
                     return runs
                 # a change notification wakes us; the periodic re-check is a safety net
                 with contextlib.suppress(TimeoutError):

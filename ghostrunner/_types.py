@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 
@@ -44,6 +44,8 @@ __all__ = [
     "task_status",
     "utcnow",
 ]
+
+E = TypeVar("E", bound=enum.StrEnum)
 
 MAX_NAME = 200
 MAX_COMMAND = 64 * 1024
@@ -225,25 +227,32 @@ def _attempts(inst: object, attribute: attrs.Attribute[Any], value: int) -> None
         raise ValidationError(attribute.name, "must be between 1 and 100")
 
 
-def _enum(cls: type[enum.StrEnum]) -> Any:
-    def convert(value: Any) -> Any:
-        if isinstance(value, cls):
-            return value
+def _member(cls: type[E], field: str, value: object) -> E:
+    if isinstance(value, cls):
+        return value
+    allowed = ", ".join(m.value for m in cls)
+    if isinstance(value, str):
         try:
             return cls(value)
         except ValueError:
-            return value  # the validator reports it with the field name
+            pass
+    raise ValidationError(field, f"must be one of: {allowed} (got {value!r})")
 
-    return convert
+
+def _to_shell(value: object) -> Shell:
+    return _member(Shell, "shell", value)
 
 
-def _is(cls: type[enum.StrEnum]) -> Any:
-    def check(inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
-        if not isinstance(value, cls):
-            allowed = ", ".join(m.value for m in cls)
-            raise ValidationError(attribute.name, f"must be one of: {allowed} (got {value!r})")
+def _to_delivery(value: object) -> Delivery:
+    return _member(Delivery, "delivery", value)
 
-    return check
+
+def _to_state(value: object) -> RunState:
+    return _member(RunState, "state", value)
+
+
+def _to_scope(value: object) -> Scope:
+    return _member(Scope, "scope", value)
 
 
 # --------------------------------------------------------------------------- tasks & runs
@@ -274,15 +283,13 @@ class Task:
     command: str = attrs.field(validator=_text(MAX_COMMAND, strip=True))
     targets: tuple[str, ...] = attrs.field(converter=_targets, validator=_check_targets)
     created_at: datetime = attrs.field(factory=utcnow, validator=_aware)
-    shell: Shell = attrs.field(default=Shell.AUTO, converter=_enum(Shell), validator=_is(Shell))
+    shell: Shell = attrs.field(default=Shell.AUTO, converter=_to_shell)
     run_as_user: bool = attrs.field(default=False)
     timeout: float = attrs.field(default=300.0, validator=_positive_timeout)
     not_before: datetime | None = attrs.field(default=None, validator=_aware)
     expires_at: datetime | None = attrs.field(default=None, validator=_aware)
     max_attempts: int = attrs.field(default=3, validator=_attempts)
-    delivery: Delivery = attrs.field(
-        default=Delivery.AT_MOST_ONCE, converter=_enum(Delivery), validator=_is(Delivery)
-    )
+    delivery: Delivery = attrs.field(default=Delivery.AT_MOST_ONCE, converter=_to_delivery)
 
     @run_as_user.validator
     def _check_bool(self, attribute: attrs.Attribute[bool], value: bool) -> None:
@@ -336,7 +343,7 @@ class Run:
 
     task_id: str
     node_id: str
-    state: RunState = attrs.field(default=RunState.PENDING, converter=_enum(RunState))
+    state: RunState = attrs.field(default=RunState.PENDING, converter=_to_state)
     attempts: int = 0
     undelivered: int = 0
     queued_at: datetime = attrs.field(factory=utcnow, validator=_aware)
@@ -529,7 +536,7 @@ class Token:
 
     name: str = attrs.field(validator=_text(MAX_NAME))
     secret_hash: str = attrs.field(repr=False)
-    scope: Scope = attrs.field(default=Scope.READ, converter=_enum(Scope), validator=_is(Scope))
+    scope: Scope = attrs.field(default=Scope.READ, converter=_to_scope)
     created_at: datetime = attrs.field(factory=utcnow, validator=_aware)
     last_used: datetime | None = attrs.field(default=None, validator=_aware)
     builtin: bool = False

@@ -291,6 +291,29 @@ def _group_members(pgid: int) -> list[int]:
     return members
 
 
+def _descendants(pid: int) -> list[int]:
+    """Live processes descending from ``pid`` (children, grandchildren, ...)."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 1 and fields[0] != b"Z":
+            children.setdefault(int(fields[1]), []).append(int(name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def _kill_group(
     pgid: int,
     proc: subprocess.Popen[bytes] | None,
@@ -536,7 +559,15 @@ class Agent:
         proc, self._proc = self._proc, None
         if proc is None:
             return
+        # Commands the agent runs may sit in process groups of their own (GhostRunner's
+        # wrapper puts each command in one, to kill it on timeout). A stopped device
+        # runs nothing, so they go too: otherwise an orphan keeps the agent's socket
+        # open and the server sees the device online until its idle timeout.
+        orphans = _descendants(proc.pid)
         _kill_group(proc.pid, proc, kill=kill, timeout=timeout)
+        for pid in orphans:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         (self._dir / "agent.pid").unlink(missing_ok=True)
 
     def wait_enrolled(self, timeout: float = 60.0) -> str:
@@ -609,6 +640,10 @@ class MeshLab:
         log: Receives progress messages; default: none (npm progress still goes to
             stderr).
         cache_dir: Where MeshCentral is installed; default :func:`default_cache_dir`.
+        flap_guard: Keep MeshCentral's anti-flapping guard on (production behaviour):
+            an agent that disconnects more than 4 times within the server's 120 s window
+            is shown connected but has its core cleared, so commands sent to it are
+            silently dropped. Off by default, since tests stop and start agents often.
 
     The lab is a context manager: ``with MeshLab(path) as lab:`` starts it and closes
     it (agents and server stopped, no process left) on exit. It is not thread-safe.
@@ -623,7 +658,9 @@ class MeshLab:
         agent_idle_timeout: int = 20,
         log: LogFunc | None = None,
         cache_dir: Path | str | None = None,
+        flap_guard: bool = False,
     ) -> None:
+        self._flap_guard = flap_guard
         if agent_idle_timeout < 4:
             raise ValueError("agent_idle_timeout must be at least 4 seconds")
         self._root = Path(root).expanduser().resolve()
@@ -804,7 +841,7 @@ class MeshLab:
         data_dir = self.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         (self._root / "meshcentral-files").mkdir(exist_ok=True)
-        config = {
+        config: dict[str, Any] = {
             "settings": {
                 "cert": "127.0.0.1",
                 "port": self._port,
@@ -819,9 +856,6 @@ class MeshLab:
                 "selfUpdate": False,
                 "noAgentUpdate": 1,
                 "agentTimeStampServer": False,
-                # Undocumented (meshagent.js): skips the anti-flapping counter, which
-                # would otherwise neuter agents that a test stops and starts often.
-                "agentUpdateTest": False,
                 "agentIdleTimeout": self._agent_idle_timeout,
                 # --datapath only tells where config.json is; these move the data.
                 "datapath": str(data_dir),
@@ -832,6 +866,11 @@ class MeshLab:
             },
             "domains": {"": {"newAccounts": False}},
         }
+        if not self._flap_guard:
+            # Undocumented (meshagent.js counts disconnections only while
+            # args.agentupdatetest is unset): skips the anti-flapping counter, which
+            # would otherwise neuter agents that a test stops and starts often.
+            config["settings"]["agentUpdateTest"] = False
         (data_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     def _server_args(self, *extra: str) -> list[str]:

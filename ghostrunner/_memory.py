@@ -139,7 +139,7 @@ class InMemoryStore:
 
     async def next_pending(self, node_ids: Collection[str], now: datetime) -> Sequence[Run]:
         out: list[Run] = []
-        for node in node_ids:
+        for node in dict.fromkeys(node_ids):
             keys = self._by_node.get(node)
             if not keys:
                 continue
@@ -254,6 +254,8 @@ class InMemoryStore:
     async def add_token(self, token: Token) -> None:
         if token.name in self.tokens:
             raise Conflict(f"a token named {token.name!r} exists")
+        if any(t.secret_hash == token.secret_hash for t in self.tokens.values()):
+            raise Conflict("a token with this secret exists")
         self.tokens[token.name] = token
 
     async def token_by_hash(self, secret_hash: str) -> Token | None:

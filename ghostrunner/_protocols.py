@@ -97,9 +97,10 @@ class Store(Protocol):
         outcome: Outcome | None = None,
         error: str | None = None,
     ) -> Run:
-        """Record the terminal ``state`` of a dispatched run, with its outcome (exit
-        code, output, times) or an error. Raises ``IllegalTransition`` if it is not
-        dispatched or ``state`` is not terminal."""
+        """Record the final ``state`` of a dispatched run (succeeded, failed,
+        timed_out or lost), with its outcome (exit code, output, times) or an error.
+        Raises ``IllegalTransition`` if it is not dispatched or ``state`` is not one of
+        those four; ``NotFound`` for an unknown run."""
 
     async def release(
         self,

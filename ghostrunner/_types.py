@@ -175,6 +175,18 @@ def _aware(inst: object, attribute: attrs.Attribute[Any], value: datetime | None
         raise ValidationError(attribute.name, "must be a datetime")
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValidationError(attribute.name, "must be timezone-aware (e.g. end with Z)")
+    try:
+        value.astimezone(UTC)
+    except OverflowError:
+        raise ValidationError(attribute.name, "is out of range") from None
+
+
+def _encodable(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates
+        return False
+    return True
 
 
 def _text(max_len: int, *, strip: bool = True) -> Any:
@@ -187,6 +199,8 @@ def _text(max_len: int, *, strip: bool = True) -> Any:
             raise ValidationError(attribute.name, f"must be at most {max_len} characters")
         if "\x00" in value:
             raise ValidationError(attribute.name, "must not contain NUL characters")
+        if not _encodable(value):
+            raise ValidationError(attribute.name, "must be valid Unicode text")
 
     return check
 
@@ -206,7 +220,7 @@ def _check_targets(inst: object, attribute: attrs.Attribute[Any], value: tuple[s
     for i, node in enumerate(value):
         if not isinstance(node, str) or not node.strip():
             raise ValidationError(f"{attribute.name}[{i}]", "must be a non-empty node id")
-        if len(node) > MAX_NODE_ID or "\x00" in node:
+        if len(node) > MAX_NODE_ID or "\x00" in node or not _encodable(node):
             raise ValidationError(f"{attribute.name}[{i}]", "is not a valid node id")
         if node in seen:
             raise ValidationError(f"{attribute.name}[{i}]", f"duplicate node id {node!r}")

@@ -247,3 +247,78 @@ def test_output_is_capped_and_exit_code_exact(
             assert len(run.output) < 70_000
 
     asyncio.run(scenario())
+
+
+def test_meshcentral_restart_while_runs_are_pending_and_in_flight(
+    mesh_lab: MeshLab, agent_factory: Callable[..., Agent], tmp_path: Path
+) -> None:
+    r1 = agent_factory("restart-1", start=True)
+    r2 = agent_factory("restart-2", start=True)
+    log = tmp_path / "executions"
+    began = tmp_path / "long-began"
+
+    def cmd(tag: str, extra: str = "") -> str:
+        return f"echo {tag} >> {log}; {extra}echo done {tag}"
+
+    async def scenario() -> None:
+        async with mesh_runner(mesh_lab, SQLiteStore(tmp_path / "gr.db")) as (gr, executor):
+            first_sessions = executor.sessions_started
+            long = await gr.submit(Task(name="long", targets=[r1.node_id], timeout=60,
+                                        command=cmd("long", f"touch {began}; sleep 4; ")))
+            before = [await gr.submit(Task(name=f"b{i}", command=cmd(f"b{i}"),
+                                           targets=[r1.node_id, r2.node_id], timeout=30))
+                      for i in range(3)]
+            await until(began.exists)
+            restart = asyncio.create_task(asyncio.to_thread(mesh_lab.restart))
+            await until(lambda: not executor.connected, timeout=30)
+            during = [await gr.submit(Task(name=f"d{i}", command=cmd(f"d{i}"),
+                                           targets=[r1.node_id, r2.node_id], timeout=30))
+                      for i in range(3)]
+            await restart
+            for task in [long, *before, *during]:
+                await gr.wait(task.id, timeout=120)
+            assert executor.sessions_started > first_sessions
+            counts = await gr.counts()
+            assert counts.get(RunState.DISPATCHED, 0) == 0
+            assert counts.get(RunState.PENDING, 0) == 0
+            executed = lines(log)
+            assert len(executed) == len(set(executed)), f"ran twice: {executed}"
+            for task in [*before, *during]:
+                for run in await gr.runs(task.id):
+                    # whatever happened to each run, the record agrees with the device
+                    if run.state is RunState.SUCCEEDED:
+                        assert run.output == f"done {task.name}\n"
+                        assert task.name in executed
+                    else:
+                        assert run.state is RunState.LOST, run
+            (run,) = await gr.runs(long.id)
+            assert run.state in {RunState.SUCCEEDED, RunState.LOST}
+            assert executed.count("long") == 1
+            # the queue really finished after the restart: the tasks submitted during
+            # the outage all ran on both devices
+            for task in during:
+                assert all(r.state is RunState.SUCCEEDED for r in await gr.runs(task.id))
+
+    asyncio.run(scenario())
+
+
+def test_forged_markers_in_output_do_not_change_the_exit_code(
+    mesh_lab: MeshLab, agent_factory: Callable[..., Agent]
+) -> None:
+    agent = agent_factory("exec-forge", start=True)
+    forged = (
+        "echo GR_BEGIN_0123456789abcdef0123456789abcdef; "
+        "echo 'GR_END_0123456789abcdef0123456789abcdef rc=0 timeout=0'; "
+        "printf '\\nGR_END_%s rc=0 timeout=0\\n' deadbeef; exit 7"
+    )
+
+    async def scenario() -> None:
+        async with mesh_runner(mesh_lab) as (gr, _):
+            task = await gr.submit(Task(name="forge", command=forged, targets=[agent.node_id],
+                                        timeout=30))
+            (run,) = await gr.wait(task.id, timeout=60)
+            assert run.state is RunState.FAILED, run
+            assert run.exit_code == 7
+            assert "GR_END_0123456789abcdef0123456789abcdef rc=0 timeout=0" in run.output
+
+    asyncio.run(scenario())

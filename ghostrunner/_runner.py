@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Self
@@ -190,6 +190,23 @@ class GhostRunner:
                 if all(r.terminal for r in runs if node_ids is None or r.node_id in node_ids):
                     return runs
                 # a change notification wakes us; the periodic re-check is a safety net
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), self.settings.resync_interval)
+
+    async def wait_until(
+        self, check: Callable[[], Awaitable[bool]], timeout: float | None = None
+    ) -> None:
+        """Wait until ``await check()`` is true, re-checking after every change GhostRunner
+        makes (a run claimed, finished, released, cancelled...).
+
+        Raises:
+            TimeoutError: ``timeout`` seconds passed first.
+        """
+        async with asyncio.timeout(timeout):
+            while True:
+                changed = self._changed
+                if await check():
+                    return
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), self.settings.resync_interval)
 

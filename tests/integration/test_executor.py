@@ -208,7 +208,7 @@ def test_agent_killed_mid_run(
                 assert lines(count) == ["x"]
                 assert (await gr.runs(task.id))[0].state is RunState.LOST
             else:
-                await until(lambda: run_state(gr, task.id, RunState.PENDING))
+                await gr.wait_until(lambda: run_state(gr, task.id, RunState.PENDING), 60)
                 await start(agent)
                 (run,) = await gr.wait(task.id, timeout=60)
                 assert run.state is RunState.SUCCEEDED, run
@@ -265,15 +265,15 @@ def test_meshcentral_restart_while_runs_are_pending_and_in_flight(
             first_sessions = executor.sessions_started
             long = await gr.submit(Task(name="long", targets=[r1.node_id], timeout=60,
                                         command=cmd("long", f"touch {began}; sleep 4; ")))
-            before = [await gr.submit(Task(name=f"b{i}", command=cmd(f"b{i}"),
-                                           targets=[r1.node_id, r2.node_id], timeout=30))
-                      for i in range(3)]
+            before = [await gr.submit(Task(name=f"b{i}-{a.name}", command=cmd(f"b{i}-{a.name}"),
+                                           targets=[a.node_id], timeout=30))
+                      for i in range(3) for a in (r1, r2)]
             await until(began.exists)
             restart = asyncio.create_task(asyncio.to_thread(mesh_lab.restart))
             await until(lambda: not executor.connected, timeout=30)
-            during = [await gr.submit(Task(name=f"d{i}", command=cmd(f"d{i}"),
-                                           targets=[r1.node_id, r2.node_id], timeout=30))
-                      for i in range(3)]
+            during = [await gr.submit(Task(name=f"d{i}-{a.name}", command=cmd(f"d{i}-{a.name}"),
+                                           targets=[a.node_id], timeout=30))
+                      for i in range(3) for a in (r1, r2)]
             await restart
             for task in [long, *before, *during]:
                 await gr.wait(task.id, timeout=120)

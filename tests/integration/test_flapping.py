@@ -62,12 +62,11 @@ def test_dropped_dispatches_are_retried_and_run_exactly_once(
             task = await gr.submit(Task(name="victim", command=f"echo ran >> {log}",
                                         targets=[agent.node_id], timeout=20))
 
-            async def dropped_twice() -> None:
-                while (await gr.runs(task.id))[0].undelivered < 2:
-                    await asyncio.sleep(0.2)
+            async def dropped_twice() -> bool:
+                return (await gr.runs(task.id))[0].undelivered >= 2
 
             try:
-                await asyncio.wait_for(dropped_twice(), 60)
+                await gr.wait_until(dropped_twice, timeout=60)
             except TimeoutError:
                 raise AssertionError(f"{await gr.runs(task.id)} log={log.exists()}") from None
             (run,) = await gr.runs(task.id)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections import OrderedDict
 from collections.abc import Callable
 from datetime import datetime
@@ -54,15 +55,19 @@ class LoopSettings:
             waiting for the executor and records the outcome as unknown.
         shutdown_grace: on a graceful stop, seconds to wait for commands in flight.
         output_limit: characters of output kept per run (head and tail).
+        coalesce: seconds a woken loop waits before its pass, so that a burst of
+            events (devices coming online, commands finishing) is handled by one pass
+            whose claims and results a batching store commits together.
     """
 
-    max_in_flight: int = attrs.field(default=64)
+    max_in_flight: int = attrs.field(default=128)
     resync_interval: float = 5.0
     retry_base: float = 1.0
     retry_cap: float = 60.0
     dispatch_grace: float = 30.0
     shutdown_grace: float = 10.0
     output_limit: int = DEFAULT_OUTPUT_LIMIT
+    coalesce: float = 0.005
 
     @max_in_flight.validator
     def _positive(self, attribute: attrs.Attribute[int], value: int) -> None:
@@ -144,34 +149,31 @@ class Reconciler:
         slots = self.settings.max_in_flight - len(self._in_flight)
         if not free or slots <= 0:
             return 0
-        candidates = await self.store.next_pending(free, now)
+        # Ask only for as many runs as there are slots; starting the device order at a
+        # random place keeps that fair when more devices have work than there are slots.
+        order = list(free)
+        cut = random.randrange(len(order))
+        order = order[cut:] + order[:cut]
+        candidates = await self.store.next_pending(order, now, limit=slots)
         chosen = plan_dispatches(
             candidates, online=online, busy=self._in_flight.keys(), slots=slots, now=now
         )
         if not chosen:
             return 0
-        # concurrent claims reach a batching store together (one transaction); one
-        # failing claim must not strand the others dispatched with nothing in flight
-        claimed = await asyncio.gather(
-            *(self.store.claim(r.key, now) for r in chosen), return_exceptions=True
-        )
+        # one store operation claims them all (one transaction) and brings their tasks
+        claimed = await self.store.claim_many([r.key for r in chosen], now)
         started = 0
-        failure: BaseException | None = None
-        for run in claimed:
-            if isinstance(run, BaseException):
-                failure = failure or run
-                continue
-            if run is None:  # cancelled meanwhile
-                continue
-            task = await self._task(run.task_id)
+        for run, task in claimed:
+            self._tasks[task.id] = task
             self._in_flight[run.node_id] = asyncio.create_task(
                 self._dispatch(run, task), name=f"ghostrunner-dispatch-{run.key}"
             )
             started += 1
         if started:
             self._on_change()
-        if failure is not None:
-            raise failure
+        if len(self._tasks) > 10_000:
+            for _ in range(len(self._tasks) - 10_000):
+                self._tasks.popitem(last=False)
         return started
 
     async def run_until_idle(self, max_passes: int = 100_000) -> None:
@@ -210,6 +212,8 @@ class Reconciler:
                 finally:
                     waker.cancel()
                     stopper.cancel()
+                if self._wake.is_set() and self.settings.coalesce > 0:
+                    await asyncio.sleep(self.settings.coalesce)
         finally:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -137,9 +137,13 @@ class InMemoryStore:
 
     # ---------------------------------------------------------------- the loop's verbs
 
-    async def next_pending(self, node_ids: Collection[str], now: datetime) -> Sequence[Run]:
+    async def next_pending(
+        self, node_ids: Collection[str], now: datetime, *, limit: int | None = None
+    ) -> Sequence[Run]:
         out: list[Run] = []
         for node in dict.fromkeys(node_ids):
+            if limit is not None and len(out) >= limit:
+                break
             keys = self._by_node.get(node)
             if not keys:
                 continue
@@ -162,6 +166,21 @@ class InMemoryStore:
         if run.state is not RunState.PENDING:
             return None
         return self._move(key, RunState.DISPATCHED, attempts=run.attempts + 1, started_at=now)
+
+    async def claim_many(
+        self, keys: Sequence[RunKey], now: datetime
+    ) -> Sequence[tuple[Run, Task]]:
+        before = dict(self.runs)
+        out = []
+        try:
+            for key in keys:
+                run = await self.claim(key, now)
+                if run is not None:
+                    out.append((run, self.tasks[key.task_id]))
+        except BaseException:
+            self.runs = before  # all or nothing, like one transaction
+            raise
+        return out
 
     async def finish(
         self,

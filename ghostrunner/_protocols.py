@@ -78,15 +78,25 @@ class Store(Protocol):
 
     # ---------------------------------------------------------------- the loop's verbs
 
-    async def next_pending(self, node_ids: Collection[str], now: datetime) -> Sequence[Run]:
+    async def next_pending(
+        self, node_ids: Collection[str], now: datetime, *, limit: int | None = None
+    ) -> Sequence[Run]:
         """For each of ``node_ids``, its first pending run (in submission order) whose
         ``available_at`` is not after ``now`` and that has not expired. At most one run
-        per device; devices with nothing ready are absent. Must not scan all runs."""
+        per device; devices with nothing ready are absent; results follow the order of
+        ``node_ids`` (duplicates ignored) and stop after ``limit`` runs. Must not scan
+        all runs."""
 
     async def claim(self, key: RunKey, now: datetime) -> Run | None:
         """Atomically move a pending run to ``dispatched``: ``attempts`` + 1,
         ``started_at`` = now. Returns None (and changes nothing) if the run is no longer
         pending, e.g. cancelled in the meantime."""
+
+    async def claim_many(
+        self, keys: Sequence[RunKey], now: datetime
+    ) -> Sequence[tuple[Run, Task]]:
+        """:meth:`claim` each of ``keys`` in one store operation; return every run that
+        was claimed, with its task (runs no longer pending are left out)."""
 
     async def finish(
         self,

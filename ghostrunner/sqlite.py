@@ -343,6 +343,7 @@ JOIN runs AS r ON r.rowid = (
     ORDER BY p.task_seq LIMIT 1)
 JOIN tasks AS t ON t.seq = r.task_seq
 ORDER BY j.key
+LIMIT :limit
 """
 
 CLAIM_SQL: Final = f"""
@@ -1164,10 +1165,16 @@ class SQLiteStore:
 
     # ---------------------------------------------------------------- the loop's verbs
 
-    async def next_pending(self, node_ids: Collection[str], now: datetime) -> Sequence[Run]:
-        if not node_ids:
+    async def next_pending(
+        self, node_ids: Collection[str], now: datetime, *, limit: int | None = None
+    ) -> Sequence[Run]:
+        if not node_ids or limit == 0:
             return []
-        params = {"nodes": _json(dict.fromkeys(node_ids)), "now": _ts(now)}
+        params = {
+            "nodes": _json(dict.fromkeys(node_ids)),
+            "now": _ts(now),
+            "limit": -1 if limit is None else limit,
+        }
 
         def op(db: sqlite_utils.Database) -> list[Run]:
             rows = db.execute(NEXT_PENDING_SQL, params).fetchall()
@@ -1185,6 +1192,34 @@ class SQLiteStore:
             if not _run_exists(db, key):
                 raise NotFound(f"no run {key}")
             return None
+
+        return await self._write(op)
+
+    async def claim_many(
+        self, keys: Sequence[RunKey], now: datetime
+    ) -> Sequence[tuple[Run, Task]]:
+        if not keys:
+            return []
+        stamp = _ts(now)
+
+        def op(db: sqlite_utils.Database) -> list[tuple[Run, Task]]:
+            claimed: list[Run] = []
+            for key in keys:
+                rows = db.execute(CLAIM_SQL, {**_key_params(key), "now": stamp}).fetchall()
+                if rows:
+                    claimed.append(_run(key.task_id, key.node_id, rows[0]))
+                elif not _run_exists(db, key):
+                    raise NotFound(f"no run {key}")
+            ids = list(dict.fromkeys(run.task_id for run in claimed))
+            tasks: dict[str, Task] = {}
+            for i in range(0, len(ids), 500):
+                chunk = ids[i : i + 500]
+                marks = ", ".join("?" * len(chunk))
+                for row in db.execute(
+                    f"SELECT {_TASK_COLS} FROM tasks AS t WHERE t.id IN ({marks})", chunk
+                ):
+                    tasks[row[1]] = _task(row)
+            return [(run, tasks[run.task_id]) for run in claimed]
 
         return await self._write(op)
 

@@ -1324,7 +1324,10 @@ async def test_sqlite_query_plans_use_indexes(sqlite_store: SQLiteStore) -> None
     await store.close()
     conn = sqlite3.connect(store.path)
     try:
-        params = {"nodes": '["node//1","node//2"]', "now": 0, "task_id": "x", "node_id": "y"}
+        params = {
+            "nodes": '["node//1","node//2"]', "now": 0, "task_id": "x", "node_id": "y",
+            "limit": 10,
+        }
         checks = {
             "next_pending": sqlite_mod.NEXT_PENDING_SQL,
             "claim": sqlite_mod.CLAIM_SQL,
@@ -1374,3 +1377,26 @@ async def test_sqlite_listing_uses_indexes(sqlite_store: SQLiteStore) -> None:
             assert "TEMP B-TREE" not in " ".join(lines), (query, lines)  # no sort: seq order
     finally:
         conn.close()
+
+
+async def test_next_pending_stops_at_limit_in_node_order(store: Any) -> None:
+    nodes = [f"node//{i}" for i in range(6)]
+    await add(store, *nodes)
+    order = list(reversed(nodes))
+    got = await store.next_pending(order, NOW, limit=3)
+    assert [r.node_id for r in got] == order[:3]
+    assert await store.next_pending(order, NOW, limit=0) == []
+    assert len(await store.next_pending(order + order, NOW)) == 6
+
+
+async def test_claim_many_claims_pending_runs_and_brings_their_tasks(store: Any) -> None:
+    one = await add(store, "node//a", "node//b")
+    two = await add(store, "node//c")
+    await store.cancel(one.id, ["node//b"], now=NOW)
+    keys = [RunKey(one.id, "node//a"), RunKey(one.id, "node//b"), RunKey(two.id, "node//c")]
+    got = await store.claim_many(keys, NOW)
+    assert [(run.key, task) for run, task in got] == [(keys[0], one), (keys[2], two)]
+    assert all(run.state is RunState.DISPATCHED and run.attempts == 1 for run, _ in got)
+    assert await store.claim_many(keys, NOW) == []  # nothing pending any more
+    with pytest.raises(NotFound):
+        await store.claim_many([RunKey("nope", "node//a")], NOW)

@@ -1,0 +1,521 @@
+"""Wrap a user's command so that its outcome on a MeshCentral device is exact.
+
+MeshCentral's ``runcommands`` gives back one string, stdout and stderr merged, and
+nothing else: no exit status, no timeout on the agent, and a command that reads stdin
+eats the rest of the script (and can wedge the agent's single command slot).  This
+module turns a command into a script that reports its own outcome in-band, and parses
+that report back out of the reply.  It is pure: no I/O, no network, no ``meshctrl``.
+
+Protocol
+========
+
+Every wrapped run gets a per-run random *marker* (``secrets.token_hex(16)``; it is not
+derived from the command).  The script prints, in this order::
+
+    <newline>GR_BEGIN_<marker><newline>
+    ... the command's own output (stdout and stderr, byte for byte) ...
+    <newline>GR_END_<marker> rc=<integer> timeout=<0|1><newline>
+
+``<newline>`` is ``\\n`` for ``sh`` and ``\\r\\n`` for ``cmd``/``powershell``.  The
+newline *before* ``GR_END`` is always printed by the wrapper, so the END line starts
+a line even when the command's output does not end with a newline, and
+:func:`parse_result` removes exactly that one newline again: the output is returned
+byte-exact, *including a missing trailing newline*.  (``parse_result`` learns which
+newline the transport used from the BEGIN line, so a pty that turns ``\\n`` into
+``\\r\\n`` does not break parsing.)
+
+Only lines with the exact marker, at the start of a line, in the exact format are
+trusted: ``GR_BEGIN_<marker>`` alone on its line; ``GR_END_<marker> rc=<-?digits>
+timeout=<0|1>`` alone on its line.  The first valid BEGIN line starts the output and
+the *last* valid END line ends it (the wrapper prints its END line after the command
+has finished, so the last one is the wrapper's).  Text before BEGIN (shell noise, an
+echo of the script, a prompt) and after END (a prompt, the agent's ``exit``) is
+dropped; everything in between is returned untouched.  The marker is never passed to
+the command (not in argv, not in the environment, not in a file), and the wrapper
+source never contains ``GR_BEGIN_<marker>`` or ``GR_END_<marker>`` as one piece (the
+two halves are joined at run time), so an echo of the script, a forged
+``GR_END_...`` line, or a copy of an earlier run's output (another marker) cannot
+change the result.
+
+``rc`` is the command's own exit status.  ``timeout=1`` means the device-side timeout
+fired and the command was killed; :class:`ParsedResult` then reports ``timed_out=True``
+and ``exit_code=None`` (the number the wrapper saw is only the killer's status).
+
+sh (Linux, macOS, FreeBSD agents; ``mesh_type`` 0)
+-------------------------------------------------
+
+The agent writes the script to the stdin of ``/bin/sh`` (dash, bash, BSD sh, busybox
+ash) after removing every ``\\r`` from it.  The script:
+
+* embeds the command as one single-quoted shell word (``'`` becomes ``'\\''``; a
+  carriage return becomes ``'"$gr_cr"'``, a variable holding ``\\r``, so the agent's
+  ``\\r`` stripping cannot alter it).  Quotes, newlines, ``$``, ``%``, backticks,
+  backslashes, non-ASCII text and very long commands pass through unchanged.  NUL
+  characters cannot be passed to a shell and are rejected.
+* pipes the command text (with the ``printf`` builtin, so there is no argv size limit:
+  a 200 KB command works although Linux limits one argument to 128 KiB) into a fresh
+  ``/bin/sh`` (the *runner*), which reads it, points its stdin at ``/dev/null`` and
+  runs it with ``eval`` at its top level.  So the command behaves like ``/bin/sh -c
+  COMMAND </dev/null``: ``$$`` is its own shell, ``exit`` and ``trap ... EXIT`` work as
+  usual, ``$0`` is ``sh``, there are no positional parameters, and ``read x`` or
+  ``cat`` sees EOF at once instead of eating the script or hanging the agent.  The
+  runner's parent (the *reporter*) writes ``gr_S=<status>;`` on a private pipe (a
+  file descriptor the command does not get) when the runner exits, unless the
+  SIGTERM of a timeout reached it first (it catches that signal, so it outlives the
+  command).
+  Wrapper shells never wait for a child with the real stderr as their own stderr, so
+  "Terminated"/"Killed" job reports of the wrapper never reach the output.
+* enforces the timeout on the device, rounded up to whole seconds:
+
+  - with ``timeout`` when ``command -v timeout`` finds one that accepts ``--verbose``
+    and ``--kill-after`` (GNU coreutils 8.24 and later; a FreeBSD one that has
+    ``--verbose``): ``timeout --verbose --kill-after=K T``.  It signals every process
+    of the command (GNU: its process group; FreeBSD: all descendants), so
+    grandchildren such as ``sh -c 'sleep 100'`` die too: SIGTERM first, SIGKILL
+    ``kill_after`` seconds later.  Its own stderr (not the command's) goes to the
+    report pipe, where ``--verbose`` says ``timeout: sending signal ...`` exactly when
+    it fires.
+  - otherwise (macOS, busybox, an older ``timeout``) a watchdog: the command runs as
+    a background job in its own process group (``setsid`` if it exists, else ``set
+    -m`` job control), and a background ``sleep T`` fires SIGTERM, then
+    ``kill_after`` seconds later SIGKILL, at that process group and at every
+    descendant (found with ``ps``) outside it; where neither ``setsid`` nor job
+    control works (dash without a tty and without ``setsid``) at every descendant.
+    Each process gets each signal once.  The watchdog and its ``sleep`` are killed as
+    soon as the command finishes.
+
+  ``timed_out`` does not rely on exit status 124: a status reported by the reporter
+  always wins (a command that itself exits 124 is exit 124, not a timeout).  Without
+  one, the run timed out if and only if the watchdog fired or ``timeout`` said it
+  sent a signal (and exited 124 or 137).
+
+Processes that the command leaves running in the background (``nohup x &``) are not
+killed when the command finishes; if they keep stdout open, the agent may wait for
+them.  SIGPIPE or other signals the agent ignores stay ignored for the command (a
+shell cannot undo that).  Commands run with ``runAsUser`` (a pty) are not supported:
+the pty echoes the script and mangles line endings and long lines.
+
+cmd and powershell (Windows agents; ``mesh_type`` 2)
+----------------------------------------------------
+
+Both are sent to Windows PowerShell (type 2, which the agent runs as
+``powershell -noprofile -nologo -command -``) as **one line** of ASCII text, so an
+echo of the script or a prompt can only appear before BEGIN, and the command is
+base64-encoded, so it needs no quoting at all:
+
+* ``powershell``: a child ``powershell.exe -NoProfile -NonInteractive -ExecutionPolicy
+  Bypass -EncodedCommand <UTF-16LE base64 of the command>``, so the command runs with
+  ``powershell -Command`` semantics (exit status: ``exit N``, else 0 or 1 from ``$?``).
+  A Windows command line stops at 32767 characters, so a command longer than 12000
+  characters (or an empty one) is written (UTF-8) to a temporary ``.ps1`` file instead,
+  and the encoded command is a bootstrap that dot-sources its text as a script block
+  (``. ([ScriptBlock]::Create(...))``; not subject to the execution policy, unlike
+  ``-File``); the file is deleted afterwards.
+* ``cmd``: the command is written (UTF-8, no BOM, ``\\n`` turned into ``\\r\\n``) into
+  a temporary ``.cmd`` file between ``@echo off`` / ``chcp 65001 >nul`` and a final
+  ``@exit /b %errorlevel%``, run with ``cmd.exe /d /s /c "<file>"`` and deleted
+  afterwards.  Batch-file rules apply: ``%%i`` in ``for`` loops, ``%%`` for a literal
+  ``%``, ``%~dp0`` is the temp directory.
+
+The child is started with ``System.Diagnostics.Process`` with its stdin redirected to
+a pipe that is closed at once (EOF, like ``NUL``) and its stdout/stderr inherited, so
+its output goes straight into the agent's pipe between BEGIN and END.  The console
+output code page is set to UTF-8 first.  On timeout the wrapper runs ``taskkill /T /F``
+on the child's process tree (no graceful stage on Windows).  The END line is built
+from ``$p.ExitCode`` at run time; the script text contains only the variable, never a
+literal status, so it can never be read as an END line.  Untested on real Windows.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import re
+import secrets
+from typing import Final, Literal
+
+import attrs
+
+__all__ = [
+    "ParsedResult",
+    "ShellName",
+    "WrappedCommand",
+    "has_started",
+    "parse_result",
+    "wrap_command",
+]
+
+ShellName = Literal["sh", "cmd", "powershell"]
+"""The shells :func:`wrap_command` understands (a str Enum with these values works too)."""
+
+_SHELLS: Final = frozenset({"sh", "cmd", "powershell"})
+_MESH_TYPE: Final = {"sh": 0, "cmd": 2, "powershell": 2}
+_MARKER_RE: Final = re.compile(r"[0-9A-Za-z]{16,128}")
+_BEGIN: Final = "GR_BEGIN_"
+_END: Final = "GR_END_"
+
+_PS_DIRECT_MAX_BASE64: Final = 32_000
+"""Longest base64 text passed as ``-EncodedCommand`` (Windows command lines stop at 32767)."""
+
+_MAX_WAIT_MS: Final = 2**31 - 1
+
+
+@attrs.frozen(kw_only=True)
+class WrappedCommand:
+    """A command wrapped for one run.
+
+    ``script`` is the text to send as MeshCentral ``runcommands`` ``cmds`` with
+    ``"type": mesh_type``.  ``marker`` is the per-run secret that makes the report
+    lines unforgeable; keep it with the run and pass this object to
+    :func:`has_started` / :func:`parse_result`.
+    """
+
+    script: str = attrs.field(repr=lambda s: f"<{len(s)} chars>")
+    mesh_type: int
+    marker: str = attrs.field(repr=False)
+    shell: str
+
+
+@attrs.frozen(kw_only=True)
+class ParsedResult:
+    """What :func:`parse_result` found in a reply.
+
+    ``started``: the BEGIN line was seen (the command was launched).
+    ``completed``: the wrapper's END line was seen (the run is over: finished or killed).
+    ``exit_code``: the command's own exit status; ``None`` unless completed and not
+    timed out.  ``timed_out``: the device-side timeout fired and killed the command.
+    ``output``: the command's own output, wrapper lines removed, otherwise untouched.
+    Not started: the whole raw text (for diagnostics).  Started but not completed:
+    everything after the BEGIN line.
+    """
+
+    started: bool
+    completed: bool
+    exit_code: int | None
+    timed_out: bool
+    output: str
+
+
+def _shell_name(shell: object) -> str:
+    value = getattr(shell, "value", shell)
+    if not isinstance(value, str) or value not in _SHELLS:
+        raise ValueError(f"unknown shell {shell!r}; expected one of {sorted(_SHELLS)}")
+    return value
+
+
+def _whole_seconds(value: float, what: str, *, minimum: int) -> int:
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{what} must be a positive finite number of seconds, got {value!r}")
+    return max(minimum, math.ceil(value))
+
+
+def _sh_word(text: str) -> str:
+    """Quote ``text`` as one sh word that survives the agent's removal of ``\\r``."""
+    return "'" + text.replace("'", "'\\''").replace("\r", "'\"$gr_cr\"'") + "'"
+
+
+# The runner: a fresh shell whose stdin is the command text and whose fd 6 is the
+# real stderr.  It reads the text, points stdin at /dev/null and stderr at fd 6, and
+# evaluates the text at its top level, so the command sees what `sh -c COMMAND
+# </dev/null` would give it ($$, exit, traps, $0 = sh).
+_SH_RUNNER: Final = """gr_c=$(cat; echo x)
+exec </dev/null 2>&6 6>&-
+eval "unset gr_c; ${gr_c%x}"
+"""
+
+# The reporter: the runner's parent.  It hands the runner its stdin (the command
+# text) and fd 6 (the real stderr), closes the report pipe (fd 3) for it, and writes
+# "gr_S=<status>;" to fd 3 only if it did not receive the SIGTERM of a timeout meanwhile.
+# No shell that waits for a child ever has the real stderr on its fd 2 (dash prints
+# "Killed"/"Terminated" job reports there), so wrapper shells add nothing to the
+# output.  $1 is the shell to run, $2 the runner's text.
+_SH_REPORTER: Final = """trap 'gr_x=1' TERM
+exec 2>/dev/null
+"$1" -c "$2" sh 3>&-
+gr_s=$?
+[ -n "$gr_x" ] || echo "gr_S=$gr_s;" >&3
+exit "$gr_s"
+"""
+
+# The wrapper.  @NAME@ placeholders are filled in by _wrap_sh.  Inside the command
+# substitution, fd 1 is the report pipe, fd 4 the real stdout, fd 5 the real stderr,
+# fd 2 /dev/null (so job-status messages and kill errors never reach the output);
+# the reporter gets the report pipe as fd 3 and the real stderr as fd 6.  gr_tree
+# prints the descendants of $1 outside process group $2 ("": all of them).  Report
+# lines: "gr_S=<status>;" (reporter), "gr_T=<status>;" (what the wrapper waited for),
+# "gr_V=no;" (timeout(1) exited for another reason than its timer), and any text
+# starting "timeout:" (timeout(1) --verbose, or the watchdog, sent a signal).
+_SH_TEMPLATE: Final = """{
+@CR@gr_m=@MARKER@
+gr_c=@COMMAND@
+gr_i=@REPORTER@
+gr_u=@RUNNER@
+gr_sh=@SH@
+gr_t=@TIMEOUT@
+gr_k=@KILL_AFTER@
+printf '\\nGR_BEGIN_%s\\n' "$gr_m"
+{ gr_r=$(
+exec 2>/dev/null
+gr_tree() {
+  { ps -A -o pid= -o ppid= -o pgid= || ps -o pid= -o ppid= -o pgid=; } 2>/dev/null |
+    awk -v r="$1" -v g="$2" '
+    { k[NR] = $1; p[NR] = $2; q[NR] = $3 }
+    END { s[r] = 1
+      do { n = 0
+        for (i = 1; i <= NR; i++)
+          if ((p[i] in s) && !(k[i] in s)) { s[k[i]] = 1; n = 1; if (q[i] != g) print k[i] }
+      } while (n) }'
+}
+gr_kill() {
+  if kill -0 -"$2"; then
+    gr_l=$(gr_tree "$2" "$2")
+    kill -"$1" -"$2"
+  else
+    gr_l=$(gr_tree "$2" "")
+    kill -"$1" "$2"
+  fi
+  for gr_q in $gr_l; do kill -"$1" "$gr_q"; done
+  if [ "$1" != KILL ]; then
+    kill -CONT -"$2"
+    for gr_q in "$2" $gr_l; do kill -CONT "$gr_q"; done
+  fi
+}
+if command -v timeout >/dev/null \\
+  && timeout --verbose --kill-after=1 5 true </dev/null >/dev/null; then
+  printf '%s' "$gr_c" | timeout --verbose --kill-after="$gr_k" "$gr_t" \\
+    "$gr_sh" -c "$gr_i" sh "$gr_sh" "$gr_u" 3>&1 2>&1 1>&4 6>&5 4>&- 5>&-
+  gr_e=$?
+  case $gr_e in 124|137) ;; *) echo "gr_V=no;" ;; esac
+else
+  if command -v setsid >/dev/null; then
+    printf '%s' "$gr_c" | setsid \\
+      "$gr_sh" -c "$gr_i" sh "$gr_sh" "$gr_u" 3>&1 1>&4 6>&5 4>&- 5>&- &
+  else
+    set -m
+    ( trap : TERM
+      printf '%s' "$gr_c" | "$gr_sh" -c "$gr_i" sh "$gr_sh" "$gr_u" 6>&5 5>&-
+    ) </dev/null 3>&1 1>&4 4>&- &
+  fi
+  gr_p=$!
+  ( gr_z=
+    gr_h=
+    trap 'gr_h=1; kill -KILL $gr_z' TERM
+    sleep "$gr_t" >/dev/null & gr_z=$!
+    [ -z "$gr_h" ] || kill -KILL "$gr_z"
+    wait "$gr_z"
+    [ -z "$gr_h" ] || exit 0
+    echo "timeout: watchdog fired"
+    gr_kill TERM "$gr_p"
+    [ -z "$gr_h" ] || exit 0
+    sleep "$gr_k" >/dev/null & gr_z=$!
+    [ -z "$gr_h" ] || kill -KILL "$gr_z"
+    wait "$gr_z"
+    [ -z "$gr_h" ] || exit 0
+    gr_kill KILL "$gr_p"
+  ) </dev/null 4>&- 5>&- &
+  gr_w=$!
+  wait "$gr_p"
+  gr_e=$?
+  kill "$gr_w"
+  wait "$gr_w"
+fi
+echo "gr_T=$gr_e;"
+); } 4>&1 5>&2
+gr_s=
+gr_e=
+gr_to=0
+case $gr_r in *gr_S=*) gr_s=${gr_r#*gr_S=}; gr_s=${gr_s%%;*} ;; esac
+case $gr_r in *gr_T=*) gr_e=${gr_r#*gr_T=}; gr_e=${gr_e%%;*} ;; esac
+if [ -n "$gr_s" ]; then
+  gr_e=$gr_s
+else
+  case $gr_r in *gr_V=no*) ;; *timeout:*) gr_to=1 ;; esac
+fi
+case $gr_e in
+  ''|*[!0-9]*) printf '\\nghostrunner: could not determine the exit status\\n' ;;
+  *) printf '\\nGR_END_%s rc=%s timeout=%s\\n' "$gr_m" "$gr_e" "$gr_to" ;;
+esac
+}
+"""
+
+
+def _wrap_sh(command: str, marker: str, timeout: float, kill_after: float, sh_path: str) -> str:
+    fields = {
+        # only when needed: it costs a fork
+        "@CR@": "gr_cr=$(printf '\\015')\n" if "\r" in command else "",
+        "@MARKER@": _sh_word(marker),
+        "@REPORTER@": _sh_word(_SH_REPORTER),
+        "@RUNNER@": _sh_word(_SH_RUNNER),
+        "@SH@": _sh_word(sh_path),
+        "@TIMEOUT@": str(_whole_seconds(timeout, "timeout", minimum=1)),
+        "@KILL_AFTER@": str(_whole_seconds(kill_after, "kill_after", minimum=1)),
+    }
+    script = _SH_TEMPLATE
+    for key, value in fields.items():
+        script = script.replace(key, value)
+    # The command last, so that placeholder-like text inside it is never replaced.
+    return script.replace("@COMMAND@", _sh_word(command))
+
+
+_CMD_PROLOGUE: Final = "@echo off\r\nchcp 65001 >nul 2>nul\r\n"
+_CMD_EPILOGUE: Final = "\r\n@exit /b %errorlevel%\r\n"
+
+
+def _cmd_file_text(command: str) -> str:
+    """The temporary batch file: ``\\n`` line ends become ``\\r\\n`` (cmd needs them)."""
+    body = re.sub(r"(?<!\r)\n", "\r\n", command)
+    return _CMD_PROLOGUE + body + _CMD_EPILOGUE
+
+
+def _wrap_windows(command: str, shell: str, marker: str, timeout: float) -> str:
+    if not math.isfinite(timeout) or timeout <= 0:
+        raise ValueError(f"timeout must be a positive finite number of seconds, got {timeout!r}")
+    wait_ms = min(_MAX_WAIT_MS, math.ceil(timeout * 1000))
+    system = "[System.Environment]::SystemDirectory"
+    temp_file = (
+        "$f = [System.IO.Path]::Combine([System.IO.Path]::GetTempPath(), "
+        "'gr_' + [System.Guid]::NewGuid().ToString('N') + '{ext}')"
+    )
+    write_file = "[System.IO.File]::WriteAllBytes($f, [System.Convert]::FromBase64String('{}'))"
+    powershell_exe = (
+        f"$i.FileName = [System.IO.Path]::Combine({system}, "
+        "'WindowsPowerShell\\v1.0\\powershell.exe')"
+    )
+    child_options = "-NoProfile -NonInteractive -ExecutionPolicy Bypass -EncodedCommand "
+    if shell == "powershell":
+        encoded = base64.b64encode(command.encode("utf-16-le")).decode("ascii")
+        if command and len(encoded) <= _PS_DIRECT_MAX_BASE64:
+            launch = [powershell_exe, f"$i.Arguments = '{child_options}{encoded}'"]
+        else:
+            # Too long for a command line (or empty, which -EncodedCommand refuses):
+            # the text goes to a temp file, and a small encoded bootstrap dot-sources it.
+            payload = base64.b64encode(command.encode("utf-8")).decode("ascii")
+            launch = [
+                temp_file.format(ext=".ps1"),
+                write_file.format(payload),
+                '$b = ". ([ScriptBlock]::Create([System.IO.File]::ReadAllText(\'" + '
+                '$f.Replace("\'", "\'\'") + "\', [System.Text.Encoding]::UTF8)))"',
+                powershell_exe,
+                f"$i.Arguments = '{child_options}' + "
+                "[System.Convert]::ToBase64String([System.Text.Encoding]::Unicode.GetBytes($b))",
+            ]
+    else:
+        payload = base64.b64encode(_cmd_file_text(command).encode("utf-8")).decode("ascii")
+        launch = [
+            temp_file.format(ext=".cmd"),
+            write_file.format(payload),
+            f"$i.FileName = [System.IO.Path]::Combine({system}, 'cmd.exe')",
+            "$i.Arguments = '/d /s /c \"\"' + $f + '\"\"'",
+        ]
+    body = [
+        "$i = New-Object System.Diagnostics.ProcessStartInfo",
+        *launch,
+        "$i.UseShellExecute = $false",
+        "$i.RedirectStandardInput = $true",
+        '$o.Write("`r`n' + _BEGIN + '" + $m + "`r`n")',
+        "$o.Flush()",
+        "$p = [System.Diagnostics.Process]::Start($i)",
+        "$p.StandardInput.Close()",
+        "$t = 0",
+        f"if (-not $p.WaitForExit({wait_ms})) {{ $t = 1; "
+        f"& ([System.IO.Path]::Combine({system}, 'taskkill.exe')) /T /F /PID $p.Id 2>&1 "
+        "| Out-Null; "
+        "$p.WaitForExit() }",
+        "$p.WaitForExit()",
+        "$rc = $p.ExitCode",
+        '$o.Write("`r`n' + _END + '" + $m + " rc=" + $rc + " timeout=" + $t + "`r`n")',
+        "$o.Flush()",
+    ]
+    statements = [
+        f"$m = '{marker}'",
+        "$f = $null",
+        "try { [System.Console]::OutputEncoding = New-Object System.Text.UTF8Encoding $false } "
+        "catch { }",
+        "$o = [System.Console]::Out",
+        "try { "
+        + "; ".join(body)
+        + ' } catch { $o.Write("`r`nghostrunner: wrapper error: " + $_ + "`r`n"); $o.Flush() }'
+        " finally { if ($f) { try { [System.IO.File]::Delete($f) } catch { } } }",
+    ]
+    return "& { " + "; ".join(statements) + " }"
+
+
+def wrap_command(
+    command: str,
+    shell: str,
+    *,
+    timeout: float,
+    marker: str | None = None,
+    kill_after: float = 5.0,
+    _sh_path: str = "/bin/sh",
+) -> WrappedCommand:
+    """Wrap ``command`` for ``shell`` (``"sh"``, ``"cmd"`` or ``"powershell"``).
+
+    ``timeout`` (seconds, > 0) is enforced on the device; ``sh`` rounds it up to whole
+    seconds.  ``kill_after`` (``sh`` only, rounded up, at least 1) is the grace between
+    SIGTERM and SIGKILL.  ``marker`` defaults to ``secrets.token_hex(16)``; pass one
+    only in tests (16-128 ASCII letters and digits).  ``_sh_path`` (tests only) is the
+    shell that runs the command; the agent uses ``/bin/sh``.
+
+    Raises ``ValueError`` for an unknown shell (``"auto"`` must be resolved first), a
+    bad timeout, kill_after or marker, or a command containing NUL (which no shell can
+    receive); ``TypeError`` if ``command`` is not a ``str``.
+    """
+    name = _shell_name(shell)
+    if not isinstance(command, str):
+        raise TypeError(f"command must be str, got {type(command).__name__}")
+    if "\x00" in command:
+        raise ValueError("command contains a NUL character, which no shell can receive")
+    if marker is None:
+        marker = secrets.token_hex(16)
+    elif not _MARKER_RE.fullmatch(marker):
+        raise ValueError("marker must be 16-128 ASCII letters and digits")
+    if name == "sh":
+        script = _wrap_sh(command, marker, timeout, kill_after, _sh_path)
+    else:
+        script = _wrap_windows(command, name, marker, timeout)
+    return WrappedCommand(script=script, mesh_type=_MESH_TYPE[name], marker=marker, shell=name)
+
+
+def _begin_re(marker: str) -> re.Pattern[str]:
+    return re.compile(r"(?:\A|\n)" + _BEGIN + re.escape(marker) + r"(\r?\n)")
+
+
+def has_started(wrapped: WrappedCommand, text: str) -> bool:
+    """True once ``text`` (the reply, or console chunks accumulated so far) holds the
+    wrapper's BEGIN line, complete with its line end: the command has been launched."""
+    return _begin_re(wrapped.marker).search(text) is not None
+
+
+def parse_result(wrapped: WrappedCommand, raw: str) -> ParsedResult:
+    """Parse the text MeshCentral returned for ``wrapped`` (stdout+stderr merged).
+
+    Output is the text between the first valid BEGIN line and the newline the wrapper
+    printed before the last valid END line, byte-exact.  See the module docstring.
+    """
+    begin = _begin_re(wrapped.marker).search(raw)
+    if begin is None:
+        return ParsedResult(
+            started=False, completed=False, exit_code=None, timed_out=False, output=raw
+        )
+    body = raw[begin.end() :]
+    end_re = re.compile(
+        re.escape(begin.group(1))
+        + _END
+        + re.escape(wrapped.marker)
+        + r" rc=(-?[0-9]{1,10}) timeout=([01])(?=\r?\n|\Z)"
+    )
+    ends = list(end_re.finditer(body))
+    if not ends:
+        return ParsedResult(
+            started=True, completed=False, exit_code=None, timed_out=False, output=body
+        )
+    last = ends[-1]
+    timed_out = last.group(2) == "1"
+    return ParsedResult(
+        started=True,
+        completed=True,
+        exit_code=None if timed_out else int(last.group(1)),
+        timed_out=timed_out,
+        output=body[: last.start()],
+    )

@@ -1,0 +1,288 @@
+"""Turning request bodies and query strings into GhostRunner values.
+
+Every failure is a :class:`~ghostrunner.ValidationError` naming the field as the client
+wrote it (``details.nodeids[1]``, ``limit``), which the app answers with 422.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+from starlette.datastructures import QueryParams
+
+from ghostrunner import (
+    RunState,
+    Scope,
+    Task,
+    TaskQuery,
+    TaskStatus,
+    ValidationError,
+    structure,
+)
+
+__all__ = [
+    "DeleteSelector",
+    "parse_cancel",
+    "parse_delete",
+    "parse_output_flag",
+    "parse_task",
+    "parse_task_query",
+    "parse_time",
+    "parse_token_create",
+    "parse_token_name",
+]
+
+_TASK_FIELDS = {"targets": "nodeids", "created_at": "creation"}
+
+
+def _details(body: Mapping[str, Any], allowed: set[str], *, required: bool = True
+             ) -> dict[str, Any]:
+    if "details" not in body:
+        if not required:
+            return {}
+        raise ValidationError("details", "is required")
+    details = body["details"]
+    if not isinstance(details, dict):
+        raise ValidationError("details", "must be a JSON object")
+    for key in details:
+        if key not in allowed:
+            raise ValidationError(f"details.{key}", "unknown field")
+    return details
+
+
+def _seed_field(field: str) -> str:
+    for ours, theirs in _TASK_FIELDS.items():
+        if field == ours or field.startswith(ours + "["):
+            return "details." + theirs + field[len(ours):]
+    return "details." + field
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+@attrs.frozen(kw_only=True)
+class _TaskDetails:
+    """TaskBody.details: the seed's TaskData plus GhostRunner's optional fields.
+    ``creation`` and ``status`` are accepted (seed clients send them) and ignored."""
+
+    name: str
+    command: str
+    nodeids: tuple[str, ...]
+    creation: Any = None
+    status: Any = None
+    shell: str | None = None
+    run_as_user: bool | None = None
+    timeout: float | None = None
+    not_before: str | None = None
+    expires_at: str | None = None
+    max_attempts: int | None = None
+    delivery: str | None = None
+
+
+def parse_time(field: str, text: str | None) -> datetime | None:
+    """An RFC 3339 / ISO-8601 time with a zone (``2025-05-27T10:15:30Z``; a lower-case
+    ``t`` or ``z`` too), representable in UTC."""
+    if text is None:
+        return None
+    try:
+        value = datetime.fromisoformat(text.upper() if text.isascii() else text)
+    except ValueError:
+        raise ValidationError(field, f"not an ISO-8601 date and time: {text!r}") from None
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValidationError(field, "must have a time zone (e.g. end with Z)")
+    try:
+        value.astimezone(UTC)
+    except OverflowError:
+        raise ValidationError(field, "is out of range (years 1 to 9999 in UTC)") from None
+    return value
+
+
+@attrs.frozen
+class _TaskBody:
+    details: _TaskDetails
+
+
+_TASK_KEYS = {a.name for a in attrs.fields(_TaskDetails)}
+_OPTIONAL = ("shell", "run_as_user", "timeout", "not_before", "expires_at", "max_attempts",
+             "delivery")
+
+
+def parse_task(body: Mapping[str, Any], clock: Callable[[], datetime]) -> Task:
+    """The Task of a TaskBody. The server sets the creation time; ``status`` is derived
+    from the runs, so both are ignored when a client sends them."""
+    details = _details(body, _TASK_KEYS)
+    parsed = structure({"details": details}, _TaskBody).details
+    options = {k: getattr(parsed, k) for k in _OPTIONAL if getattr(parsed, k) is not None}
+    for key in ("not_before", "expires_at"):
+        if key in options:
+            options[key] = parse_time(f"details.{key}", options[key])
+    try:
+        return Task(
+            name=parsed.name,
+            command=parsed.command,
+            targets=parsed.nodeids,
+            created_at=clock(),
+            **options,
+        )
+    except ValidationError as exc:
+        raise ValidationError(_seed_field(exc.field), exc.message) from None
+
+
+@attrs.frozen(kw_only=True)
+class DeleteSelector:
+    """Which tasks ``DELETE /task/delete`` acts on: by ``id`` or by ``name``, and
+    optionally only for some of their devices (``nodeids``)."""
+
+    id: str | None = None
+    name: str | None = None
+    nodeids: tuple[str, ...] | None = None
+
+
+@attrs.frozen(kw_only=True)
+class _DeleteDetails:
+    id: str | None = None
+    name: str | None = None
+    nodeids: tuple[str, ...] | None = None
+    # a seed client may send the whole TaskData back: accepted, not used
+    command: Any = None
+    creation: Any = None
+    status: Any = None
+
+
+@attrs.frozen
+class _DeleteBody:
+    details: _DeleteDetails
+
+
+def _nodeids(field: str, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not value:
+        raise ValidationError(field, "must name at least one device (or be left out)")
+    for i, node in enumerate(value):
+        if not node.strip():
+            raise ValidationError(f"{field}[{i}]", "must be a non-empty node id")
+    return value
+
+
+def parse_delete(body: Mapping[str, Any]) -> DeleteSelector:
+    """The selector of ``DELETE /task/delete``: ``details`` with ``id`` or ``name``."""
+    details = _details(body, {a.name for a in attrs.fields(_DeleteDetails)})
+    parsed = structure({"details": details}, _DeleteBody).details
+    if parsed.id is None and parsed.name is None:
+        raise ValidationError("details.name", "is required (or details.id)")
+    for field, value in (("details.id", parsed.id), ("details.name", parsed.name)):
+        if value is not None and not value.strip():
+            raise ValidationError(field, "must not be empty")
+    return DeleteSelector(
+        id=parsed.id, name=parsed.name, nodeids=_nodeids("details.nodeids", parsed.nodeids)
+    )
+
+
+@attrs.frozen
+class _CancelBody:
+    nodeids: tuple[str, ...] | None = None
+
+
+def parse_cancel(body: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The optional ``nodeids`` of ``POST /tasks/{id}/cancel``."""
+    parsed = structure(dict(body), _CancelBody)
+    return _nodeids("nodeids", parsed.nodeids)
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+@attrs.frozen(kw_only=True)
+class _TokenDetails:
+    name: str
+    scope: str = Scope.READ.value
+
+
+@attrs.frozen
+class _TokenBody:
+    details: _TokenDetails
+
+
+def parse_token_create(body: Mapping[str, Any]) -> tuple[str, Scope]:
+    """``details.name`` and ``details.scope`` (default ``read``) of a TokenCreateBody."""
+    details = _details(body, {"name", "scope"})
+    parsed = structure({"details": details}, _TokenBody).details
+    try:
+        scope = Scope(parsed.scope)
+    except ValueError:
+        allowed = ", ".join(s.value for s in Scope)
+        raise ValidationError("details.scope", f"must be one of: {allowed}") from None
+    return parsed.name, scope
+
+
+@attrs.frozen
+class _TokenNameDetails:
+    name: str
+
+
+@attrs.frozen
+class _TokenNameBody:
+    details: _TokenNameDetails
+
+
+def parse_token_name(body: Mapping[str, Any]) -> str:
+    """``details.name`` of ``DELETE /token/delete``."""
+    details = _details(body, {"name"})
+    return structure({"details": details}, _TokenNameBody).details.name
+
+
+# --------------------------------------------------------------------------- queries
+
+_QUERY_KEYS = ("limit", "cursor", "state", "status", "nodeid", "name")
+
+
+def parse_task_query(params: QueryParams) -> TaskQuery:
+    """The filters and page of ``GET /task/list``."""
+    values: dict[str, str] = {}
+    for key in params:
+        if key not in _QUERY_KEYS:
+            raise ValidationError(key, "unknown query parameter (known: "
+                                  + ", ".join(_QUERY_KEYS) + ")")
+        got = params.getlist(key)
+        if len(got) > 1:
+            raise ValidationError(key, "given more than once")
+        values[key] = got[0]
+    fields: dict[str, Any] = {}
+    if "limit" in values:
+        text = values["limit"].strip()
+        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 1000:
+            raise ValidationError("limit", "must be an integer between 1 and 1000")
+        fields["limit"] = int(text)
+    for key, enum_type in (("state", RunState), ("status", TaskStatus)):
+        if key in values:
+            try:
+                fields[key] = enum_type(values[key])
+            except ValueError:
+                allowed = ", ".join(m.value for m in enum_type)
+                raise ValidationError(key, f"must be one of: {allowed}") from None
+    for key, field in (("cursor", "cursor"), ("nodeid", "node_id"), ("name", "name")):
+        if key in values:
+            text = values[key]
+            if not text or len(text) > 1024 or "\x00" in text:
+                raise ValidationError(key, "must be 1 to 1024 characters, without NUL")
+            fields[field] = text
+    return TaskQuery(**fields)
+
+
+def parse_output_flag(params: QueryParams) -> bool:
+    """``GET /tasks/{id}?output=false`` leaves the runs' output out (for polling)."""
+    for key in params:
+        if key != "output":
+            raise ValidationError(key, "unknown query parameter (known: output)")
+    values = params.getlist("output")
+    if not values:
+        return True
+    if len(values) > 1:
+        raise ValidationError("output", "given more than once")
+    if values[0] not in ("true", "false"):
+        raise ValidationError("output", "must be true or false")
+    return values[0] == "true"

@@ -1,0 +1,163 @@
+"""Turning GhostRunner values into the JSON the API answers with.
+
+Seed field names are kept (``nodeids``, ``creation``, ``status``, ``online_devices``...)
+and GhostRunner's extra fields are added next to them, so a client written against the
+seed document finds everything where it expects it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from starlette.responses import Response
+
+from ghostrunner import Device, Run, RunState, Task, TaskSummary, Token
+
+__all__ = [
+    "OK",
+    "Envelope",
+    "envelope",
+    "render_devices",
+    "render_run",
+    "render_task",
+    "render_token",
+    "timestamp",
+]
+
+OK = "Request successful"
+
+
+def timestamp(value: datetime | None) -> str | None:
+    """ISO-8601 in UTC with a ``Z``, or None."""
+    if value is None:
+        return None
+    if value.tzinfo is not UTC:
+        try:
+            value = value.astimezone(UTC)
+        except OverflowError:  # beyond year 9999 (or before 1) in UTC: keep its offset
+            return value.isoformat()
+    return value.isoformat().replace("+00:00", "Z")
+
+
+# (state, its JSON name), in the order answers list them; enum .value lookups add up
+# over a page of tasks
+_STATES = tuple((state, state.value) for state in RunState)
+
+
+class Envelope(Response):
+    """The seed's InfoResponse: ``{"status": ..., "message": ..., "data": ...}``."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        # ensure_ascii=False keeps output compact; "replace" makes a stray lone surrogate
+        # (impossible from validated input, conceivable in device output) harmless
+        return json.dumps(
+            content, ensure_ascii=False, allow_nan=False, separators=(",", ":")
+        ).encode("utf-8", "replace")
+
+
+def envelope(
+    data: Any,
+    *,
+    status: int = 200,
+    message: str = OK,
+    headers: Mapping[str, str] | None = None,
+) -> Envelope:
+    """An answer in the envelope; ``status`` is both the HTTP status and ``status``."""
+    return Envelope(
+        {"status": status, "message": message, "data": data},
+        status_code=status,
+        headers=dict(headers) if headers else None,
+    )
+
+
+def render_task(task: Task, counts: Mapping[RunState, int], status: str) -> dict[str, Any]:
+    """A task: the seed's TaskData fields, then GhostRunner's."""
+    return {
+        "id": task.id,
+        "name": task.name,
+        "command": task.command,
+        "nodeids": list(task.targets),
+        "creation": timestamp(task.created_at),
+        "status": status,
+        "shell": task.shell.value,
+        "run_as_user": task.run_as_user,
+        "timeout": task.timeout,
+        "not_before": timestamp(task.not_before),
+        "expires_at": timestamp(task.expires_at),
+        "max_attempts": task.max_attempts,
+        "delivery": task.delivery.value,
+        "counts": {name: counts.get(state, 0) for state, name in _STATES},
+    }
+
+
+def render_summary(summary: TaskSummary) -> dict[str, Any]:
+    """A task from the store, with its overall status and run counts."""
+    return render_task(summary.task, summary.counts, summary.status.value)
+
+
+def render_run(run: Run, *, output: bool = True) -> dict[str, Any]:
+    """One (task, device) run and everything known about it (``output=False``: but
+    its output)."""
+    out = {
+        "nodeid": run.node_id,
+        "state": run.state.value,
+        "attempts": run.attempts,
+        "undelivered": run.undelivered,
+        "queued_at": timestamp(run.queued_at),
+        "available_at": timestamp(run.available_at),
+        "expires_at": timestamp(run.expires_at),
+        "started_at": timestamp(run.started_at),
+        "finished_at": timestamp(run.finished_at),
+        "exit_code": run.exit_code,
+        "output": run.output,
+        "output_truncated": run.output_truncated,
+        "error": run.error,
+    }
+    if not output:
+        del out["output"]
+    return out
+
+
+def render_task_with_runs(summary: TaskSummary, runs: Sequence[Run], *, output: bool = True
+                          ) -> dict[str, Any]:
+    """A task and every one of its runs."""
+    return {**render_summary(summary), "runs": [render_run(r, output=output) for r in runs]}
+
+
+def render_token(token: Token) -> dict[str, Any]:
+    """A token, without its secret (only its hash is stored, and never shown)."""
+    return {
+        "name": token.name,
+        "scope": token.scope.value,
+        "created_at": timestamp(token.created_at),
+        "last_used": timestamp(token.last_used),
+        "builtin": token.builtin,
+    }
+
+
+def _device(dev: Device) -> dict[str, Any]:
+    return {
+        "name": dev.name or dev.node_id,
+        "nodeid": dev.node_id,
+        "os": dev.os,
+        "group_id": dev.group_id,
+        "agent_kind": dev.agent_kind.value,
+    }
+
+
+def render_devices(devices: Iterable[Device], *, connected: bool | None) -> dict[str, Any]:
+    """The seed's PyOnlineDevices, plus whether the executor is connected."""
+    ordered = sorted(devices, key=lambda d: ((d.name or d.node_id).lower(), d.node_id))
+    online = [_device(d) for d in ordered if d.online]
+    offline = [_device(d) for d in ordered if not d.online]
+    return {
+        "online_devices": online,
+        "offline_devices": offline,
+        "total_devices": len(online) + len(offline),
+        "executor_connected": connected,
+    }

@@ -1,0 +1,371 @@
+"""The Starlette application: :func:`create_app`.
+
+Handlers are thin: read and authenticate the request (``_request``), parse its fields
+(``_parse``), call one GhostRunner operation, render the answer (``_render``). The store,
+executor and reconcile loop are opened and closed by the lifespan; every exception is
+turned into an answer in one place (``_errors.exception_handlers``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+import ghostrunner
+from ghostrunner import (
+    Conflict,
+    Executor,
+    GhostRunner,
+    RunState,
+    Scope,
+    Store,
+    TaskSummary,
+    ValidationError,
+    new_token,
+    utcnow,
+    verify_secret,
+)
+
+from ._errors import ConflictError, exception_handlers
+from ._ops import delete_matching, delete_task
+from ._parse import (
+    parse_cancel,
+    parse_delete,
+    parse_output_flag,
+    parse_task,
+    parse_task_query,
+    parse_token_create,
+    parse_token_name,
+)
+from ._render import (
+    envelope,
+    render_devices,
+    render_summary,
+    render_task,
+    render_task_with_runs,
+    render_token,
+)
+from ._request import Authenticator, Services, authorize, services
+from .config import Settings
+from .openapi import openapi_json
+
+__all__ = ["ADMIN_TOKEN_NAME", "bootstrap_admin", "create_app"]
+
+log = logging.getLogger("ghostrunner.http")
+
+ADMIN_TOKEN_NAME = "admin"  # noqa: S105 - a name, not a secret
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+async def info(request: Request) -> Response:
+    """``GET /``: what this server is. Needs no token."""
+    svc = services(request)
+    return envelope({
+        "name": "GhostRunner",
+        "version": ghostrunner.__version__,
+        "executor": svc.executor_kind,
+        "executor_connected": _connected(svc),
+        "openapi": "/openapi.json",
+    })
+
+
+async def openapi(request: Request) -> Response:
+    """``GET /openapi.json``: the OpenAPI document (raw, not in the envelope)."""
+    return Response(openapi_json(), media_type="application/json")
+
+
+async def token_create(request: Request) -> Response:
+    call = await authorize(request, Scope.ADMIN, fields=("details",))
+    name, scope = parse_token_create(call.body)
+    runner = services(request).runner
+    try:
+        token, secret = new_token(name, scope, now=runner.clock())
+    except ValidationError as exc:
+        raise ValidationError(f"details.{exc.field}", exc.message) from None
+    try:
+        await runner.store.add_token(token)
+    except Conflict:
+        raise ConflictError(f"a token named {name!r} exists", code="duplicate_name") from None
+    log.info("token %r created with scope %s by %r", name, scope.value, call.token.name)
+    # the secret is in this answer and nowhere else, ever
+    return envelope({**render_token(token), "token": secret},
+                    headers={"Cache-Control": "no-store"})
+
+
+async def token_delete(request: Request) -> Response:
+    call = await authorize(request, Scope.ADMIN, fields=("details",))
+    name = parse_token_name(call.body)
+    svc = services(request)
+    store = svc.runner.store
+    tokens = {t.name: t for t in await store.list_tokens()}
+    if name not in tokens:
+        raise ghostrunner.NotFound(f"no token named {name!r}")
+    if tokens[name].builtin:
+        raise ConflictError(
+            "the bootstrap admin token cannot be deleted (set GHOSTRUNNER_ADMIN_TOKEN and "
+            "restart to replace it)",
+            code="builtin_token",
+        )
+    await store.delete_token(name)
+    svc.auth.forget(name)
+    log.info("token %r deleted by %r", name, call.token.name)
+    return envelope({"name": name, "deleted": True})
+
+
+async def token_list(request: Request) -> Response:
+    await authorize(request, Scope.ADMIN)
+    tokens = await services(request).runner.store.list_tokens()
+    return envelope({"tokens": [render_token(t) for t in tokens]})
+
+
+async def task_create(request: Request) -> Response:
+    call = await authorize(request, Scope.WRITE, fields=("details",))
+    runner = services(request).runner
+    task = await runner.submit(parse_task(call.body, runner.clock))
+    return envelope(render_task(task, {RunState.PENDING: len(task.targets)}, "pending"),
+                    headers={"Location": f"/tasks/{task.id}"})
+
+
+async def task_delete(request: Request) -> Response:
+    call = await authorize(request, Scope.WRITE, fields=("details",))
+    return envelope(await delete_matching(services(request).runner, parse_delete(call.body)))
+
+
+async def task_list(request: Request) -> Response:
+    await authorize(request, Scope.READ)
+    page = await services(request).runner.list(parse_task_query(request.query_params))
+    return envelope({
+        "tasks": [render_summary(s) for s in page.items],
+        "next_cursor": page.next_cursor,
+    })
+
+
+async def task_flush(request: Request) -> Response:
+    await authorize(request, Scope.WRITE)
+    result = await services(request).runner.flush()
+    return envelope({"cancelled": result.cancelled, "deleted": result.deleted,
+                     "kept": result.kept})
+
+
+async def task_get(request: Request) -> Response:
+    await authorize(request, Scope.READ)
+    with_output = parse_output_flag(request.query_params)
+    runner = services(request).runner
+    task_id = request.path_params["task_id"]
+    task = (await runner.get(task_id)).task
+    runs = await runner.runs(task_id)
+    # counts from the runs read, so the two always agree
+    summary = TaskSummary(task=task, counts=dict(Counter(r.state for r in runs)))
+    return envelope(render_task_with_runs(summary, runs, output=with_output))
+
+
+async def task_remove(request: Request) -> Response:
+    await authorize(request, Scope.WRITE)
+    runner = services(request).runner
+    return envelope(await delete_task(runner, request.path_params["task_id"]))
+
+
+async def task_cancel(request: Request) -> Response:
+    call = await authorize(request, Scope.WRITE, fields=("nodeids",))
+    nodeids = parse_cancel(call.body)
+    runner = services(request).runner
+    task_id = request.path_params["task_id"]
+    task = (await runner.get(task_id)).task
+    if nodeids is not None:
+        for i, node in enumerate(nodeids):
+            if node not in task.targets:
+                raise ValidationError(f"nodeids[{i}]", f"{node!r} is not a target of this task")
+    cancelled = await runner.cancel(task_id, nodeids)
+    return envelope({"id": task_id, "cancelled": [r.node_id for r in cancelled]})
+
+
+async def devices(request: Request) -> Response:
+    await authorize(request, Scope.READ)
+    svc = services(request)
+    return envelope(render_devices(svc.runner.devices().values(), connected=_connected(svc)))
+
+
+def _connected(svc: Services) -> bool | None:
+    if svc.executor_kind == "fake":
+        return True
+    value = getattr(svc.runner.executor, "connected", None)
+    return value if isinstance(value, bool) else None
+
+
+ROUTES = [
+    Route("/", info, methods=["GET"], name="info"),
+    Route("/openapi.json", openapi, methods=["GET"], name="openapi"),
+    Route("/token/create", token_create, methods=["POST"], name="token_create"),
+    Route("/token/delete", token_delete, methods=["DELETE"], name="token_delete"),
+    Route("/token/list", token_list, methods=["GET"], name="token_list"),
+    Route("/task/create", task_create, methods=["POST"], name="task_create"),
+    Route("/task/delete", task_delete, methods=["DELETE"], name="task_delete"),
+    Route("/task/list", task_list, methods=["GET"], name="task_list"),
+    Route("/task/flush", task_flush, methods=["DELETE"], name="task_flush"),
+    Route("/tasks/{task_id}", task_get, methods=["GET"], name="task_get"),
+    Route("/tasks/{task_id}", task_remove, methods=["DELETE"], name="task_remove"),
+    Route("/tasks/{task_id}/cancel", task_cancel, methods=["POST"], name="task_cancel"),
+    Route("/devices", devices, methods=["GET"], name="devices"),
+]
+
+
+# --------------------------------------------------------------------------- lifespan
+
+
+def announce_admin_token(secret: str) -> None:
+    """Print a generated admin token once, to stderr, outside the logging system."""
+    bar = "=" * 72
+    print(
+        f"\n{bar}\nGhostRunner generated the admin token. It is shown only this once:\n\n"
+        f"    {secret}\n\nKeep it safe. To replace it, set GHOSTRUNNER_ADMIN_TOKEN (or "
+        f"admin_token in the config file) and restart.\n{bar}\n",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+async def bootstrap_admin(
+    store: Store,
+    secret: str | None,
+    *,
+    now: datetime,
+    announce: Callable[[str], None] = announce_admin_token,
+) -> None:
+    """Make sure the builtin admin token exists.
+
+    With ``secret`` (from the configuration) the builtin token is that secret, replacing
+    a different one. Without, an existing builtin token is kept; at the very first start
+    one is generated and passed to ``announce`` (printed once), never logged or stored
+    in clear.
+    """
+    builtin = [t for t in await store.list_tokens() if t.builtin]
+    if secret is not None:
+        if len(builtin) == 1 and verify_secret(secret, builtin[0]):
+            return
+        for token in builtin:
+            await store.delete_token(token.name)
+        token, _ = new_token(ADMIN_TOKEN_NAME, Scope.ADMIN, secret=secret, builtin=True,
+                             now=now)
+        await _add_admin(store, token)
+        log.info("admin token %r set from the configuration", ADMIN_TOKEN_NAME)
+        return
+    if builtin:
+        return
+    token, generated = new_token(ADMIN_TOKEN_NAME, Scope.ADMIN, builtin=True, now=now)
+    await _add_admin(store, token)
+    log.info("admin token %r generated (printed once on stderr)", ADMIN_TOKEN_NAME)
+    announce(generated)
+
+
+async def _add_admin(store: Store, token: ghostrunner.Token) -> None:
+    try:
+        await store.add_token(token)
+    except Conflict:
+        raise RuntimeError(
+            f"a non-admin token named {token.name!r} exists; delete it (or rename) so the "
+            f"builtin admin token can be created"
+        ) from None
+
+
+def _executor_from(settings: Settings) -> Executor:
+    if settings.executor == "fake":
+        from ghostrunner import Device
+        from ghostrunner.testing import FakeExecutor
+
+        return FakeExecutor(devices=[
+            Device(node_id=d.nodeid, name=d.name or d.nodeid, online=d.online)
+            for d in settings.fake_devices
+        ])
+    # libmeshctrl is heavy: import it only when MeshCentral is asked for
+    from ghostrunner.meshcentral._executor import MeshCentralExecutor
+
+    assert settings.meshcentral_url
+    assert settings.meshcentral_user
+    assert settings.meshcentral_password
+    return MeshCentralExecutor(
+        settings.meshcentral_url,
+        user=settings.meshcentral_user,
+        password=settings.meshcentral_password,
+        ignore_ssl=settings.meshcentral_ignore_ssl,
+        group_id=settings.meshcentral_group_id,
+        output_limit=settings.loop.output_limit,
+    )
+
+
+def _store_from(settings: Settings) -> Store:
+    from ghostrunner.sqlite import SQLiteStore  # type: ignore[import-not-found,unused-ignore]
+
+    settings.database.expanduser().parent.mkdir(parents=True, exist_ok=True)
+    store: Store = SQLiteStore(settings.database.expanduser(),
+                               synchronous=settings.database_synchronous)
+    return store
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    store: Store | None = None,
+    executor: Executor | None = None,
+    runner_factory: Callable[[], GhostRunner] | None = None,
+    clock: Callable[[], datetime] = utcnow,
+    announce: Callable[[str], None] = announce_admin_token,
+) -> Starlette:
+    """The GhostRunner HTTP API as a Starlette (ASGI) application.
+
+    The store, the executor and the reconcile loop are opened when the app starts
+    (its lifespan) and closed when it stops.
+
+    Args:
+        settings: defaults to ``Settings(executor="fake")``.
+        store: the store; default ``SQLiteStore(settings.database)``.
+        executor: the executor; default from ``settings.executor``.
+        runner_factory: builds the (not yet entered) GhostRunner, overriding ``store``,
+            ``executor`` and ``clock`` (tests use it for a fake clock or no loop).
+        clock: the current time, for the runner and token times.
+        announce: shows a generated admin token once (default: print to stderr).
+    """
+    cfg = settings or Settings(executor="fake")
+    kind = "custom" if (runner_factory or executor) else cfg.executor
+
+    def make_runner() -> GhostRunner:
+        if runner_factory is not None:
+            return runner_factory()
+        return GhostRunner(
+            store=store if store is not None else _store_from(cfg),
+            executor=executor if executor is not None else _executor_from(cfg),
+            settings=cfg.loop,
+            clock=clock,
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        runner = make_runner()
+        async with runner:
+            await bootstrap_admin(runner.store, cfg.admin_token, now=runner.clock(),
+                                  announce=announce)
+            svc = Services(
+                runner=runner,
+                auth=Authenticator(runner.store, runner.clock),
+                max_body_bytes=cfg.max_body_bytes,
+                executor_kind=kind,
+            )
+            app.state.services = svc
+            yield {"services": svc}
+            log.info("shutting down: stopping the reconcile loop")
+
+    app = Starlette(routes=ROUTES, exception_handlers=exception_handlers, lifespan=lifespan)
+    # "/task/list/" is a 404 in the envelope, not a bodiless redirect to "/task/list"
+    app.router.redirect_slashes = False
+    return app

@@ -1,0 +1,574 @@
+"""The ``ghostrunner`` command: ``serve`` runs the server; the other subcommands are an
+operator's client of its HTTP API (tasks, tokens, devices).
+
+Exit status: 0 success; 1 ``tasks wait``/``--wait``: a run did not succeed; 2 usage or
+configuration error; 3 the server answered with an error or could not be reached
+(``serve``: could not start); 124 ``wait`` timed out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from ghostrunner import Delivery, RunState, Scope, Shell, TaskStatus
+
+from ._client import ApiClient, ApiFailure, Unreachable
+from .config import KNOWN_KEYS, ConfigError, Settings, env_var, load_settings, unknown_env
+
+__all__ = ["main"]
+
+log = logging.getLogger("ghostrunner.serve")
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE, EXIT_API, EXIT_TIMEOUT = 0, 1, 2, 3, 124
+
+SERVE_HELP = """\
+Run the GhostRunner HTTP API server (uvicorn) with its reconcile loop.
+
+Configuration comes from a TOML file (--config, or GHOSTRUNNER_CONFIG) and GHOSTRUNNER_*
+environment variables, which win over the file; the flags below win over both. Tasks
+are kept in an embedded SQLite database (database = "ghostrunner.db" by default).
+
+Point it at your MeshCentral server (executor = "meshcentral", the default):
+
+    # ghostrunner.toml
+    database = "/var/lib/ghostrunner/ghostrunner.db"
+
+    [server]
+    host = "0.0.0.0"
+    port = 8080
+
+    [meshcentral]
+    url = "wss://mesh.example.com"          # your MeshCentral address (wss://host[:port])
+    user = "ghostrunner"                     # a MeshCentral user, or a login token's ~t:...
+    password_file = "/etc/ghostrunner/mesh-password"
+    # ignore_ssl = true                      # only for a self-signed MeshCentral certificate
+    # group_id = "mesh//..."                 # only manage this device group
+
+or with the environment alone:
+
+    GHOSTRUNNER_MESHCENTRAL_URL=wss://mesh.example.com \\
+    GHOSTRUNNER_MESHCENTRAL_USER=ghostrunner \\
+    GHOSTRUNNER_MESHCENTRAL_PASSWORD=... ghostrunner serve
+
+The server starts even when MeshCentral is unreachable: tasks queue, and it keeps
+reconnecting. To try the API without MeshCentral, use executor = "fake" (simulated
+devices node-001..node-003, always online, whose commands echo and exit 0).
+
+At the first start an admin token is generated and printed once (or set admin_token /
+GHOSTRUNNER_ADMIN_TOKEN). SIGTERM or Ctrl-C stops it gracefully.
+"""
+
+
+def _serve_epilog() -> str:
+    lines = ["settings (TOML key -> environment variable):"]
+    for key in KNOWN_KEYS:
+        lines.append(f"  {key:28} {env_var(key)}")
+    lines.append("see docs/http-api.md for what each one does.")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def _install_quiet_signal_handlers() -> None:
+    # uvicorn handles SIGINT/SIGTERM while it runs, and once shut down re-raises the
+    # signal it caught under the handlers that were there before it. With these no-op
+    # handlers that re-raise does nothing, and a graceful stop exits 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: None)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {}
+    for flag, key in (("host", "server.host"), ("port", "server.port"),
+                      ("database", "database"), ("executor", "executor"),
+                      ("log_level", "server.log_level")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides[key] = value
+    config = args.config or os.environ.get("GHOSTRUNNER_CONFIG")
+    try:
+        settings = load_settings(Path(config) if config else None, os.environ, overrides)
+    except ConfigError as exc:
+        print(f"ghostrunner serve: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return serve(settings)
+
+
+def serve(settings: Settings) -> int:
+    """Run the server until SIGTERM or SIGINT. Returns the exit status."""
+    import uvicorn
+
+    from ._logging import configure_logging
+    from .app import create_app
+
+    configure_logging(settings.log_level, settings.secrets)
+    for name in unknown_env(os.environ):
+        log.warning("ignoring %s: no setting has this name", name)
+    log.info("database: %s", settings.database.expanduser().resolve())
+    if settings.executor == "meshcentral":
+        log.info("MeshCentral: %s as %s%s", settings.meshcentral_url, settings.meshcentral_user,
+                 " (certificate not verified)" if settings.meshcentral_ignore_ssl else "")
+    else:
+        log.info("executor: fake (%d simulated devices; no MeshCentral)",
+                 len(settings.fake_devices))
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
+        ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
+        log_config=None,
+        access_log=settings.access_log,
+        lifespan="on",
+        server_header=False,
+        timeout_graceful_shutdown=int(settings.loop.shutdown_grace) + 5,
+    )
+    server = uvicorn.Server(config)
+    _install_quiet_signal_handlers()
+    server.run()
+    if not server.started:
+        log.error("GhostRunner could not start (see above)")
+        return EXIT_API
+    log.info("GhostRunner stopped")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
+    if not rows:
+        return
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = [c.ljust(w) for c, w in zip(row, widths, strict=True)]
+        print("  ".join(cells).rstrip(), file=out)
+
+
+def _json(data: Any, out: TextIO) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False), file=out)
+
+
+def _done(counts: Mapping[str, int]) -> int:
+    return sum(n for state, n in counts.items() if RunState(state).terminal)
+
+
+def _progress(task: Mapping[str, Any], elapsed: float) -> str:
+    counts: Mapping[str, int] = task["counts"]
+    total = sum(counts.values())
+    done = _done(counts)
+    width = 24
+    filled = width * done // total if total else width
+    parts = [f"{n} {state}" for state, n in counts.items() if n]
+    return (f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} done  "
+            f"{', '.join(parts)}  {elapsed:.0f}s")
+
+
+def _print_runs(runs: Sequence[Mapping[str, Any]], out: TextIO, *, output: bool) -> None:
+    rows = [["NODE", "STATE", "EXIT", "ATTEMPTS", "FINISHED", "ERROR"]]
+    for run in runs:
+        rows.append([
+            run["nodeid"], run["state"],
+            "" if run["exit_code"] is None else str(run["exit_code"]),
+            str(run["attempts"]), run["finished_at"] or "", run["error"] or "",
+        ])
+    _table(rows, out)
+    if output:
+        for run in runs:
+            if run["output"]:
+                cut = " (truncated)" if run["output_truncated"] else ""
+                print(f"\n--- output of {run['nodeid']}{cut} ---", file=out)
+                print(run["output"].rstrip("\n"), file=out)
+
+
+# --------------------------------------------------------------------------- client commands
+
+
+def _client(args: argparse.Namespace) -> ApiClient:
+    token = args.token or os.environ.get("GHOSTRUNNER_TOKEN")
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError("token", f"cannot read {args.token_file}: {exc.strerror}") from None
+    if not token:
+        raise ConfigError("token", "no API token: pass --token-file, or set GHOSTRUNNER_TOKEN")
+    return ApiClient(
+        args.url or os.environ.get("GHOSTRUNNER_URL") or DEFAULT_URL,
+        token,
+        cafile=args.cacert or os.environ.get("GHOSTRUNNER_CACERT"),
+        insecure=args.insecure,
+    )
+
+
+def cmd_tasks_add(args: argparse.Namespace, out: TextIO) -> int:
+    details: dict[str, Any] = {
+        "name": args.name or args.command[:60].strip() or "task",
+        "command": args.command,
+        "nodeids": args.node,
+    }
+    for key in ("shell", "timeout", "not_before", "expires_at", "max_attempts", "delivery"):
+        value = getattr(args, key)
+        if value is not None:
+            details[key] = value
+    if args.run_as_user:
+        details["run_as_user"] = True
+    client = _client(args)
+    task = client.call("POST", "/task/create", body={"details": details})
+    if args.wait:
+        print(f"queued task {task['id']} for {len(task['nodeids'])} device(s)",
+              file=sys.stderr)
+        return _wait(client, task["id"], args, out)
+    if args.json:
+        _json(task, out)
+    else:
+        print(task["id"], file=out)
+    return EXIT_OK
+
+
+def cmd_tasks_list(args: argparse.Namespace, out: TextIO) -> int:
+    client = _client(args)
+    params = {"limit": args.limit, "state": args.state, "status": args.status,
+              "nodeid": args.node, "name": args.name, "cursor": args.cursor}
+    tasks: list[dict[str, Any]] = []
+    while True:
+        page = client.call("GET", "/task/list", params=params)
+        tasks.extend(page["tasks"])
+        if not args.all or page["next_cursor"] is None:
+            break
+        params["cursor"] = page["next_cursor"]
+    if args.json:
+        _json({"tasks": tasks, "next_cursor": None if args.all else page["next_cursor"]}, out)
+        return EXIT_OK
+    rows = [["ID", "STATUS", "DONE", "CREATED", "NAME"]]
+    for task in tasks:
+        total = sum(task["counts"].values())
+        rows.append([task["id"], task["status"], f"{_done(task['counts'])}/{total}",
+                     task["creation"], task["name"]])
+    _table(rows, out)
+    if not args.all and page["next_cursor"]:
+        print(f"(more: --cursor {page['next_cursor']}, or --all)", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_tasks_show(args: argparse.Namespace, out: TextIO) -> int:
+    params = {"output": "false"} if args.no_output else None
+    task = _client(args).call("GET", f"/tasks/{args.id}", params=params)
+    if args.json:
+        _json(task, out)
+        return EXIT_OK
+    for key in ("id", "name", "status", "command", "creation", "shell", "timeout",
+                "delivery", "max_attempts", "not_before", "expires_at"):
+        if task[key] is not None:
+            print(f"{key + ':':14}{task[key]}", file=out)
+    print(file=out)
+    _print_runs(task["runs"], out, output=not args.no_output)
+    return EXIT_OK
+
+
+def cmd_tasks_cancel(args: argparse.Namespace, out: TextIO) -> int:
+    body = {"nodeids": args.node} if args.node else {}
+    result = _client(args).call("POST", f"/tasks/{args.id}/cancel", body=body)
+    if args.json:
+        _json(result, out)
+    else:
+        print(f"cancelled {len(result['cancelled'])} pending run(s)"
+              + (": " + ", ".join(result["cancelled"]) if result["cancelled"] else ""),
+              file=out)
+    return EXIT_OK
+
+
+def cmd_tasks_delete(args: argparse.Namespace, out: TextIO) -> int:
+    result = _client(args).call("DELETE", f"/tasks/{args.id}")
+    if args.json:
+        _json(result, out)
+        return EXIT_OK
+    outcome = result["tasks"][0]
+    if outcome["deleted"]:
+        print(f"deleted task {outcome['id']}", file=out)
+    else:
+        print(f"task {outcome['id']} kept: run(s) in flight on "
+              f"{', '.join(outcome['running'])}; its pending runs were cancelled", file=out)
+    return EXIT_OK
+
+
+def cmd_tasks_flush(args: argparse.Namespace, out: TextIO) -> int:
+    if not args.yes:
+        print("flush cancels every pending run and removes every finished task; "
+              "add --yes to do it", file=sys.stderr)
+        return EXIT_USAGE
+    result = _client(args).call("DELETE", "/task/flush")
+    if args.json:
+        _json(result, out)
+    else:
+        print(f"cancelled {result['cancelled']} run(s), removed {result['deleted']} task(s), "
+              f"kept {result['kept']} with runs in flight", file=out)
+    return EXIT_OK
+
+
+def _wait(client: ApiClient, task_id: str, args: argparse.Namespace, out: TextIO) -> int:
+    start = time.monotonic()
+    live = sys.stderr.isatty()
+    last = ""
+    while True:
+        task = client.call("GET", f"/tasks/{task_id}", params={"output": "false"})
+        elapsed = time.monotonic() - start
+        line = _progress(task, elapsed)
+        finished = all(RunState(r["state"]).terminal for r in task["runs"])
+        if live:
+            sys.stderr.write("\r\x1b[2K" + line)
+            sys.stderr.flush()
+        elif line.split("  ")[:2] != last.split("  ")[:2]:  # only on a change of counts
+            print(line, file=sys.stderr)
+        last = line
+        if finished:
+            break
+        if args.timeout is not None and elapsed >= args.timeout:
+            if live:
+                sys.stderr.write("\n")
+            print(f"timed out after {args.timeout:g}s; task {task_id} is still "
+                  f"{task['status']}", file=sys.stderr)
+            return EXIT_TIMEOUT
+        time.sleep(args.interval)
+    if live:
+        sys.stderr.write("\n")
+    if args.json or args.output:
+        task = client.call("GET", f"/tasks/{task_id}")
+    if args.json:
+        _json(task, out)
+    else:
+        _print_runs(task["runs"], out, output=args.output)
+    return EXIT_OK if task["status"] == TaskStatus.SUCCEEDED.value else EXIT_RUN_FAILED
+
+
+def cmd_tasks_wait(args: argparse.Namespace, out: TextIO) -> int:
+    return _wait(_client(args), args.id, args, out)
+
+
+def cmd_tokens_create(args: argparse.Namespace, out: TextIO) -> int:
+    token = _client(args).call(
+        "POST", "/token/create", body={"details": {"name": args.name, "scope": args.scope}}
+    )
+    if args.json:
+        _json(token, out)
+    else:
+        print(token["token"], file=out)
+        print(f"token {token['name']!r} (scope {token['scope']}) created; the secret above "
+              f"is shown only this once", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_tokens_list(args: argparse.Namespace, out: TextIO) -> int:
+    tokens = _client(args).call("GET", "/token/list")["tokens"]
+    if args.json:
+        _json(tokens, out)
+        return EXIT_OK
+    rows = [["NAME", "SCOPE", "CREATED", "LAST USED", ""]]
+    for t in tokens:
+        rows.append([t["name"], t["scope"], t["created_at"], t["last_used"] or "never",
+                     "builtin" if t["builtin"] else ""])
+    _table(rows, out)
+    return EXIT_OK
+
+
+def cmd_tokens_delete(args: argparse.Namespace, out: TextIO) -> int:
+    _client(args).call("DELETE", "/token/delete", body={"details": {"name": args.name}})
+    if not args.json:
+        print(f"token {args.name!r} deleted", file=out)
+    else:
+        _json({"name": args.name, "deleted": True}, out)
+    return EXIT_OK
+
+
+def cmd_devices(args: argparse.Namespace, out: TextIO) -> int:
+    data = _client(args).call("GET", "/devices")
+    if args.json:
+        _json(data, out)
+        return EXIT_OK
+    rows = [["NAME", "NODEID", "STATE", "OS"]]
+    for key, state in (("online_devices", "online"), ("offline_devices", "offline")):
+        if (args.online and state != "online") or (args.offline and state != "offline"):
+            continue
+        for dev in data[key]:
+            rows.append([dev["name"], dev["nodeid"], state, dev["os"] or ""])
+    _table(rows, out)
+    if data["executor_connected"] is False:
+        print("note: not connected to MeshCentral right now; every device shows offline",
+              file=sys.stderr)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _client_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("server")
+    group.add_argument("--url", help=f"the server (env GHOSTRUNNER_URL; default {DEFAULT_URL})")
+    group.add_argument("--token", help="an API token (env GHOSTRUNNER_TOKEN, which keeps it "
+                                       "out of the process list)")
+    group.add_argument("--token-file", help="read the API token from this file")
+    group.add_argument("--cacert", help="CA certificate to trust for https (env "
+                                        "GHOSTRUNNER_CACERT)")
+    group.add_argument("--insecure", action="store_true",
+                       help="do not verify the server's https certificate")
+    group.add_argument("--json", action="store_true", help="print the raw JSON data")
+    return parent
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+Handler = Callable[[argparse.Namespace, TextIO], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ghostrunner`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="ghostrunner",
+        description="Queue shell commands for MeshCentral devices that are offline; they "
+                    "run when each device comes online.",
+        epilog="Run 'ghostrunner serve --help' to set up the server.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    client = _client_options()
+
+    s = sub.add_parser("serve", help="run the server", description=SERVE_HELP,
+                       epilog=_serve_epilog(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--config", "-c", help="TOML configuration file (env GHOSTRUNNER_CONFIG)")
+    s.add_argument("--host", help="listen address (server.host; default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="listen port (server.port; default 8080)")
+    s.add_argument("--database", help="SQLite database file (database; default "
+                                      "ghostrunner.db)")
+    s.add_argument("--executor", choices=["meshcentral", "fake"],
+                   help="meshcentral (default) or fake (try the API without MeshCentral)")
+    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    s.set_defaults(handler=None)
+
+    tasks = sub.add_parser("tasks", help="queue, list, show, cancel and wait for tasks")
+    tsub = tasks.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    p = tsub.add_parser("add", parents=[client], help="queue a command for devices")
+    p.add_argument("command", help="the shell command (quote it)")
+    p.add_argument("--node", "-n", action="append", required=True,
+                   help="a target node id (repeat for more devices)")
+    p.add_argument("--name", help="a label (default: the command's start)")
+    p.add_argument("--shell", choices=[s.value for s in Shell])
+    p.add_argument("--timeout", type=_positive, help="seconds the command may run")
+    p.add_argument("--not-before", help="ISO-8601 time (with zone) before which it won't run")
+    p.add_argument("--expires-at", help="ISO-8601 time after which it won't start")
+    p.add_argument("--max-attempts", type=int)
+    p.add_argument("--delivery", choices=[d.value for d in Delivery])
+    p.add_argument("--run-as-user", action="store_true",
+                   help="run in the logged-in user's session")
+    p.add_argument("--wait", action="store_true", help="then wait for it, showing progress")
+    _wait_options(p)
+    p.set_defaults(handler=cmd_tasks_add)
+
+    p = tsub.add_parser("list", parents=[client], help="list tasks, newest first")
+    p.add_argument("--state", choices=[s.value for s in RunState],
+                   help="only tasks with a run in this state")
+    p.add_argument("--status", choices=[s.value for s in TaskStatus])
+    p.add_argument("--node", help="only tasks targeting this node id")
+    p.add_argument("--name", help="only tasks with this name")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--cursor", help="continue after a previous page")
+    p.add_argument("--all", action="store_true", help="every page")
+    p.set_defaults(handler=cmd_tasks_list)
+
+    p = tsub.add_parser("show", parents=[client], help="a task and all its runs")
+    p.add_argument("id")
+    p.add_argument("--no-output", action="store_true", help="leave out the commands' output")
+    p.set_defaults(handler=cmd_tasks_show)
+
+    p = tsub.add_parser("cancel", parents=[client], help="cancel a task's pending runs")
+    p.add_argument("id")
+    p.add_argument("--node", "-n", action="append", help="only for this node id (repeat)")
+    p.set_defaults(handler=cmd_tasks_cancel)
+
+    p = tsub.add_parser("delete", parents=[client],
+                        help="cancel a task's pending runs and remove it")
+    p.add_argument("id")
+    p.set_defaults(handler=cmd_tasks_delete)
+
+    p = tsub.add_parser("flush", parents=[client],
+                        help="cancel everything pending and remove finished tasks")
+    p.add_argument("--yes", action="store_true", help="really do it")
+    p.set_defaults(handler=cmd_tasks_flush)
+
+    p = tsub.add_parser("wait", parents=[client],
+                        help="wait until every run of a task has finished, showing progress")
+    p.add_argument("id")
+    _wait_options(p)
+    p.set_defaults(handler=cmd_tasks_wait)
+
+    tokens = sub.add_parser("tokens", help="manage API tokens (needs an admin token)")
+    ksub = tokens.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = ksub.add_parser("create", parents=[client], help="create a token; prints its secret")
+    p.add_argument("name")
+    p.add_argument("--scope", choices=[s.value for s in Scope], default="read",
+                   help="read (default), write (create/delete tasks) or admin (tokens)")
+    p.set_defaults(handler=cmd_tokens_create)
+    p = ksub.add_parser("list", parents=[client], help="list tokens (never their secrets)")
+    p.set_defaults(handler=cmd_tokens_list)
+    p = ksub.add_parser("delete", parents=[client], help="revoke a token")
+    p.add_argument("name")
+    p.set_defaults(handler=cmd_tokens_delete)
+
+    p = sub.add_parser("devices", parents=[client], help="devices, online and offline")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--online", action="store_true", help="only online devices")
+    group.add_argument("--offline", action="store_true", help="only offline devices")
+    p.set_defaults(handler=cmd_devices)
+    return parser
+
+
+def _wait_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait-timeout", dest="timeout", type=_positive,
+                   help="give up waiting after this many seconds (exit 124)")
+    p.add_argument("--interval", type=_positive, default=1.0,
+                   help="seconds between progress checks (default 1)")
+    p.add_argument("--output", action="store_true", help="print each run's output at the end")
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """Run the ``ghostrunner`` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return cmd_serve(args)
+    handler: Handler = args.handler
+    stream = out or sys.stdout
+    try:
+        return handler(args, stream)
+    except ConfigError as exc:
+        print(f"ghostrunner: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    except ApiFailure as exc:
+        print(f"ghostrunner: error {exc.status}: {exc.message}", file=sys.stderr)
+        return EXIT_API
+    except Unreachable as exc:
+        print(f"ghostrunner: {exc}", file=sys.stderr)
+        return EXIT_API
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

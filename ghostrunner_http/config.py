@@ -1,0 +1,416 @@
+"""The server's settings: one frozen object, read from a TOML file and ``GHOSTRUNNER_*``
+environment variables only at the edge (the ``ghostrunner serve`` command).
+
+Precedence, lowest first: built-in defaults, the TOML file, environment variables,
+command-line flags. Every TOML key has an environment variable: a top-level key ``k`` is
+``GHOSTRUNNER_K``, a key ``k`` of section ``[s]`` is ``GHOSTRUNNER_S_K`` (for example
+``[meshcentral] url`` is ``GHOSTRUNNER_MESHCENTRAL_URL``). See ``docs/http-api.md``.
+
+Example::
+
+    database = "/var/lib/ghostrunner/ghostrunner.db"
+    executor = "meshcentral"
+
+    [server]
+    host = "0.0.0.0"
+    port = 8443
+    tls_cert = "/etc/ghostrunner/cert.pem"
+    tls_key = "/etc/ghostrunner/key.pem"
+
+    [meshcentral]
+    url = "wss://mesh.example.com"
+    user = "~t:AbCdEf"            # a MeshCentral login token user, or a user name
+    password_file = "/etc/ghostrunner/mesh-password"
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+
+from ghostrunner import LoopSettings
+
+__all__ = [
+    "ENV_PREFIX",
+    "ConfigError",
+    "FakeDevice",
+    "Settings",
+    "env_var",
+    "load_settings",
+]
+
+ENV_PREFIX = "GHOSTRUNNER_"
+MIN_ADMIN_TOKEN = 16
+DEFAULT_FAKE_DEVICES: tuple[str, ...] = ("node-001", "node-002", "node-003")
+
+#: Environment variables read by the operator commands, not by the server.
+CLIENT_ENV = frozenset({"GHOSTRUNNER_URL", "GHOSTRUNNER_TOKEN", "GHOSTRUNNER_CONFIG",
+                        "GHOSTRUNNER_CACERT", "GHOSTRUNNER_INSECURE"})
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used. ``key`` is its TOML name (``section.key``)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+@attrs.frozen(kw_only=True)
+class FakeDevice:
+    """A device of the ``fake`` executor (for trying the API without MeshCentral)."""
+
+    nodeid: str
+    name: str = ""
+    online: bool = True
+
+
+Executor = Literal["meshcentral", "fake"]
+
+
+@attrs.frozen(kw_only=True)
+class Settings:
+    """Everything ``ghostrunner serve`` and :func:`~ghostrunner_http.create_app` need.
+
+    Secrets (``admin_token``, ``meshcentral_password``) never appear in the repr.
+
+    Args:
+        database: the SQLite database file (created on first start).
+        database_synchronous: ``FULL`` (default: a finished request survives a power
+            loss) or ``NORMAL`` (faster writes; survives a crash of the process, but a
+            power loss may lose the last moments, and a command could then run twice).
+        executor: ``meshcentral`` (default), or ``fake`` to try the API without a
+            MeshCentral server: simulated devices, always online, whose commands just
+            echo themselves and exit 0.
+        admin_token: the bootstrap admin token's secret (at least 16 characters).
+            Unset: the token stored at the first start is kept, or one is generated
+            and printed once.
+        host, port: where the server listens.
+        tls_cert, tls_key: PEM files; both or neither. With them the server speaks HTTPS.
+        max_body_bytes: the largest request body accepted (larger: 413).
+        log_level: ``debug``, ``info``, ``warning`` or ``error``.
+        access_log: log one line per request.
+        meshcentral_url: ``wss://host[:port]`` of the MeshCentral server.
+        meshcentral_user: a MeshCentral user, or a login token's ``~t:...`` user name.
+        meshcentral_password: that user's password or the login token's password.
+        meshcentral_ignore_ssl: accept a self-signed MeshCentral certificate.
+        meshcentral_group_id: only manage the devices of this group (``mesh//...``).
+        fake_devices: the ``fake`` executor's devices.
+        loop: tuning of the reconcile loop (:class:`ghostrunner.LoopSettings`).
+    """
+
+    database: Path = Path("ghostrunner.db")
+    database_synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    executor: Executor = "meshcentral"
+    admin_token: str | None = attrs.field(default=None, repr=False)
+    host: str = "127.0.0.1"
+    port: int = 8080
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    max_body_bytes: int = 1024 * 1024
+    log_level: str = "info"
+    access_log: bool = True
+    meshcentral_url: str | None = None
+    meshcentral_user: str | None = None
+    meshcentral_password: str | None = attrs.field(default=None, repr=False)
+    meshcentral_ignore_ssl: bool = False
+    meshcentral_group_id: str | None = None
+    fake_devices: tuple[FakeDevice, ...] = tuple(
+        FakeDevice(nodeid=n, name=n) for n in DEFAULT_FAKE_DEVICES
+    )
+    loop: LoopSettings = attrs.field(factory=LoopSettings)
+
+    def __attrs_post_init__(self) -> None:
+        if self.database_synchronous not in ("FULL", "NORMAL"):
+            raise ConfigError("database_synchronous", "must be FULL or NORMAL")
+        if self.executor not in ("meshcentral", "fake"):
+            raise ConfigError("executor", f"must be 'meshcentral' or 'fake', not {self.executor!r}")
+        if self.admin_token is not None and len(self.admin_token) < MIN_ADMIN_TOKEN:
+            raise ConfigError("admin_token", f"must be at least {MIN_ADMIN_TOKEN} characters")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError("server.port", "must be between 0 and 65535")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("server.tls_cert", "tls_cert and tls_key go together")
+        if self.max_body_bytes < 1024:
+            raise ConfigError("server.max_body_bytes", "must be at least 1024")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
+            raise ConfigError("server.log_level", "must be debug, info, warning or error")
+        if self.executor == "meshcentral":
+            for key, value in (
+                ("meshcentral.url", self.meshcentral_url),
+                ("meshcentral.user", self.meshcentral_user),
+                ("meshcentral.password", self.meshcentral_password),
+            ):
+                if not value:
+                    raise ConfigError(
+                        key,
+                        f"is required with executor = \"meshcentral\" (set it in the config "
+                        f"file or {env_var(key)}; or set executor = \"fake\" to try the API "
+                        f"without MeshCentral)",
+                    )
+            url = self.meshcentral_url or ""
+            if not url.startswith(("wss://", "ws://")):
+                raise ConfigError("meshcentral.url", "must start with wss:// (or ws://)")
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """The secret values in these settings (for log redaction)."""
+        return tuple(s for s in (self.admin_token, self.meshcentral_password) if s)
+
+    @property
+    def scheme(self) -> str:
+        """``https`` with TLS, else ``http``."""
+        return "https" if self.tls_cert else "http"
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def env_var(key: str) -> str:
+    """The environment variable of a TOML key: ``meshcentral.url`` ->
+    ``GHOSTRUNNER_MESHCENTRAL_URL``."""
+    return ENV_PREFIX + key.replace(".", "_").upper()
+
+
+def _str(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, "must be a string")
+    return value
+
+
+def _opt_str(key: str, value: Any) -> str | None:
+    text = _str(key, value)
+    return text or None
+
+
+def _path(key: str, value: Any) -> Path:
+    text = _str(key, value)
+    if not text:
+        raise ConfigError(key, "must not be empty")
+    return Path(text).expanduser()
+
+
+def _int(key: str, value: Any) -> int:
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise ConfigError(key, f"must be an integer, not {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(key, "must be an integer")
+    return value
+
+
+def _float(key: str, value: Any) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ConfigError(key, f"must be a number, not {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(key, "must be a number")
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(key, "must be a finite number >= 0")
+    return float(value)
+
+
+def _bool(key: str, value: Any) -> bool:
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off", ""):
+            return False
+        raise ConfigError(key, f"must be true or false, not {value!r}")
+    if not isinstance(value, bool):
+        raise ConfigError(key, "must be true or false")
+    return value
+
+
+def _devices(key: str, value: Any) -> tuple[FakeDevice, ...]:
+    if isinstance(value, str):  # environment: "node-001,node-002=Name"
+        items: list[Any] = [v.strip() for v in value.split(",") if v.strip()]
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise ConfigError(key, "must be a list of node ids or {nodeid, name, online} tables")
+    out: list[FakeDevice] = []
+    for i, item in enumerate(items):
+        where = f"{key}[{i}]"
+        if isinstance(item, str):
+            node, _, name = item.partition("=")
+            if not node.strip():
+                raise ConfigError(where, "must be a non-empty node id")
+            out.append(FakeDevice(nodeid=node.strip(), name=name.strip() or node.strip()))
+        elif isinstance(item, dict):
+            extra = set(item) - {"nodeid", "name", "online"}
+            if extra:
+                raise ConfigError(f"{where}.{sorted(extra)[0]}", "unknown key")
+            node = _str(f"{where}.nodeid", item.get("nodeid", ""))
+            if not node.strip():
+                raise ConfigError(f"{where}.nodeid", "is required")
+            out.append(
+                FakeDevice(
+                    nodeid=node,
+                    name=_str(f"{where}.name", item.get("name", node)),
+                    online=_bool(f"{where}.online", item.get("online", True)),
+                )
+            )
+        else:
+            raise ConfigError(where, "must be a node id or a {nodeid, name, online} table")
+    return tuple(out)
+
+
+def _executor(key: str, value: Any) -> str:
+    text = _str(key, value).strip().lower()
+    if text not in ("meshcentral", "fake"):
+        raise ConfigError(key, f"must be 'meshcentral' or 'fake', not {value!r}")
+    return text
+
+
+def _synchronous(key: str, value: Any) -> str:
+    text = _str(key, value).strip().upper()
+    if text not in ("FULL", "NORMAL"):
+        raise ConfigError(key, f"must be FULL or NORMAL, not {value!r}")
+    return text
+
+
+def _log_level(key: str, value: Any) -> str:
+    return _str(key, value).strip().lower()
+
+
+# TOML key -> (Settings field, parser). ``*_file`` keys read a secret from a file.
+_Parser = Callable[[str, Any], Any]
+_KEYS: dict[str, tuple[str, _Parser]] = {
+    "database": ("database", _path),
+    "database_synchronous": ("database_synchronous", _synchronous),
+    "executor": ("executor", _executor),
+    "admin_token": ("admin_token", _opt_str),
+    "server.host": ("host", _str),
+    "server.port": ("port", _int),
+    "server.tls_cert": ("tls_cert", _path),
+    "server.tls_key": ("tls_key", _path),
+    "server.max_body_bytes": ("max_body_bytes", _int),
+    "server.log_level": ("log_level", _log_level),
+    "server.access_log": ("access_log", _bool),
+    "meshcentral.url": ("meshcentral_url", _opt_str),
+    "meshcentral.user": ("meshcentral_user", _opt_str),
+    "meshcentral.password": ("meshcentral_password", _opt_str),
+    "meshcentral.ignore_ssl": ("meshcentral_ignore_ssl", _bool),
+    "meshcentral.group_id": ("meshcentral_group_id", _opt_str),
+    "fake.devices": ("fake_devices", _devices),
+}
+_SECRET_FILES: dict[str, str] = {
+    "admin_token_file": "admin_token",
+    "meshcentral.password_file": "meshcentral.password",
+}
+_LOOP_KEYS: dict[str, _Parser] = {
+    "loop.max_in_flight": _int,
+    "loop.resync_interval": _float,
+    "loop.retry_base": _float,
+    "loop.retry_cap": _float,
+    "loop.dispatch_grace": _float,
+    "loop.shutdown_grace": _float,
+    "loop.output_limit": _int,
+}
+
+#: Every key the TOML file may hold (``section.key``), for documentation and errors.
+KNOWN_KEYS: tuple[str, ...] = (*_KEYS, *_SECRET_FILES, *_LOOP_KEYS)
+
+
+def _flatten(doc: Mapping[str, Any]) -> dict[str, Any]:
+    sections = {k.split(".")[0] for k in KNOWN_KEYS if "." in k}
+    flat: dict[str, Any] = {}
+    for key, value in doc.items():
+        if key in sections:
+            if not isinstance(value, dict):
+                raise ConfigError(key, "must be a table ([" + key + "])")
+            for sub, subvalue in value.items():
+                flat[f"{key}.{sub}"] = subvalue
+        else:
+            flat[key] = value
+    for key in flat:
+        if key not in KNOWN_KEYS:
+            raise ConfigError(key, "unknown setting (known: " + ", ".join(KNOWN_KEYS) + ")")
+    return flat
+
+
+def _read_secret_file(key: str, value: Any) -> str:
+    path = _path(key, value)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
+    return text.rstrip("\r\n")
+
+
+def load_settings(
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build :class:`Settings` from a TOML file, the environment and overrides.
+
+    Args:
+        path: the TOML file, or None for none.
+        env: the environment (``GHOSTRUNNER_*`` variables are read from it).
+        overrides: TOML-style keys (``server.port``) given on the command line.
+
+    Raises:
+        ConfigError: naming the setting, for an unreadable file or an invalid value.
+    """
+    layers: list[dict[str, Any]] = []
+    if path is not None:
+        try:
+            with path.open("rb") as fh:
+                doc = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+        layers.append(_flatten(doc))
+    if env is not None:
+        layers.append({key: env[env_var(key)] for key in KNOWN_KEYS if env_var(key) in env})
+    layers.append(dict(overrides or {}))
+
+    raw: dict[str, Any] = {}
+    for layer in layers:
+        # within one layer a secret given directly wins over its *_file; a later layer
+        # (environment over file) wins either way
+        for file_key, secret_key in _SECRET_FILES.items():
+            if file_key in layer:
+                value = layer.pop(file_key)
+                if secret_key not in layer:
+                    layer[secret_key] = _read_secret_file(file_key, value)
+        raw.update(layer)
+
+    fields: dict[str, Any] = {}
+    for key, (field, parse) in _KEYS.items():
+        if key in raw:
+            fields[field] = parse(key, raw[key])
+    loop: dict[str, Any] = {}
+    for key, parse in _LOOP_KEYS.items():
+        if key in raw:
+            loop[key.split(".", 1)[1]] = parse(key, raw[key])
+    for key in ("resync_interval", "retry_base", "retry_cap"):
+        if key in loop and loop[key] <= 0:
+            raise ConfigError(f"loop.{key}", "must be > 0")
+    if loop.get("output_limit", 2) < 2:
+        raise ConfigError("loop.output_limit", "must be at least 2")
+    try:
+        fields["loop"] = LoopSettings(**loop)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError("loop", str(exc)) from None
+    return Settings(**fields)
+
+
+def unknown_env(env: Mapping[str, str]) -> list[str]:
+    """``GHOSTRUNNER_*`` variables that no setting reads (probably typos)."""
+    known = {env_var(k) for k in KNOWN_KEYS} | CLIENT_ENV
+    return sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in known)

@@ -1,0 +1,535 @@
+"""The OpenAPI 3.1 document of the HTTP API, written out by hand.
+
+It is served at ``GET /openapi.json``. The tests check that it lists exactly the app's
+routes and that every answer they receive matches the schema documented for it.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from typing import Any
+
+import ghostrunner
+from ghostrunner import Delivery, RunState, Scope, Shell, TaskStatus
+from ghostrunner._types import MAX_COMMAND, MAX_NAME, MAX_NODE_ID, MAX_TARGETS, MAX_TIMEOUT
+
+__all__ = ["openapi_document", "openapi_json"]
+
+Schema = dict[str, Any]
+
+
+
+# What Python's str.strip() strips (JSON Schema's \s differs: it lacks \x1c-\x1f and
+# \x85 and has \ufeff). The tests check this against str.isspace().
+SPACE_CHARS = (
+    "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005"
+    "\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+)
+
+
+def _space_class() -> str:
+    return "".join(f"\\u{ord(c):04x}" for c in SPACE_CHARS)
+
+
+# non-blank (by the library's str.strip()), no NUL
+_NOT_SPACE = "[^\\u0000" + _space_class() + "]"
+_TEXT = "^[^\\u0000]*" + _NOT_SPACE + "[^\\u0000]*$"
+_NO_NUL = "^[^\\u0000]+$"
+# a path segment other than "." and ".." (which clients resolve away)
+_SEGMENT = "^(?!\\.{1,2}$)[^/]+$"
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _nullable(schema: Schema) -> Schema:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _text(max_len: int, description: str = "") -> Schema:
+    out: Schema = {"type": "string", "minLength": 1, "maxLength": max_len, "pattern": _TEXT}
+    if description:
+        out["description"] = description
+    return out
+
+
+def _obj(properties: dict[str, Schema], required: list[str] | None = None,
+         *, description: str = "", extra: bool = False) -> Schema:
+    out: Schema = {"type": "object", "properties": properties}
+    if required:
+        out["required"] = required
+    if not extra:
+        out["additionalProperties"] = False
+    if description:
+        out["description"] = description
+    return out
+
+
+_DATETIME: Schema = {"type": "string", "format": "date-time"}
+# what requests may send: RFC 3339 without leap seconds (no ":60"), in years 1 to 9999
+# once converted to UTC
+_DATETIME_IN: Schema = {
+    "type": "string",
+    "format": "date-time",
+    "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-5][0-9]",
+}
+_NODEIDS: Schema = {
+    "type": "array",
+    "minItems": 1,
+    "maxItems": MAX_TARGETS,
+    "uniqueItems": True,
+    "items": _text(MAX_NODE_ID),
+    "description": "MeshCentral node ids (node//...), one run each.",
+}
+_AUTHTOKEN: Schema = {
+    "type": "string",
+    "description": "The API token, as the seed's bodies carry it. Alternatively send "
+                   "`Authorization: Bearer <token>` (which wins when both are given).",
+}
+
+SCHEMAS: dict[str, Schema] = {
+    "TaskDetails": _obj(
+        {
+            "name": _text(MAX_NAME, "A label for operators (not unique)."),
+            "command": _text(MAX_COMMAND, "The shell command, run as is on each device."),
+            "nodeids": _NODEIDS,
+            "creation": {"description": "Accepted for the seed's clients and ignored: the "
+                                        "server sets the creation time."},
+            "status": {"description": "Accepted for the seed's clients and ignored: the "
+                                      "status is derived from the runs."},
+            "shell": _nullable({"type": "string", "enum": [s.value for s in Shell],
+                                "description": "auto: sh on POSIX agents, cmd on Windows."}),
+            "run_as_user": _nullable({"type": "boolean"}),
+            "timeout": _nullable({"type": "number", "exclusiveMinimum": 0,
+                                  "maximum": MAX_TIMEOUT,
+                                  "description": "Seconds the command may run (default "
+                                                 "300)."}),
+            "not_before": _nullable({**_DATETIME_IN, "description": "Do not start before."}),
+            "expires_at": _nullable({**_DATETIME_IN, "description": "Runs not started by "
+                                                    "then end expired; after not_before."}),
+            "max_attempts": _nullable({"type": "integer", "minimum": 1, "maximum": 100}),
+            "delivery": _nullable({"type": "string", "enum": [d.value for d in Delivery]}),
+        },
+        ["name", "command", "nodeids"],
+        description="The seed's TaskData, plus GhostRunner's optional fields (null or "
+                    "absent: the default).",
+    ),
+    "TaskBody": _obj({"authtoken": _AUTHTOKEN, "details": _ref("TaskDetails")}, ["details"]),
+    "Counts": _obj({s.value: {"type": "integer", "minimum": 0} for s in RunState},
+                   [s.value for s in RunState],
+                   description="How many of the task's runs are in each state."),
+    "Task": _obj(
+        {
+            "id": {"type": "string"},
+            "name": {"type": "string"},
+            "command": {"type": "string"},
+            "nodeids": {"type": "array", "items": {"type": "string"}},
+            "creation": _DATETIME,
+            "status": {"type": "string", "enum": [s.value for s in TaskStatus]},
+            "shell": {"type": "string", "enum": [s.value for s in Shell]},
+            "run_as_user": {"type": "boolean"},
+            "timeout": {"type": "number"},
+            "not_before": _nullable(_DATETIME),
+            "expires_at": _nullable(_DATETIME),
+            "max_attempts": {"type": "integer"},
+            "delivery": {"type": "string", "enum": [d.value for d in Delivery]},
+            "counts": _ref("Counts"),
+        },
+        ["id", "name", "command", "nodeids", "creation", "status", "shell", "run_as_user",
+         "timeout", "not_before", "expires_at", "max_attempts", "delivery", "counts"],
+        description="The seed's TaskData (name, command, nodeids, creation, status) and "
+                    "GhostRunner's fields.",
+    ),
+    "Run": _obj(
+        {
+            "nodeid": {"type": "string"},
+            "state": {"type": "string", "enum": [s.value for s in RunState]},
+            "attempts": {"type": "integer", "minimum": 0},
+            "undelivered": {"type": "integer", "minimum": 0},
+            "queued_at": _DATETIME,
+            "available_at": _DATETIME,
+            "expires_at": _nullable(_DATETIME),
+            "started_at": _nullable(_DATETIME),
+            "finished_at": _nullable(_DATETIME),
+            "exit_code": _nullable({"type": "integer"}),
+            "output": {"type": "string"},
+            "output_truncated": {"type": "boolean"},
+            "error": _nullable({"type": "string"}),
+        },
+        ["nodeid", "state", "attempts", "undelivered", "queued_at", "available_at",
+         "expires_at", "started_at", "finished_at", "exit_code", "output_truncated",
+         "error"],
+        description="One (task, device) run. output is left out with ?output=false.",
+    ),
+    "TaskPage": _obj(
+        {"tasks": {"type": "array", "items": _ref("Task")},
+         "next_cursor": _nullable({"type": "string"})},
+        ["tasks", "next_cursor"],
+        description="Newest first; pass next_cursor as ?cursor= for the next page.",
+    ),
+    "DeleteDetails": _obj(
+        {
+            "id": _text(64, "A task id."),
+            "name": _text(MAX_NAME, "Every task with this name."),
+            "nodeids": {**_NODEIDS, "description": "Only for these devices; all when absent."},
+            "command": {"description": "Accepted (seed clients may send their TaskData) and "
+                                       "ignored."},
+            "creation": {"description": "Accepted and ignored."},
+            "status": {"description": "Accepted and ignored."},
+        },
+        description="Which tasks: by id or by name (at least one), optionally only for "
+                    "some devices.",
+    ),
+    "DeleteBody": _obj({"authtoken": _AUTHTOKEN, "details": _ref("DeleteDetails")},
+                       ["details"]),
+    "DeleteOutcome": _obj(
+        {
+            "id": {"type": "string"},
+            "name": {"type": "string"},
+            "deleted": {"type": "boolean", "description": "The task was removed."},
+            "cancelled": {"type": "array", "items": {"type": "string"},
+                          "description": "Devices whose pending run was cancelled."},
+            "running": {"type": "array", "items": {"type": "string"},
+                        "description": "Devices whose run is in flight: it finishes "
+                                       "normally, and the task is kept."},
+        },
+        ["id", "name", "deleted", "cancelled", "running"],
+    ),
+    "DeleteResult": _obj(
+        {"deleted": {"type": "integer", "minimum": 0},
+         "tasks": {"type": "array", "items": _ref("DeleteOutcome")}},
+        ["deleted", "tasks"],
+    ),
+    "CancelBody": _obj({"authtoken": _AUTHTOKEN, "nodeids": _NODEIDS}),
+    "CancelResult": _obj({"id": {"type": "string"},
+                          "cancelled": {"type": "array", "items": {"type": "string"}}},
+                         ["id", "cancelled"]),
+    "FlushResult": _obj(
+        {
+            "cancelled": {"type": "integer", "minimum": 0,
+                          "description": "Pending runs cancelled."},
+            "deleted": {"type": "integer", "minimum": 0, "description": "Tasks removed."},
+            "kept": {"type": "integer", "minimum": 0,
+                     "description": "Tasks kept because a run is in flight."},
+        },
+        ["cancelled", "deleted", "kept"],
+    ),
+    "AuthBody": _obj({"authtoken": _AUTHTOKEN},
+                     description="The seed's TokenListBody: only the token."),
+    "TokenCreateDetails": _obj(
+        {"name": _text(MAX_NAME, "Unique."),
+         "scope": {"type": "string", "enum": [s.value for s in Scope], "default": "read"}},
+        ["name"],
+    ),
+    "TokenCreateBody": _obj({"authtoken": _AUTHTOKEN, "details": _ref("TokenCreateDetails")},
+                            ["details"]),
+    "TokenNameBody": _obj(
+        {"authtoken": _AUTHTOKEN,
+         "details": _obj({"name": {"type": "string"}}, ["name"])},
+        ["details"],
+    ),
+    "Token": _obj(
+        {
+            "name": {"type": "string"},
+            "scope": {"type": "string", "enum": [s.value for s in Scope]},
+            "created_at": _DATETIME,
+            "last_used": _nullable({**_DATETIME, "description": "Updated at most once a "
+                                                               "minute."}),
+            "builtin": {"type": "boolean", "description": "The bootstrap admin token."},
+        },
+        ["name", "scope", "created_at", "last_used", "builtin"],
+    ),
+    "TokenList": _obj({"tokens": {"type": "array", "items": _ref("Token")}}, ["tokens"]),
+    "TokenDeleted": _obj({"name": {"type": "string"}, "deleted": {"const": True}},
+                         ["name", "deleted"]),
+    "Device": _obj(
+        {
+            "name": {"type": "string"},
+            "nodeid": {"type": "string"},
+            "os": _nullable({"type": "string"}),
+            "group_id": _nullable({"type": "string"}),
+            "agent_kind": {"type": "string", "enum": ["posix", "windows", "unknown"]},
+        },
+        ["name", "nodeid", "os", "group_id", "agent_kind"],
+    ),
+    "PyOnlineDevices": _obj(
+        {
+            "online_devices": {"type": "array", "items": _ref("Device")},
+            "offline_devices": {"type": "array", "items": _ref("Device")},
+            "total_devices": {"type": "integer", "minimum": 0},
+            "executor_connected": _nullable({"type": "boolean"}),
+        },
+        ["online_devices", "offline_devices", "total_devices", "executor_connected"],
+        description="The seed's PyOnlineDevices, from the executor's current view.",
+    ),
+    "Info": _obj(
+        {
+            "name": {"type": "string"},
+            "version": {"type": "string"},
+            "executor": {"type": "string"},
+            "executor_connected": _nullable({"type": "boolean"}),
+            "openapi": {"type": "string"},
+        },
+        ["name", "version", "executor", "executor_connected", "openapi"],
+    ),
+    "ErrorData": _obj(
+        {
+            "error": {"type": "string", "description": "A stable machine-readable code."},
+            "field": {"type": "string", "description": "The invalid field (422 only)."},
+        },
+        ["error"],
+    ),
+}
+
+
+def _envelope(data: Schema) -> Schema:
+    return {
+        "type": "object",
+        "properties": {
+            "status": {"type": "integer", "description": "The HTTP status, repeated."},
+            "message": {"type": "string"},
+            "data": data,
+        },
+        "required": ["status", "message", "data"],
+        "additionalProperties": False,
+    }
+
+
+_ERRORS = {
+    400: "Malformed request: the body is not JSON, not UTF-8, or not a JSON object.",
+    401: "Missing, malformed, wrong or revoked token.",
+    403: "The token's scope does not allow this.",
+    404: "No such task (or token).",
+    405: "Method not allowed.",
+    409: "Conflict: the name is taken, or the token is the builtin admin token.",
+    413: "The body is over the size limit (1 MiB by default).",
+    422: "An invalid field or query parameter, named in data.field and the message.",
+    503: "The database is unavailable; retry.",
+}
+
+
+def _ok(data: Schema, description: str) -> Schema:
+    return {"description": description,
+            "content": {"application/json": {"schema": _envelope(data)}}}
+
+
+def _error(code: int) -> Schema:
+    out: Schema = {"description": _ERRORS[code],
+                   "content": {"application/json": {"schema": _ref("Error")}}}
+    if code == 401:
+        out["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}}}
+    return out
+
+
+def _op(
+    summary: str,
+    scope: Scope | None,
+    ok: Schema,
+    *,
+    description: str = "",
+    body: str | None = None,
+    body_required: bool = True,
+    errors: tuple[int, ...] = (),
+    params: list[Schema] | None = None,
+    tag: str = "tasks",
+) -> Schema:
+    codes = set(errors)
+    if scope is not None:
+        codes |= {400, 401, 403, 413, 503}
+    if scope is not None or body is not None or params:
+        codes.add(422)
+    op: Schema = {
+        "summary": summary,
+        "tags": [tag],
+        "responses": {"200": ok, **{str(c): _error(c) for c in sorted(codes)}},
+    }
+    text = description
+    if scope is not None:
+        text = (f"Needs a token with scope **{scope.value}** or higher. " + text).strip()
+        op["security"] = [{"bearer": []}]
+    else:
+        op["security"] = []
+    op["description"] = text
+    if body is not None:
+        op["requestBody"] = {
+            "required": body_required,
+            "content": {"application/json": {"schema": _ref(body)}},
+        }
+    if params:
+        op["parameters"] = params
+    return op
+
+
+def _query(name: str, schema: Schema, description: str) -> Schema:
+    return {"name": name, "in": "query", "required": False, "schema": schema,
+            "description": description}
+
+
+_TASK_ID = {"name": "task_id", "in": "path", "required": True,
+            "schema": {"type": "string", "minLength": 1, "pattern": _SEGMENT},
+            "description": "The task's id."}
+_AUTH_ONLY = ("The seed's clients may send `{\"authtoken\": ...}` as the body, even on "
+              "GET; anything else in the body is refused (422).")
+
+
+def _paths() -> dict[str, Any]:
+    return {
+        "/": {"get": _op(
+            "What this server is", None, _ok(_ref("Info"), "Server information."),
+            description="Needs no token.", tag="server")},
+        "/openapi.json": {"get": {
+            "summary": "This document", "tags": ["server"], "security": [],
+            "description": "The OpenAPI document itself, not wrapped in the envelope.",
+            "responses": {"200": {"description": "The OpenAPI document.",
+                                  "content": {"application/json": {
+                                      "schema": {"type": "object"}}}}},
+        }},
+        "/token/create": {"post": _op(
+            "Create a token", Scope.ADMIN,
+            _ok(_ref("NewToken"), "The new token, with its secret (shown only this once)."),
+            description="The secret is random (256 bits) and only its hash is stored.",
+            body="TokenCreateBody", errors=(409,), tag="tokens")},
+        "/token/delete": {"delete": _op(
+            "Revoke a token", Scope.ADMIN,
+            _ok(_ref("TokenDeleted"), "The token is deleted; it stops working at once."),
+            description="The builtin admin token cannot be deleted (409).",
+            body="TokenNameBody", errors=(404, 409), tag="tokens")},
+        "/token/list": {"get": _op(
+            "List tokens", Scope.ADMIN, _ok(_ref("TokenList"), "Every token, oldest first "
+                                                              "(never their secrets)."),
+            description=_AUTH_ONLY, tag="tokens")},
+        "/task/create": {"post": _op(
+            "Queue a task", Scope.WRITE,
+            {**_ok(_ref("Task"), "The new task; data.id is its id."),
+             "headers": {"Location": {"schema": {"type": "string"},
+                                      "description": "/tasks/{id} of the new task."}}},
+            description="One run per node id; each starts when its device is online. "
+                        "creation and status from the client are ignored.",
+            body="TaskBody")},
+        "/task/delete": {"delete": _op(
+            "Delete tasks by name or id", Scope.WRITE,
+            _ok(_ref("DeleteResult"), "What was done to each task."),
+            description="Every task with details.name (or the task details.id). With "
+                        "details.nodeids covering all of a task's devices, or without "
+                        "nodeids, the task's pending runs are cancelled and the task is "
+                        "removed (kept while a run is in flight). With nodeids naming only "
+                        "some of its devices, those devices' pending runs are cancelled "
+                        "and the task stays. 404 when nothing matches.",
+            body="DeleteBody", errors=(404,))},
+        "/task/list": {"get": _op(
+            "List tasks", Scope.READ, _ok(_ref("TaskPage"), "One page of tasks."),
+            description="Newest first. " + _AUTH_ONLY,
+            params=[
+                _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000,
+                                 "default": 50}, "Page size."),
+                _query("cursor", {"type": "string", "minLength": 1, "maxLength": 1024,
+                                  "pattern": _NO_NUL},
+                       "next_cursor of the previous page."),
+                _query("state", {"type": "string", "enum": [s.value for s in RunState]},
+                       "Only tasks having a run in this state."),
+                _query("status", {"type": "string",
+                                  "enum": [s.value for s in TaskStatus]},
+                       "Only tasks with this overall status."),
+                _query("nodeid", {"type": "string", "minLength": 1, "maxLength": 1024,
+                                  "pattern": _NO_NUL},
+                       "Only tasks targeting this device."),
+                _query("name", {"type": "string", "minLength": 1, "maxLength": 1024,
+                                "pattern": _NO_NUL},
+                       "Only tasks with exactly this name."),
+            ])},
+        "/task/flush": {"delete": _op(
+            "Flush: cancel everything pending, remove finished tasks", Scope.WRITE,
+            _ok(_ref("FlushResult"), "What was cancelled, removed and kept."),
+            description="Cancels every pending run of every task, then removes every task "
+                        "whose runs are all finished (succeeded, failed, timed out, "
+                        "expired, cancelled, lost), including those just cancelled. A task "
+                        "with a run still in flight is kept (counted in kept): flush again "
+                        "once it finishes. " + _AUTH_ONLY)},
+        "/tasks/{task_id}": {
+            "get": _op("A task and all its runs", Scope.READ,
+                       _ok(_ref("TaskWithRuns"), "The task, with every run's state, "
+                                                "attempts, times, exit code and output."),
+                       errors=(404,), params=[_TASK_ID, _query(
+                           "output", {"type": "string", "enum": ["true", "false"],
+                                      "default": "true"},
+                           "false: leave the runs' output out (when polling).")]),
+            "delete": _op("Delete a task", Scope.WRITE,
+                          _ok(_ref("DeleteResult"), "What was done."),
+                          description="Cancels its pending runs and removes it; kept "
+                                      "(deleted: false) while a run is in flight.",
+                          errors=(404,), params=[_TASK_ID]),
+        },
+        "/tasks/{task_id}/cancel": {"post": _op(
+            "Cancel a task's pending runs", Scope.WRITE,
+            _ok(_ref("CancelResult"), "The devices whose run was cancelled."),
+            description="All pending runs, or those of nodeids. Runs in flight finish "
+                        "normally; finished runs are unchanged. The task stays.",
+            body="CancelBody", body_required=False, errors=(404,), params=[_TASK_ID])},
+        "/devices": {"get": _op(
+            "Devices, online and offline", Scope.READ,
+            _ok(_ref("PyOnlineDevices"), "The executor's current view."),
+            description=_AUTH_ONLY, tag="devices")},
+    }
+
+
+def _extend(base: str, properties: dict[str, Schema], description: str) -> Schema:
+    """``base`` with more properties, written out in full: ``allOf`` would not work with
+    ``additionalProperties: false``."""
+    schema = copy.deepcopy(SCHEMAS[base])
+    schema["properties"].update(properties)
+    schema["required"] = [*schema["required"], *properties]
+    schema["description"] = description
+    return schema
+
+
+SCHEMAS["TaskWithRuns"] = _extend(
+    "Task", {"runs": {"type": "array", "items": _ref("Run")}},
+    "A task and every one of its runs, in the order of its nodeids.",
+)
+SCHEMAS["NewToken"] = _extend(
+    "Token",
+    {"token": {"type": "string", "description": "The secret: shown only here, once."}},
+    "A new token, with its secret.",
+)
+
+
+@functools.cache
+def _document() -> dict[str, Any]:
+    schemas = dict(SCHEMAS)
+    schemas["Error"] = _envelope(_ref("ErrorData"))
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "GhostRunner",
+            "version": ghostrunner.__version__,
+            "description": "Queue shell commands for MeshCentral devices that are offline; "
+                           "they run when each device comes online. Every answer is the "
+                           "envelope {status, message, data}. See docs/http-api.md.",
+        },
+        "paths": _paths(),
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "An API token; it may instead be sent as `authtoken` "
+                                   "in the JSON body.",
+                },
+            },
+        },
+    }
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI document (a fresh copy: callers may change it)."""
+    return copy.deepcopy(_document())
+
+
+@functools.cache
+def openapi_json() -> bytes:
+    """The OpenAPI document, serialised once."""
+    return json.dumps(_document(), separators=(",", ":")).encode("utf-8")

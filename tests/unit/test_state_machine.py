@@ -1,0 +1,400 @@
+"""A Hypothesis state machine over the reconcile loop with the fakes.
+
+Random operators submit and cancel tasks, devices come and go, commands succeed, fail,
+are refused, vanish or hang, time moves, and GhostRunner crashes and restarts over the
+same store. After every step the guarantees must hold: never a command to an offline
+or busy device, never an at_most_once command twice, no run invented or lost, terminal
+runs frozen, attempts within bounds; and at the end, with every device online and
+healthy, every run reaches a terminal state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter
+from collections.abc import Coroutine, Iterator
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import pytest
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+)
+
+from ghostrunner import (
+    Delivery,
+    Device,
+    GhostRunner,
+    LoopSettings,
+    NotDelivered,
+    NotFound,
+    Outcome,
+    OutcomeUnknown,
+    PermanentError,
+    Run,
+    RunKey,
+    RunRequest,
+    RunState,
+    Task,
+)
+from ghostrunner.testing import FakeClock, FakeExecutor, InMemoryStore
+
+T = TypeVar("T")
+
+NODES = ("n1", "n2", "n3", "n4")
+MAX_IN_FLIGHT = 2
+BEHAVIOURS = st.sampled_from(
+    ["ok", "ok", "exit", "timed_out", "not_delivered", "unknown", "permanent", "hang", "hang"]
+)
+
+
+class GhostRunnerMachine(RuleBasedStateMachine):
+    tasks = Bundle("tasks")
+
+    def __init__(self) -> None:
+        super().__init__()
+        # one event loop for the machine's lifetime: commands held in flight by a
+        # hanging handler stay suspended in it between steps
+        self.loop = asyncio.new_event_loop()
+        self.clock = FakeClock()
+        self.store = InMemoryStore()
+        self.behaviour: dict[str, str] = dict.fromkeys(NODES, "ok")
+        self.exit_code = 1
+        self.release = asyncio.Event()
+        self.hanging: set[str] = set()
+        self.executor = FakeExecutor(self.handle, devices=NODES)
+        self.settings = LoopSettings(
+            max_in_flight=MAX_IN_FLIGHT, retry_base=1.0, retry_cap=8.0, shutdown_grace=0.001
+        )
+        self.submitted: dict[str, Task] = {}
+        self.frozen: dict[RunKey, Run] = {}  # terminal runs as first seen
+        self.broken = False
+        self.peak_busy = 0  # the most commands ever in flight at once
+        self.restarts = 0
+        self.gr: GhostRunner | None = None
+
+    # ---------------------------------------------------------------- plumbing
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self.loop.run_until_complete(coro)
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        """Remember a failure, so teardown only cleans up after one."""
+        try:
+            yield
+        except BaseException:
+            self.broken = True
+            raise
+
+    async def handle(self, request: RunRequest, device: Device) -> Outcome:
+        # yield once, so that commands started in the same pass are in flight together
+        self.peak_busy = max(self.peak_busy, len(self.executor.busy))
+        await asyncio.sleep(0)
+        self.peak_busy = max(self.peak_busy, len(self.executor.busy))
+        behaviour = self.behaviour[request.node_id]
+        if behaviour == "hang":
+            release = self.release
+            self.hanging.add(request.node_id)
+            try:
+                await release.wait()
+            finally:
+                self.hanging.discard(request.node_id)
+            return Outcome(exit_code=0, output="released")
+        if behaviour == "exit":
+            return Outcome(exit_code=self.exit_code, output="failed")
+        if behaviour == "timed_out":
+            return Outcome(exit_code=None, timed_out=True)
+        if behaviour == "not_delivered":
+            raise NotDelivered("agent busy")
+        if behaviour == "unknown":
+            raise OutcomeUnknown("no reply")
+        if behaviour == "permanent":
+            raise PermanentError("access denied")
+        return Outcome(exit_code=0, output=request.command)
+
+    def start(self) -> GhostRunner:
+        gr = GhostRunner(
+            store=self.store,
+            executor=self.executor,
+            settings=self.settings,
+            clock=self.clock,
+            background=False,
+        )
+        self.run(gr.__aenter__())  # recovery happens here
+        return gr
+
+    @property
+    def runner(self) -> GhostRunner:
+        assert self.gr is not None
+        return self.gr
+
+    async def settle(self) -> None:
+        """Pass until nothing more can start, leaving hanging commands in flight."""
+        while True:
+            started = await self.runner.loop.step()
+            for _ in range(10_000):
+                if self.runner.loop.in_flight <= self.hanging:
+                    break
+                await asyncio.sleep(0)  # a yield: the fakes need no real time
+            else:
+                raise AssertionError("commands in flight never settled")
+            if not started:
+                return
+
+    def fresh_release(self) -> None:
+        if not self.hanging:
+            self.release = asyncio.Event()
+
+    # ---------------------------------------------------------------- rules
+
+    SUBMIT = {  # noqa: RUF012 (strategies for the submit rules' arguments)
+        "nodes": st.lists(st.sampled_from(NODES), min_size=1, max_size=len(NODES), unique=True),
+        "delivery": st.sampled_from(list(Delivery)),
+        "max_attempts": st.integers(1, 3),
+        "not_before_in": st.none() | st.integers(0, 30),
+        "expires_in": st.none() | st.integers(1, 60),
+    }
+
+    @initialize(
+        target=tasks,
+        online=st.sets(st.sampled_from(NODES)),
+        behaviours=st.lists(BEHAVIOURS, min_size=len(NODES), max_size=len(NODES)),
+        **SUBMIT,
+    )
+    def boot(self, online: set[str], behaviours: list[str], **first_task: Any) -> str:
+        for node in online:
+            self.executor.set_online(node)
+        self.behaviour = dict(zip(NODES, behaviours, strict=True))
+        self.gr = self.start()
+        return self.submit(**first_task)
+
+    @rule(target=tasks, **SUBMIT)
+    def submit(
+        self,
+        nodes: list[str],
+        delivery: Delivery,
+        max_attempts: int,
+        not_before_in: int | None,
+        expires_in: int | None,
+    ) -> str:
+        now = self.clock.now
+        not_before = None if not_before_in is None else now + timedelta(seconds=not_before_in)
+        expires_at = None
+        if expires_in is not None:
+            expires_at = (not_before or now) + timedelta(seconds=expires_in)
+        task = Task(
+            name="t",
+            command=f"cmd-{len(self.submitted)}",
+            targets=nodes,
+            delivery=delivery,
+            max_attempts=max_attempts,
+            not_before=not_before,
+            expires_at=expires_at,
+        )
+        with self.guard():
+            self.run(self.runner.submit(task))
+            self.submitted[task.id] = task
+            runs = self.run(self.runner.runs(task.id))
+            assert [r.node_id for r in runs] == nodes
+            assert all(r.state is RunState.PENDING for r in runs)
+        return task.id
+
+    @rule(
+        target=tasks,
+        node=st.sampled_from(NODES),
+        delivery=st.sampled_from(list(Delivery)),
+        max_attempts=st.integers(1, 3),
+    )
+    def hold_a_command(self, node: str, delivery: Delivery, max_attempts: int) -> str:
+        """A shortcut to the interesting states: a device online, a command for it, and
+        its handler hanging in flight."""
+        self.behaviour[node] = "hang"
+        self.executor.set_online(node)
+        task_id = self.submit([node], delivery, max_attempts, None, None)
+        with self.guard():
+            self.run(self.settle())
+        return task_id
+
+    @rule(task_id=tasks, which=st.none() | st.sets(st.sampled_from(NODES)))
+    def cancel(self, task_id: str, which: set[str] | None) -> None:
+        with self.guard():
+            if task_id not in self.submitted:
+                with pytest.raises(NotFound):
+                    self.run(self.runner.cancel(task_id, which))
+                return
+            before = {r.node_id: r for r in self.run(self.runner.runs(task_id))}
+            cancelled = self.run(self.runner.cancel(task_id, which))
+            after = {r.node_id: r for r in self.run(self.runner.runs(task_id))}
+            expected = {
+                node
+                for node, r in before.items()
+                if r.state is RunState.PENDING and (which is None or node in which)
+            }
+            assert {r.node_id for r in cancelled} == expected
+            for node, r in after.items():
+                if node in expected:
+                    assert r.state is RunState.CANCELLED
+                else:
+                    assert r == before[node]  # anything not pending is left alone
+
+    @rule(task_id=tasks)
+    def delete(self, task_id: str) -> None:
+        with self.guard():
+            if task_id not in self.submitted:
+                with pytest.raises(NotFound):
+                    self.run(self.runner.delete(task_id))
+                return
+            before = self.run(self.runner.runs(task_id))
+            in_flight = any(r.state is RunState.DISPATCHED for r in before)
+            deleted = self.run(self.runner.delete(task_id))
+            assert deleted is not in_flight
+            if deleted:
+                task = self.submitted.pop(task_id)
+                for node in task.targets:
+                    self.frozen.pop(RunKey(task_id, node), None)
+
+    @rule(node=st.sampled_from(NODES), online=st.booleans())
+    def set_online(self, node: str, online: bool) -> None:
+        self.executor.set_online(node, online)
+
+    @rule(seconds=st.sampled_from([0.5, 1, 2, 5, 10, 30, 61]))
+    def advance(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+
+    @rule(node=st.sampled_from(NODES), behaviour=BEHAVIOURS, exit_code=st.integers(1, 255))
+    def set_behaviour(self, node: str, behaviour: str, exit_code: int) -> None:
+        self.behaviour[node] = behaviour
+        self.exit_code = exit_code
+
+    @rule(release=st.booleans(), advance=st.sampled_from([0, 0, 1, 5, 30]))
+    def run_loop(self, release: bool, advance: int) -> None:
+        self.clock.advance(advance)
+        with self.guard():
+            if release:
+                self.release.set()
+                self.run(self.runner.run_until_idle())
+                assert not self.runner.loop.in_flight
+                self.fresh_release()
+            else:
+                self.run(self.settle())
+            for state in sorted({r.state for r in self.store.runs.values()}):
+                event(f"after a pass: some run {state}")
+            if self.runner.loop.in_flight:
+                event("after a pass: commands held in flight")
+
+    @rule(pass_first=st.booleans(), graceful=st.booleans())
+    def restart(self, pass_first: bool, graceful: bool) -> None:
+        """Stop GhostRunner and start a new one over the same store (recovery runs on
+        enter). A crash writes nothing more; a graceful stop waits ``shutdown_grace`` for
+        commands in flight and abandons those still hanging."""
+        with self.guard():
+            if pass_first:  # start what can start, then stop with commands hanging
+                self.run(self.settle())
+            held = len(self.runner.loop.in_flight)
+            event(f"{'stop' if graceful else 'crash'} with {held} in flight")
+            if graceful:
+                self.run(self.runner.__aexit__(None, None, None))
+                assert not self.executor.opened
+            else:
+                self.run(self.runner.crash())
+            self.restarts += 1
+            self.gr = self.start()
+            assert not self.runner.loop.in_flight
+            self.fresh_release()
+
+    # ---------------------------------------------------------------- invariants
+
+    @invariant()
+    def guarantees(self) -> None:
+        with self.guard():
+            self.check()
+
+    def check(self) -> None:
+        ex = self.executor
+        # never to an offline device, never two at once on one device
+        assert ex.offline_calls == []
+        assert ex.overlaps == []
+        # at most once: a command that may have run is never sent again
+        once = Counter(r.key for r in ex.executions if r.delivery is Delivery.AT_MOST_ONCE)
+        assert [k for k, n in once.items() if n > 1] == []
+        # nothing lost, nothing invented
+        expected = {RunKey(t.id, n) for t in self.submitted.values() for n in t.targets}
+        assert set(self.store.runs) == expected
+        assert len(self.store.runs) == sum(len(t.targets) for t in self.submitted.values())
+        executions = Counter(r.key for r in ex.executions)
+        dispatched: list[str] = []
+        for key, run in self.store.runs.items():
+            task = self.submitted[key.task_id]
+            assert isinstance(run.state, RunState)
+            assert 0 <= run.attempts <= task.max_attempts
+            assert run.undelivered >= 0
+            assert executions[key] <= run.attempts
+            if run.state is RunState.DISPATCHED:
+                dispatched.append(run.node_id)
+            if run.state is RunState.PENDING:
+                assert run.started_at is None
+            if run.state is RunState.EXPIRED:
+                assert task.expires_at is not None
+                assert task.expires_at <= self.clock.now
+            if run.terminal:
+                # terminal runs never change afterwards
+                assert self.frozen.setdefault(key, run) == run
+                assert run.finished_at is not None
+        # one command in flight per device, within the global cap, and every dispatched
+        # run is really in flight in this process (a dead one's were recovered)
+        assert len(dispatched) == len(set(dispatched))
+        assert set(dispatched) == set(self.runner.loop.in_flight)
+        assert len(dispatched) <= MAX_IN_FLIGHT
+        assert self.peak_busy <= MAX_IN_FLIGHT
+        assert ex.busy == set(dispatched)
+        for key in self.frozen:
+            assert key in self.store.runs
+
+    # ---------------------------------------------------------------- the end
+
+    def finish(self) -> None:
+        """Every device online and healthy, time far past every wait: all runs end."""
+        self.release.set()
+        for node in NODES:
+            self.behaviour[node] = "ok"
+            self.executor.set_online(node)
+        for _ in range(3):
+            self.clock.advance(10_000)
+            self.run(self.runner.run_until_idle())
+            self.check()
+        runs = self.store.runs.values()
+        assert [r for r in runs if not r.terminal] == []
+        for state in sorted({r.state for r in runs}):
+            event(f"a run ended {state}")
+        for key, run in self.store.runs.items():
+            if run.state is RunState.SUCCEEDED:
+                assert key in {r.key for r in self.executor.executions}
+        self.run(self.runner.__aexit__(None, None, None))
+        self.gr = None
+
+    def teardown(self) -> None:
+        try:
+            if not self.broken and self.gr is not None:
+                self.finish()
+        finally:
+            if self.gr is not None:
+                self.run(self.gr.crash())
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()
+
+
+GhostRunnerMachine.TestCase.settings = settings(
+    max_examples=100,
+    stateful_step_count=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestGhostRunnerMachine = GhostRunnerMachine.TestCase

@@ -504,7 +504,10 @@ class MeshCentralExecutor:
             raise PermanentError(f"shell {shell.value!r} needs a Windows agent")
         if shell is Shell.SH and node.device.agent_kind is AgentKind.WINDOWS:
             raise PermanentError("shell 'sh' is not available on a Windows agent")
-        wrapped = wrap_command(request.command, shell.value, timeout=request.timeout)
+        wrapped = wrap_command(
+            request.command, shell.value, timeout=request.timeout,
+            output_limit=self.output_limit,
+        )
         dispatch = _Dispatch(
             node_id=request.node_id,
             wrapped=wrapped,
@@ -586,7 +589,7 @@ class MeshCentralExecutor:
         return Outcome(
             exit_code=None if parsed.timed_out else parsed.exit_code,
             output=output,
-            output_truncated=cut,
+            output_truncated=cut or parsed.truncated,
             timed_out=parsed.timed_out,
             started_at=started_at,
             finished_at=utcnow(),

@@ -14,7 +14,7 @@ derived from the command).  The script prints, in this order::
 
     <newline>GR_BEGIN_<marker><newline>
     ... the command's own output (stdout and stderr, byte for byte) ...
-    <newline>GR_END_<marker> rc=<integer> timeout=<0|1><newline>
+    <newline>GR_END_<marker> rc=<integer> timeout=<0|1>[ cut=<bytes>]<newline>
 
 ``<newline>`` is ``\\n`` for ``sh`` and ``\\r\\n`` for ``cmd``/``powershell``.  The
 newline *before* ``GR_END`` is always printed by the wrapper, so the END line starts
@@ -185,6 +185,7 @@ class ParsedResult:
     ``exit_code``: the command's own exit status; ``None`` unless completed and not
     timed out.  ``timed_out``: the device-side timeout fired and killed the command.
     ``output``: the command's own output, wrapper lines removed, otherwise untouched.
+    ``truncated``: the device kept only the head and tail of a longer output (``sh``).
     Not started: the whole raw text (for diagnostics).  Started but not completed:
     everything after the BEGIN line.
     """
@@ -194,6 +195,7 @@ class ParsedResult:
     exit_code: int | None
     timed_out: bool
     output: str
+    truncated: bool = False
 
 
 def _shell_name(shell: object) -> str:
@@ -253,6 +255,12 @@ gr_u=@RUNNER@
 gr_sh=@SH@
 gr_t=@TIMEOUT@
 gr_k=@KILL_AFTER@
+if gr_f=$(mktemp 2>/dev/null) && [ -n "$gr_f" ]; then
+  exec 7>"$gr_f" 8>&7
+else
+  gr_f=
+  exec 7>&1 8>&2
+fi
 printf '\\nGR_BEGIN_%s\\n' "$gr_m"
 { gr_r=$(
 exec 2>/dev/null
@@ -320,7 +328,22 @@ else
   wait "$gr_w"
 fi
 echo "gr_T=$gr_e;"
-); } 4>&1 5>&2
+); } 4>&7 5>&8 7>&- 8>&-
+exec 7>&- 8>&-
+gr_cut=0
+if [ -n "$gr_f" ]; then
+  gr_n=$(wc -c <"$gr_f" | tr -d ' \t')
+  case $gr_n in ''|*[!0-9]*) gr_n=0 ;; esac
+  if [ "$gr_n" -le @LIMIT@ ]; then
+    cat "$gr_f"
+  else
+    gr_cut=$((gr_n - @HALF@ - @HALF@))
+    head -c @HALF@ "$gr_f"
+    printf '\\n[... %s bytes cut on the device by GhostRunner ...]\\n' "$gr_cut"
+    tail -c @HALF@ "$gr_f"
+  fi
+  rm -f "$gr_f"
+fi
 gr_s=
 gr_e=
 gr_to=0
@@ -333,14 +356,19 @@ else
 fi
 case $gr_e in
   ''|*[!0-9]*) printf '\\nghostrunner: could not determine the exit status\\n' ;;
-  *) printf '\\nGR_END_%s rc=%s timeout=%s\\n' "$gr_m" "$gr_e" "$gr_to" ;;
+  *) printf '\\nGR_END_%s rc=%s timeout=%s cut=%s\\n' "$gr_m" "$gr_e" "$gr_to" "$gr_cut" ;;
 esac
 }
 """
 
 
-def _wrap_sh(command: str, marker: str, timeout: float, kill_after: float, sh_path: str) -> str:
+def _wrap_sh(
+    command: str, marker: str, timeout: float, kill_after: float, sh_path: str,
+    output_limit: int,
+) -> str:
     fields = {
+        "@LIMIT@": str(output_limit),
+        "@HALF@": str(output_limit // 2),
         # only when needed: it costs a fork
         "@CR@": "gr_cr=$(printf '\\015')\n" if "\r" in command else "",
         "@MARKER@": _sh_word(marker),
@@ -447,6 +475,7 @@ def wrap_command(
     timeout: float,
     marker: str | None = None,
     kill_after: float = 5.0,
+    output_limit: int = 64 * 1024,
     _sh_path: str = "/bin/sh",
 ) -> WrappedCommand:
     """Wrap ``command`` for ``shell`` (``"sh"``, ``"cmd"`` or ``"powershell"``).
@@ -471,7 +500,11 @@ def wrap_command(
     elif not _MARKER_RE.fullmatch(marker):
         raise ValueError("marker must be 16-128 ASCII letters and digits")
     if name == "sh":
-        script = _wrap_sh(command, marker, timeout, kill_after, _sh_path)
+        if isinstance(output_limit, bool) or not isinstance(output_limit, int) or (
+            output_limit < 2
+        ):
+            raise ValueError("output_limit must be an integer of at least 2 bytes")
+        script = _wrap_sh(command, marker, timeout, kill_after, _sh_path, output_limit)
     else:
         script = _wrap_windows(command, name, marker, timeout)
     return WrappedCommand(script=script, mesh_type=_MESH_TYPE[name], marker=marker, shell=name)
@@ -503,7 +536,7 @@ def parse_result(wrapped: WrappedCommand, raw: str) -> ParsedResult:
         re.escape(begin.group(1))
         + _END
         + re.escape(wrapped.marker)
-        + r" rc=(-?[0-9]{1,10}) timeout=([01])(?=\r?\n|\Z)"
+        + r" rc=(-?[0-9]{1,10}) timeout=([01])(?: cut=([0-9]{1,20}))?(?=\r?\n|\Z)"
     )
     ends = list(end_re.finditer(body))
     if not ends:
@@ -518,4 +551,5 @@ def parse_result(wrapped: WrappedCommand, raw: str) -> ParsedResult:
         exit_code=None if timed_out else int(last.group(1)),
         timed_out=timed_out,
         output=body[: last.start()],
+        truncated=int(last.group(3) or 0) > 0,
     )

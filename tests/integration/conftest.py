@@ -28,11 +28,7 @@ from ghostrunner.lab import Agent, MeshLab
 
 _HERE = Path(__file__).parent
 _log = logging.getLogger("ghostrunner.lab")
-_UNCLOSED = (
-    "<function _SelectorTransport.__del__",
-    "<function _SSLProtocolTransport.__del__",
-    "<socket.socket ",
-)
+
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -46,13 +42,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.path.is_relative_to(_HERE):
             item.add_marker(pytest.mark.integration)
-            # libmeshctrl/websockets drop the socket of a connection that died under
-            # them (MeshCentral restarted) without closing it; asyncio reports that
-            # from __del__. Only these exact reports are tolerated.
-            for where in _UNCLOSED:
-                item.add_marker(pytest.mark.filterwarnings(
-                    f"ignore:Exception ignored in. {where}:pytest.PytestUnraisableExceptionWarning"
-                ))
+
 
 
 class AgentFactory(Protocol):

@@ -423,7 +423,10 @@ def results(envs: dict[str, Env | str]) -> Iterator[Results]:
         if isinstance(env, str):
             functional[env_id, name] = env
             continue
-        wrapped = wrap_command(command, "sh", timeout=watchdog_seconds, _sh_path=env.shell.path)
+        wrapped = wrap_command(
+            command, "sh", timeout=watchdog_seconds, _sh_path=env.shell.path,
+            output_limit=1 << 30,  # exactness of big outputs; capping is tested apart
+        )
         functional[env_id, name] = pool.submit(run_like_agent, wrapped, env)
     for env_id in FORGED_ENVS:
         env = envs[env_id]
@@ -984,3 +987,34 @@ def test_markers_are_random_and_kept_out_of_repr(shell: str) -> None:
     assert first.marker not in repr(first)
     assert f"GR_BEGIN_{first.marker}" not in first.script
     assert f"GR_END_{first.marker}" not in first.script
+
+
+def test_sh_caps_big_output_on_the_device_keeping_head_and_tail(tmp_path: Path) -> None:
+    """A 3 MB output never leaves the device whole: the wrapper keeps the first and
+    last output_limit/2 bytes, says how much it cut, and reports the exact exit code."""
+    command = (
+        "echo FIRST; head -c 3000000 /dev/zero | tr '\\0' x; echo; echo LAST >&2; exit 4"
+    )
+    wrapped = wrap_command(command, "sh", timeout=30, output_limit=1000)
+    done = subprocess.run(
+        ["/bin/sh"], input=wrapped.script + "\nexit\n", capture_output=True, text=True,
+        timeout=60, env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    raw = done.stdout + done.stderr
+    assert len(raw) < 2000
+    parsed = parse_result(wrapped, raw)
+    assert parsed.exit_code == 4
+    assert parsed.truncated is True
+    assert parsed.output.startswith("FIRST\n" + "x" * 494)
+    assert parsed.output.endswith("x" * 494 + "\nLAST\n")
+    total = len("FIRST\n") + 3_000_000 + len("\nLAST\n")
+    assert f"[... {total - 1000} bytes cut on the device by GhostRunner ...]" in parsed.output
+    assert list(tmp_path.iterdir()) == []  # the capture file is gone
+
+
+def test_sh_small_output_is_not_marked_truncated() -> None:
+    wrapped = wrap_command("printf abc", "sh", timeout=30, output_limit=3)
+    done = subprocess.run(["/bin/sh"], input=wrapped.script + "\nexit\n",
+                          capture_output=True, text=True, timeout=60)
+    parsed = parse_result(wrapped, done.stdout + done.stderr)
+    assert (parsed.output, parsed.truncated, parsed.exit_code) == ("abc", False, 0)

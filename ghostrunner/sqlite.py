@@ -104,6 +104,7 @@ from ._types import (
     TaskStatus,
     TaskSummary,
     Token,
+    trusted,
 )
 
 __all__ = ["SQLiteStore"]
@@ -374,7 +375,8 @@ WHERE r.state = 'dispatched' ORDER BY r.task_seq, r.position
 
 def _run(task_id: str, node_id: str, row: Sequence[Any]) -> Run:
     """A Run from ``row``: the columns of :data:`_RUN_COLS`."""
-    return Run(
+    return trusted(
+        Run,
         task_id=task_id,
         node_id=node_id,
         state=RunState(row[0]),
@@ -394,7 +396,8 @@ def _run(task_id: str, node_id: str, row: Sequence[Any]) -> Run:
 
 def _task(row: Sequence[Any]) -> Task:
     """A Task from ``row``: the columns of :data:`_TASK_COLS` (seq first)."""
-    return Task(
+    return trusted(
+        Task,
         id=row[1],
         name=row[2],
         command=row[3],

@@ -31,6 +31,7 @@ import contextlib
 import json
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -151,6 +152,11 @@ class MeshCentralExecutor:
         self._console_verified = False
         self.sessions_started = 0
         self.last_error: str | None = None
+        # diagnostics (monotonic seconds), read by benchmarks and operators
+        self.ready_at: dict[str, float] = {}
+        """When each device last became ready (its devicesessions event, or fallback)."""
+        self.sent_at: dict[str, float] = {}
+        """When the last command to each device was handed to the session."""
 
     def __repr__(self) -> str:
         return (
@@ -474,6 +480,8 @@ class MeshCentralExecutor:
             return
         node.ready = ready
         node.device = attrs.evolve(node.device, online=ready)
+        if ready:
+            self.ready_at[node.device.node_id] = time.monotonic()
         if emit:
             kind = EventKind.ONLINE if ready else EventKind.OFFLINE
             self._emit(DeviceEvent(kind=kind, node_id=node.device.node_id))
@@ -529,6 +537,7 @@ class MeshCentralExecutor:
             # libmeshctrl has no public "send with my response id, don't wait" call; its
             # outgoing queue is the one place every message goes through.
             await session._message_queue.put(json.dumps(message))
+            self.sent_at[request.node_id] = time.monotonic()
             reply = await self._await_reply(dispatch, request.timeout)
         finally:
             self._by_response.pop(dispatch.responseid, None)

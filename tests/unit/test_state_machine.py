@@ -55,6 +55,16 @@ BEHAVIOURS = st.sampled_from(
 )
 
 
+# what an operator may submit
+SUBMIT: dict[str, st.SearchStrategy[Any]] = {
+    "nodes": st.lists(st.sampled_from(NODES), min_size=1, max_size=len(NODES), unique=True),
+    "delivery": st.sampled_from(list(Delivery)),
+    "max_attempts": st.integers(1, 3),
+    "not_before_in": st.none() | st.integers(0, 30),
+    "expires_in": st.none() | st.integers(1, 60),
+}
+
+
 class GhostRunnerMachine(RuleBasedStateMachine):
     tasks = Bundle("tasks")
 
@@ -155,28 +165,27 @@ class GhostRunnerMachine(RuleBasedStateMachine):
 
     # ---------------------------------------------------------------- rules
 
-    SUBMIT = {  # noqa: RUF012 (strategies for the submit rules' arguments)
-        "nodes": st.lists(st.sampled_from(NODES), min_size=1, max_size=len(NODES), unique=True),
-        "delivery": st.sampled_from(list(Delivery)),
-        "max_attempts": st.integers(1, 3),
-        "not_before_in": st.none() | st.integers(0, 30),
-        "expires_in": st.none() | st.integers(1, 60),
-    }
-
     @initialize(
         target=tasks,
         online=st.sets(st.sampled_from(NODES)),
         behaviours=st.lists(BEHAVIOURS, min_size=len(NODES), max_size=len(NODES)),
-        **SUBMIT,
+        task=st.fixed_dictionaries(SUBMIT),
     )
-    def boot(self, online: set[str], behaviours: list[str], **first_task: Any) -> str:
+    def boot(self, online: set[str], behaviours: list[str], task: dict[str, Any]) -> str:
         for node in online:
             self.executor.set_online(node)
         self.behaviour = dict(zip(NODES, behaviours, strict=True))
         self.gr = self.start()
-        return self.submit(**first_task)
+        return self.queue(**task)
 
-    @rule(target=tasks, **SUBMIT)
+    @rule(
+        target=tasks,
+        nodes=SUBMIT["nodes"],
+        delivery=SUBMIT["delivery"],
+        max_attempts=SUBMIT["max_attempts"],
+        not_before_in=SUBMIT["not_before_in"],
+        expires_in=SUBMIT["expires_in"],
+    )
     def submit(
         self,
         nodes: list[str],
@@ -185,6 +194,17 @@ class GhostRunnerMachine(RuleBasedStateMachine):
         not_before_in: int | None,
         expires_in: int | None,
     ) -> str:
+        return self.queue(nodes, delivery, max_attempts, not_before_in, expires_in)
+
+    def queue(
+        self,
+        nodes: list[str],
+        delivery: Delivery,
+        max_attempts: int,
+        not_before_in: int | None,
+        expires_in: int | None,
+    ) -> str:
+        """Submit a task through GhostRunner; ``*_in`` are seconds from now."""
         now = self.clock.now
         not_before = None if not_before_in is None else now + timedelta(seconds=not_before_in)
         expires_at = None
@@ -218,7 +238,7 @@ class GhostRunnerMachine(RuleBasedStateMachine):
         its handler hanging in flight."""
         self.behaviour[node] = "hang"
         self.executor.set_online(node)
-        task_id = self.submit([node], delivery, max_attempts, None, None)
+        task_id = self.queue([node], delivery, max_attempts, None, None)
         with self.guard():
             self.run(self.settle())
         return task_id

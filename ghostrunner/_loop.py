@@ -74,6 +74,15 @@ class LoopSettings:
         if value < 1:
             raise ValueError("max_in_flight must be at least 1")
 
+    def __attrs_post_init__(self) -> None:
+        for name in ("resync_interval", "retry_base", "retry_cap", "dispatch_grace"):
+            if not getattr(self, name) > 0:  # also refuses NaN
+                raise ValueError(f"{name} must be a positive number of seconds")
+        if not (self.shutdown_grace >= 0 and self.coalesce >= 0):
+            raise ValueError("shutdown_grace and coalesce must not be negative")
+        if self.output_limit < 2:
+            raise ValueError("output_limit must be at least 2 characters")
+
 
 class Reconciler:
     """Matches pending runs to online devices and records what happens.

@@ -78,7 +78,9 @@ def show_run(label: str, run: Run) -> None:
 
 async def watch(gr: GhostRunner, tasks: Sequence[Task], timeout: float) -> list[Run]:
     """Print every state change of the tasks' runs until all are terminal."""
-    seen: dict[tuple[str, str], RunState] = {}
+    seen: dict[tuple[str, str], RunState] = {
+        (r.task_id, r.node_id): r.state for t in tasks for r in await gr.runs(t.id)
+    }
     deadline = time.monotonic() + timeout
     while True:
         runs: list[Run] = []

@@ -23,6 +23,7 @@ from ._errors import (
     StoreError,
     ValidationError,
 )
+from ._fanout import EventFanout
 from ._loop import LoopSettings, Reconciler
 from ._output import cap_output
 from ._protocols import Executor, Store
@@ -60,6 +61,7 @@ __all__ = [
     "Delivery",
     "Device",
     "DeviceEvent",
+    "EventFanout",
     "EventKind",
     "Executor",
     "ExecutorError",

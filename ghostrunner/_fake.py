@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 import attrs
 
 from ._errors import NotDelivered, PermanentError
+from ._fanout import EventFanout
 from ._types import AgentKind, Device, DeviceEvent, EventKind, Outcome, RunRequest
 
 __all__ = ["FakeExecutor", "Handler"]
@@ -51,7 +52,7 @@ class FakeExecutor:
         self.handler: Handler = handler or _succeed
         self.latency = latency
         self._devices: dict[str, Device] = {}
-        self._subscribers: list[asyncio.Queue[DeviceEvent | None]] = []
+        self._fanout = EventFanout()
         self.calls: list[RunRequest] = []
         self.executions: list[RunRequest] = []
         self.offline_calls: list[RunRequest] = []
@@ -100,8 +101,10 @@ class FakeExecutor:
         self.overlaps.clear()
 
     def _emit(self, event: DeviceEvent | None) -> None:
-        for queue in self._subscribers:
-            queue.put_nowait(event)
+        if event is None:
+            self._fanout.close()
+        else:
+            self._fanout.publish(event)
 
     # ---------------------------------------------------------------- Executor
 
@@ -115,17 +118,8 @@ class FakeExecutor:
     def devices(self) -> Mapping[str, Device]:
         return dict(self._devices)
 
-    async def events(self) -> AsyncIterator[DeviceEvent]:
-        queue: asyncio.Queue[DeviceEvent | None] = asyncio.Queue()
-        self._subscribers.append(queue)
-        try:
-            while True:
-                event = await queue.get()
-                if event is None:
-                    return
-                yield event
-        finally:
-            self._subscribers.remove(queue)
+    def events(self) -> AsyncIterator[DeviceEvent]:
+        return self._fanout.subscribe()
 
     async def run(self, request: RunRequest) -> Outcome:
         self.calls.append(request)

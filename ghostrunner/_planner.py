@@ -31,7 +31,8 @@ def plan_dispatches(
     ready run in submission order). A run is chosen only if it is pending, available and
     unexpired at ``now``, its device is online and has nothing in flight (agents have a
     single command slot), and at most one per device; then those available longest first
-    (ties: oldest queued), up to ``slots`` (the global cap on commands in flight minus those already in flight).
+    (ties: oldest queued), up to ``slots`` (the global cap on commands in flight minus
+    those already in flight).
     """
     if slots <= 0:
         return []

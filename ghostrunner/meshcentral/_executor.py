@@ -38,6 +38,7 @@ from typing import Any
 import attrs
 
 from .._errors import NotDelivered, OutcomeUnknown, PermanentError
+from .._fanout import EventFanout
 from .._output import DEFAULT_OUTPUT_LIMIT, cap_output
 from .._types import (
     AgentKind,
@@ -145,7 +146,7 @@ class MeshCentralExecutor:
         self._nodes: dict[str, _Node] = {}
         self._by_response: dict[str, _Dispatch] = {}
         self._by_node: dict[str, _Dispatch] = {}
-        self._subscribers: list[asyncio.Queue[DeviceEvent | None]] = []
+        self._fanout = EventFanout()
         self._session: Any = None
         self._connected = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
@@ -203,21 +204,14 @@ class MeshCentralExecutor:
     def devices(self) -> Mapping[str, Device]:
         return {node_id: n.device for node_id, n in self._nodes.items()}
 
-    async def events(self) -> AsyncIterator[DeviceEvent]:
-        queue: asyncio.Queue[DeviceEvent | None] = asyncio.Queue()
-        self._subscribers.append(queue)
-        try:
-            while True:
-                event = await queue.get()
-                if event is None:
-                    return
-                yield event
-        finally:
-            self._subscribers.remove(queue)
+    def events(self) -> AsyncIterator[DeviceEvent]:
+        return self._fanout.subscribe()
 
     def _emit(self, event: DeviceEvent | None) -> None:
-        for queue in self._subscribers:
-            queue.put_nowait(event)
+        if event is None:
+            self._fanout.close()
+        else:
+            self._fanout.publish(event)
 
     # ---------------------------------------------------------------- session supervision
 

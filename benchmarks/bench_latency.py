@@ -35,7 +35,7 @@ from ghostrunner.testing import InMemoryStore  # noqa: E402
 
 def p95(values: list[float]) -> float:
     ordered = sorted(values)
-    return ordered[max(0, int(round(0.95 * len(ordered))) - 1)]
+    return ordered[max(0, round(0.95 * len(ordered)) - 1)]
 
 
 async def cycles(lab: MeshLab, n: int, folder: Path) -> tuple[list[float], list[float]]:

@@ -112,6 +112,7 @@ class Reconciler:
         self._aborted = False
         self._stopping = False
         self.passes = 0
+        self._rng = random.Random()  # never the global one: it may be the user's
 
     # ---------------------------------------------------------------- public
 
@@ -161,7 +162,7 @@ class Reconciler:
         # Ask only for as many runs as there are slots; starting the device order at a
         # random place keeps that fair when more devices have work than there are slots.
         order = list(free)
-        cut = random.randrange(len(order))
+        cut = self._rng.randrange(len(order))
         order = order[cut:] + order[:cut]
         candidates = await self.store.next_pending(order, now, limit=slots)
         chosen = plan_dispatches(

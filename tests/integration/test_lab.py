@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import ssl
+import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -171,4 +172,8 @@ def test_close_leaves_no_process(tmp_path: Path) -> None:
     assert not agent.running
     assert not any(_group_alive(pgid) for pgid in groups if pgid is not None)
     assert _processes_under(lab.root) == []
+    # the kernel may hold the listening socket a moment after its process is gone
+    deadline = time.monotonic() + 5
+    while _listening_addresses(lab.port) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert _listening_addresses(lab.port) == set()

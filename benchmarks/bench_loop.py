@@ -33,6 +33,7 @@ from ghostrunner import GhostRunner, LoopSettings, RunState, SQLiteStore, Task  
 from ghostrunner.testing import FakeExecutor  # noqa: E402
 
 NOW = datetime(2025, 1, 1, tzinfo=UTC)
+SYNC = os.environ.get("BENCH_SYNC", "FULL")
 
 
 def rss_mb() -> float:
@@ -64,7 +65,7 @@ async def storm(n: int, folder: Path) -> bool:
 
     executor = FakeExecutor(devices=nodes)
     settings = LoopSettings(resync_interval=5.0)
-    async with GhostRunner(store=SQLiteStore(path), executor=executor, settings=settings) as gr:
+    async with GhostRunner(store=SQLiteStore(path, synchronous=SYNC), executor=executor, settings=settings) as gr:
 
         async def all_done() -> bool:
             return (await gr.counts()).get(RunState.SUCCEEDED, 0) == n

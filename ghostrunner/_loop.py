@@ -24,9 +24,10 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections import OrderedDict
-from collections.abc import Callable
-from datetime import datetime
+from collections.abc import Callable, Collection, Sequence
+from datetime import UTC, datetime
 
 import attrs
 
@@ -39,6 +40,8 @@ from ._types import Outcome, Run, RunRequest, RunState, Task, utcnow
 __all__ = ["LoopSettings", "Reconciler"]
 
 log = logging.getLogger("ghostrunner.loop")
+
+_NEVER = datetime.max.replace(tzinfo=UTC)
 
 
 @attrs.frozen(kw_only=True)
@@ -109,6 +112,12 @@ class Reconciler:
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         self._tasks: OrderedDict[str, Task] = OrderedDict()
         self._step_lock = asyncio.Lock()  # passes never interleave (one planner at a time)
+        # Devices known to have no ready run, so passes skip them: a hint, never the
+        # truth. Valid until the store's next due time (a backoff ends, a not_before
+        # comes), a submit or release names the device, or resync_interval passes.
+        self._idle: set[str] = set()
+        self._idle_until: datetime | None = None
+        self._idle_reset_at = 0.0
         self._aborted = False
         self._stopping = False
         self.passes = 0
@@ -116,8 +125,13 @@ class Reconciler:
 
     # ---------------------------------------------------------------- public
 
-    def wake(self) -> None:
-        """Ask for a pass soon (a task was submitted, a device came online...)."""
+    def wake(self, node_ids: Collection[str] = (), due: datetime | None = None) -> None:
+        """Ask for a pass soon (a task was submitted, a device came online...).
+        ``node_ids``: devices that may have new work (a submitted task's targets);
+        ``due``: when that work becomes ready, if later (its ``not_before``)."""
+        self._idle.difference_update(node_ids)
+        if due is not None and self._idle_until is not None and due < self._idle_until:
+            self._idle_until = due
         self._wake.set()
 
     @property
@@ -155,7 +169,8 @@ class Reconciler:
         if self._stopping:
             return 0
         online = {node for node, dev in self.executor.devices().items() if dev.online}
-        free = online.difference(self._in_flight)
+        await self._refresh_idle(now)
+        free = online.difference(self._in_flight, self._idle)
         slots = self.settings.max_in_flight - len(self._in_flight)
         if not free or slots <= 0:
             return 0
@@ -164,7 +179,18 @@ class Reconciler:
         order = list(free)
         cut = self._rng.randrange(len(order))
         order = order[cut:] + order[:cut]
-        candidates = await self.store.next_pending(order, now, limit=slots)
+        # in chunks: a query's cost grows with the devices it names, and most online
+        # devices usually have nothing to do (those found so are skipped next time)
+        candidates: list[Run] = []
+        chunk = max(256, 2 * slots)
+        for start in range(0, len(order), chunk):
+            part = order[start : start + chunk]
+            want = slots - len(candidates)
+            found = await self.store.next_pending(part, now, limit=want)
+            self._note_idle(part, found, want)
+            candidates.extend(found)
+            if len(candidates) >= slots:
+                break
         chosen = plan_dispatches(
             candidates, online=online, busy=self._in_flight.keys(), slots=slots, now=now
         )
@@ -278,13 +304,32 @@ class Reconciler:
             return False
         return True
 
+    async def _refresh_idle(self, now: datetime) -> None:
+        if (
+            self._idle_until is None
+            or now >= self._idle_until
+            or time.monotonic() >= self._idle_reset_at
+        ):
+            self._idle.clear()
+            due = await self.store.next_wakeup(now)
+            self._idle_until = due or _NEVER
+            self._idle_reset_at = time.monotonic() + self.settings.resync_interval
+
+    def _note_idle(self, order: list[str], candidates: Sequence[Run], limit: int) -> None:
+        """Remember the devices the store looked at and found nothing ready for (it
+        answers in ``order`` and stops at ``limit``)."""
+        examined: Sequence[str] = order
+        if len(candidates) >= limit:
+            examined = order[: order.index(candidates[-1].node_id) + 1]
+        returned = {run.node_id for run in candidates}
+        self._idle.update(node for node in examined if node not in returned)
+
     async def _idle_delay(self) -> float:
+        # _idle_until is the store's next due time as of the last refresh, lowered by
+        # every release and submit since: the next moment time alone can make work
         delay = self.settings.resync_interval
-        try:
-            due = await self.store.next_wakeup(self.clock())
-        except GhostRunnerError:
-            return delay
-        if due is not None:
+        due = self._idle_until
+        if due is not None and due != _NEVER:
             delay = min(delay, max(0.0, (due - self.clock()).total_seconds()))
         return delay
 
@@ -358,6 +403,9 @@ class Reconciler:
     async def _apply(self, run: Run, decision: Decision, now: datetime) -> None:
         if decision.state is RunState.PENDING:
             assert decision.available_at is not None
+            self._idle.discard(run.node_id)
+            if self._idle_until is not None and decision.available_at < self._idle_until:
+                self._idle_until = decision.available_at
             await self.store.release(
                 run.key,
                 now,

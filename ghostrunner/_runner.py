@@ -141,7 +141,7 @@ class GhostRunner:
         elif fields:
             raise TypeError("pass a Task or keyword fields, not both")
         await self.store.add_task(task, self.clock())
-        self.loop.wake()
+        self.loop.wake(task.targets, due=task.not_before)
         self._notify()
         return task
 

@@ -63,7 +63,7 @@ class LoopSettings:
             whose claims and results a batching store commits together.
     """
 
-    max_in_flight: int = attrs.field(default=128)
+    max_in_flight: int = attrs.field(default=256)
     resync_interval: float = 5.0
     retry_base: float = 1.0
     retry_cap: float = 60.0

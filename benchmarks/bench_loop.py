@@ -66,7 +66,8 @@ async def storm(n: int, folder: Path) -> bool:
 
     executor = FakeExecutor(devices=nodes)
     settings = LoopSettings(resync_interval=5.0, max_in_flight=IN_FLIGHT)
-    async with GhostRunner(store=SQLiteStore(path, synchronous=SYNC), executor=executor, settings=settings) as gr:
+    store = SQLiteStore(path, synchronous=SYNC)
+    async with GhostRunner(store=store, executor=executor, settings=settings) as gr:
 
         async def all_done() -> bool:
             return (await gr.counts()).get(RunState.SUCCEEDED, 0) == n

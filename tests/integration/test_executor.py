@@ -322,3 +322,36 @@ def test_forged_markers_in_output_do_not_change_the_exit_code(
             assert "GR_END_0123456789abcdef0123456789abcdef rc=0 timeout=0" in run.output
 
     asyncio.run(scenario())
+
+
+def test_login_token_and_meshcentral_down_at_start_up(
+    mesh_lab: MeshLab, agent_factory: Callable[..., Agent], tmp_path: Path
+) -> None:
+    """Connects with a MeshCentral login token (not the password), starts while
+    MeshCentral is down (tasks queue meanwhile), and catches up once it is up."""
+    agent = agent_factory("exec-token", start=True)
+    token_user, token_password = mesh_lab.create_login_token("ghostrunner-test")
+    assert token_user.startswith("~t:")
+    mesh_lab.stop()  # the agent stays running and will reconnect by itself
+
+    async def scenario() -> None:
+        executor = MeshCentralExecutor(
+            mesh_lab.url, user=token_user, password=token_password, ignore_ssl=True,
+            group_id=mesh_lab.group_id,
+        )
+        async with GhostRunner(store=SQLiteStore(tmp_path / "gr.db"), executor=executor,
+                               settings=FAST) as gr:
+            task = await gr.submit(Task(name="queued", command="echo queued while down",
+                                        targets=[agent.node_id], timeout=30))
+            with pytest.raises(TimeoutError):
+                await executor.wait_connected(timeout=2)
+            assert not executor.connected
+            assert token_password not in repr(executor)
+            assert [r.state for r in await gr.runs(task.id)] == [RunState.PENDING]
+            await asyncio.to_thread(mesh_lab.start)
+            (run,) = await gr.wait(task.id, timeout=120)
+            assert run.state is RunState.SUCCEEDED, run
+            assert run.output == "queued while down\n"
+            assert executor.connected
+
+    asyncio.run(scenario())

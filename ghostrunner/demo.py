@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import shutil
@@ -81,21 +80,21 @@ async def watch(gr: GhostRunner, tasks: Sequence[Task], timeout: float) -> list[
     seen: dict[tuple[str, str], RunState] = {
         (r.task_id, r.node_id): r.state for t in tasks for r in await gr.runs(t.id)
     }
-    deadline = time.monotonic() + timeout
-    while True:
-        runs: list[Run] = []
-        for task in tasks:
-            for run in await gr.runs(task.id):
-                runs.append(run)
-                if seen.get((run.task_id, run.node_id)) is not run.state:
-                    seen[(run.task_id, run.node_id)] = run.state
-                    show_run(task.name, run)
-        if all(r.terminal for r in runs):
-            return runs
-        if time.monotonic() > deadline:
-            raise TimeoutError("the runs did not finish in time")
-        with contextlib.suppress(TimeoutError):
-            await gr.wait(tasks[-1].id, timeout=0.05)
+    names = {t.id: t.name for t in tasks}
+    runs: list[Run] = []
+
+    async def changed() -> bool:
+        # re-checked by GhostRunner after each change it makes: no polling
+        nonlocal runs
+        runs = [r for t in tasks for r in await gr.runs(t.id)]
+        fresh = [r for r in runs if seen[(r.task_id, r.node_id)] is not r.state]
+        for run in fresh:
+            seen[(run.task_id, run.node_id)] = run.state
+            show_run(names[run.task_id], run)
+        return all(r.terminal for r in runs)
+
+    await gr.wait_until(changed, timeout=timeout)
+    return runs
 
 
 async def main_async(root: Path) -> int:

@@ -127,6 +127,13 @@ def states(runs: Any) -> list[RunState]:
 # --------------------------------------------------------------------------- basics
 
 
+async def crash_mid_flight(gr: GhostRunner, gate: Gate) -> None:
+    """Run the loop until the gate holds one command in flight, then crash it."""
+    idle = asyncio.create_task(gr.run_until_idle())
+    await gate.wait_for(1)
+    await gr.crash()
+    await asyncio.wait_for(idle, LIMIT)
+
 def test_offline_device_stays_pending() -> None:
     env = Env()
 
@@ -623,10 +630,7 @@ def test_crash_while_in_flight_then_recovery(delivery: Delivery, after_restart: 
         gr = await env.gr.__aenter__()
         env.executor.set_online("a")
         task = await gr.submit(command="x", targets=["a"], delivery=delivery)
-        idle = asyncio.create_task(gr.run_until_idle())
-        await gate.wait_for(1)
-        await gr.crash()
-        await asyncio.wait_for(idle, LIMIT)
+        await crash_mid_flight(gr, gate)
         (r,) = await gr.runs(task.id)
         assert r.state is RunState.DISPATCHED  # nothing was written after the crash
         assert env.store.closed == 0
@@ -663,10 +667,7 @@ def test_crash_does_not_disturb_other_devices_runs() -> None:
         env.executor.set_online("a")
         held = await gr.submit(command="x", targets=["a"])
         waiting = await gr.submit(command="y", targets=["b"])
-        idle = asyncio.create_task(gr.run_until_idle())
-        await gate.wait_for(1)
-        await gr.crash()
-        await asyncio.wait_for(idle, LIMIT)
+        await crash_mid_flight(gr, gate)
         gate.release.set()
         env2 = env.restart()
         async with started(env2) as gr2:
@@ -1097,10 +1098,7 @@ def test_background_recovers_on_start_and_stops_cleanly() -> None:
         gr = await env.gr.__aenter__()
         env.executor.set_online("a")
         task = await gr.submit(command="x", targets=["a"], delivery="at_least_once")
-        idle = asyncio.create_task(gr.run_until_idle())
-        await gate.wait_for(1)
-        await gr.crash()
-        await asyncio.wait_for(idle, LIMIT)
+        await crash_mid_flight(gr, gate)
         gate.release.set()
 
         # a real clock this time: the retry backoff (10 ms) must pass by itself
@@ -1165,10 +1163,7 @@ def test_background_recovery_is_retried_until_it_succeeds() -> None:
         gr = await env.gr.__aenter__()
         env.executor.set_online("a")
         task = await gr.submit(command="x", targets=["a"])
-        idle = asyncio.create_task(gr.run_until_idle())
-        await gate.wait_for(1)
-        await gr.crash()
-        await asyncio.wait_for(idle, LIMIT)
+        await crash_mid_flight(gr, gate)
         gate.release.set()
 
         # the store fails the first time the restarted loop asks for stale runs

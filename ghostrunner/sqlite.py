@@ -486,6 +486,53 @@ def _task_row(task: Task) -> tuple[Any, ...]:
     )
 
 
+def _add_tasks(db: sqlite_utils.Database, rows: list[tuple[Any, ...]]) -> None:
+    """Insert tasks and their pending runs: ``rows`` are :func:`_task_row` tuples plus
+    (queued_at, available_at, expires_at, number of runs). A few statements over one
+    JSON document, however many tasks. Raises IntegrityError on a duplicate id."""
+    if len(rows) == 1:
+        try:
+            seq = db.execute(_INSERT_TASK, rows[0][:12]).lastrowid
+        except sqlite3.IntegrityError as exc:
+            raise Conflict(f"task {rows[0][0]} exists") from exc
+        queued, available, expires, n = rows[0][12:]
+        db.execute("INSERT INTO task_counts(task_seq, total, pending) VALUES (?, ?, ?)",
+                   (seq, n, n))
+        db.execute("UPDATE run_counts SET n = n + ? WHERE state = 'pending'", (n,))
+        db.execute("INSERT OR IGNORE INTO nodes(node_id) SELECT value FROM json_each(?)",
+                   (rows[0][3],))
+        db.execute(
+            "INSERT INTO runs(task_seq, node, position, state, queued_at, available_at, "
+            "expires_at) SELECT ?, n.nid, j.key, 'pending', ?, ?, ? FROM json_each(?) AS j "
+            "CROSS JOIN nodes AS n ON n.node_id = j.value",
+            (seq, queued, available, expires, rows[0][3]),
+        )
+        return
+    doc = json.dumps(rows, ensure_ascii=False)
+    cols = ", ".join(f"value ->> {i}" for i in range(12))
+    db.execute(f"{_INSERT_TASK.split(' VALUES')[0]} SELECT {cols} FROM json_each(?) ORDER BY key",
+               (doc,))
+    db.execute(
+        "INSERT INTO task_counts(task_seq, total, pending) SELECT t.seq, j.value ->> 15, "
+        "j.value ->> 15 FROM json_each(?) AS j CROSS JOIN tasks AS t ON t.id = j.value ->> 0",
+        (doc,),
+    )
+    db.execute("UPDATE run_counts SET n = n + ? WHERE state = 'pending'",
+               (sum(row[15] for row in rows),))
+    db.execute(
+        "INSERT OR IGNORE INTO nodes(node_id) SELECT g.value FROM json_each(?) AS j, "
+        "json_each(j.value ->> 3) AS g",
+        (doc,),
+    )
+    db.execute(
+        "INSERT INTO runs(task_seq, node, position, state, queued_at, available_at, "
+        "expires_at) SELECT t.seq, n.nid, g.key, 'pending', j.value ->> 12, j.value ->> 13, "
+        "j.value ->> 14 FROM json_each(?) AS j CROSS JOIN tasks AS t ON t.id = j.value ->> 0 "
+        "CROSS JOIN json_each(j.value ->> 3) AS g CROSS JOIN nodes AS n ON n.node_id = g.value",
+        (doc,),
+    )
+
+
 _INSERT_TASK = (
     "INSERT INTO tasks(id, name, command, targets, created_at, shell, run_as_user, timeout, "
     "not_before, expires_at, max_attempts, delivery) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
@@ -681,7 +728,7 @@ _Kind = Literal["read", "write", "exclusive"]
 class _Job:
     """One function for the worker, and where its result goes."""
 
-    __slots__ = ("done", "error", "fn", "future", "kind", "loop", "result")
+    __slots__ = ("bulk", "done", "error", "fn", "future", "kind", "loop", "result")
 
     def __init__(
         self,
@@ -689,11 +736,15 @@ class _Job:
         kind: _Kind,
         loop: asyncio.AbstractEventLoop,
         future: asyncio.Future[Any],
+        bulk: _Bulk | None = None,
     ) -> None:
         self.fn = fn
         self.kind = kind
         self.loop = loop
         self.future = future
+        # jobs of a batch with the same bulk function may run as one call of it:
+        # bulk[0](db, [their bulk[1]...]); alone (or if that fails), each runs fn
+        self.bulk = bulk
         self.result: Any = None
         self.error: BaseException | None = None
         self.done = False
@@ -707,6 +758,20 @@ class _Job:
 
     def fail(self, exc: BaseException) -> None:
         self.result, self.error, self.done = None, exc, True
+
+
+_Bulk = tuple[Callable[[sqlite_utils.Database, list[Any]], None], Any]
+
+
+def _bulk_group(jobs: list[_Job], start: int) -> list[_Job]:
+    """``jobs[start]`` and the jobs right after it that share its bulk function."""
+    first = jobs[start]
+    if first.bulk is None:
+        return [first]
+    end = start + 1
+    while end < len(jobs) and (b := jobs[end].bulk) is not None and b[0] is first.bulk[0]:
+        end += 1
+    return jobs[start:end]
 
 
 def _translated(call: Callable[[], _T]) -> _T:
@@ -940,21 +1005,35 @@ class _Worker:
         savepoints = len(jobs) > 1
         db.execute("BEGIN IMMEDIATE")
         started = 0  # the first job of the current transaction
-        for i, job in enumerate(jobs):
-            if savepoints and job.kind == "write":
-                db.execute("SAVEPOINT op")
-                job.run(db)
-                if job.error is None:
-                    db.execute("RELEASE op")
-                elif db.conn.in_transaction:
-                    db.execute("ROLLBACK TO op")
-                    db.execute("RELEASE op")
-            else:
-                job.run(db)
-            if job.error is not None and not db.conn.in_transaction:
-                _fail_all(jobs[started:i], "rolled back by a failure in the same batch", job.error)
-                started = i + 1
+        i = 0
+        while i < len(jobs):
+            job = jobs[i]
+            group = _bulk_group(jobs, i)
+            if len(group) > 1 and self._run_bulk(db, group):
+                i += len(group)
+                continue
+            if not db.conn.in_transaction:  # the failed bulk call lost the transaction
+                _fail_all(jobs[started:i], "rolled back by a failure in the same batch",
+                          StoreError("the transaction was rolled back"))
+                started = i
                 db.execute("BEGIN IMMEDIATE")
+            for job in group:  # one by one, each in its own savepoint
+                if savepoints and job.kind == "write":
+                    db.execute("SAVEPOINT op")
+                    job.run(db)
+                    if job.error is None:
+                        db.execute("RELEASE op")
+                    elif db.conn.in_transaction:
+                        db.execute("ROLLBACK TO op")
+                        db.execute("RELEASE op")
+                else:
+                    job.run(db)
+                i += 1
+                if job.error is not None and not db.conn.in_transaction:
+                    _fail_all(jobs[started:i - 1], "rolled back by a failure in the same batch",
+                              job.error)
+                    started = i
+                    db.execute("BEGIN IMMEDIATE")
         if not savepoints and jobs[0].error is not None:
             db.rollback()
             return
@@ -964,6 +1043,25 @@ class _Worker:
         except sqlite3.Error as exc:
             self._rollback(db)
             _fail_all(jobs[started:], "commit failed", exc)
+
+    @staticmethod
+    def _run_bulk(db: sqlite_utils.Database, group: list[_Job]) -> bool:
+        """Run ``group`` (jobs with the same bulk function) as one call of it, in a
+        savepoint. False if that failed: nothing of it is kept, the caller runs the jobs
+        one by one (so only the faulty one fails)."""
+        assert group[0].bulk is not None
+        db.execute("SAVEPOINT bulk")
+        try:
+            group[0].bulk[0](db, [job.bulk[1] for job in group if job.bulk is not None])
+        except Exception:
+            if db.conn.in_transaction:
+                db.execute("ROLLBACK TO bulk")
+                db.execute("RELEASE bulk")
+            return False
+        db.execute("RELEASE bulk")
+        for job in group:
+            job.done = True
+        return True
 
     @staticmethod
     def _rollback(db: sqlite_utils.Database) -> None:
@@ -1050,12 +1148,14 @@ class SQLiteStore:
         if worker is not None:
             await worker.stop()
 
-    async def _call(self, fn: Callable[[sqlite_utils.Database], _T], kind: _Kind) -> _T:
+    async def _call(
+        self, fn: Callable[[sqlite_utils.Database], _T], kind: _Kind, bulk: _Bulk | None = None
+    ) -> _T:
         worker = self._worker
         if worker is None:
             raise StoreError("the store is not open")
         loop = asyncio.get_running_loop()
-        job = _Job(fn, kind, loop, loop.create_future())
+        job = _Job(fn, kind, loop, loop.create_future(), bulk)
         worker.submit(job)
         return cast(_T, await job.future)
 
@@ -1070,36 +1170,15 @@ class SQLiteStore:
     async def add_task(self, task: Task, now: datetime) -> Sequence[Run]:
         runs = task.first_runs(now)
         row = _task_row(task)
-        params = {
-            "targets": row[3],
-            "queued": _ts(now),
-            "available": _ts(runs[0].available_at),
-            "expires": _tso(task.expires_at),
-            "n": len(runs),
-        }
+        extra = (_ts(now), _ts(runs[0].available_at), _tso(task.expires_at), len(runs))
 
         def op(db: sqlite_utils.Database) -> None:
-            try:
-                seq = db.execute(_INSERT_TASK, row).lastrowid
-            except sqlite3.IntegrityError as exc:
-                raise Conflict(f"task {task.id} exists") from exc
-            params["seq"] = seq
-            db.execute(
-                "INSERT INTO task_counts(task_seq, total, pending) VALUES (:seq, :n, :n)", params
-            )
-            db.execute("UPDATE run_counts SET n = n + :n WHERE state = 'pending'", params)
-            db.execute(
-                "INSERT OR IGNORE INTO nodes(node_id) SELECT value FROM json_each(:targets)",
-                params,
-            )
-            db.execute(
-                "INSERT INTO runs(task_seq, node, position, state, queued_at, available_at, "
-                "expires_at) SELECT :seq, n.nid, j.key, 'pending', :queued, :available, "
-                ":expires FROM json_each(:targets) AS j JOIN nodes AS n ON n.node_id = j.value",
-                params,
-            )
+            _add_tasks(db, [(*row, *extra)])
 
-        await self._write(op)
+        # tasks added concurrently are written with one set of statements (their jobs
+        # share the bulk function): per-statement costs and the worker's hold on the
+        # GIL are paid once per batch, not once per task
+        await self._call(op, "write", bulk=(_add_tasks, (*row, *extra)))
         return runs
 
     async def bulk_add_tasks(

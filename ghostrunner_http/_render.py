@@ -47,6 +47,10 @@ def timestamp(value: datetime | None) -> str | None:
 _STATES = tuple((state, state.value) for state in RunState)
 
 
+# one encoder: json.dumps(..., separators=...) would build a new one per answer
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
 class Envelope(Response):
     """The seed's InfoResponse: ``{"status": ..., "message": ..., "data": ...}``."""
 
@@ -55,9 +59,7 @@ class Envelope(Response):
     def render(self, content: Any) -> bytes:
         # ensure_ascii=False keeps output compact; "replace" makes a stray lone surrogate
         # (impossible from validated input, conceivable in device output) harmless
-        return json.dumps(
-            content, ensure_ascii=False, allow_nan=False, separators=(",", ":")
-        ).encode("utf-8", "replace")
+        return _ENCODER.encode(content).encode("utf-8", "replace")
 
 
 def envelope(

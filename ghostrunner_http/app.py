@@ -132,7 +132,7 @@ async def token_list(request: Request) -> Response:
 
 async def task_create(request: Request) -> Response:
     call = await authorize(request, Scope.WRITE, fields=("details",))
-    runner = services(request).runner
+    runner = call.services.runner
     task = await runner.submit(parse_task(call.body, runner.clock))
     return envelope(render_task(task, {RunState.PENDING: len(task.targets)}, "pending"),
                     headers={"Location": f"/tasks/{task.id}"})

@@ -1160,6 +1160,55 @@ async def test_sqlite_batch_commits_once_and_isolates_failures(sqlite_store: SQL
     assert all(r.state is RunState.DISPATCHED for r in await store.get_runs(task.id))
 
 
+async def test_sqlite_concurrent_adds_are_written_in_one_bulk_call_exactly_as_one_by_one(
+    sqlite_store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tasks added while the worker is busy are written by one call of the bulk insert;
+    what is stored must be exactly what adding them one by one stores (the reference
+    store gets them one by one)."""
+    store = sqlite_store
+    sizes: list[int] = []
+    real = sqlite_mod._add_tasks
+
+    def spy(db: Any, rows: list[Any]) -> None:
+        sizes.append(len(rows))
+        real(db, rows)
+
+    monkeypatch.setattr(sqlite_mod, "_add_tasks", spy)
+    reference = InMemoryStore()
+    await reference.open()
+    rng = random.Random(7)
+    tasks = [
+        make_task(
+            *rng.sample([f"node//{n}" for n in range(12)], rng.randint(1, 5)),
+            name=f"job {i} \u00e9\u2603",
+            command=f"echo '{i}' \"$HOME\" \u00fc\n# {i}",
+            shell=rng.choice(list(Shell)),
+            delivery=rng.choice(list(Delivery)),
+            run_as_user=rng.random() < 0.5,
+            timeout=rng.choice([1, 2.5, 300, 86400]),
+            max_attempts=rng.randint(1, 9),
+            not_before=rng.choice([None, at(30)]),
+            expires_at=rng.choice([None, at(3600)]),
+        )
+        for i in range(40)
+    ]
+    gate, held = await hold_worker(store)
+    results = asyncio.gather(*(store.add_task(t, at(1)) for t in tasks))
+    await asyncio.sleep(0.01)
+    gate.set()
+    await held
+    out = await results
+    assert sizes == [len(tasks)]
+    for task, runs in zip(tasks, out, strict=True):
+        assert list(runs) == list(await reference.add_task(task, at(1)))
+        assert await store.get_task(task.id) == await reference.get_task(task.id)
+        assert list(await store.get_runs(task.id)) == list(await reference.get_runs(task.id))
+    assert dict(await store.counts()) == dict(await reference.counts())
+    await store.close()
+    check_counts(store.path)
+
+
 async def test_sqlite_failed_op_in_a_batch_leaves_nothing_half_written(
     sqlite_store: SQLiteStore,
 ) -> None:

@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -80,6 +81,11 @@ import re
 import sqlite3
 import threading
 import time
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory lock (one process per database is on you)
+    fcntl = None  # type: ignore[assignment]
 import weakref
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -760,6 +766,34 @@ class _Job:
         self.result, self.error, self.done = None, exc, True
 
 
+def _lock_database(path: str) -> int | None:
+    """Take the exclusive lock of the database ``path`` (``<path>.lock``, flock) for as
+    long as the store is open, and return its file descriptor.
+
+    Two GhostRunner processes on one database would both recover and dispatch the same
+    runs: an at_most_once command could run twice. The kernel drops the lock when the
+    process dies, however it dies, so a restart after a crash is never blocked.
+    """
+    if path == ":memory:" or path.startswith("file:") or fcntl is None:
+        return None
+    lock_path = f"{path}.lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+        os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        raise StoreError(
+            f"the database {path} is in use by another GhostRunner (pid {holder}, lock "
+            f"{lock_path}); run one process per database"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    return fd
+
+
 _Bulk = tuple[Callable[[sqlite_utils.Database, list[Any]], None], Any]
 
 
@@ -826,6 +860,7 @@ class _Worker:
         self.finished = False  # the thread is done: the connection is closed
         self.waiters: list[_Job] = []  # close() calls waiting for that
         self._carry: _Job | None = None
+        self._lock_fd: int | None = None
         self.commits = 0  # transactions committed by batches (for tests and benchmarks)
         self.thread = threading.Thread(target=self._main, name=f"ghostrunner-sqlite:{path}")
         self.thread.daemon = True
@@ -874,6 +909,7 @@ class _Worker:
             check_same_thread=True,
         )
         try:
+            self._lock_fd = _lock_database(self.path)
             db = sqlite_utils.Database(conn, recursive_triggers=False, execute_plugins=False)
             db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             db.execute("PRAGMA foreign_keys = ON")
@@ -893,6 +929,7 @@ class _Worker:
         try:
             db = _translated(self._connect)
         except Exception as exc:
+            self._unlock()
             self.ready.fail(exc)
             self._resolve([self.ready])
             self._finish(f"the store could not be opened: {exc}")
@@ -907,7 +944,13 @@ class _Worker:
                 db.execute("PRAGMA optimize")  # refresh the planner's statistics
             with contextlib.suppress(sqlite3.Error):
                 db.close()
+            self._unlock()
             self._finish("the store is closed")
+
+    def _unlock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)  # releases the flock
 
     def _finish(self, message: str) -> None:
         """The thread's last act: fail what is left in the queue, wake close()."""

@@ -205,14 +205,15 @@ def _connected(svc: Services) -> bool | None:
 
 
 ROUTES = [
+    # the routes scripts call in bulk first: Starlette tries routes in order
+    Route("/task/create", task_create, methods=["POST"], name="task_create"),
+    Route("/task/list", task_list, methods=["GET"], name="task_list"),
     Route("/", info, methods=["GET"], name="info"),
     Route("/openapi.json", openapi, methods=["GET"], name="openapi"),
     Route("/token/create", token_create, methods=["POST"], name="token_create"),
     Route("/token/delete", token_delete, methods=["DELETE"], name="token_delete"),
     Route("/token/list", token_list, methods=["GET"], name="token_list"),
-    Route("/task/create", task_create, methods=["POST"], name="task_create"),
     Route("/task/delete", task_delete, methods=["DELETE"], name="task_delete"),
-    Route("/task/list", task_list, methods=["GET"], name="task_list"),
     Route("/task/flush", task_flush, methods=["DELETE"], name="task_flush"),
     Route("/tasks/{task_id}", task_get, methods=["GET"], name="task_get"),
     Route("/tasks/{task_id}", task_remove, methods=["DELETE"], name="task_remove"),

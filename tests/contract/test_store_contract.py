@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import itertools
+import os
 import random
 import sqlite3
+import subprocess
+import sys
 import threading
 import uuid
 from collections import Counter
@@ -1449,3 +1452,48 @@ async def test_claim_many_claims_pending_runs_and_brings_their_tasks(store: Any)
     assert await store.claim_many(keys, NOW) == []  # nothing pending any more
     with pytest.raises(NotFound):
         await store.claim_many([RunKey("nope", "node//a")], NOW)
+
+
+async def test_sqlite_one_store_per_database_file(tmp_path: Path) -> None:
+    """A second store (in another process, or this one) on an open database is refused
+    with a StoreError that names the holder; once the first closes, it opens."""
+    path = tmp_path / "one.db"
+    first = SQLiteStore(path)
+    await first.open()
+    second = SQLiteStore(path)
+    with pytest.raises(StoreError, match=rf"in use by another GhostRunner \(pid {os.getpid()}"):
+        await second.open()
+    await first.close()
+    await second.open()
+    await second.close()
+
+
+def test_sqlite_lock_is_released_when_the_holder_is_killed(tmp_path: Path) -> None:
+    """SIGKILL leaves no stale lock: a restart after a crash is never blocked."""
+    path = tmp_path / "killed.db"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import asyncio, sys\n"
+         "from ghostrunner.sqlite import SQLiteStore\n"
+         "async def main():\n"
+         f"    await SQLiteStore({str(path)!r}).open()\n"
+         "    print('open', flush=True)\n"
+         "    await asyncio.sleep(60)\n"
+         "asyncio.run(main())\n"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "open"
+
+        async def try_open() -> None:
+            store = SQLiteStore(path)
+            await store.open()
+            await store.close()
+
+        with pytest.raises(StoreError, match=rf"pid {holder.pid}\b"):
+            asyncio.run(try_open())
+    finally:
+        holder.kill()
+        holder.wait()
+    asyncio.run(try_open())

@@ -245,3 +245,19 @@ def test_unknown_environment_variable_is_warned_about(server_factory: ServerFact
     assert server.stop() == 0
     assert "GHOSTRUNNER_SERVER_PROT" in server.log()
     assert json.dumps(ADMIN_SECRET)[1:-1] not in server.log()
+
+
+def test_a_second_server_on_the_same_database_is_refused(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """Two processes on one database would both dispatch its runs (an at_most_once
+    command twice): the second exits 3, naming the first, which keeps serving."""
+    first = server_factory(env={"GHOSTRUNNER_ADMIN_TOKEN": ADMIN_SECRET}).start()
+    config = tmp_path / "second.toml"
+    config.write_text(f'executor = "fake"\ndatabase = "{first.workdir / "ghostrunner.db"}"\n'
+                      f'[server]\nport = 0\n', encoding="utf-8")
+    result = _run_cli("serve", "--config", str(config),
+                      env={"GHOSTRUNNER_ADMIN_TOKEN": ADMIN_SECRET})
+    assert result.returncode == 3, result.stderr
+    assert f"in use by another GhostRunner (pid {first.proc.pid}" in result.stderr
+    assert first.call("GET", "/task/list", ADMIN_SECRET).status_code == 200

@@ -13,6 +13,8 @@ when Node.js is missing: CI must run these tests, so a missing prerequisite fail
   is stopped and the server shows it offline; with ``start=True`` it is running and the
   server shows it online. After each test every agent still running is stopped and the
   server has registered it as offline.
+- ``guarded_lab`` (session): another started lab, with MeshCentral's anti-flapping
+  guard on; no agent_factory for it (tests add and stop their own agents).
 """
 
 from __future__ import annotations
@@ -55,6 +57,19 @@ class AgentFactory(Protocol):
 def mesh_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshLab]:
     """A started MeshCentral lab shared by the whole session."""
     lab = MeshLab(tmp_path_factory.mktemp("meshlab"), log=_log.info)
+    try:
+        lab.start()
+        yield lab
+    finally:
+        lab.close()
+
+
+@pytest.fixture(scope="session")
+def guarded_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshLab]:
+    """A second lab, with MeshCentral's anti-flapping guard on (production behaviour):
+    an agent that reconnects too often shows online but has its core cleared, so the
+    commands sent to it are silently dropped. Tests add their own agents to it."""
+    lab = MeshLab(tmp_path_factory.mktemp("guarded"), flap_guard=True, log=_log.info)
     try:
         lab.start()
         yield lab

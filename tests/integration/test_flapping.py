@@ -6,25 +6,12 @@ and run it exactly once when the agent is healthy again."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from ghostrunner import GhostRunner, LoopSettings, RunState, Task
 from ghostrunner.lab import MeshLab
 from ghostrunner.meshcentral import MeshCentralExecutor
 from ghostrunner.testing import InMemoryStore
-
-
-@pytest.fixture(scope="module")
-def guarded_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshLab]:
-    lab = MeshLab(tmp_path_factory.mktemp("guarded"), flap_guard=True)
-    try:
-        lab.start()
-        yield lab
-    finally:
-        lab.close()
 
 
 def test_dropped_dispatches_are_retried_and_run_exactly_once(

@@ -537,13 +537,16 @@ class Agent:
         with open(self.log_path, "ab") as log:
             log.write(f"\n=== agent start {time.strftime('%Y-%m-%d %H:%M:%S')} ===\n".encode())
             log.flush()
+            # its commands' temporary files (and once-only guards) stay in its directory
+            tmp = self._dir / "tmp"
+            tmp.mkdir(exist_ok=True)
             self._proc = subprocess.Popen(
                 ["./meshagent"],
                 cwd=self._dir,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=_clean_env(),
+                env={**_clean_env(), "TMPDIR": str(tmp)},
                 start_new_session=True,
             )
         pid_file.write_text(f"{self._proc.pid}\n")

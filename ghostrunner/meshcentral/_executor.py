@@ -22,12 +22,19 @@ What MeshCentral gives us, and what this module makes of it (see
   ``start_timeout`` on a session that has shown console chunks before, prove it did not:
   :class:`~ghostrunner.NotDelivered`. Started but no reply in time, or the device went
   away mid-run: :class:`~ghostrunner.OutcomeUnknown`.
+* **Never twice on a resend.** "Did not start within ``start_timeout``" is an
+  inference: a very slow agent could still start the command later. Every dispatch of
+  one attempt therefore carries the same once-only key (:func:`once_key`); the wrapper
+  refuses to run a key the device has seen (``sh`` agents), and the run ends
+  :class:`~ghostrunner.OutcomeUnknown` (``lost`` for at_most_once) instead of running
+  twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import secrets
@@ -96,6 +103,14 @@ class _Node:
     connected: bool = False
     ready: bool = False
     ready_timer: asyncio.TimerHandle | None = None
+
+
+def once_key(request: RunRequest) -> str:
+    """The key of the wrapper's once-only guard for ``request``: the same for every
+    dispatch of one attempt of one run, so that a resend (after a start timeout) can
+    never run the command a second time on the device; a new attempt gets a new key."""
+    text = f"{request.task_id}\0{request.node_id}\0{request.attempt}"
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 class MeshCentralExecutor:
@@ -508,7 +523,7 @@ class MeshCentralExecutor:
             raise PermanentError("shell 'sh' is not available on a Windows agent")
         wrapped = wrap_command(
             request.command, shell.value, timeout=request.timeout,
-            output_limit=self.output_limit,
+            output_limit=self.output_limit, once=once_key(request),
         )
         dispatch = _Dispatch(
             node_id=request.node_id,
@@ -581,6 +596,12 @@ class MeshCentralExecutor:
         raw = reply.get("result")
         raw = raw if isinstance(raw, str) else ""
         parsed = parse_result(dispatch.wrapped, raw)
+        if parsed.again:
+            raise OutcomeUnknown(
+                "the device had already started this attempt from an earlier dispatch "
+                "(it started late); its outcome never reached GhostRunner, and it was "
+                "not run again"
+            )
         if not parsed.started:
             raise PermanentError(
                 "the device's shell did not run GhostRunner's wrapper; it printed: "

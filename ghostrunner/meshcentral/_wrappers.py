@@ -37,6 +37,17 @@ two halves are joined at run time), so an echo of the script, a forged
 ``GR_END_...`` line, or a copy of an earlier run's output (another marker) cannot
 change the result.
 
+Once only (``sh``, with ``once=<key>``): before BEGIN, the wrapper creates the
+directory ``$TMPDIR/.ghostrunner-once-<uid>/<key>`` (``mkdir`` is atomic). If it exists
+already, an earlier copy of this dispatch got there first (an agent that started a
+command late, after GhostRunner had given up on it and sent it again): the wrapper
+prints ``GR_AGAIN_<marker>`` instead of BEGIN and runs nothing, and
+:class:`ParsedResult` reports ``again=True``. GhostRunner derives the key from the
+task, the device and the attempt, so a resend of the same attempt can never run the
+command a second time on that device, while a new attempt (``at_least_once``) can. If
+the guard directory cannot be created or is not the user's own, the command runs
+unguarded. Guards older than 30 days are removed now and then.
+
 ``rc`` is the command's own exit status.  ``timeout=1`` means the device-side timeout
 fired and the command was killed; :class:`ParsedResult` then reports ``timed_out=True``
 and ``exit_code=None`` (the number the wrapper saw is only the killer's status).
@@ -152,6 +163,7 @@ _SHELLS: Final = frozenset({"sh", "cmd", "powershell"})
 _MESH_TYPE: Final = {"sh": 0, "cmd": 2, "powershell": 2}
 _MARKER_RE: Final = re.compile(r"[0-9A-Za-z]{16,128}")
 _BEGIN: Final = "GR_BEGIN_"
+_AGAIN: Final = "GR_AGAIN_"
 _END: Final = "GR_END_"
 
 _PS_DIRECT_MAX_BASE64: Final = 32_000
@@ -186,6 +198,8 @@ class ParsedResult:
     timed out.  ``timed_out``: the device-side timeout fired and killed the command.
     ``output``: the command's own output, wrapper lines removed, otherwise untouched.
     ``truncated``: the device kept only the head and tail of a longer output (``sh``).
+    ``again``: the once-only guard found this dispatch already started on the device:
+    nothing ran (``started`` is false).
     Not started: the whole raw text (for diagnostics).  Started but not completed:
     everything after the BEGIN line.
     """
@@ -196,6 +210,7 @@ class ParsedResult:
     timed_out: bool
     output: str
     truncated: bool = False
+    again: bool = False
 
 
 def _shell_name(shell: object) -> str:
@@ -255,7 +270,7 @@ gr_u=@RUNNER@
 gr_sh=@SH@
 gr_t=@TIMEOUT@
 gr_k=@KILL_AFTER@
-if gr_f=$(mktemp 2>/dev/null) && [ -n "$gr_f" ]; then
+@ONCE@if gr_f=$(mktemp 2>/dev/null) && [ -n "$gr_f" ]; then
   exec 7>"$gr_f" 8>&7
 else
   gr_f=
@@ -362,11 +377,25 @@ esac
 """
 
 
+# The once-only guard (see "Once only"); @KEY@ is filled in by _wrap_sh.
+_SH_ONCE: Final = """gr_o=${TMPDIR:-/tmp}/.ghostrunner-once-$(id -u 2>/dev/null)
+if mkdir -p "$gr_o" 2>/dev/null && [ -O "$gr_o" ] && chmod 700 "$gr_o" 2>/dev/null; then
+  if ! mkdir "$gr_o/@KEY@" 2>/dev/null && [ -d "$gr_o/@KEY@" ]; then
+    printf '\\nGR_AGAIN_%s\\n' "$gr_m"
+    exit 0
+  fi
+  [ $(($$ % 32)) -ne 0 ] || find "$gr_o" -mindepth 1 -maxdepth 1 -type d -mtime +30 \\
+    -exec rmdir {} + </dev/null >/dev/null 2>&1
+fi
+"""
+
+
 def _wrap_sh(
     command: str, marker: str, timeout: float, kill_after: float, sh_path: str,
-    output_limit: int,
+    output_limit: int, once: str | None = None,
 ) -> str:
     fields = {
+        "@ONCE@": "" if once is None else _SH_ONCE.replace("@KEY@", once),
         "@LIMIT@": str(output_limit),
         "@HALF@": str(output_limit // 2),
         # only when needed: it costs a fork
@@ -474,6 +503,7 @@ def wrap_command(
     *,
     timeout: float,
     marker: str | None = None,
+    once: str | None = None,
     kill_after: float = 5.0,
     output_limit: int = 64 * 1024,
     _sh_path: str = "/bin/sh",
@@ -483,7 +513,9 @@ def wrap_command(
     ``timeout`` (seconds, > 0) is enforced on the device; ``sh`` rounds it up to whole
     seconds.  ``kill_after`` (``sh`` only, rounded up, at least 1) is the grace between
     SIGTERM and SIGKILL.  ``marker`` defaults to ``secrets.token_hex(16)``; pass one
-    only in tests (16-128 ASCII letters and digits).  ``_sh_path`` (tests only) is the
+    only in tests (16-128 ASCII letters and digits).  ``once`` (``sh`` only; 16-128
+    ASCII letters and digits): the key of the once-only guard; the same key never runs
+    the command twice on one device (see the module docstring).  ``_sh_path`` (tests only) is the
     shell that runs the command; the agent uses ``/bin/sh``.
 
     Raises ``ValueError`` for an unknown shell (``"auto"`` must be resolved first), a
@@ -499,12 +531,14 @@ def wrap_command(
         marker = secrets.token_hex(16)
     elif not _MARKER_RE.fullmatch(marker):
         raise ValueError("marker must be 16-128 ASCII letters and digits")
+    if once is not None and not _MARKER_RE.fullmatch(once):
+        raise ValueError("once must be 16-128 ASCII letters and digits")
     if name == "sh":
         if isinstance(output_limit, bool) or not isinstance(output_limit, int) or (
             output_limit < 2
         ):
             raise ValueError("output_limit must be an integer of at least 2 bytes")
-        script = _wrap_sh(command, marker, timeout, kill_after, _sh_path, output_limit)
+        script = _wrap_sh(command, marker, timeout, kill_after, _sh_path, output_limit, once)
     else:
         script = _wrap_windows(command, name, marker, timeout)
     return WrappedCommand(script=script, mesh_type=_MESH_TYPE[name], marker=marker, shell=name)
@@ -528,8 +562,12 @@ def parse_result(wrapped: WrappedCommand, raw: str) -> ParsedResult:
     """
     begin = _begin_re(wrapped.marker).search(raw)
     if begin is None:
+        again = re.search(
+            r"(?:\A|\n)" + _AGAIN + re.escape(wrapped.marker) + r"\r?(?:\n|\Z)", raw
+        )
         return ParsedResult(
-            started=False, completed=False, exit_code=None, timed_out=False, output=raw
+            started=False, completed=False, exit_code=None, timed_out=False, output=raw,
+            again=again is not None,
         )
     body = raw[begin.end() :]
     end_re = re.compile(

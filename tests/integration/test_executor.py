@@ -13,9 +13,18 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import attrs
 import pytest
 
-from ghostrunner import Delivery, GhostRunner, LoopSettings, RunState, Task
+from ghostrunner import (
+    Delivery,
+    GhostRunner,
+    LoopSettings,
+    OutcomeUnknown,
+    RunRequest,
+    RunState,
+    Task,
+)
 from ghostrunner.lab import Agent, MeshLab
 from ghostrunner.meshcentral import MeshCentralExecutor
 from ghostrunner.sqlite import SQLiteStore
@@ -353,5 +362,37 @@ def test_login_token_and_meshcentral_down_at_start_up(
             assert run.state is RunState.SUCCEEDED, run
             assert run.output == "queued while down\n"
             assert executor.connected
+
+    asyncio.run(scenario())
+
+
+def test_a_resent_attempt_never_runs_twice_on_the_device(
+    mesh_lab: MeshLab, agent_factory: Callable[..., Agent], tmp_path: Path
+) -> None:
+    """A dispatch that the loop gave up on (start timeout) may still start late; its
+    resend carries the same once-only key, so the device runs the command at most once
+    per attempt. This sends one attempt twice, as a resend would after a late start."""
+    agent = agent_factory("once", start=True)
+    log = tmp_path / "ran"
+
+    async def scenario() -> None:
+        executor = make_executor(mesh_lab)
+        await executor.open()
+        try:
+            await executor.wait_connected(timeout=60)
+            await until(lambda: (d := executor.devices().get(agent.node_id)) is not None
+                        and d.online)
+            request = RunRequest(task_id="once-task", node_id=agent.node_id,
+                                 command=f"echo ran >> {log}; echo out", timeout=20)
+            first = await executor.run(request)
+            assert (first.exit_code, first.output) == (0, "out\n")
+            with pytest.raises(OutcomeUnknown, match="already started this attempt"):
+                await executor.run(request)
+            assert lines(log) == ["ran"]
+            again = await executor.run(attrs.evolve(request, attempt=2))  # at_least_once
+            assert (again.exit_code, again.output) == (0, "out\n")
+            assert lines(log) == ["ran", "ran"]
+        finally:
+            await executor.close()
 
     asyncio.run(scenario())

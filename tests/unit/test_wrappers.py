@@ -1018,3 +1018,62 @@ def test_sh_small_output_is_not_marked_truncated() -> None:
                           capture_output=True, text=True, timeout=60)
     parsed = parse_result(wrapped, done.stdout + done.stderr)
     assert (parsed.output, parsed.truncated, parsed.exit_code) == ("abc", False, 0)
+
+
+# --------------------------------------------------------------------------------------
+# The once-only guard
+
+
+@pytest.mark.parametrize("env_id", ["dash-timeout", "dash-jobs", "bash-as-sh-setsid"])
+def test_sh_once_key_runs_the_command_once_per_device(
+    envs: dict[str, Env | str], env_id: str, tmp_path: Path
+) -> None:
+    """A second dispatch with the same key (a resend after a late start) reports
+    ``again`` and runs nothing; another key (another attempt) runs."""
+    env = envs[env_id]
+    if isinstance(env, str):
+        pytest.skip(env)
+    env = attrs.evolve(env, environ={**env.environ, "TMPDIR": str(tmp_path)})
+    log = tmp_path / "ran"
+    command = f"echo ran >> {shlex.quote(str(log))}; echo hello"
+    key = "k" * 16 + "1"
+
+    def dispatch(once: str) -> ParsedResult:
+        wrapped = wrap_command(command, "sh", timeout=30, once=once, _sh_path=env.shell.path)
+        return run_like_agent(wrapped, env).parsed
+
+    first = dispatch(key)
+    assert (first.started, first.exit_code, first.output, first.again) == (
+        True, 0, "hello\n", False)
+    again = dispatch(key)
+    assert (again.started, again.completed, again.again) == (False, False, True)
+    assert log.read_text() == "ran\n"
+    other = dispatch("k" * 16 + "2")
+    assert (other.exit_code, other.again) == (0, False)
+    assert log.read_text() == "ran\nran\n"
+    guard = tmp_path / f".ghostrunner-once-{os.getuid()}"
+    assert sorted(p.name for p in guard.iterdir()) == [key, "k" * 16 + "2"]
+    assert guard.stat().st_mode & 0o777 == 0o700
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("tmp")] == []
+
+
+def test_sh_once_guard_that_cannot_be_made_does_not_stop_the_command(tmp_path: Path) -> None:
+    """No usable guard directory (here TMPDIR is a file): the command runs, unguarded."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    env = Env(ShellCase("sh", "/bin/sh", "sh"), "auto",
+              {**os.environ, "TMPDIR": str(blocker)})
+    for _ in range(2):
+        wrapped = wrap_command("echo hi", "sh", timeout=30, once="g" * 16)
+        assert run_like_agent(wrapped, env).parsed.output == "hi\n"
+
+
+def test_again_line_needs_the_exact_marker() -> None:
+    wrapped = wrap_command("echo hi", "sh", timeout=5, once="a" * 16)
+    assert parse_result(wrapped, f"\nGR_AGAIN_{wrapped.marker}\n").again
+    assert parse_result(wrapped, f"GR_AGAIN_{wrapped.marker}").again
+    assert not parse_result(wrapped, f"\nGR_AGAIN_{'0' * 32}\n").again
+    assert not parse_result(wrapped, f"x GR_AGAIN_{wrapped.marker}\n").again
+    assert f"GR_AGAIN_{wrapped.marker}" not in wrapped.script
+    with pytest.raises(ValueError, match="once"):
+        wrap_command("echo hi", "sh", timeout=5, once="short")

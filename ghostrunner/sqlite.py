@@ -991,24 +991,23 @@ class _Worker:
 
     def _gather(self, batch: list[_Job]) -> bool:
         """Add the jobs already queued (and, in a burst, those arriving within the
-        batch window) to ``batch``. True if the stop sentinel was met."""
-        deadline: float | None = None
+        batch window) to ``batch``. True if the stop sentinel was met.
+
+        In a burst the worker *sleeps* through the window and then takes what queued
+        up, rather than waiting on the queue: a waiting worker is woken by every job
+        put on the queue, and each wake-up is a context switch and a fight for the
+        GIL with the event loop's thread that is putting them there (measured: about
+        a tenth of a millisecond per HTTP request)."""
+        slept = False
         while len(batch) < _MAX_BATCH:
-            if deadline is None:
-                job = self._next(False)
-                if job is False:
-                    burst = len(batch) > 1 and any(j.kind == "write" for j in batch)
-                    if not burst or self.batch_window <= 0:
-                        return False
-                    deadline = time.monotonic() + self.batch_window
-                    continue
-            else:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+            job = self._next(False)
+            if job is False:
+                burst = len(batch) > 1 and any(j.kind == "write" for j in batch)
+                if slept or not burst or self.batch_window <= 0:
                     return False
-                job = self._next(True, remaining)
-                if job is False:
-                    return False
+                time.sleep(self.batch_window)
+                slept = True
+                continue
             if job is None:
                 return True
             if job.kind == "exclusive":

@@ -9,6 +9,7 @@ configuration error; 3 the server answered with an error or could not be reached
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -135,6 +136,13 @@ def serve(settings: Settings) -> int:
         timeout_graceful_shutdown=int(settings.loop.shutdown_grace) + 5,
     )
     server = uvicorn.Server(config)
+    # Everything imported so far lives as long as the process: keep it out of the
+    # cyclic collector's scans, and collect the young generation less often (a request
+    # allocates a few hundred tracked objects; almost none form cycles). Measured on
+    # POST /task/create: about a tenth less CPU per request.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
     _install_quiet_signal_handlers()
     server.run()
     if not server.started:

@@ -170,19 +170,24 @@ SCHEMAS: dict[str, Schema] = {
         ["tasks", "next_cursor"],
         description="Newest first; pass next_cursor as ?cursor= for the next page.",
     ),
-    "DeleteDetails": _obj(
-        {
-            "id": _text(64, "A task id."),
-            "name": _text(MAX_NAME, "Every task with this name."),
-            "nodeids": {**_NODEIDS, "description": "Only for these devices; all when absent."},
-            "command": {"description": "Accepted (seed clients may send their TaskData) and "
-                                       "ignored."},
-            "creation": {"description": "Accepted and ignored."},
-            "status": {"description": "Accepted and ignored."},
-        },
-        description="Which tasks: by id or by name (at least one), optionally only for "
-                    "some devices.",
-    ),
+    "DeleteDetails": {
+        **_obj(
+            {
+                "id": _text(64, "A task id."),
+                "name": _text(MAX_NAME, "Every task with this name."),
+                "nodeids": {**_NODEIDS,
+                            "description": "Only for these devices; all when absent."},
+                "command": {"description": "Accepted (seed clients may send their TaskData) "
+                                           "and ignored."},
+                "creation": {"description": "Accepted and ignored."},
+                "status": {"description": "Accepted and ignored."},
+            },
+            description="Which tasks: by id or by name (at least one), optionally only for "
+                        "some devices.",
+        ),
+        # neither id nor name is a 422: say so, so that clients (and fuzzers) know
+        "anyOf": [{"required": ["id"]}, {"required": ["name"]}],
+    },
     "DeleteBody": _obj({"authtoken": _AUTHTOKEN, "details": _ref("DeleteDetails")},
                        ["details"]),
     "DeleteOutcome": _obj(
@@ -465,8 +470,9 @@ def _paths() -> dict[str, Any]:
         "/tasks/{task_id}/cancel": {"post": _op(
             "Cancel a task's pending runs", Scope.WRITE,
             _ok(_ref("CancelResult"), "The devices whose run was cancelled."),
-            description="All pending runs, or those of nodeids. Runs in flight finish "
-                        "normally; finished runs are unchanged. The task stays.",
+            description="All pending runs, or those of nodeids (which must be targets of "
+                        "the task: 422 otherwise). Runs in flight finish normally; "
+                        "finished runs are unchanged. The task stays.",
             body="CancelBody", body_required=False, errors=(404,), params=[_TASK_ID])},
         "/devices": {"get": _op(
             "Devices, online and offline", Scope.READ,

@@ -55,6 +55,9 @@ def _strict_bool(value: Any, _: Any) -> bool:
 
 
 def _strict_int(value: Any, _: Any) -> int:
+    # 30.0 is an integer to JSON (and JSON Schema): accept it; never a bool or 30.5
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError("must be an integer")
     return value

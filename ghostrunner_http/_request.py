@@ -207,6 +207,9 @@ class Call:
 
 
 def _secret(request: Request, body: dict[str, Any]) -> str:
+    if "authtoken" in body and not isinstance(body["authtoken"], str):
+        # refused even when a header carries the token: the body is malformed
+        raise Unauthorized("authtoken must be a string")
     header = request.headers.get("authorization")
     if header is not None:
         scheme, _, value = header.strip().partition(" ")

@@ -190,7 +190,7 @@ def test_wrong_type_for_timeout(value: Any) -> None:
     ("key", "value"),
     [
         ("max_attempts", "3"),
-        ("max_attempts", 2.0),
+        ("max_attempts", 2.5),
         ("max_attempts", True),
         ("max_attempts", 0),
         ("run_as_user", 1),
@@ -341,3 +341,10 @@ def test_seed_round_trip_property(task: Task, state: RunState) -> None:
     assert back.targets == task.targets
     assert back.created_at == task.created_at
     assert seed["status"] == summary.status.value
+
+
+def test_an_integral_float_is_an_integer() -> None:
+    """JSON (and JSON Schema) has no separate integers: 3.0 is 3; 3.5 and true are not."""
+    conv = make_converter()
+    assert conv.structure(3.0, int) == 3
+    assert type(conv.structure(3.0, int)) is int

@@ -602,6 +602,13 @@ class MeshCentralExecutor:
                 "(it started late); its outcome never reached GhostRunner, and it was "
                 "not run again"
             )
+        if not parsed.started and not raw.strip():
+            # an agent that is stopping answers for the commands it had, with no
+            # output; the wrapper never got to BEGIN, so the command never started
+            if dispatch.wrapped.guarded:  # and if it had, the guard stops a resend
+                raise NotDelivered("the agent answered without starting the command "
+                                   "(was it stopping?)")
+            raise OutcomeUnknown("the agent answered with no output at all")
         if not parsed.started:
             raise PermanentError(
                 "the device's shell did not run GhostRunner's wrapper; it printed: "

@@ -186,6 +186,8 @@ class WrappedCommand:
     mesh_type: int
     marker: str = attrs.field(repr=False)
     shell: str
+    guarded: bool = False
+    """The script has a once-only guard (``sh`` with ``once``)."""
 
 
 @attrs.frozen(kw_only=True)
@@ -541,7 +543,8 @@ def wrap_command(
         script = _wrap_sh(command, marker, timeout, kill_after, _sh_path, output_limit, once)
     else:
         script = _wrap_windows(command, name, marker, timeout)
-    return WrappedCommand(script=script, mesh_type=_MESH_TYPE[name], marker=marker, shell=name)
+    return WrappedCommand(script=script, mesh_type=_MESH_TYPE[name], marker=marker, shell=name,
+                          guarded=name == "sh" and once is not None)
 
 
 def _begin_re(marker: str) -> re.Pattern[str]:

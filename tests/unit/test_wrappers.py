@@ -1077,3 +1077,6 @@ def test_again_line_needs_the_exact_marker() -> None:
     assert f"GR_AGAIN_{wrapped.marker}" not in wrapped.script
     with pytest.raises(ValueError, match="once"):
         wrap_command("echo hi", "sh", timeout=5, once="short")
+    assert wrapped.guarded
+    assert not wrap_command("echo hi", "sh", timeout=5).guarded
+    assert not wrap_command("echo hi", "cmd", timeout=5, once="a" * 16).guarded

@@ -153,8 +153,12 @@ def _dto(value: int | None) -> datetime | None:
     return None if value is None else _dt(value)
 
 
+_JSON: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def _json(values: Iterable[str]) -> str:
-    return json.dumps(list(values), ensure_ascii=False, separators=(",", ":"))
+    # one encoder: json.dumps with options builds a new one per call
+    return _JSON.encode(list(values))
 
 
 # --------------------------------------------------------------------------- schema
@@ -514,7 +518,7 @@ def _add_tasks(db: sqlite_utils.Database, rows: list[tuple[Any, ...]]) -> None:
             (seq, queued, available, expires, rows[0][3]),
         )
         return
-    doc = json.dumps(rows, ensure_ascii=False)
+    doc = _JSON.encode(rows)
     cols = ", ".join(f"value ->> {i}" for i in range(12))
     db.execute(f"{_INSERT_TASK.split(' VALUES')[0]} SELECT {cols} FROM json_each(?) ORDER BY key",
                (doc,))

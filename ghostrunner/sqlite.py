@@ -499,29 +499,15 @@ def _task_row(task: Task) -> tuple[Any, ...]:
 def _add_tasks(db: sqlite_utils.Database, rows: list[tuple[Any, ...]]) -> None:
     """Insert tasks and their pending runs: ``rows`` are :func:`_task_row` tuples plus
     (queued_at, available_at, expires_at, number of runs). A few statements over one
-    JSON document, however many tasks. Raises IntegrityError on a duplicate id."""
-    if len(rows) == 1:
-        try:
-            seq = db.execute(_INSERT_TASK, rows[0][:12]).lastrowid
-        except sqlite3.IntegrityError as exc:
-            raise Conflict(f"task {rows[0][0]} exists") from exc
-        queued, available, expires, n = rows[0][12:]
-        db.execute("INSERT INTO task_counts(task_seq, total, pending) VALUES (?, ?, ?)",
-                   (seq, n, n))
-        db.execute("UPDATE run_counts SET n = n + ? WHERE state = 'pending'", (n,))
-        db.execute("INSERT OR IGNORE INTO nodes(node_id) SELECT value FROM json_each(?)",
-                   (rows[0][3],))
-        db.execute(
-            "INSERT INTO runs(task_seq, node, position, state, queued_at, available_at, "
-            "expires_at) SELECT ?, n.nid, j.key, 'pending', ?, ?, ? FROM json_each(?) AS j "
-            "CROSS JOIN nodes AS n ON n.node_id = j.value",
-            (seq, queued, available, expires, rows[0][3]),
-        )
-        return
+    JSON document, however many tasks. A duplicate id raises Conflict (one task) or
+    IntegrityError (several: the worker then adds them one by one)."""
     doc = _JSON.encode(rows)
-    cols = ", ".join(f"value ->> {i}" for i in range(12))
-    db.execute(f"{_INSERT_TASK.split(' VALUES')[0]} SELECT {cols} FROM json_each(?) ORDER BY key",
-               (doc,))
+    try:
+        db.execute(_INSERT_TASKS, (doc,))
+    except sqlite3.IntegrityError as exc:
+        if len(rows) == 1:
+            raise Conflict(f"task {rows[0][0]} exists") from exc
+        raise
     db.execute(
         "INSERT INTO task_counts(task_seq, total, pending) SELECT t.seq, j.value ->> 15, "
         "j.value ->> 15 FROM json_each(?) AS j CROSS JOIN tasks AS t ON t.id = j.value ->> 0",
@@ -543,9 +529,11 @@ def _add_tasks(db: sqlite_utils.Database, rows: list[tuple[Any, ...]]) -> None:
     )
 
 
-_INSERT_TASK = (
+_INSERT_TASKS = (
     "INSERT INTO tasks(id, name, command, targets, created_at, shell, run_as_user, timeout, "
-    "not_before, expires_at, max_attempts, delivery) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+    "not_before, expires_at, max_attempts, delivery) SELECT "
+    + ", ".join(f"value ->> {i}" for i in range(12))
+    + " FROM json_each(?) ORDER BY key"
 )
 
 
@@ -1215,16 +1203,12 @@ class SQLiteStore:
 
     async def add_task(self, task: Task, now: datetime) -> Sequence[Run]:
         runs = task.first_runs(now)
-        row = _task_row(task)
-        extra = (_ts(now), _ts(runs[0].available_at), _tso(task.expires_at), len(runs))
-
-        def op(db: sqlite_utils.Database) -> None:
-            _add_tasks(db, [(*row, *extra)])
-
+        row = (*_task_row(task), _ts(now), _ts(runs[0].available_at), _tso(task.expires_at),
+               len(runs))
         # tasks added concurrently are written with one set of statements (their jobs
         # share the bulk function): per-statement costs and the worker's hold on the
         # GIL are paid once per batch, not once per task
-        await self._call(op, "write", bulk=(_add_tasks, (*row, *extra)))
+        await self._call(lambda db: _add_tasks(db, [row]), "write", bulk=(_add_tasks, row))
         return runs
 
     async def bulk_add_tasks(

@@ -228,13 +228,18 @@ def test_serve_help_explains_meshcentral() -> None:
         assert needle in text, needle
 
 
+def _serve_on(database: Path, config: Path) -> subprocess.CompletedProcess[str]:
+    """``ghostrunner serve`` (fake executor, any free port) on ``database``, expected to
+    exit at start-up."""
+    config.write_text(f'executor = "fake"\ndatabase = "{database}"\n[server]\nport = 0\n',
+                      encoding="utf-8")
+    return _run_cli("serve", "--config", str(config),
+                    env={"GHOSTRUNNER_ADMIN_TOKEN": ADMIN_SECRET})
+
+
 def test_serve_fails_cleanly_when_the_database_cannot_be_opened(tmp_path: Path) -> None:
     (tmp_path / "not-a-db").write_bytes(b"this is not sqlite" * 100)
-    config = tmp_path / "c.toml"
-    config.write_text(f'executor = "fake"\ndatabase = "{tmp_path / "not-a-db"}"\n'
-                      f'[server]\nport = 0\n', encoding="utf-8")
-    result = _run_cli("serve", "--config", str(config),
-                      env={"GHOSTRUNNER_ADMIN_TOKEN": ADMIN_SECRET})
+    result = _serve_on(tmp_path / "not-a-db", tmp_path / "c.toml")
     assert result.returncode == 3, result.stderr
     assert ADMIN_SECRET not in result.stderr
 
@@ -253,11 +258,7 @@ def test_a_second_server_on_the_same_database_is_refused(
     """Two processes on one database would both dispatch its runs (an at_most_once
     command twice): the second exits 3, naming the first, which keeps serving."""
     first = server_factory(env={"GHOSTRUNNER_ADMIN_TOKEN": ADMIN_SECRET}).start()
-    config = tmp_path / "second.toml"
-    config.write_text(f'executor = "fake"\ndatabase = "{first.workdir / "ghostrunner.db"}"\n'
-                      f'[server]\nport = 0\n', encoding="utf-8")
-    result = _run_cli("serve", "--config", str(config),
-                      env={"GHOSTRUNNER_ADMIN_TOKEN": ADMIN_SECRET})
+    result = _serve_on(first.workdir / "ghostrunner.db", tmp_path / "second.toml")
     assert result.returncode == 3, result.stderr
     assert f"in use by another GhostRunner (pid {first.proc.pid}" in result.stderr
     assert first.call("GET", "/task/list", ADMIN_SECRET).status_code == 200

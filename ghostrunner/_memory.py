@@ -77,7 +77,7 @@ class InMemoryStore:
 
     # ---------------------------------------------------------------- tasks
 
-    async def add_task(self, task: Task, now: datetime) -> Sequence[Run]:
+    async def add_task(self, task: Task, now: datetime) -> None:
         if task.id in self.tasks:
             raise Conflict(f"task {task.id} exists")
         runs = task.first_runs(now)
@@ -87,7 +87,6 @@ class InMemoryStore:
         for run in runs:
             self.runs[run.key] = run
             self._by_node.setdefault(run.node_id, []).append(run.key)
-        return runs
 
     async def get_task(self, task_id: str) -> TaskSummary:
         try:

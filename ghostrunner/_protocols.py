@@ -55,8 +55,9 @@ class Store(Protocol):
 
     # ---------------------------------------------------------------- tasks
 
-    async def add_task(self, task: Task, now: datetime) -> Sequence[Run]:
-        """Store ``task`` and one pending run per target, in one transaction.
+    async def add_task(self, task: Task, now: datetime) -> None:
+        """Store ``task`` and one pending run per target (:meth:`Task.first_runs` at
+        ``now``), in one transaction. Read them back with :meth:`get_runs`.
 
         Raises ``Conflict`` if a task with this id exists.
         """

@@ -48,7 +48,9 @@ _STATES = tuple((state, state.value) for state in RunState)
 
 
 # one encoder: json.dumps(..., separators=...) would build a new one per answer
-_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+# (no cycle check: answers are trees built by this module)
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, check_circular=False,
+                            separators=(",", ":"))
 
 
 class Envelope(Response):

@@ -115,7 +115,8 @@ class Services:
 
 def services(request: Request) -> Services:
     """The lifespan's :class:`Services`."""
-    svc = request.state.services
+    # straight from the scope's lifespan state: request.state builds an object per call
+    svc = request.scope.get("state", {}).get("services") or request.state.services
     assert isinstance(svc, Services)
     return svc
 
@@ -179,8 +180,10 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     """The body as a JSON object; an empty body is ``{}``. Raises BadRequest (400)."""
     if not raw.strip():
         return {}
+    if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark
+        raw = raw[3:]
     try:
-        text = raw.decode("utf-8-sig")
+        text = raw.decode()  # "utf-8-sig" would look its codec up on every call
     except UnicodeDecodeError:
         raise BadRequest("malformed JSON: the body is not UTF-8") from None
     try:

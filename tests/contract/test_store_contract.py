@@ -8,6 +8,7 @@ persistence across reopen, schema migrations, the batching machinery, query plan
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import itertools
 import os
@@ -1164,6 +1165,41 @@ async def test_sqlite_batch_commits_once_and_isolates_failures(sqlite_store: SQL
     assert out[23] is None  # added: the pending run counted below
     assert dict(await store.counts()) == {RunState.DISPATCHED: 20, RunState.PENDING: 1}
     assert all(r.state is RunState.DISPATCHED for r in await store.get_runs(task.id))
+
+
+async def test_sqlite_a_batch_of_adds_is_one_statement_that_commits_itself(
+    sqlite_store: SQLiteStore,
+) -> None:
+    """Creates that meet in a batch reach SQLite as one statement in autocommit mode (no
+    BEGIN/COMMIT around it: each call into SQLite costs the worker a fight for the
+    GIL), and that statement's own transaction is durable: a new connection sees it."""
+    store = sqlite_store
+    worker = store._worker
+    assert worker is not None
+    statements: list[str] = []
+
+    def trace(db: Any) -> None:
+        db.conn.set_trace_callback(statements.append)
+
+    await store._call(trace, "exclusive")
+    gate, held = await hold_worker(store)
+    commits = worker.commits
+    tasks = [make_task(f"node//{i}", "node//shared") for i in range(10)]
+    results = asyncio.gather(*(store.add_task(t, NOW) for t in tasks))
+    await asyncio.sleep(0.01)
+    statements.clear()
+    gate.set()
+    await held
+    assert await results == [None] * 10
+    # (the trace repeats a statement for each step of its trigger)
+    assert len(set(statements)) == 1
+    assert statements[0].startswith("INSERT INTO add_tasks")
+    assert worker.commits == commits + 1
+    with contextlib.closing(sqlite3.connect(store.path)) as conn:
+        assert conn.execute("SELECT count(*) FROM runs").fetchone()[0] == 20
+        assert conn.execute("SELECT count(*) FROM tasks").fetchone()[0] == 10
+    await store.close()
+    check_counts(store.path)
 
 
 async def test_sqlite_concurrent_adds_are_written_in_one_bulk_call_exactly_as_one_by_one(

@@ -484,12 +484,14 @@ def _list_sql(query: TaskQuery) -> tuple[str, dict[str, Any]]:
     return sql, params
 
 
-def _task_row(task: Task) -> tuple[Any, ...]:
+def _task_row(task: Task, targets: Any) -> tuple[Any, ...]:
+    """The ``tasks`` columns after ``seq``, with ``targets`` as given: JSON text for an
+    INSERT ... VALUES, the list itself inside a JSON document (:func:`_add_tasks`)."""
     return (
         task.id,
         task.name,
         task.command,
-        _json(task.targets),
+        targets,
         _ts(task.created_at),
         task.shell.value,
         int(task.run_as_user),
@@ -498,31 +500,12 @@ def _task_row(task: Task) -> tuple[Any, ...]:
         _tso(task.expires_at),
         task.max_attempts,
         task.delivery.value,
-    )
-
-
-def _add_row(task: Task, now: datetime) -> tuple[Any, ...]:
-    """What :func:`_add_tasks` needs of a task: :func:`_task_row` with the targets as a
-    list (not yet JSON) and the time it is queued at."""
-    return (
-        task.id,
-        task.name,
-        task.command,
-        task.targets,
-        _ts(task.created_at),
-        task.shell.value,
-        int(task.run_as_user),
-        float(task.timeout),
-        _tso(task.not_before),
-        _tso(task.expires_at),
-        task.max_attempts,
-        task.delivery.value,
-        _ts(now),
     )
 
 
 def _add_tasks(db: sqlite_utils.Database, rows: list[tuple[Any, ...]]) -> None:
-    """Insert tasks and their pending runs: ``rows`` are :func:`_add_row` tuples.
+    """Insert tasks and their pending runs: ``rows`` are :func:`_task_row` tuples (the
+    targets a list) plus the time the runs are queued at.
 
     One statement however many tasks: an insert of their JSON document into the
     connection's ``temp.add_tasks`` view, whose trigger (:data:`_ADD_TASKS`) writes the
@@ -595,7 +578,7 @@ def _bulk_insert(
     runs = 0
     for task in tasks:
         seq += 1
-        task_rows.append((seq, *_task_row(task)))
+        task_rows.append((seq, *_task_row(task, _json(task.targets))))
         count_rows.append((seq, len(task.targets)))
         nids = []
         for node_id in task.targets:
@@ -1235,7 +1218,7 @@ class SQLiteStore:
     # ---------------------------------------------------------------- tasks
 
     async def add_task(self, task: Task, now: datetime) -> None:
-        row = _add_row(task, now)
+        row = (*_task_row(task, task.targets), _ts(now))
         # tasks added concurrently are written with one set of statements (their jobs
         # share the bulk function): per-statement costs and the worker's hold on the
         # GIL are paid once per batch, not once per task

@@ -1030,9 +1030,8 @@ class _Worker:
     def _run_batch(self, db: sqlite_utils.Database, batch: list[_Job]) -> None:
         jobs = [j for j in batch if not j.future.cancelled()]
         try:
-            if jobs and jobs[0].bulk and len(_bulk_group(jobs, 0)) == len(jobs) and \
-                    self._autocommit(db, jobs):
-                pass
+            if self._autocommit(db, jobs):
+                pass  # written and committed by its one statement
             elif any(j.kind == "write" for j in jobs):
                 self._transaction(db, jobs)
             else:  # reads see committed data only: no transaction needed
@@ -1096,8 +1095,11 @@ class _Worker:
         """Run a batch that is one bulk group (a burst of ``add_task``) as its single
         statement in autocommit mode: SQLite wraps it in a transaction of its own and
         commits it (fsync included) inside that one call, so the worker crosses into
-        SQLite, and gives up the GIL, once for the whole batch. False if it failed:
-        nothing was written, and the caller runs the jobs in a transaction of its own."""
+        SQLite, and gives up the GIL, once for the whole batch. False if the batch is
+        anything else, or if that failed (nothing was written): the caller then runs
+        the jobs in a transaction of its own."""
+        if not jobs or jobs[0].bulk is None or len(_bulk_group(jobs, 0)) < len(jobs):
+            return False
         if not self._run_bulk(db, jobs):
             return False
         self.commits += 1

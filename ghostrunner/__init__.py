@@ -1,35 +1,34 @@
 """GhostRunner: queue shell commands for MeshCentral devices that are offline, and run
 them the moment each device comes online, recording every outcome.
 
-The main entry point is :class:`GhostRunner`, built from a :class:`Store` (default
-:class:`SQLiteStore`) and an :class:`Executor` (:class:`MeshCentralExecutor`, or
-``ghostrunner.testing.FakeExecutor`` in tests).
+An application builds one :class:`GhostRunner` from a :class:`Store` (where tasks and
+runs live: :class:`SQLiteStore`) and an :class:`Executor` (what runs commands and knows
+who is online: :class:`MeshCentralExecutor`), then submits :class:`Task`\\ s and reads
+their :class:`Run`\\ s::
+
+    async with GhostRunner(store=SQLiteStore("gr.db"), executor=executor) as gr:
+        task = await gr.submit(command="uptime", targets=["node//..."])
+        runs = await gr.wait(task.id)
+
+What else there is:
+
+* ``ghostrunner.errors``: the exceptions (``ValidationError``, ``NotFound``...).
+* ``ghostrunner.testing``: an in-memory store, a fake executor and a fake clock, for
+  your tests and to try GhostRunner without MeshCentral.
+* Backend authors implement :class:`Store` or :class:`Executor` (``_protocols.py``
+  states their contracts) and run ``tests/contract`` against a new store.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._convert import make_converter, structure, task_from_seed, task_to_seed
-from ._errors import (
-    Conflict,
-    ExecutorError,
-    GhostRunnerError,
-    IllegalTransition,
-    NotDelivered,
-    NotFound,
-    OutcomeUnknown,
-    PermanentError,
-    StoreError,
-    ValidationError,
-)
-from ._fanout import EventFanout
-from ._loop import LoopSettings, Reconciler
-from ._output import cap_output
+from . import errors
+from ._loop import LoopSettings
 from ._protocols import Executor, Store
 from ._runner import FlushResult, GhostRunner
-from ._tokens import hash_secret, new_token, verify_secret
 from ._types import (
+    TRANSITIONS,
     AgentKind,
     Delivery,
     Device,
@@ -37,18 +36,16 @@ from ._types import (
     EventKind,
     Outcome,
     Page,
+    RetryPolicy,
     Run,
     RunKey,
     RunRequest,
     RunState,
-    Scope,
     Shell,
     Task,
     TaskQuery,
     TaskStatus,
     TaskSummary,
-    Token,
-    utcnow,
 )
 from .sqlite import SQLiteStore
 
@@ -56,52 +53,34 @@ if TYPE_CHECKING:
     from .meshcentral import MeshCentralExecutor
 
 __all__ = [
+    # the backend author's side
+    "TRANSITIONS",
     "AgentKind",
-    "Conflict",
+    # the application's side
     "Delivery",
     "Device",
     "DeviceEvent",
-    "EventFanout",
     "EventKind",
     "Executor",
-    "ExecutorError",
     "FlushResult",
     "GhostRunner",
-    "GhostRunnerError",
-    "IllegalTransition",
     "LoopSettings",
     "MeshCentralExecutor",
-    "NotDelivered",
-    "NotFound",
     "Outcome",
-    "OutcomeUnknown",
     "Page",
-    "PermanentError",
-    "Reconciler",
+    "RetryPolicy",
     "Run",
     "RunKey",
     "RunRequest",
     "RunState",
     "SQLiteStore",
-    "Scope",
     "Shell",
     "Store",
-    "StoreError",
     "Task",
     "TaskQuery",
     "TaskStatus",
     "TaskSummary",
-    "Token",
-    "ValidationError",
-    "cap_output",
-    "hash_secret",
-    "make_converter",
-    "new_token",
-    "structure",
-    "task_from_seed",
-    "task_to_seed",
-    "utcnow",
-    "verify_secret",
+    "errors",
 ]
 
 __version__ = "0.1.0"

@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 
 import attrs
 
-from ._errors import NotDelivered, PermanentError
 from ._fanout import EventFanout
 from ._types import AgentKind, Device, DeviceEvent, EventKind, Outcome, RunRequest
+from .errors import NotDelivered, PermanentError
 
 __all__ = ["FakeExecutor", "Handler"]
 

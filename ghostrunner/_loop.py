@@ -31,11 +31,11 @@ from datetime import UTC, datetime
 
 import attrs
 
-from ._errors import ExecutorError, GhostRunnerError, OutcomeUnknown
 from ._output import DEFAULT_OUTPUT_LIMIT, cap_output
 from ._planner import Decision, decide, plan_dispatches, recover
 from ._protocols import Executor, Store
-from ._types import Outcome, Run, RunRequest, RunState, Task, utcnow
+from ._types import Outcome, RetryPolicy, Run, RunRequest, RunState, Task, utcnow
+from .errors import ExecutorError, GhostRunnerError, OutcomeUnknown
 
 __all__ = ["LoopSettings", "Reconciler"]
 
@@ -52,8 +52,8 @@ class LoopSettings:
         max_in_flight: the most commands in flight at once, over all devices.
         resync_interval: seconds between passes when nothing wakes the loop; bounds the
             latency a lost event can cost.
-        retry_base: first retry backoff in seconds (doubles each time).
-        retry_cap: the longest retry backoff in seconds.
+        retry: the backoff before a run is sent again (and before a failed pass is
+            tried again).
         dispatch_grace: seconds past a task's timeout after which the loop stops
             waiting for the executor and records the outcome as unknown.
         shutdown_grace: on a graceful stop, seconds to wait for commands in flight.
@@ -65,8 +65,7 @@ class LoopSettings:
 
     max_in_flight: int = attrs.field(default=256)
     resync_interval: float = 5.0
-    retry_base: float = 1.0
-    retry_cap: float = 60.0
+    retry: RetryPolicy = attrs.field(factory=RetryPolicy)
     dispatch_grace: float = 30.0
     shutdown_grace: float = 10.0
     output_limit: int = DEFAULT_OUTPUT_LIMIT
@@ -78,13 +77,56 @@ class LoopSettings:
             raise ValueError("max_in_flight must be at least 1")
 
     def __attrs_post_init__(self) -> None:
-        for name in ("resync_interval", "retry_base", "retry_cap", "dispatch_grace"):
+        for name in ("resync_interval", "dispatch_grace"):
             if not getattr(self, name) > 0:  # also refuses NaN
                 raise ValueError(f"{name} must be a positive number of seconds")
         if not (self.shutdown_grace >= 0 and self.coalesce >= 0):
             raise ValueError("shutdown_grace and coalesce must not be negative")
         if self.output_limit < 2:
             raise ValueError("output_limit must be at least 2 characters")
+
+
+class _IdleHint:
+    """Devices known to have no ready run, so that passes skip them: a hint, never the
+    truth. It holds until the store's next due time (a backoff ends, a ``not_before``
+    comes), until a submit or release names the device, and for ``ttl`` seconds at most.
+    """
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self.devices: set[str] = set()
+        self.until: datetime | None = None  # None: never refreshed
+        self._expires = 0.0  # time.monotonic() deadline
+
+    def stale(self, now: datetime) -> bool:
+        return self.until is None or now >= self.until or time.monotonic() >= self._expires
+
+    def refresh(self, due: datetime | None) -> None:
+        """Start afresh; ``due`` is the store's next due time (None: nothing is due)."""
+        self.devices.clear()
+        self.until = due or _NEVER
+        self._expires = time.monotonic() + self.ttl
+
+    def work_for(self, node_ids: Collection[str], due: datetime | None = None) -> None:
+        """``node_ids`` may have work now, or at ``due`` (a submit, a release)."""
+        self.devices.difference_update(node_ids)
+        if due is not None and self.until is not None and due < self.until:
+            self.until = due
+
+    def note(self, asked: Sequence[str], found: Sequence[Run], limit: int) -> None:
+        """The store was asked for ``asked`` (and answers in that order, stopping at
+        ``limit``): the devices it looked at and found nothing for are idle."""
+        examined = asked
+        if len(found) >= limit:
+            examined = asked[: list(asked).index(found[-1].node_id) + 1]
+        returned = {run.node_id for run in found}
+        self.devices.update(node for node in examined if node not in returned)
+
+    def delay(self, now: datetime, longest: float) -> float:
+        """Seconds until time alone can make work (at most ``longest``)."""
+        if self.until is None or self.until == _NEVER:
+            return longest
+        return min(longest, max(0.0, (self.until - now).total_seconds()))
 
 
 class Reconciler:
@@ -112,12 +154,7 @@ class Reconciler:
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         self._tasks: OrderedDict[str, Task] = OrderedDict()
         self._step_lock = asyncio.Lock()  # passes never interleave (one planner at a time)
-        # Devices known to have no ready run, so passes skip them: a hint, never the
-        # truth. Valid until the store's next due time (a backoff ends, a not_before
-        # comes), a submit or release names the device, or resync_interval passes.
-        self._idle: set[str] = set()
-        self._idle_until: datetime | None = None
-        self._idle_reset_at = 0.0
+        self._idle = _IdleHint(self.settings.resync_interval)
         self._aborted = False
         self._stopping = False
         self.passes = 0
@@ -129,9 +166,7 @@ class Reconciler:
         """Ask for a pass soon (a task was submitted, a device came online...).
         ``node_ids``: devices that may have new work (a submitted task's targets);
         ``due``: when that work becomes ready, if later (its ``not_before``)."""
-        self._idle.difference_update(node_ids)
-        if due is not None and self._idle_until is not None and due < self._idle_until:
-            self._idle_until = due
+        self._idle.work_for(node_ids, due)
         self._wake.set()
 
     @property
@@ -147,10 +182,7 @@ class Reconciler:
             if run.node_id in self._in_flight:  # ours, not stale
                 continue
             task = await self._task(run.task_id)
-            decision = recover(
-                run, task, now=now,
-                retry_base=self.settings.retry_base, retry_cap=self.settings.retry_cap,
-            )
+            decision = recover(run, task, now=now, retry=self.settings.retry)
             await self._apply(run, decision, now)
             log.warning("recovered run %s left dispatched: %s", run.key, decision.state)
         return len(stale)
@@ -169,8 +201,9 @@ class Reconciler:
         if self._stopping:
             return 0
         online = {node for node, dev in self.executor.devices().items() if dev.online}
-        await self._refresh_idle(now)
-        free = online.difference(self._in_flight, self._idle)
+        if self._idle.stale(now):
+            self._idle.refresh(await self.store.next_wakeup(now))
+        free = online.difference(self._in_flight, self._idle.devices)
         slots = self.settings.max_in_flight - len(self._in_flight)
         if not free or slots <= 0:
             return 0
@@ -187,7 +220,7 @@ class Reconciler:
             part = order[start : start + chunk]
             want = slots - len(candidates)
             found = await self.store.next_pending(part, now, limit=want)
-            self._note_idle(part, found, want)
+            self._idle.note(part, found, want)
             candidates.extend(found)
             if len(candidates) >= slots:
                 break
@@ -200,16 +233,13 @@ class Reconciler:
         claimed = await self.store.claim_many([r.key for r in chosen], now)
         started = 0
         for run, task in claimed:
-            self._tasks[task.id] = task
+            self._remember(task)
             self._in_flight[run.node_id] = asyncio.create_task(
                 self._dispatch(run, task), name=f"ghostrunner-dispatch-{run.key}"
             )
             started += 1
         if started:
             self._on_change()
-        if len(self._tasks) > 10_000:
-            for _ in range(len(self._tasks) - 10_000):
-                self._tasks.popitem(last=False)
         return started
 
     async def run_until_idle(self, max_passes: int = 100_000) -> None:
@@ -238,7 +268,7 @@ class Reconciler:
             while not stop.is_set():
                 self._wake.clear()
                 await self._retrying(self.step)
-                delay = await self._idle_delay()
+                delay = self._idle.delay(self.clock(), self.settings.resync_interval)
                 waker = asyncio.create_task(self._wake.wait())
                 stopper = asyncio.create_task(stop.wait())
                 try:
@@ -285,53 +315,27 @@ class Reconciler:
         task = self._tasks.get(task_id)
         if task is None:
             task = (await self.store.get_task(task_id)).task
-            self._tasks[task_id] = task
-            if len(self._tasks) > 10_000:
-                self._tasks.popitem(last=False)
-        else:
-            self._tasks.move_to_end(task_id)
+        self._remember(task)
         return task
 
+    def _remember(self, task: Task) -> None:
+        """Keep the 10,000 tasks used last (recovery and dispatch read them)."""
+        self._tasks[task.id] = task
+        self._tasks.move_to_end(task.id)
+        if len(self._tasks) > 10_000:
+            self._tasks.popitem(last=False)
+
     async def _retrying(self, step: Callable[[], object]) -> bool:
-        """Run ``step``; on failure log, pause ``retry_base`` and return False."""
+        """Run ``step``; on failure log, pause ``retry.base`` seconds and return False."""
         try:
             result = step()
             if asyncio.iscoroutine(result):
                 await result
         except Exception:  # the loop must outlive a failing store or executor
-            log.exception("pass failed; retrying after %.1fs", self.settings.retry_base)
-            await asyncio.sleep(self.settings.retry_base)
+            log.exception("pass failed; retrying after %.1fs", self.settings.retry.base)
+            await asyncio.sleep(self.settings.retry.base)
             return False
         return True
-
-    async def _refresh_idle(self, now: datetime) -> None:
-        if (
-            self._idle_until is None
-            or now >= self._idle_until
-            or time.monotonic() >= self._idle_reset_at
-        ):
-            self._idle.clear()
-            due = await self.store.next_wakeup(now)
-            self._idle_until = due or _NEVER
-            self._idle_reset_at = time.monotonic() + self.settings.resync_interval
-
-    def _note_idle(self, order: list[str], candidates: Sequence[Run], limit: int) -> None:
-        """Remember the devices the store looked at and found nothing ready for (it
-        answers in ``order`` and stops at ``limit``)."""
-        examined: Sequence[str] = order
-        if len(candidates) >= limit:
-            examined = order[: order.index(candidates[-1].node_id) + 1]
-        returned = {run.node_id for run in candidates}
-        self._idle.update(node for node in examined if node not in returned)
-
-    async def _idle_delay(self) -> float:
-        # _idle_until is the store's next due time as of the last refresh, lowered by
-        # every release and submit since: the next moment time alone can make work
-        delay = self.settings.resync_interval
-        due = self._idle_until
-        if due is not None and due != _NEVER:
-            delay = min(delay, max(0.0, (due - self.clock()).total_seconds()))
-        return delay
 
     async def _watch_events(self) -> None:
         while True:
@@ -344,7 +348,7 @@ class Reconciler:
                 log.exception("executor event stream failed; resubscribing")
             # the stream ended (executor reconnecting or closed): resubscribe after a pause
             self._wake.set()
-            await asyncio.sleep(self.settings.retry_base)
+            await asyncio.sleep(self.settings.retry.base)
 
     async def _dispatch(self, run: Run, task: Task) -> None:
         request = RunRequest(
@@ -356,6 +360,7 @@ class Reconciler:
             timeout=task.timeout,
             attempt=run.attempts,
             delivery=task.delivery,
+            output_limit=self.settings.output_limit,
         )
         try:
             result: Outcome | ExecutorError
@@ -376,10 +381,7 @@ class Reconciler:
             now = self.clock()
             if isinstance(result, Outcome):
                 result = self._normalise(result, run, now)
-            decision = decide(
-                run, task, result, now=now,
-                retry_base=self.settings.retry_base, retry_cap=self.settings.retry_cap,
-            )
+            decision = decide(run, task, result, now=now, retry=self.settings.retry)
             try:
                 await asyncio.shield(self._apply(run, decision, now))
             except GhostRunnerError:
@@ -391,6 +393,7 @@ class Reconciler:
             self._wake.set()
 
     def _normalise(self, outcome: Outcome, run: Run, now: datetime) -> Outcome:
+        # the one place output is capped, whatever the executor sent
         output, cut = cap_output(outcome.output, self.settings.output_limit)
         return attrs.evolve(
             outcome,
@@ -403,9 +406,7 @@ class Reconciler:
     async def _apply(self, run: Run, decision: Decision, now: datetime) -> None:
         if decision.state is RunState.PENDING:
             assert decision.available_at is not None
-            self._idle.discard(run.node_id)
-            if self._idle_until is not None and decision.available_at < self._idle_until:
-                self._idle_until = decision.available_at
+            self._idle.work_for((run.node_id,), decision.available_at)
             await self.store.release(
                 run.key,
                 now,

@@ -9,7 +9,6 @@ from typing import Any
 
 import attrs
 
-from ._errors import Conflict, IllegalTransition, NotFound
 from ._types import (
     TERMINAL_STATES,
     TRANSITIONS,
@@ -21,8 +20,9 @@ from ._types import (
     Task,
     TaskQuery,
     TaskSummary,
-    Token,
 )
+from .errors import Conflict, IllegalTransition, NotFound
+from .tokens import Token
 
 __all__ = ["InMemoryStore"]
 

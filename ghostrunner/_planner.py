@@ -11,10 +11,12 @@ from datetime import datetime
 
 import attrs
 
-from ._errors import ExecutorError, NotDelivered, OutcomeUnknown, PermanentError
-from ._types import Delivery, Outcome, Run, RunState, Task, backoff
+from ._types import Delivery, Outcome, RetryPolicy, Run, RunState, Task
+from .errors import ExecutorError, NotDelivered, OutcomeUnknown, PermanentError
 
 __all__ = ["Decision", "decide", "plan_dispatches", "recover"]
+
+_DEFAULT_RETRY = RetryPolicy()
 
 
 def plan_dispatches(
@@ -69,14 +71,12 @@ class Decision:
     delivered: bool = True
 
 
-def _unknown(
-    run: Run, task: Task, reason: str, now: datetime, retry_base: float, retry_cap: float
-) -> Decision:
+def _unknown(run: Run, task: Task, reason: str, now: datetime, retry: RetryPolicy) -> Decision:
     if task.delivery is Delivery.AT_LEAST_ONCE and run.attempts < task.max_attempts:
         return Decision(
             state=RunState.PENDING,
             error=f"{reason}; sending again (at_least_once)",
-            available_at=now + backoff(retry_base, retry_cap, run.attempts),
+            available_at=now + retry.delay(run.attempts),
             delivered=True,
         )
     if task.delivery is Delivery.AT_LEAST_ONCE:
@@ -90,8 +90,7 @@ def decide(
     result: Outcome | ExecutorError,
     *,
     now: datetime,
-    retry_base: float = 1.0,
-    retry_cap: float = 60.0,
+    retry: RetryPolicy = _DEFAULT_RETRY,
 ) -> Decision:
     """What the result of dispatching ``run`` (an :class:`Outcome` or an executor error)
     means for it, under ``task``'s delivery policy.
@@ -108,19 +107,19 @@ def decide(
         return Decision(
             state=RunState.PENDING,
             error=f"not delivered: {result}",
-            available_at=now + backoff(retry_base, retry_cap, run.undelivered + 1),
+            available_at=now + retry.delay(run.undelivered + 1),
             delivered=False,
         )
     if isinstance(result, PermanentError):
         return Decision(state=RunState.FAILED, error=str(result))
     if isinstance(result, OutcomeUnknown):
-        return _unknown(run, task, f"outcome unknown: {result}", now, retry_base, retry_cap)
+        return _unknown(run, task, f"outcome unknown: {result}", now, retry)
     # any other ExecutorError: we cannot tell whether it ran, so assume it may have
-    return _unknown(run, task, f"outcome unknown: {result!r}", now, retry_base, retry_cap)
+    return _unknown(run, task, f"outcome unknown: {result!r}", now, retry)
 
 
 def recover(
-    run: Run, task: Task, *, now: datetime, retry_base: float = 1.0, retry_cap: float = 60.0
+    run: Run, task: Task, *, now: datetime, retry: RetryPolicy = _DEFAULT_RETRY
 ) -> Decision:
     """What to do with a run found ``dispatched`` at start-up: the process that sent it
     died, so the command may have run and its outcome is gone."""
@@ -129,6 +128,5 @@ def recover(
         task,
         "GhostRunner stopped while the command was in flight",
         now,
-        retry_base,
-        retry_cap,
+        retry,
     )

@@ -1,9 +1,12 @@
 """The two backends GhostRunner is built on: a :class:`Store` and an :class:`Executor`.
 
-Both are small protocols with domain verbs. Implementations ship in
-``ghostrunner.sqlite`` (:class:`~ghostrunner.SQLiteStore`), ``ghostrunner.meshcentral``
+Both are small protocols with domain verbs, and all the loop needs. Implementations ship
+in ``ghostrunner.sqlite`` (:class:`~ghostrunner.SQLiteStore`), ``ghostrunner.meshcentral``
 (:class:`~ghostrunner.MeshCentralExecutor`) and ``ghostrunner.testing`` (in-memory
 fakes). One contract test suite (``tests/contract``) runs against every store.
+
+API tokens are not the queue's business: the HTTP package keeps them behind its own
+``TokenStore`` protocol, which a store may implement as well (both shipped stores do).
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from ._types import (
     Task,
     TaskQuery,
     TaskSummary,
-    Token,
 )
 
 __all__ = ["Executor", "Store"]
@@ -32,15 +34,15 @@ __all__ = ["Executor", "Store"]
 
 @runtime_checkable
 class Store(Protocol):
-    """Durable state: tasks, their runs, and API tokens.
+    """Durable state: tasks and their runs.
 
     Contract, for every implementation:
 
     * Every method is atomic: it fully happens or not at all, and a crash right after
       it returns loses nothing (durable for persistent stores).
-    * Run state changes follow :data:`ghostrunner._types.TRANSITIONS`; a change from a
-      state other than the one the method expects raises ``IllegalTransition`` (or, for
-      :meth:`claim` and :meth:`cancel`, is silently skipped, as documented there).
+    * Run state changes follow :data:`~ghostrunner.TRANSITIONS`; a change from a state
+      other than the one the method expects raises ``IllegalTransition`` (or, for
+      :meth:`claim_many` and :meth:`cancel`, is silently skipped, as documented there).
     * Runs of one device come out of :meth:`next_pending` in submission order.
     * Methods never block the event loop for long (SQLite work runs on its own thread).
     * Raises only ``NotFound``, ``Conflict``, ``IllegalTransition`` or other
@@ -88,16 +90,13 @@ class Store(Protocol):
         ``node_ids`` (duplicates ignored) and stop after ``limit`` runs. Must not scan
         all runs."""
 
-    async def claim(self, key: RunKey, now: datetime) -> Run | None:
-        """Atomically move a pending run to ``dispatched``: ``attempts`` + 1,
-        ``started_at`` = now. Returns None (and changes nothing) if the run is no longer
-        pending, e.g. cancelled in the meantime."""
-
     async def claim_many(
         self, keys: Sequence[RunKey], now: datetime
     ) -> Sequence[tuple[Run, Task]]:
-        """:meth:`claim` each of ``keys`` in one store operation; return every run that
-        was claimed, with its task (runs no longer pending are left out)."""
+        """Atomically move each of ``keys`` from pending to ``dispatched``
+        (``attempts`` + 1, ``started_at`` = now), in one store operation; return every
+        run that was claimed, with its task. Runs no longer pending (cancelled in the
+        meantime...) are left out and left alone; an unknown run raises ``NotFound``."""
 
     async def finish(
         self,
@@ -146,23 +145,6 @@ class Store(Protocol):
 
     async def counts(self) -> Mapping[RunState, int]:
         """How many runs are in each state, over all tasks."""
-
-    # ---------------------------------------------------------------- tokens
-
-    async def add_token(self, token: Token) -> None:
-        """Store a token. Raises ``Conflict`` if the name is taken."""
-
-    async def token_by_hash(self, secret_hash: str) -> Token | None:
-        """The token whose secret hashes to ``secret_hash``, if any."""
-
-    async def list_tokens(self) -> Sequence[Token]:
-        """Every token, oldest first."""
-
-    async def delete_token(self, name: str) -> None:
-        """Remove a token. Raises ``NotFound``."""
-
-    async def touch_token(self, name: str, now: datetime) -> None:
-        """Record that the token was used at ``now``."""
 
 
 @runtime_checkable

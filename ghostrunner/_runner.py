@@ -11,7 +11,6 @@ from typing import Any, Self
 
 import attrs
 
-from ._errors import IllegalTransition, NotFound
 from ._loop import LoopSettings, Reconciler
 from ._protocols import Executor, Store
 from ._types import (
@@ -24,6 +23,7 @@ from ._types import (
     TaskSummary,
     utcnow,
 )
+from .errors import IllegalTransition, NotFound
 
 __all__ = ["FlushResult", "GhostRunner"]
 
@@ -75,7 +75,7 @@ class GhostRunner:
             store, executor, self.settings, clock=clock, on_change=self._notify
         )
         self._stop = asyncio.Event()
-        self._runner: asyncio.Task[None] | None = None
+        self._loop_task: asyncio.Task[None] | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -87,7 +87,7 @@ class GhostRunner:
             await self.store.close()
             raise
         if self.background:
-            self._runner = asyncio.create_task(
+            self._loop_task = asyncio.create_task(
                 self.loop.run_forever(self._stop), name="ghostrunner-loop"
             )
         else:
@@ -102,8 +102,8 @@ class GhostRunner:
     ) -> None:
         self._stop.set()
         try:
-            if self._runner is not None:
-                await self._runner
+            if self._loop_task is not None:
+                await self._loop_task
             else:
                 await self.loop.drain()
         finally:
@@ -111,15 +111,6 @@ class GhostRunner:
                 await self.executor.close()
             finally:
                 await self.store.close()
-
-    async def crash(self) -> None:
-        """For tests: stop as abruptly as a killed process would, writing nothing more.
-        The store and executor are left open, as a dead process leaves them."""
-        await self.loop.abort()
-        if self._runner is not None:
-            self._runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._runner
 
     async def run_until_idle(self) -> None:
         """Pass until nothing is in flight and nothing can start (see Reconciler)."""

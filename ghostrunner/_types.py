@@ -14,15 +14,17 @@ import random
 import time
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import attrs
 
-from ._errors import ValidationError
+from ._output import DEFAULT_OUTPUT_LIMIT
+from .errors import ValidationError
 
 __all__ = [
     "ACTIVE_STATES",
     "TERMINAL_STATES",
+    "TRANSITIONS",
     "AgentKind",
     "Delivery",
     "Device",
@@ -30,17 +32,16 @@ __all__ = [
     "EventKind",
     "Outcome",
     "Page",
+    "RetryPolicy",
     "Run",
     "RunKey",
     "RunRequest",
     "RunState",
-    "Scope",
     "Shell",
     "Task",
     "TaskQuery",
     "TaskStatus",
     "TaskSummary",
-    "Token",
     "new_id",
     "task_status",
     "utcnow",
@@ -118,7 +119,8 @@ TERMINAL_STATES: frozenset[RunState] = frozenset(
 )
 ACTIVE_STATES: frozenset[RunState] = frozenset({RunState.PENDING, RunState.DISPATCHED})
 
-#: Every legal change of a run's state. Anything else is an IllegalTransition.
+#: Every legal change of a run's state; a store refuses anything else with
+#: IllegalTransition. The store contract tests (``tests/contract``) hold every store to it.
 TRANSITIONS: Mapping[RunState, frozenset[RunState]] = {
     RunState.PENDING: frozenset({RunState.DISPATCHED, RunState.EXPIRED, RunState.CANCELLED}),
     RunState.DISPATCHED: frozenset(
@@ -158,19 +160,6 @@ class AgentKind(enum.StrEnum):
     POSIX = "posix"
     WINDOWS = "windows"
     UNKNOWN = "unknown"
-
-
-class Scope(enum.StrEnum):
-    """What an API token may do. ``admin`` implies ``write`` implies ``read``."""
-
-    READ = "read"
-    WRITE = "write"
-    ADMIN = "admin"
-
-    def allows(self, needed: Scope) -> bool:
-        """True if a token with this scope may do what ``needed`` requires."""
-        order = [Scope.READ, Scope.WRITE, Scope.ADMIN]
-        return order.index(self) >= order.index(needed)
 
 
 # --------------------------------------------------------------------------- validators
@@ -273,10 +262,6 @@ def _to_state(value: object) -> RunState:
     return _member(RunState, "state", value)
 
 
-def _to_scope(value: object) -> Scope:
-    return _member(Scope, "scope", value)
-
-
 # --------------------------------------------------------------------------- tasks & runs
 
 
@@ -299,6 +284,13 @@ class Task:
     Raises:
         ValidationError: naming the field, for any invalid value.
     """
+
+    # the limits the validators enforce (the HTTP API documents them)
+    MAX_NAME: ClassVar[int] = MAX_NAME
+    MAX_COMMAND: ClassVar[int] = MAX_COMMAND
+    MAX_TARGETS: ClassVar[int] = MAX_TARGETS
+    MAX_NODE_ID: ClassVar[int] = MAX_NODE_ID
+    MAX_TIMEOUT: ClassVar[float] = MAX_TIMEOUT
 
     id: str = attrs.field(factory=new_id, validator=_text(64))
     name: str = attrs.field(validator=_text(MAX_NAME))
@@ -521,6 +513,10 @@ class RunRequest:
     timeout: float = 300.0
     attempt: int = 1
     delivery: Delivery = Delivery.AT_MOST_ONCE
+    output_limit: int = DEFAULT_OUTPUT_LIMIT
+    """Characters of output the loop keeps (head and tail). An executor that can bound
+    the output on the device, before it crosses the network, should use it; the loop
+    caps whatever comes back to it anyway."""
 
     @property
     def key(self) -> RunKey:
@@ -550,27 +546,6 @@ class Outcome:
         return RunState.SUCCEEDED if self.exit_code == 0 else RunState.FAILED
 
 
-# --------------------------------------------------------------------------- tokens
-
-
-@attrs.frozen(kw_only=True)
-class Token:
-    """An API token. Only a hash of its secret is ever kept (and never shown in reprs)."""
-
-    name: str = attrs.field(validator=_text(MAX_NAME))
-    secret_hash: str = attrs.field(repr=False)
-    scope: Scope = attrs.field(default=Scope.READ, converter=_to_scope)
-    created_at: datetime = attrs.field(factory=utcnow, validator=_aware)
-    last_used: datetime | None = attrs.field(default=None, validator=_aware)
-    builtin: bool = False
-    """The bootstrap admin token: it cannot be deleted."""
-
-    @property
-    def scopes(self) -> frozenset[Scope]:
-        """Every scope this token's scope implies."""
-        return frozenset(s for s in Scope if self.scope.allows(s))
-
-
 _T = TypeVar("_T")
 
 
@@ -591,6 +566,18 @@ def trusted(cls: type[_T], **values: Any) -> _T:
     return inst
 
 
-def backoff(base: float, cap: float, n: int) -> timedelta:
-    """Exponential backoff: ``base * 2**(n-1)`` seconds, capped, for the n-th retry."""
-    return timedelta(seconds=min(cap, base * (2 ** max(0, n - 1))))
+@attrs.frozen
+class RetryPolicy:
+    """How long a run waits before it is sent again: ``base`` seconds, doubled after
+    each retry, never more than ``cap``."""
+
+    base: float = 1.0
+    cap: float = 60.0
+
+    def __attrs_post_init__(self) -> None:
+        if not (self.base > 0 and self.cap > 0):  # also refuses NaN
+            raise ValueError("retry base and cap must be positive numbers of seconds")
+
+    def delay(self, n: int) -> timedelta:
+        """The wait before the n-th retry: ``base * 2**(n-1)`` seconds, capped."""
+        return timedelta(seconds=min(self.cap, self.base * (2 ** max(0, n - 1))))

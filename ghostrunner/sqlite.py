@@ -98,7 +98,6 @@ from typing import Any, Final, Literal, TypeVar, cast
 
 import sqlite_utils
 
-from ._errors import Conflict, GhostRunnerError, IllegalTransition, NotFound, StoreError
 from ._types import (
     TERMINAL_STATES,
     TRANSITIONS,
@@ -108,15 +107,15 @@ from ._types import (
     Run,
     RunKey,
     RunState,
-    Scope,
     Shell,
     Task,
     TaskQuery,
     TaskStatus,
     TaskSummary,
-    Token,
     trusted,
 )
+from .errors import Conflict, GhostRunnerError, IllegalTransition, NotFound, StoreError
+from .tokens import Scope, Token
 
 __all__ = ["SQLiteStore"]
 

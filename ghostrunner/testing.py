@@ -15,12 +15,30 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from ._fake import FakeExecutor, Handler
 from ._memory import InMemoryStore
 
-__all__ = ["FakeClock", "FakeExecutor", "Handler", "InMemoryStore"]
+if TYPE_CHECKING:
+    from ._runner import GhostRunner
+
+__all__ = ["FakeClock", "FakeExecutor", "Handler", "InMemoryStore", "crash"]
+
+
+async def crash(runner: GhostRunner) -> None:
+    """Stop ``runner`` as abruptly as a killed process would, writing nothing more to
+    its store. The store and executor are left open, as a dead process leaves them:
+    start a new GhostRunner on the same store to test what recovery does."""
+    await runner.loop.abort()
+    task = runner._loop_task
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 class FakeClock:

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from ghostrunner import (
+from ghostrunner.errors import (
     Conflict,
     GhostRunnerError,
     IllegalTransition,

@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
-from ghostrunner import GhostRunner, NotFound, RunState, Task, TaskQuery
+from ghostrunner import GhostRunner, RunState, Task, TaskQuery
+from ghostrunner.errors import NotFound
 
 from ._parse import DeleteSelector
 

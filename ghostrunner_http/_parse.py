@@ -13,15 +13,11 @@ from typing import Any
 import attrs
 from starlette.datastructures import QueryParams
 
-from ghostrunner import (
-    RunState,
-    Scope,
-    Task,
-    TaskQuery,
-    TaskStatus,
-    ValidationError,
-    structure,
-)
+from ghostrunner import RunState, Task, TaskQuery, TaskStatus
+from ghostrunner.errors import ValidationError
+from ghostrunner.tokens import Scope
+
+from ._convert import structure
 
 __all__ = [
     "DeleteSelector",

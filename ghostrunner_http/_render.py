@@ -14,7 +14,8 @@ from typing import Any
 
 from starlette.responses import Response
 
-from ghostrunner import Device, Run, RunState, Task, TaskSummary, Token
+from ghostrunner import Device, Run, RunState, Task, TaskSummary
+from ghostrunner.tokens import Token
 
 __all__ = [
     "OK",

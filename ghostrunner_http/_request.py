@@ -21,17 +21,12 @@ from typing import Any
 import attrs
 from starlette.requests import ClientDisconnect, Request
 
-from ghostrunner import (
-    GhostRunner,
-    Scope,
-    Store,
-    StoreError,
-    Token,
-    ValidationError,
-    hash_secret,
-)
+from ghostrunner import GhostRunner
+from ghostrunner.errors import StoreError, ValidationError
+from ghostrunner.tokens import Scope, Token
 
 from ._errors import BadRequest, Forbidden, PayloadTooLarge, Unauthorized
+from ._tokens import TokenStore, hash_secret
 
 __all__ = ["Authenticator", "Call", "Services", "authorize", "parse_json", "read_body"]
 
@@ -55,7 +50,7 @@ class Authenticator:
 
     def __init__(
         self,
-        store: Store,
+        store: TokenStore,
         clock: Callable[[], datetime],
         *,
         touch_every: timedelta = timedelta(seconds=60),
@@ -108,9 +103,12 @@ class Services:
     """What the lifespan opens and every request uses."""
 
     runner: GhostRunner
+    tokens: TokenStore
     auth: Authenticator
     max_body_bytes: int
     executor_kind: str
+    connected: Callable[[], bool | None]
+    """Whether the executor is connected to its server (None: it cannot say)."""
 
 
 def services(request: Request) -> Services:

@@ -13,7 +13,7 @@ import logging
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from starlette.applications import Starlette
@@ -22,19 +22,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 import ghostrunner
-from ghostrunner import (
-    Conflict,
-    Executor,
-    GhostRunner,
-    RunState,
-    Scope,
-    Store,
-    TaskSummary,
-    ValidationError,
-    new_token,
-    utcnow,
-    verify_secret,
-)
+from ghostrunner import Executor, GhostRunner, RunState, SQLiteStore, Store, TaskSummary
+from ghostrunner.errors import Conflict, NotFound, ValidationError
+from ghostrunner.tokens import Scope, Token
 
 from ._errors import ConflictError, exception_handlers
 from ._ops import delete_matching, delete_task
@@ -56,6 +46,7 @@ from ._render import (
     render_token,
 )
 from ._request import Authenticator, Services, authorize, services
+from ._tokens import TokenStore, new_token, verify_secret
 from .config import Settings
 from .openapi import openapi_json
 
@@ -76,7 +67,7 @@ async def info(request: Request) -> Response:
         "name": "GhostRunner",
         "version": ghostrunner.__version__,
         "executor": svc.executor_kind,
-        "executor_connected": _connected(svc),
+        "executor_connected": svc.connected(),
         "openapi": "/openapi.json",
     })
 
@@ -89,13 +80,13 @@ async def openapi(request: Request) -> Response:
 async def token_create(request: Request) -> Response:
     call = await authorize(request, Scope.ADMIN, fields=("details",))
     name, scope = parse_token_create(call.body)
-    runner = services(request).runner
+    svc = services(request)
     try:
-        token, secret = new_token(name, scope, now=runner.clock())
+        token, secret = new_token(name, scope, now=svc.runner.clock())
     except ValidationError as exc:
         raise ValidationError(f"details.{exc.field}", exc.message) from None
     try:
-        await runner.store.add_token(token)
+        await svc.tokens.add_token(token)
     except Conflict:
         raise ConflictError(f"a token named {name!r} exists", code="duplicate_name") from None
     log.info("token %r created with scope %s by %r", name, scope.value, call.token.name)
@@ -108,17 +99,16 @@ async def token_delete(request: Request) -> Response:
     call = await authorize(request, Scope.ADMIN, fields=("details",))
     name = parse_token_name(call.body)
     svc = services(request)
-    store = svc.runner.store
-    tokens = {t.name: t for t in await store.list_tokens()}
+    tokens = {t.name: t for t in await svc.tokens.list_tokens()}
     if name not in tokens:
-        raise ghostrunner.NotFound(f"no token named {name!r}")
+        raise NotFound(f"no token named {name!r}")
     if tokens[name].builtin:
         raise ConflictError(
             "the bootstrap admin token cannot be deleted (set GHOSTRUNNER_ADMIN_TOKEN and "
             "restart to replace it)",
             code="builtin_token",
         )
-    await store.delete_token(name)
+    await svc.tokens.delete_token(name)
     svc.auth.forget(name)
     log.info("token %r deleted by %r", name, call.token.name)
     return envelope({"name": name, "deleted": True})
@@ -126,7 +116,7 @@ async def token_delete(request: Request) -> Response:
 
 async def token_list(request: Request) -> Response:
     await authorize(request, Scope.ADMIN)
-    tokens = await services(request).runner.store.list_tokens()
+    tokens = await services(request).tokens.list_tokens()
     return envelope({"tokens": [render_token(t) for t in tokens]})
 
 
@@ -194,14 +184,7 @@ async def task_cancel(request: Request) -> Response:
 async def devices(request: Request) -> Response:
     await authorize(request, Scope.READ)
     svc = services(request)
-    return envelope(render_devices(svc.runner.devices().values(), connected=_connected(svc)))
-
-
-def _connected(svc: Services) -> bool | None:
-    if svc.executor_kind == "fake":
-        return True
-    value = getattr(svc.runner.executor, "connected", None)
-    return value if isinstance(value, bool) else None
+    return envelope(render_devices(svc.runner.devices().values(), connected=svc.connected()))
 
 
 ROUTES = [
@@ -238,7 +221,7 @@ def announce_admin_token(secret: str) -> None:
 
 
 async def bootstrap_admin(
-    store: Store,
+    store: TokenStore,
     secret: str | None,
     *,
     now: datetime,
@@ -270,7 +253,7 @@ async def bootstrap_admin(
     announce(generated)
 
 
-async def _add_admin(store: Store, token: ghostrunner.Token) -> None:
+async def _add_admin(store: TokenStore, token: Token) -> None:
     try:
         await store.add_token(token)
     except Conflict:
@@ -283,14 +266,14 @@ async def _add_admin(store: Store, token: ghostrunner.Token) -> None:
 def _executor_from(settings: Settings) -> Executor:
     if settings.executor == "fake":
         from ghostrunner import Device
-        from ghostrunner.testing import FakeExecutor
+        from ghostrunner.testing import FakeExecutor  # executor = "fake": try it out
 
         return FakeExecutor(devices=[
             Device(node_id=d.nodeid, name=d.name or d.nodeid, online=d.online)
             for d in settings.fake_devices
         ])
     # libmeshctrl is heavy: import it only when MeshCentral is asked for
-    from ghostrunner.meshcentral._executor import MeshCentralExecutor
+    from ghostrunner.meshcentral import MeshCentralExecutor
 
     assert settings.meshcentral_url
     assert settings.meshcentral_user
@@ -301,17 +284,23 @@ def _executor_from(settings: Settings) -> Executor:
         password=settings.meshcentral_password,
         ignore_ssl=settings.meshcentral_ignore_ssl,
         group_id=settings.meshcentral_group_id,
-        output_limit=settings.loop.output_limit,
     )
 
 
 def _store_from(settings: Settings) -> Store:
-    from ghostrunner.sqlite import SQLiteStore  # type: ignore[import-not-found,unused-ignore]
-
     settings.database.expanduser().parent.mkdir(parents=True, exist_ok=True)
-    store: Store = SQLiteStore(settings.database.expanduser(),
-                               synchronous=settings.database_synchronous)
-    return store
+    return SQLiteStore(settings.database.expanduser(), synchronous=settings.database_synchronous)
+
+
+def _connected(executor: Executor, kind: str) -> Callable[[], bool | None]:
+    if kind == "fake":
+        return lambda: True
+
+    def connected() -> bool | None:
+        value = getattr(executor, "connected", None)  # MeshCentralExecutor has it
+        return value if isinstance(value, bool) else None
+
+    return connected
 
 
 def create_app(
@@ -319,8 +308,7 @@ def create_app(
     *,
     store: Store | None = None,
     executor: Executor | None = None,
-    runner_factory: Callable[[], GhostRunner] | None = None,
-    clock: Callable[[], datetime] = utcnow,
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     announce: Callable[[str], None] = announce_admin_token,
 ) -> Starlette:
     """The GhostRunner HTTP API as a Starlette (ASGI) application.
@@ -330,37 +318,31 @@ def create_app(
 
     Args:
         settings: defaults to ``Settings(executor="fake")``.
-        store: the store; default ``SQLiteStore(settings.database)``.
+        store: the store; default ``SQLiteStore(settings.database)``. It keeps the API
+            tokens too, so it must also implement :class:`TokenStore`.
         executor: the executor; default from ``settings.executor``.
-        runner_factory: builds the (not yet entered) GhostRunner, overriding ``store``,
-            ``executor`` and ``clock`` (tests use it for a fake clock or no loop).
         clock: the current time, for the runner and token times.
         announce: shows a generated admin token once (default: print to stderr).
     """
     cfg = settings or Settings(executor="fake")
-    kind = "custom" if (runner_factory or executor) else cfg.executor
-
-    def make_runner() -> GhostRunner:
-        if runner_factory is not None:
-            return runner_factory()
-        return GhostRunner(
-            store=store if store is not None else _store_from(cfg),
-            executor=executor if executor is not None else _executor_from(cfg),
-            settings=cfg.loop,
-            clock=clock,
-        )
+    kind = "custom" if executor is not None else cfg.executor
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        runner = make_runner()
+        queue = store if store is not None else _store_from(cfg)
+        if not isinstance(queue, TokenStore):
+            raise TypeError(f"{queue!r} does not keep API tokens (see TokenStore)")
+        runs_on = executor if executor is not None else _executor_from(cfg)
+        runner = GhostRunner(store=queue, executor=runs_on, settings=cfg.loop, clock=clock)
         async with runner:
-            await bootstrap_admin(runner.store, cfg.admin_token, now=runner.clock(),
-                                  announce=announce)
+            await bootstrap_admin(queue, cfg.admin_token, now=clock(), announce=announce)
             svc = Services(
                 runner=runner,
-                auth=Authenticator(runner.store, runner.clock),
+                tokens=queue,
+                auth=Authenticator(queue, clock),
                 max_body_bytes=cfg.max_body_bytes,
                 executor_kind=kind,
+                connected=_connected(runs_on, kind),
             )
             app.state.services = svc
             yield {"services": svc}

@@ -20,7 +20,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from ghostrunner import Delivery, RunState, Scope, Shell, TaskStatus
+from ghostrunner import Delivery, RunState, Shell, TaskStatus
+from ghostrunner.tokens import Scope
 
 from ._client import ApiClient, ApiFailure, Unreachable
 from .config import KNOWN_KEYS, ConfigError, Settings, env_var, load_settings, unknown_env

@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import attrs
 
-from ghostrunner import LoopSettings
+from ghostrunner import LoopSettings, RetryPolicy
 
 __all__ = [
     "ENV_PREFIX",
@@ -403,6 +403,9 @@ def load_settings(
             raise ConfigError(f"loop.{key}", "must be > 0")
     if loop.get("output_limit", 2) < 2:
         raise ConfigError("loop.output_limit", "must be at least 2")
+    retry = {part: loop.pop(f"retry_{part}") for part in ("base", "cap") if f"retry_{part}" in loop}
+    if retry:
+        loop["retry"] = RetryPolicy(**retry)
     try:
         fields["loop"] = LoopSettings(**loop)
     except (ValueError, TypeError) as exc:

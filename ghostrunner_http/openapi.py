@@ -12,8 +12,14 @@ import json
 from typing import Any
 
 import ghostrunner
-from ghostrunner import Delivery, RunState, Scope, Shell, TaskStatus
-from ghostrunner._types import MAX_COMMAND, MAX_NAME, MAX_NODE_ID, MAX_TARGETS, MAX_TIMEOUT
+from ghostrunner import Delivery, RunState, Shell, Task, TaskStatus
+from ghostrunner.tokens import Scope
+
+MAX_COMMAND = Task.MAX_COMMAND
+MAX_NAME = Task.MAX_NAME
+MAX_NODE_ID = Task.MAX_NODE_ID
+MAX_TARGETS = Task.MAX_TARGETS
+MAX_TIMEOUT = Task.MAX_TIMEOUT
 
 __all__ = ["openapi_document", "openapi_json"]
 

@@ -44,9 +44,7 @@ from typing import Any
 
 import attrs
 
-from .._errors import NotDelivered, OutcomeUnknown, PermanentError
 from .._fanout import EventFanout
-from .._output import DEFAULT_OUTPUT_LIMIT, cap_output
 from .._types import (
     AgentKind,
     Device,
@@ -57,6 +55,7 @@ from .._types import (
     Shell,
     utcnow,
 )
+from ..errors import NotDelivered, OutcomeUnknown, PermanentError
 from ._wrappers import WrappedCommand, has_started, parse_result, wrap_command
 
 __all__ = ["MeshCentralExecutor"]
@@ -127,7 +126,6 @@ class MeshCentralExecutor:
         ping_interval: seconds between session health checks.
         ready_fallback: seconds after ``nodeconnect`` to treat a device as ready if its
             ``devicesessions`` event never arrives.
-        output_limit: characters of output kept per run (head and tail).
     """
 
     def __init__(
@@ -144,7 +142,6 @@ class MeshCentralExecutor:
         call_timeout: float = 10.0,
         ready_fallback: float = 3.0,
         reconnect_cap: float = 30.0,
-        output_limit: int = DEFAULT_OUTPUT_LIMIT,
     ) -> None:
         self.url = url
         self.user = user
@@ -157,7 +154,6 @@ class MeshCentralExecutor:
         self.call_timeout = call_timeout
         self.ready_fallback = ready_fallback
         self.reconnect_cap = reconnect_cap
-        self.output_limit = output_limit
         self._nodes: dict[str, _Node] = {}
         self._by_response: dict[str, _Dispatch] = {}
         self._by_node: dict[str, _Dispatch] = {}
@@ -523,7 +519,7 @@ class MeshCentralExecutor:
             raise PermanentError("shell 'sh' is not available on a Windows agent")
         wrapped = wrap_command(
             request.command, shell.value, timeout=request.timeout,
-            output_limit=self.output_limit, once=once_key(request),
+            output_limit=request.output_limit, once=once_key(request),
         )
         dispatch = _Dispatch(
             node_id=request.node_id,
@@ -612,15 +608,16 @@ class MeshCentralExecutor:
         if not parsed.started:
             raise PermanentError(
                 "the device's shell did not run GhostRunner's wrapper; it printed: "
-                + cap_output(raw, 400)[0]
+                + (raw if len(raw) <= 400 else raw[:400] + " [...]")
             )
         if not parsed.completed:
             raise OutcomeUnknown("the command started but its exit status never came back")
-        output, cut = cap_output(parsed.output, self.output_limit)
+        # the wrapper bounded the output on the device (request.output_limit bytes);
+        # the loop caps the text it keeps
         return Outcome(
             exit_code=None if parsed.timed_out else parsed.exit_code,
-            output=output,
-            output_truncated=cut or parsed.truncated,
+            output=parsed.output,
+            output_truncated=parsed.truncated,
             timed_out=parsed.timed_out,
             started_at=started_at,
             finished_at=utcnow(),

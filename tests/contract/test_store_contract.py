@@ -29,10 +29,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ghostrunner import sqlite as sqlite_mod
-from ghostrunner._errors import Conflict, IllegalTransition, NotFound, StoreError, ValidationError
 from ghostrunner._memory import InMemoryStore
 from ghostrunner._protocols import Store
-from ghostrunner._tokens import hash_secret, new_token
 from ghostrunner._types import (
     TERMINAL_STATES,
     Delivery,
@@ -40,15 +38,16 @@ from ghostrunner._types import (
     Run,
     RunKey,
     RunState,
-    Scope,
     Shell,
     Task,
     TaskQuery,
     TaskStatus,
-    Token,
     task_status,
 )
+from ghostrunner.errors import Conflict, IllegalTransition, NotFound, StoreError, ValidationError
 from ghostrunner.sqlite import SQLiteStore
+from ghostrunner.tokens import Scope, Token
+from ghostrunner_http._tokens import hash_secret, new_token
 
 NOW = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 

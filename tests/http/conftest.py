@@ -19,9 +19,10 @@ import pytest
 from serverproc import REPO, ServerProcess, free_port
 from starlette.exceptions import StarletteDeprecationWarning
 
-from ghostrunner import Scope, new_token
 from ghostrunner.testing import FakeExecutor, InMemoryStore
+from ghostrunner.tokens import Scope
 from ghostrunner_http import Settings, create_app
+from ghostrunner_http._tokens import new_token
 from ghostrunner_http.openapi import openapi_document
 
 with warnings.catch_warnings():

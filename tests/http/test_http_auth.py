@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from conftest import ADMIN, Api, ApiFactory
 
-from ghostrunner import Scope
+from ghostrunner.tokens import Scope
 
 # (method, path, body details or None, the scope it needs). {id} is a task created first.
 ROUTES: list[tuple[str, str, dict[str, Any] | None, Scope]] = [

@@ -101,7 +101,7 @@ def test_environment_wins_over_the_file(tmp_path: Path) -> None:
                              "GHOSTRUNNER_LOOP_RETRY_CAP": "9.5",
                              "GHOSTRUNNER_FAKE_DEVICES": "x=Ex, y"})
     assert s.port == 2222
-    assert s.loop.retry_cap == 9.5
+    assert s.loop.retry.cap == 9.5
     assert s.fake_devices == (FakeDevice(nodeid="x", name="Ex"), FakeDevice(nodeid="y",
                                                                             name="y"))
     # and overrides (command-line flags) win over both

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 from conftest import REPO, SEED_TASK_BODY, ServerProcess
 
-from ghostrunner import hash_secret
+from ghostrunner_http._tokens import hash_secret
 
 ServerFactory = Callable[..., ServerProcess]
 ADMIN_SECRET = "serve-admin-secret-0123456789"

@@ -8,9 +8,10 @@ from typing import Any
 import pytest
 from conftest import ADMIN, Api, ApiFactory
 
-from ghostrunner import Scope, hash_secret
 from ghostrunner.testing import InMemoryStore
+from ghostrunner.tokens import Scope
 from ghostrunner_http import Settings
+from ghostrunner_http._tokens import hash_secret
 
 
 def test_create_shows_the_secret_once_and_stores_a_hash(api: Api) -> None:

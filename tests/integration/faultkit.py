@@ -37,6 +37,7 @@ from ghostrunner import (
     Delivery,
     GhostRunner,
     LoopSettings,
+    RetryPolicy,
     Run,
     RunState,
     Store,
@@ -49,7 +50,7 @@ from ghostrunner.sqlite import SQLiteStore
 
 SEED_ENV = "GHOSTRUNNER_FAULT_SEED"
 TIMEOUT = 30.0  # each command's timeout: they take at most half a second
-FAST = LoopSettings(resync_interval=1.0, retry_base=0.5, retry_cap=2.0, shutdown_grace=2.0)
+FAST = LoopSettings(resync_interval=1.0, retry=RetryPolicy(0.5, 2.0), shutdown_grace=2.0)
 _T = TypeVar("_T")
 
 

@@ -20,17 +20,18 @@ from ghostrunner import (
     Delivery,
     GhostRunner,
     LoopSettings,
-    OutcomeUnknown,
+    RetryPolicy,
     RunRequest,
     RunState,
     Task,
 )
+from ghostrunner.errors import OutcomeUnknown
 from ghostrunner.lab import Agent, MeshLab
 from ghostrunner.meshcentral import MeshCentralExecutor
 from ghostrunner.sqlite import SQLiteStore
 from ghostrunner.testing import InMemoryStore
 
-FAST = LoopSettings(resync_interval=1.0, retry_base=0.5, retry_cap=2.0, shutdown_grace=2.0)
+FAST = LoopSettings(resync_interval=1.0, retry=RetryPolicy(0.5, 2.0), shutdown_grace=2.0)
 
 
 def make_executor(lab: MeshLab, **options: float) -> MeshCentralExecutor:

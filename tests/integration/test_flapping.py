@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from ghostrunner import GhostRunner, LoopSettings, RunState, Task
+from ghostrunner import GhostRunner, LoopSettings, RetryPolicy, RunState, Task
 from ghostrunner.lab import MeshLab
 from ghostrunner.meshcentral import MeshCentralExecutor
 from ghostrunner.testing import InMemoryStore
@@ -28,7 +28,7 @@ def test_dropped_dispatches_are_retried_and_run_exactly_once(
             lab.url, user=lab.admin_user, password=lab.admin_password, ignore_ssl=True,
             group_id=lab.group_id, start_timeout=3.0,
         )
-        settings = LoopSettings(resync_interval=1.0, retry_base=0.5, retry_cap=2.0)
+        settings = LoopSettings(resync_interval=1.0, retry=RetryPolicy(0.5, 2.0))
         async with GhostRunner(store=InMemoryStore(), executor=executor,
                                settings=settings) as gr:
             await executor.wait_connected(timeout=60)

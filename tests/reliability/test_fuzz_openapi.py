@@ -49,9 +49,11 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from ghostrunner import Device, Scope, new_token
+from ghostrunner import Device
 from ghostrunner.testing import FakeExecutor, InMemoryStore
+from ghostrunner.tokens import Scope
 from ghostrunner_http import Settings, create_app
+from ghostrunner_http._tokens import new_token
 from ghostrunner_http.openapi import openapi_document
 
 ADMIN = "fuzz-admin-secret-0123456789abcdef"

@@ -36,12 +36,14 @@ import pytest
 from rawhttp import Connection, build, percentile
 from serverproc import ServerProcess
 
-from ghostrunner import GhostRunner, Scope, hash_secret, new_token
+from ghostrunner import GhostRunner
 from ghostrunner.meshcentral._executor import MeshCentralExecutor
 from ghostrunner.sqlite import SQLiteStore
 from ghostrunner.testing import FakeExecutor, InMemoryStore
+from ghostrunner.tokens import Scope
 from ghostrunner_http import Settings
 from ghostrunner_http._client import ApiClient, ApiFailure
+from ghostrunner_http._tokens import hash_secret, new_token
 from ghostrunner_http.config import ConfigError, load_settings
 
 ADMIN = "security-admin-secret-0123456789abcdef"

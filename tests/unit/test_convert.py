@@ -10,21 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ghostrunner import (
-    Delivery,
-    RunState,
-    Scope,
-    Shell,
-    Task,
-    TaskSummary,
-    ValidationError,
-    make_converter,
-    new_token,
-    structure,
-    task_from_seed,
-    task_to_seed,
-)
+from ghostrunner import Delivery, RunState, Shell, Task, TaskSummary
 from ghostrunner._types import MAX_TIMEOUT
+from ghostrunner.errors import ValidationError
+from ghostrunner.tokens import Scope
+from ghostrunner_http._convert import make_converter, structure, task_from_seed, task_to_seed
+from ghostrunner_http._tokens import new_token
 
 # Copied byte for byte from the seed document (SEED.md, "TaskData").
 SEED_TASK_DATA = """{

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from ghostrunner import NotDelivered, OutcomeUnknown, PermanentError
+from ghostrunner.errors import NotDelivered, OutcomeUnknown, PermanentError
 from ghostrunner.meshcentral import MeshCentralExecutor
 from ghostrunner.meshcentral._executor import _Dispatch
 from ghostrunner.meshcentral._wrappers import wrap_command

@@ -9,19 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ghostrunner import (
-    Delivery,
-    ExecutorError,
-    NotDelivered,
-    Outcome,
-    OutcomeUnknown,
-    PermanentError,
-    Run,
-    RunState,
-    Task,
-)
+from ghostrunner import Delivery, Outcome, RetryPolicy, Run, RunState, Task
 from ghostrunner._planner import Decision, decide, plan_dispatches, recover
-from ghostrunner._types import backoff
+from ghostrunner.errors import ExecutorError, NotDelivered, OutcomeUnknown, PermanentError
 
 NOW = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -220,7 +210,7 @@ def test_plan_properties(
     ],
 )
 def test_backoff_values(base: float, cap: float, n: int, seconds: float) -> None:
-    assert backoff(base, cap, n) == timedelta(seconds=seconds)
+    assert RetryPolicy(base, cap).delay(n) == timedelta(seconds=seconds)
 
 
 # --------------------------------------------------------------------------- decide
@@ -241,7 +231,7 @@ BOTH = pytest.mark.parametrize("delivery", list(Delivery))
 
 
 def d(run: Run, task: Task, result: Outcome | ExecutorError) -> Decision:
-    return decide(run, task, result, now=NOW, retry_base=BASE, retry_cap=CAP)
+    return decide(run, task, result, now=NOW, retry=RetryPolicy(BASE, CAP))
 
 
 @BOTH
@@ -344,7 +334,7 @@ def test_decide_uses_default_backoff_settings() -> None:
 @pytest.mark.parametrize("attempts", [1, 2, 3])
 def test_recover_at_most_once_is_lost(attempts: int) -> None:
     task = mktask(Delivery.AT_MOST_ONCE, 3)
-    decision = recover(dispatched(attempts), task, now=NOW, retry_base=BASE, retry_cap=CAP)
+    decision = recover(dispatched(attempts), task, now=NOW, retry=RetryPolicy(BASE, CAP))
     assert decision.state is RunState.LOST
     assert decision.error is not None
     assert "in flight" in decision.error
@@ -353,7 +343,7 @@ def test_recover_at_most_once_is_lost(attempts: int) -> None:
 @pytest.mark.parametrize(("attempts", "wait"), [(1, 2.0), (2, 4.0)])
 def test_recover_at_least_once_retries_below_max(attempts: int, wait: float) -> None:
     task = mktask(Delivery.AT_LEAST_ONCE, 3)
-    decision = recover(dispatched(attempts), task, now=NOW, retry_base=BASE, retry_cap=CAP)
+    decision = recover(dispatched(attempts), task, now=NOW, retry=RetryPolicy(BASE, CAP))
     assert decision.state is RunState.PENDING
     assert decision.delivered is True
     assert decision.available_at == NOW + timedelta(seconds=wait)
@@ -362,7 +352,7 @@ def test_recover_at_least_once_retries_below_max(attempts: int, wait: float) -> 
 @pytest.mark.parametrize(("attempts", "max_attempts"), [(1, 1), (3, 3)])
 def test_recover_at_least_once_at_max_is_lost(attempts: int, max_attempts: int) -> None:
     task = mktask(Delivery.AT_LEAST_ONCE, max_attempts)
-    decision = recover(dispatched(attempts), task, now=NOW, retry_base=BASE, retry_cap=CAP)
+    decision = recover(dispatched(attempts), task, now=NOW, retry=RetryPolicy(BASE, CAP))
     assert decision.state is RunState.LOST
     assert decision.error is not None
     assert f"gave up after {attempts} attempts" in decision.error

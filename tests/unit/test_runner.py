@@ -16,27 +16,30 @@ from typing import Any, TypeVar
 import pytest
 
 from ghostrunner import (
-    Conflict,
     Delivery,
     Device,
     GhostRunner,
     LoopSettings,
-    NotDelivered,
-    NotFound,
     Outcome,
-    OutcomeUnknown,
-    PermanentError,
+    RetryPolicy,
+    RunKey,
     RunRequest,
     RunState,
-    StoreError,
     Task,
     TaskQuery,
     TaskStatus,
-    ValidationError,
-    utcnow,
 )
-from ghostrunner._types import RunKey
-from ghostrunner.testing import FakeClock, FakeExecutor, InMemoryStore
+from ghostrunner._types import utcnow
+from ghostrunner.errors import (
+    Conflict,
+    NotDelivered,
+    NotFound,
+    OutcomeUnknown,
+    PermanentError,
+    StoreError,
+    ValidationError,
+)
+from ghostrunner.testing import FakeClock, FakeExecutor, InMemoryStore, crash
 
 T = TypeVar("T")
 LIMIT = 5.0  # seconds: a safety net on every wait, never reached when things work
@@ -64,7 +67,7 @@ class Env:
         self.store = store or InMemoryStore()
         self.executor = executor or FakeExecutor(handler, devices=devices)
         self.clock = clock or FakeClock()
-        self.settings = settings or LoopSettings(retry_base=10.0, retry_cap=80.0)
+        self.settings = settings or LoopSettings(retry=RetryPolicy(10.0, 80.0))
         self.gr = GhostRunner(
             store=self.store,
             executor=self.executor,
@@ -131,7 +134,7 @@ async def crash_mid_flight(gr: GhostRunner, gate: Gate) -> None:
     """Run the loop until the gate holds one command in flight, then crash it."""
     idle = asyncio.create_task(gr.run_until_idle())
     await gate.wait_for(1)
-    await gr.crash()
+    await crash(gr)
     await asyncio.wait_for(idle, LIMIT)
 
 def test_offline_device_stays_pending() -> None:
@@ -1102,13 +1105,15 @@ def test_background_recovers_on_start_and_stops_cleanly() -> None:
         gate.release.set()
 
         # a real clock this time: the retry backoff (10 ms) must pass by itself
-        env2 = env.restart(background=True, real_clock=True, settings=LoopSettings(retry_base=0.01))
+        env2 = env.restart(
+            background=True, real_clock=True, settings=LoopSettings(retry=RetryPolicy(0.01))
+        )
         async with started(env2) as gr2:
             runs = await asyncio.wait_for(gr2.wait(task.id), LIMIT)
             assert states(runs) == [RunState.SUCCEEDED]
             assert runs[0].attempts == 2
-        assert gr2._runner is not None
-        assert gr2._runner.done()
+        assert gr2._loop_task is not None
+        assert gr2._loop_task.done()
 
     run(main())
 
@@ -1178,7 +1183,7 @@ def test_background_recovery_is_retried_until_it_succeeds() -> None:
             return await real()
 
         env.store.dispatched = flaky  # type: ignore[method-assign]
-        env2 = env.restart(background=True, settings=LoopSettings(retry_base=0.01))
+        env2 = env.restart(background=True, settings=LoopSettings(retry=RetryPolicy(0.01)))
         async with started(env2) as gr2:
             runs = await asyncio.wait_for(gr2.wait(task.id), LIMIT)
             assert states(runs) == [RunState.LOST]

@@ -33,18 +33,16 @@ from ghostrunner import (
     Device,
     GhostRunner,
     LoopSettings,
-    NotDelivered,
-    NotFound,
     Outcome,
-    OutcomeUnknown,
-    PermanentError,
+    RetryPolicy,
     Run,
     RunKey,
     RunRequest,
     RunState,
     Task,
 )
-from ghostrunner.testing import FakeClock, FakeExecutor, InMemoryStore
+from ghostrunner.errors import NotDelivered, NotFound, OutcomeUnknown, PermanentError
+from ghostrunner.testing import FakeClock, FakeExecutor, InMemoryStore, crash
 
 T = TypeVar("T")
 
@@ -81,7 +79,7 @@ class GhostRunnerMachine(RuleBasedStateMachine):
         self.hanging: set[str] = set()
         self.executor = FakeExecutor(self.handle, devices=NODES)
         self.settings = LoopSettings(
-            max_in_flight=MAX_IN_FLIGHT, retry_base=1.0, retry_cap=8.0, shutdown_grace=0.001
+            max_in_flight=MAX_IN_FLIGHT, retry=RetryPolicy(1.0, 8.0), shutdown_grace=0.001
         )
         self.submitted: dict[str, Task] = {}
         self.frozen: dict[RunKey, Run] = {}  # terminal runs as first seen
@@ -324,7 +322,7 @@ class GhostRunnerMachine(RuleBasedStateMachine):
                 self.run(self.runner.__aexit__(None, None, None))
                 assert not self.executor.opened
             else:
-                self.run(self.runner.crash())
+                self.run(crash(self.runner))
             self.restarts += 1
             self.gr = self.start()
             assert not self.runner.loop.in_flight
@@ -406,7 +404,7 @@ class GhostRunnerMachine(RuleBasedStateMachine):
                 self.finish()
         finally:
             if self.gr is not None:
-                self.run(self.gr.crash())
+                self.run(crash(self.gr))
             self.loop.run_until_complete(self.loop.shutdown_asyncgens())
             self.loop.close()
 

@@ -15,17 +15,11 @@ from ghostrunner import (
     Outcome,
     Run,
     RunState,
-    Scope,
     Shell,
     Task,
     TaskQuery,
     TaskStatus,
     TaskSummary,
-    Token,
-    ValidationError,
-    hash_secret,
-    new_token,
-    verify_secret,
 )
 from ghostrunner._types import (
     ACTIVE_STATES,
@@ -38,6 +32,9 @@ from ghostrunner._types import (
     new_id,
     task_status,
 )
+from ghostrunner.errors import ValidationError
+from ghostrunner.tokens import Scope, Token
+from ghostrunner_http._tokens import hash_secret, new_token, verify_secret
 
 T0 = datetime(2025, 5, 27, 10, 15, 30, tzinfo=UTC)
 NAIVE = datetime(2025, 5, 27, 10, 15, 30)

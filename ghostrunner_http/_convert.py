@@ -1,4 +1,9 @@
-"""One cattrs converter for every value GhostRunner turns into JSON and back.
+"""JSON in and out of the HTTP API: one cattrs converter, and the seed's task shape.
+
+*The seed API* is the HTTP API of the original GhostRunner server, whose request bodies
+this server accepts unchanged (``TaskData``: ``name``, ``command``, ``nodeids``...);
+docs/http-api.md says where the answers differ. :func:`task_from_seed` and
+:func:`task_to_seed` map its ``TaskData`` to and from :class:`ghostrunner.Task`.
 
 Datetimes travel as ISO-8601 strings and must carry a timezone; unknown keys are
 refused (``forbid_extra_keys``), and :func:`structure` turns every failure into a
@@ -15,8 +20,9 @@ import cattrs
 from cattrs.preconf.json import JsonConverter
 from cattrs.preconf.json import make_converter as _make_json_converter
 
-from ._errors import ValidationError
-from ._types import RunState, Task, TaskSummary, Token
+from ghostrunner import RunState, Task, TaskSummary
+from ghostrunner.errors import ValidationError
+from ghostrunner.tokens import Token
 
 __all__ = [
     "make_converter",

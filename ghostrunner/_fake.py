@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from typing import Any
 
 import attrs
 
@@ -79,6 +80,14 @@ class FakeExecutor:
             )
         self._devices[device.node_id] = device
         self._emit(DeviceEvent(kind=EventKind.CHANGED, node_id=device.node_id))
+        return device
+
+    def update_device(self, node_id: str, **changes: Any) -> Device:
+        """Change a known device's fields (``tags``, ``group_id``, ``group_name``,
+        ``os``, ``name``...), as an operator editing it in MeshCentral would."""
+        device = attrs.evolve(self._devices[node_id], **changes)
+        self._devices[node_id] = device
+        self._emit(DeviceEvent(kind=EventKind.CHANGED, node_id=node_id))
         return device
 
     def set_online(self, node_id: str, online: bool = True) -> None:

@@ -463,18 +463,27 @@ class Page:
 # --------------------------------------------------------------------------- devices
 
 
+def _tag_tuple(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(value)
+
+
 @attrs.frozen(kw_only=True)
 class Device:
     """A device as the executor sees it.
 
     ``online`` means ready to take a command now (for MeshCentral: agent connected and
-    its start-up finished), not merely "seen on the network".
+    its start-up finished), not merely "seen on the network". ``group_id`` and
+    ``group_name`` name its device group (MeshCentral: ``mesh//...`` and the group's
+    name), ``tags`` are its tags, ``os`` describes its operating system: what task
+    selectors match on.
     """
 
     node_id: str
     name: str = ""
     online: bool = False
     group_id: str | None = None
+    group_name: str | None = None
+    tags: tuple[str, ...] = attrs.field(default=(), converter=_tag_tuple)
     os: str | None = None
     agent_kind: AgentKind = AgentKind.UNKNOWN
 

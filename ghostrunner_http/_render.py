@@ -151,6 +151,8 @@ def _device(dev: Device) -> dict[str, Any]:
         "nodeid": dev.node_id,
         "os": dev.os,
         "group_id": dev.group_id,
+        "group_name": dev.group_name,
+        "tags": list(dev.tags),
         "agent_kind": dev.agent_kind.value,
     }
 

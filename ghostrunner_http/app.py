@@ -269,7 +269,11 @@ def _executor_from(settings: Settings) -> Executor:
         from ghostrunner.testing import FakeExecutor  # executor = "fake": try it out
 
         return FakeExecutor(devices=[
-            Device(node_id=d.nodeid, name=d.name or d.nodeid, online=d.online)
+            Device(
+                node_id=d.nodeid, name=d.name or d.nodeid, online=d.online,
+                group_id=None if d.group is None else f"mesh//{d.group}", group_name=d.group,
+                tags=d.tags, os=d.os,
+            )
             for d in settings.fake_devices
         ])
     # libmeshctrl is heavy: import it only when MeshCentral is asked for

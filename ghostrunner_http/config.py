@@ -69,6 +69,10 @@ class FakeDevice:
     nodeid: str
     name: str = ""
     online: bool = True
+    group: str | None = None
+    """The device group's name (its id is ``mesh//<name>``)."""
+    tags: tuple[str, ...] = ()
+    os: str | None = None
 
 
 Executor = Literal["meshcentral", "fake"]
@@ -239,7 +243,7 @@ def _devices(key: str, value: Any) -> tuple[FakeDevice, ...]:
     elif isinstance(value, list):
         items = value
     else:
-        raise ConfigError(key, "must be a list of node ids or {nodeid, name, online} tables")
+        raise ConfigError(key, "must be a list of node ids or {nodeid, name, ...} tables")
     out: list[FakeDevice] = []
     for i, item in enumerate(items):
         where = f"{key}[{i}]"
@@ -249,21 +253,27 @@ def _devices(key: str, value: Any) -> tuple[FakeDevice, ...]:
                 raise ConfigError(where, "must be a non-empty node id")
             out.append(FakeDevice(nodeid=node.strip(), name=name.strip() or node.strip()))
         elif isinstance(item, dict):
-            extra = set(item) - {"nodeid", "name", "online"}
+            extra = set(item) - {"nodeid", "name", "online", "group", "tags", "os"}
             if extra:
                 raise ConfigError(f"{where}.{sorted(extra)[0]}", "unknown key")
             node = _str(f"{where}.nodeid", item.get("nodeid", ""))
             if not node.strip():
                 raise ConfigError(f"{where}.nodeid", "is required")
+            tags = item.get("tags", [])
+            if not isinstance(tags, list):
+                raise ConfigError(f"{where}.tags", "must be a list of strings")
             out.append(
                 FakeDevice(
                     nodeid=node,
                     name=_str(f"{where}.name", item.get("name", node)),
                     online=_bool(f"{where}.online", item.get("online", True)),
+                    group=_opt_str(f"{where}.group", item.get("group", "")),
+                    tags=tuple(_str(f"{where}.tags[{j}]", t) for j, t in enumerate(tags)),
+                    os=_opt_str(f"{where}.os", item.get("os", "")),
                 )
             )
         else:
-            raise ConfigError(where, "must be a node id or a {nodeid, name, online} table")
+            raise ConfigError(where, "must be a node id or a {nodeid, name, ...} table")
     return tuple(out)
 
 

@@ -262,9 +262,11 @@ SCHEMAS: dict[str, Schema] = {
             "nodeid": {"type": "string"},
             "os": _nullable({"type": "string"}),
             "group_id": _nullable({"type": "string"}),
+            "group_name": _nullable({"type": "string"}),
+            "tags": {"type": "array", "items": {"type": "string"}},
             "agent_kind": {"type": "string", "enum": ["posix", "windows", "unknown"]},
         },
-        ["name", "nodeid", "os", "group_id", "agent_kind"],
+        ["name", "nodeid", "os", "group_id", "group_name", "tags", "agent_kind"],
     ),
     "PyOnlineDevices": _obj(
         {

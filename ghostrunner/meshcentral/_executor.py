@@ -67,7 +67,7 @@ _BUSY_TEXT = "Run commands can't execute, already busy."
 _PERMANENT_REPLIES = {"Invalid nodeid", "Access denied", "Invalid command type", "Invalid domain"}
 _DEVICE_EVENTS = frozenset(
     {"nodeconnect", "devicesessions", "addnode", "removenode", "changenode",
-     "nodemeshchange", "deletemesh"}
+     "nodemeshchange", "deletemesh", "createmesh", "meshchange"}
 )
 
 
@@ -155,6 +155,7 @@ class MeshCentralExecutor:
         self.ready_fallback = ready_fallback
         self.reconnect_cap = reconnect_cap
         self._nodes: dict[str, _Node] = {}
+        self._group_names: dict[str, str] = {}  # device group id -> its name
         self._by_response: dict[str, _Dispatch] = {}
         self._by_node: dict[str, _Dispatch] = {}
         self._fanout = EventFanout()
@@ -302,6 +303,15 @@ class MeshCentralExecutor:
 
     async def _snapshot(self, session: Any) -> None:
         """Replace the device view with the server's list (after every login)."""
+        groups = await session._send_command(
+            {"action": "meshes"}, "ghostrunner_meshes", timeout=self.call_timeout,
+            responseid=f"ghostrunner_meshes_{secrets.token_hex(6)}",
+        )
+        self._group_names = {
+            str(mesh["_id"]): str(mesh.get("name") or "")
+            for mesh in groups.get("meshes") or ()
+            if isinstance(mesh, Mapping) and isinstance(mesh.get("_id"), str)
+        }
         request: dict[str, Any] = {"action": "nodes"}
         if self.group_id:
             request["meshid"] = self.group_id
@@ -338,11 +348,16 @@ class MeshCentralExecutor:
 
     def _device_from(self, raw: Mapping[str, Any], mesh_id: str | None,
                      existing: _Node | None) -> Device:
+        # ``raw`` is a whole node (from the snapshot, addnode or changenode): MeshCentral
+        # leaves ``tags`` out when a device has none
         base = existing.device if existing else Device(node_id=str(raw["_id"]))
+        group_id = mesh_id or raw.get("meshid") or base.group_id
         return attrs.evolve(
             base,
             name=str(raw.get("name") or raw.get("rname") or base.name),
-            group_id=mesh_id or raw.get("meshid") or base.group_id,
+            group_id=group_id,
+            group_name=self._group_names.get(group_id or "", base.group_name),
+            tags=tuple(t for t in raw.get("tags") or () if isinstance(t, str)),
             os=raw.get("osdesc") or base.os,
             agent_kind=agent_kind(raw.get("agent")) if raw.get("agent") else base.agent_kind,
         )
@@ -392,6 +407,22 @@ class MeshCentralExecutor:
             if dispatch is not None and not dispatch.done.done():
                 dispatch.done.set_result(dict(msg))
 
+    def _group_renamed(self, event: Mapping[str, Any]) -> None:
+        """A device group was created or changed: keep its name on its devices."""
+        inner = event.get("mesh")
+        mesh: Mapping[str, Any] = inner if isinstance(inner, Mapping) else event
+        mesh_id = event.get("meshid") or mesh.get("_id")
+        name = mesh.get("name")
+        if not isinstance(mesh_id, str) or not isinstance(name, str):
+            return  # e.g. a policy change: no name in it
+        if self._group_names.get(mesh_id) == name:
+            return
+        self._group_names[mesh_id] = name
+        for node_id, node in self._nodes.items():
+            if node.device.group_id == mesh_id:
+                node.device = attrs.evolve(node.device, group_name=name)
+                self._emit(DeviceEvent(kind=EventKind.CHANGED, node_id=node_id))
+
     def _console(self, msg: Mapping[str, Any]) -> None:
         dispatch = self._by_node.get(str(msg.get("nodeid")))
         value = msg.get("value")
@@ -419,6 +450,9 @@ class MeshCentralExecutor:
             for nid in [n for n, v in self._nodes.items() if v.device.group_id == mesh_id]:
                 self._forget(nid)
             return
+        if action in {"createmesh", "meshchange"}:
+            self._group_renamed(event)
+            return
         if not isinstance(node_id, str):
             return
         mesh_id = event.get("meshid") or (event.get("node") or {}).get("meshid")
@@ -444,7 +478,10 @@ class MeshCentralExecutor:
         if node is None:
             if self.group_id and not mesh_id:
                 return
-            node = _Node(device=Device(node_id=node_id, name=node_id, group_id=mesh_id))
+            node = _Node(device=Device(
+                node_id=node_id, name=node_id, group_id=mesh_id,
+                group_name=self._group_names.get(mesh_id or ""),
+            ))
             self._nodes[node_id] = node
         if action == "nodeconnect":
             connected = bool(int(event.get("conn") or 0) & 1)

@@ -75,7 +75,8 @@ resync_interval = 2.5
 shutdown_grace = 3
 
 [fake]
-devices = ["a", {{nodeid = "b", name = "Bee", online = false}}]
+devices = ["a", {{nodeid = "b", name = "Bee", online = false}},
+           {{nodeid = "c", group = "pis", tags = ["arm", "lab"], os = "Raspbian"}}]
 """)
     s = load_settings(path, {})
     assert s.database == tmp_path / "gr.db"
@@ -90,8 +91,11 @@ devices = ["a", {{nodeid = "b", name = "Bee", online = false}}]
     assert s.loop.max_in_flight == 8
     assert s.loop.resync_interval == 2.5
     assert s.loop.shutdown_grace == 3.0
-    assert s.fake_devices == (FakeDevice(nodeid="a", name="a"),
-                              FakeDevice(nodeid="b", name="Bee", online=False))
+    assert s.fake_devices == (
+        FakeDevice(nodeid="a", name="a"),
+        FakeDevice(nodeid="b", name="Bee", online=False),
+        FakeDevice(nodeid="c", name="c", group="pis", tags=("arm", "lab"), os="Raspbian"),
+    )
     assert s.admin_token == "an-admin-token-long-enough"
 
 
@@ -145,6 +149,10 @@ def test_every_key_has_an_environment_variable() -> None:
         ('executor = "fake"\n[loop]\nmax_in_flight = 0', {}, "loop"),
         ('executor = "fake"\n[fake]\ndevices = [1]', {}, "fake.devices[0]"),
         ('executor = "fake"\n[fake]\ndevices = [{name = "x"}]', {}, "fake.devices[0].nodeid"),
+        ('executor = "fake"\n[fake]\ndevices = [{nodeid = "x", tags = "arm"}]', {},
+         "fake.devices[0].tags"),
+        ('executor = "fake"\n[fake]\ndevices = [{nodeid = "x", tags = [1]}]', {},
+         "fake.devices[0].tags[0]"),
         ('[meshcentral]\nurl = "https://m"\nuser = "u"\npassword = "p"', {},
          "meshcentral.url"),
         ('[meshcentral]\nurl = "wss://m"\nuser = "u"', {}, "meshcentral.password"),

@@ -509,7 +509,8 @@ def test_devices_follow_the_executor(api_factory: ApiFactory) -> None:
     executor = FakeExecutor(devices=[])
     executor.add_device(Device(node_id="node-005", name="Server-02", online=True))
     executor.add_device(Device(node_id="node-001", name="RaspberryPi-01", online=True,
-                               os="Raspbian"))
+                               os="Raspbian", group_id="mesh//pis", group_name="pis",
+                               tags=("arm", "lab")))
     executor.add_device(Device(node_id="node-003", name="IoT-Gateway", online=False))
     api = api_factory(executor=executor)
     data = api.get("/devices").json()["data"]
@@ -518,7 +519,10 @@ def test_devices_follow_the_executor(api_factory: ApiFactory) -> None:
     assert [(d["name"], d["nodeid"]) for d in data["offline_devices"]] == [
         ("IoT-Gateway", "node-003")]
     assert data["total_devices"] == 3
-    assert data["online_devices"][0]["os"] == "Raspbian"
+    pi = data["online_devices"][0]
+    assert (pi["os"], pi["group_id"], pi["group_name"], pi["tags"]) == (
+        "Raspbian", "mesh//pis", "pis", ["arm", "lab"])
+    assert data["online_devices"][1]["tags"] == []
     executor.set_online("node-003")
     data = api.get("/devices").json()["data"]
     assert len(data["online_devices"]) == 3

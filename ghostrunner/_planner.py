@@ -95,14 +95,18 @@ def decide(
     """What the result of dispatching ``run`` (an :class:`Outcome` or an executor error)
     means for it, under ``task``'s delivery policy.
 
-    * an outcome: succeeded / failed / timed_out, as it says;
+    * an outcome: timed_out if it says so, else succeeded when its exit code is one
+      of the task's ``success_exit_codes``, failed otherwise;
     * ``NotDelivered``: back to pending with exponential backoff; not an attempt;
     * ``PermanentError``: failed, with the reason;
     * ``OutcomeUnknown``: ``lost`` under at_most_once; under at_least_once pending again
       with backoff while ``attempts < max_attempts``, else ``lost``.
     """
     if isinstance(result, Outcome):
-        return Decision(state=result.state, outcome=result)
+        if result.timed_out:
+            return Decision(state=RunState.TIMED_OUT, outcome=result)
+        ok = task.succeeded(result.exit_code)
+        return Decision(state=RunState.SUCCEEDED if ok else RunState.FAILED, outcome=result)
     if isinstance(result, NotDelivered):
         return Decision(
             state=RunState.PENDING,

@@ -9,10 +9,12 @@ Each (task, device) pair is a :class:`Run`, tracked on its own through the state
 from __future__ import annotations
 
 import enum
+import fnmatch
 import os
 import random
+import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, TypeVar
 
@@ -33,11 +35,14 @@ __all__ = [
     "Outcome",
     "Page",
     "RetryPolicy",
+    "Rollout",
     "Run",
     "RunKey",
     "RunRequest",
     "RunState",
+    "Selector",
     "Shell",
+    "TagsMode",
     "Task",
     "TaskQuery",
     "TaskStatus",
@@ -209,8 +214,6 @@ def _targets(value: Iterable[str]) -> tuple[str, ...]:
 
 
 def _check_targets(inst: object, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
-    if not value:
-        raise ValidationError(attribute.name, "must name at least one device")
     if len(value) > MAX_TARGETS:
         raise ValidationError(attribute.name, f"must name at most {MAX_TARGETS} devices")
     seen: set[str] = set()
@@ -262,6 +265,180 @@ def _to_state(value: object) -> RunState:
     return _member(RunState, "state", value)
 
 
+# --------------------------------------------------------------------------- fleets
+
+
+class TagsMode(enum.StrEnum):
+    """How a selector's tags combine."""
+
+    ALL = "all"
+    """The device has every tag."""
+    ANY = "any"
+    """The device has at least one of the tags."""
+
+
+def _opt_text(max_len: int) -> Any:
+    check = _text(max_len)
+
+    def optional(inst: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
+        if value is not None:
+            check(inst, attribute, value)
+
+    return optional
+
+
+def _tags(value: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(value, str):
+        raise ValidationError("tags", "must be a list of tags, not a string")
+    return tuple(value)
+
+
+def _check_tags(inst: object, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    if len(value) > 100:
+        raise ValidationError(attribute.name, "must list at most 100 tags")
+    for i, tag in enumerate(value):
+        if not isinstance(tag, str) or not tag.strip() or len(tag) > MAX_NAME:
+            raise ValidationError(f"{attribute.name}[{i}]", "must be a non-empty tag")
+
+
+def _to_tags_mode(value: object) -> TagsMode:
+    return _member(TagsMode, "tags_mode", value)
+
+
+@attrs.frozen(kw_only=True)
+class Selector:
+    """Which devices a task targets, beyond its explicit node ids: every device whose
+    fields match all of those given (an AND), online or not.
+
+    Args:
+        group: a device group, by id (``mesh//...``) or by name (case-insensitive).
+        tags: device tags (case-insensitive); ``tags_mode`` ``all`` (default: the
+            device has every one) or ``any`` (at least one).
+        os: a case-insensitive substring of the device's OS description.
+        name: a glob (``*``, ``?``, ``[...]``) on the device name, case-insensitive.
+        all: every device the executor manages.
+
+    Raises:
+        ValidationError: naming the field; a selector must say at least one thing.
+    """
+
+    group: str | None = attrs.field(default=None, validator=_opt_text(MAX_NAME))
+    tags: tuple[str, ...] = attrs.field(default=(), converter=_tags, validator=_check_tags)
+    tags_mode: TagsMode = attrs.field(default=TagsMode.ALL, converter=_to_tags_mode)
+    os: str | None = attrs.field(default=None, validator=_opt_text(MAX_NAME))
+    name: str | None = attrs.field(default=None, validator=_opt_text(MAX_NAME))
+    all: bool = False
+    # matching runs for every device on every change: prepared once
+    _tag_set: frozenset[str] = attrs.field(init=False, repr=False, eq=False)
+    _name_re: re.Pattern[str] | None = attrs.field(init=False, repr=False, eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        if not isinstance(self.all, bool):
+            raise ValidationError("all", "must be true or false")
+        if not (self.all or self.group or self.tags or self.os or self.name):
+            raise ValidationError(
+                "select", "must give at least one of group, tags, os, name or all: true"
+            )
+        object.__setattr__(self, "_tag_set", frozenset(t.casefold() for t in self.tags))
+        pattern = None if self.name is None else re.compile(
+            fnmatch.translate(self.name.casefold()), re.DOTALL
+        )
+        object.__setattr__(self, "_name_re", pattern)
+
+    def matches(self, device: Device) -> bool:
+        """True if ``device`` is selected."""
+        if self.group is not None:
+            if self.group.startswith("mesh//"):
+                if device.group_id != self.group:
+                    return False
+            elif (device.group_name or "").casefold() != self.group.casefold():
+                return False
+        if self.tags:
+            wanted = self._tag_set
+            have = {t.casefold() for t in device.tags}
+            if self.tags_mode is TagsMode.ALL and not wanted <= have:
+                return False
+            if self.tags_mode is TagsMode.ANY and not wanted & have:
+                return False
+        if self.os is not None and self.os.casefold() not in (device.os or "").casefold():
+            return False
+        return self._name_re is None or bool(self._name_re.match((device.name or "").casefold()))
+
+    def __str__(self) -> str:
+        parts = [f"group={self.group}"] if self.group else []
+        if self.tags:
+            parts.append(f"tags({self.tags_mode.value})={','.join(self.tags)}")
+        parts += [f"os~{self.os}"] if self.os else []
+        parts += [f"name={self.name}"] if self.name else []
+        return " AND ".join(parts) or "all devices"
+
+
+def _opt_count(low: int, high: int) -> Any:
+    def check(inst: object, attribute: attrs.Attribute[Any], value: int | None) -> None:
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValidationError(attribute.name, f"must be an integer from {low} to {high}")
+
+    return check
+
+
+def _opt_pct(inst: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 100:
+        raise ValidationError(attribute.name, "must be a percentage from 0 to below 100")
+
+
+@attrs.frozen(kw_only=True)
+class Rollout:
+    """How fast a task spreads over its devices, and when it gives up.
+
+    Args:
+        max_concurrent: the most runs of this task in flight at once.
+        per_minute: the most runs of this task started in any 60 seconds.
+        abort_failed_pct: abort the task when more than this percentage of its
+            finished runs failed or timed out...
+        abort_min_finished: ...once at least this many runs finished (default 1).
+
+    Abort cancels every run not yet started, with the reason recorded; runs in flight
+    finish. None (the default) means no limit and no abort rule.
+    """
+
+    max_concurrent: int | None = attrs.field(default=None, validator=_opt_count(1, 1_000_000))
+    per_minute: int | None = attrs.field(default=None, validator=_opt_count(1, 1_000_000))
+    abort_failed_pct: float | None = attrs.field(default=None, validator=_opt_pct)
+    abort_min_finished: int = attrs.field(default=1, validator=_opt_count(1, 1_000_000))
+
+    def should_abort(self, finished: int, failed: int) -> str | None:
+        """The reason to abort, if ``failed`` of ``finished`` runs break the rule."""
+        pct = self.abort_failed_pct
+        if pct is None or finished < self.abort_min_finished or failed * 100 <= pct * finished:
+            return None
+        return (
+            f"aborted: {failed} of {finished} finished runs failed or timed out "
+            f"(more than {pct:g}%)"
+        )
+
+
+def _exit_codes(value: Iterable[int]) -> tuple[int, ...]:
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise ValidationError("success_exit_codes", "must be a list of exit codes")
+    return tuple(value)
+
+
+def _check_exit_codes(
+    inst: object, attribute: attrs.Attribute[Any], value: tuple[int, ...]
+) -> None:
+    if not value or len(value) > 256:
+        raise ValidationError(attribute.name, "must list 1 to 256 exit codes")
+    for i, code in enumerate(value):
+        if isinstance(code, bool) or not isinstance(code, int) or not -(2**31) <= code < 2**32:
+            raise ValidationError(f"{attribute.name}[{i}]", "must be an integer exit code")
+
+
+_NO_ROLLOUT = Rollout()
+
 # --------------------------------------------------------------------------- tasks & runs
 
 
@@ -280,6 +457,13 @@ class Task:
         expires_at: runs not started by this time end ``expired``.
         max_attempts: the most times the command may be handed to a device.
         delivery: ``at_most_once`` (default) or ``at_least_once``.
+        select: a :class:`Selector`: the devices it matches get a run too (those known
+            when the task is submitted; with ``continuous``, also those that match later).
+        continuous: keep adding a run for every device that starts to match ``select``,
+            until ``expires_at`` or until the task is cancelled. A device never gets two
+            runs of one task.
+        rollout: :class:`Rollout` limits and the abort rule.
+        success_exit_codes: the exit codes that mean success (default ``(0,)``).
 
     Raises:
         ValidationError: naming the field, for any invalid value.
@@ -304,6 +488,12 @@ class Task:
     expires_at: datetime | None = attrs.field(default=None, validator=_aware)
     max_attempts: int = attrs.field(default=3, validator=_attempts)
     delivery: Delivery = attrs.field(default=Delivery.AT_MOST_ONCE, converter=_to_delivery)
+    select: Selector | None = None
+    continuous: bool = False
+    rollout: Rollout = attrs.field(factory=lambda: _NO_ROLLOUT)
+    success_exit_codes: tuple[int, ...] = attrs.field(
+        default=(0,), converter=_exit_codes, validator=_check_exit_codes
+    )
 
     @run_as_user.validator
     def _check_bool(self, attribute: attrs.Attribute[bool], value: bool) -> None:
@@ -317,13 +507,33 @@ class Task:
             and self.expires_at <= self.not_before
         ):
             raise ValidationError("expires_at", "must be later than not_before")
+        if self.select is not None and not isinstance(self.select, Selector):
+            raise ValidationError("select", "must be a Selector")
+        if not isinstance(self.rollout, Rollout):
+            raise ValidationError("rollout", "must be a Rollout")
+        if not isinstance(self.continuous, bool):
+            raise ValidationError("continuous", "must be true or false")
+        if self.continuous and self.select is None:
+            raise ValidationError("continuous", "needs a selector (select) to follow")
+        if not self.targets and self.select is None:
+            raise ValidationError("targets", "must name at least one device (or select some)")
 
-    def first_runs(self, now: datetime | None = None) -> list[Run]:
-        """The pending runs this task starts with, one per target, in target order."""
+    def succeeded(self, exit_code: int | None) -> bool:
+        """True if ``exit_code`` means success for this task."""
+        return exit_code is not None and exit_code in self.success_exit_codes
+
+    def first_runs(
+        self, now: datetime | None = None, nodes: Sequence[str] | None = None
+    ) -> list[Run]:
+        """The pending runs this task starts with: one per node of ``nodes`` (default:
+        its targets), in that order."""
+        nodes = self.targets if nodes is None else nodes
+        if not nodes:
+            return []
         queued = now or utcnow()
         first = Run(
             task_id=self.id,
-            node_id=self.targets[0],
+            node_id=nodes[0],
             queued_at=queued,
             available_at=self.not_before or queued,
             expires_at=self.expires_at,
@@ -331,7 +541,7 @@ class Task:
         # the others differ only in node_id, which this task validated: don't validate
         # every field of every run again (a task may have thousands of targets)
         values = attrs.asdict(first, recurse=False)
-        return [first, *(trusted(Run, **{**values, "node_id": node}) for node in self.targets[1:])]
+        return [first, *(trusted(Run, **{**values, "node_id": node}) for node in nodes[1:])]
 
 
 @attrs.frozen(order=True)

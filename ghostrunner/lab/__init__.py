@@ -1,9 +1,10 @@
 """A real MeshCentral lab on the loopback interface: server, device group and agents.
 
-The lab is what GhostRunner's integration tests, demo and benchmarks run against. It
-needs only Python 3.11+, Node.js (16+, tested with 20) and ``npm`` on ``PATH``;
-MeshCentral itself is installed from the npm registry on first use and cached
-(``~/.cache/ghostrunner``, or ``$GHOSTRUNNER_LAB_CACHE``).
+The lab is what GhostRunner's integration tests, demo and benchmarks run against, and
+what ``ghostrunner lab up|down|status`` starts for a user. It needs only Python 3.11+,
+Node.js (16+, tested with 20) and ``npm`` on ``PATH``; MeshCentral itself is installed
+from the npm registry on first use and cached (``~/.cache/ghostrunner``, or
+``$GHOSTRUNNER_LAB_CACHE``).
 
 It runs on Linux only (process groups, ``fcntl``, ``/proc``, the Linux x86-64 agent).
 Importing it works everywhere; creating a :class:`MeshLab` elsewhere raises
@@ -25,7 +26,8 @@ The server is pointed at ``root`` with ``--datapath`` plus ``settings.datapath``
 ``settings.filespath`` in ``config.json`` (``--datapath`` alone only moves
 ``config.json``). Every process runs in its own process group, bound to 127.0.0.1 only,
 with proxy variables removed from its environment; :meth:`MeshLab.close` (also run at
-interpreter exit) kills all of them.
+interpreter exit) kills all of them, unless :meth:`MeshLab.detach` left them running
+for a later :meth:`MeshLab.attach`.
 
 Example::
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ._common import _HEX_NODE_ID_RE, LabError, LabTimeoutError, _clean_env, _tail, node_id_from_hex
-from ._procs import _descendants, _kill_group, _reap_stale_agent
+from ._procs import _alive, _descendants, _is_agent_process, _kill_group, _reap_stale_agent
 
 if TYPE_CHECKING:
     from ._server import MeshLab
@@ -35,6 +35,8 @@ class Agent:
         self._name = name
         self._dir = directory
         self._proc: subprocess.Popen[bytes] | None = None
+        # PID of an agent process started by another lab object (see MeshLab.attach)
+        self._adopted: int | None = None
         self._node_id: str | None = None
         try:
             self._node_id = (directory / "nodeid").read_text().strip() or None
@@ -62,12 +64,16 @@ class Agent:
     @property
     def pid(self) -> int | None:
         """PID (= process group id) of the running agent, or None."""
-        return self._proc.pid if self.running and self._proc is not None else None
+        if self._proc is not None:
+            return self._proc.pid if self._proc.poll() is None else None
+        if self._adopted is not None and self._is_ours(self._adopted):
+            return self._adopted
+        return None
 
     @property
     def running(self) -> bool:
         """True while the agent process is alive."""
-        return self._proc is not None and self._proc.poll() is None
+        return self.pid is not None
 
     @property
     def enrolled(self) -> bool:
@@ -87,6 +93,18 @@ class Agent:
         if self._node_id is None:
             raise LabError(f"agent {self._name!r} has not enrolled yet: start() it first")
         return self._node_id
+
+    def _is_ours(self, pid: int) -> bool:
+        """True if ``pid`` is alive and is this agent (not a reused PID)."""
+        return _alive(pid) and _is_agent_process(pid, self._dir)
+
+    def _adopt(self, pid: int) -> bool:
+        """Take over a running agent process another lab object started (see
+        :meth:`MeshLab.attach`). False if ``pid`` is not this agent."""
+        if self._proc is not None or not self._is_ours(pid):
+            return False
+        self._adopted = pid
+        return True
 
     def start(self, *, wait: bool = True, timeout: float = 60.0) -> None:
         """Start the agent process (``./meshagent`` in the foreground, own process group).
@@ -112,6 +130,7 @@ class Agent:
             # its commands' temporary files (and once-only guards) stay in its directory
             tmp = self._dir / "tmp"
             tmp.mkdir(exist_ok=True)
+            self._adopted = None
             self._proc = subprocess.Popen(
                 ["./meshagent"],
                 cwd=self._dir,
@@ -132,14 +151,19 @@ class Agent:
         gone. No-op if it is not running.
         """
         proc, self._proc = self._proc, None
-        if proc is None:
+        adopted, self._adopted = self._adopted, None
+        if proc is not None:
+            pgid = proc.pid
+        elif adopted is not None and self._is_ours(adopted):
+            pgid = adopted  # started by another lab object: not our child, nothing to reap
+        else:
             return
         # Commands the agent runs may sit in process groups of their own (GhostRunner's
         # wrapper puts each command in one, to kill it on timeout). A stopped device
         # runs nothing, so they go too: otherwise an orphan keeps the agent's socket
         # open and the server sees the device online until its idle timeout.
-        orphans = _descendants(proc.pid)
-        _kill_group(proc.pid, proc, kill=kill, timeout=timeout)
+        orphans = _descendants(pgid)
+        _kill_group(pgid, proc, kill=kill, timeout=timeout)
         for pid in orphans:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

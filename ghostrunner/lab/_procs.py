@@ -149,3 +149,20 @@ def _is_agent_process(pid: int, directory: Path) -> bool:
 def _reap_stale_agent(directory: Path, log: LogFunc) -> None:
     _reap_stale_group(directory / "agent.pid", lambda pid: _is_agent_process(pid, directory), log)
 
+
+def _read_pid(pid_file: Path) -> int | None:
+    """The PID recorded in ``pid_file``, or None (no file, or not a number)."""
+    try:
+        return int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    """True if process ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return bool(fields) and fields[0] != b"Z"

@@ -34,7 +34,15 @@ from ._common import (
     _write_private,
 )
 from ._install import DEFAULT_VERSION, install_meshcentral
-from ._procs import _cmdline, _kill_group, _reap_stale_agent, _reap_stale_group
+from ._procs import (
+    _alive,
+    _cmdline,
+    _is_agent_process,
+    _kill_group,
+    _read_pid,
+    _reap_stale_agent,
+    _reap_stale_group,
+)
 
 _STATE_FILE: Final = "lab.json"
 _AGENT_BINARY: Final = "meshagent_x86-64"
@@ -80,6 +88,10 @@ class MeshLab:
     The lab is a context manager: ``with MeshLab(path) as lab:`` starts it and closes
     it (agents and server stopped, no process left) on exit. It is not thread-safe.
 
+    A lab that should outlive this process (``ghostrunner lab up``) is left running
+    with :meth:`detach`; a later object on the same root takes it over with
+    :meth:`attach` (``ghostrunner lab status|down``).
+
     Raises:
         LabError: this is not a POSIX system with ``/proc`` (Linux), or ``root`` holds
             a lab of another version or port.
@@ -106,6 +118,8 @@ class MeshLab:
         self._log: LogFunc = log or _quiet_log
         self._cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
         self._proc: subprocess.Popen[bytes] | None = None
+        # PID of a server started by another lab object on this root (see attach)
+        self._adopted: int | None = None
         self._agents: dict[str, Agent] = {}
         self._node: str | None = None
         self._package: Path | None = None
@@ -204,12 +218,16 @@ class MeshLab:
     @property
     def running(self) -> bool:
         """True while the server process is alive (not necessarily answering)."""
-        return self._proc is not None and self._proc.poll() is None
+        return self.pid is not None
 
     @property
     def pid(self) -> int | None:
         """PID (= process group id) of the running server's watchdog process, or None."""
-        return self._proc.pid if self.running and self._proc is not None else None
+        if self._proc is not None:
+            return self._proc.pid if self._proc.poll() is None else None
+        if self._adopted is not None and self._is_this_server(self._adopted):
+            return self._adopted
+        return None
 
     @property
     def agents(self) -> list[Agent]:
@@ -335,6 +353,10 @@ class MeshLab:
         args = _cmdline(pid)
         return str(self.data_dir) in args or any("meshaccelerator" in a for a in args)
 
+    def _is_this_server(self, pid: int) -> bool:
+        """True if ``pid`` is alive and is the server of this root (not a reused PID)."""
+        return _alive(pid) and str(self.data_dir) in _cmdline(pid)
+
     def _answers(self) -> bool:
         opener = _loopback_opener()
         try:
@@ -380,6 +402,7 @@ class MeshLab:
         with open(self.log_path, "ab") as log:
             log.write(f"\n=== server start {time.strftime('%Y-%m-%d %H:%M:%S')} ===\n".encode())
             log.flush()
+            self._adopted = None
             self._proc = subprocess.Popen(
                 [self._node_exe(), *self._server_args()],
                 cwd=self._root,
@@ -441,9 +464,13 @@ class MeshLab:
         measurements (use :meth:`wait_connected`). No-op if the server is not running.
         """
         proc, self._proc = self._proc, None
+        adopted, self._adopted = self._adopted, None
         if proc is not None:
             self._log("stopping MeshCentral")
             _kill_group(proc.pid, proc, timeout=timeout)
+        elif adopted is not None and self._is_this_server(adopted):
+            self._log(f"stopping MeshCentral (pid {adopted})")
+            _kill_group(adopted, None, timeout=timeout)
         (self._root / "server.pid").unlink(missing_ok=True)
 
     def restart(self, timeout: float = 120.0) -> None:
@@ -467,6 +494,50 @@ class MeshLab:
             _LIVE_LABS.discard(self)
         if errors:
             raise LabError(f"errors while closing the lab: {errors!r}") from errors[0]
+
+    def detach(self) -> None:
+        """Leave the server and agents running when this process exits.
+
+        Their process groups are not closed at interpreter exit (they already run in
+        sessions of their own, so they survive their parent). Their PIDs stay recorded
+        under :attr:`root`, for :meth:`attach` in another process. :meth:`close` and
+        :meth:`stop` still stop them if called; a later :meth:`start` registers the lab
+        for closing at exit again.
+        """
+        with _LIVE_LOCK:
+            _LIVE_LABS.discard(self)
+
+    def attach(self) -> bool:
+        """Take over a server and agents of this root that another process left running
+        (see :meth:`detach`), found by their recorded PIDs.
+
+        Every agent directory under ``root/agents`` becomes an :class:`Agent` of this
+        object (see :attr:`agents`), running or not, unless it was added already. The
+        processes are then this object's: :meth:`close` stops them, and so does
+        interpreter exit unless :meth:`detach` is called again. A PID is only taken if
+        that process still is this root's server or that directory's agent.
+
+        Returns:
+            True if the server is running.
+        """
+        if self._proc is None and self._adopted is None:
+            pid = _read_pid(self._root / "server.pid")
+            if pid is not None and self._is_this_server(pid):
+                self._adopted = pid
+        for directory in sorted(self._root.glob("agents/*")):
+            name = directory.name
+            if not _NAME_RE.match(name) or not (directory / "meshagent").exists():
+                continue
+            agent = self._agents.get(name)
+            if agent is None:
+                agent = self._agents[name] = Agent(self, name, directory)
+            pid = _read_pid(directory / "agent.pid")
+            if not agent.running and pid is not None and _is_agent_process(pid, directory):
+                agent._adopt(pid)
+        if self.running or any(agent.running for agent in self._agents.values()):
+            with _LIVE_LOCK:
+                _LIVE_LABS.add(self)
+        return self.running
 
     def __enter__(self) -> MeshLab:
         self.start()

@@ -1,5 +1,6 @@
-"""The ``ghostrunner`` command: ``serve`` runs the server; the other subcommands are an
-operator's client of its HTTP API (tasks, tokens, devices).
+"""The ``ghostrunner`` command: ``serve`` runs the server; ``tasks``, ``tokens`` and
+``devices`` are an operator's client of its HTTP API; ``lab`` runs a local MeshCentral
+sandbox (see ``_lab_cmd``).
 
 Exit status: 0 success; 1 ``tasks wait``/``--wait``: a run did not succeed; 2 usage or
 configuration error; 3 the server answered with an error or could not be reached
@@ -24,6 +25,7 @@ from ghostrunner import Delivery, RunState, Shell, TaskStatus
 from ghostrunner.tokens import Scope
 
 from ._client import ApiClient, ApiFailure, Unreachable
+from ._lab_cmd import add_lab_parser
 from .config import KNOWN_KEYS, ConfigError, Settings, env_var, load_settings, unknown_env
 
 __all__ = ["main"]
@@ -545,6 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--online", action="store_true", help="only online devices")
     group.add_argument("--offline", action="store_true", help="only offline devices")
     p.set_defaults(handler=cmd_devices)
+
+    add_lab_parser(sub)
     return parser
 
 

@@ -1,431 +1,52 @@
-"""A real MeshCentral lab on the loopback interface: server, device group and agents.
-
-The lab is what GhostRunner's integration tests, demo and benchmarks run against. It
-needs only Python 3.11+, Node.js (16+, tested with 20) and ``npm`` on ``PATH``; MeshCentral
-itself is installed from the npm registry on first use and cached.
-
-Layout of a lab rooted at ``root``::
-
-    root/
-      lab.json               lab state: port, admin credentials, group id (mode 0600)
-      meshcentral-data/      MeshCentral's data dir (config.json, NeDB files, certificates)
-      meshcentral-files/     MeshCentral's files dir
-      meshcentral.log        server output (appended on every start)
-      group.msh              the device group's agent settings, as served by the server
-      agents/NAME/           one directory per agent: meshagent, meshagent.msh,
-                             meshagent.db (its identity), agent.log, nodeid
-
-The MeshCentral package lives in a shared cache (see :func:`install_meshcentral`); the
-server is pointed at ``root`` with ``--datapath`` plus ``settings.datapath`` /
-``settings.filespath`` in ``config.json`` (``--datapath`` alone only moves
-``config.json``). Every process runs in its own process group, bound to 127.0.0.1 only,
-with proxy variables removed from its environment; :meth:`MeshLab.close` (also run at
-interpreter exit) kills all of them.
-
-Example::
-
-    with MeshLab(tmp_path) as lab:
-        a, b = lab.add_agent("alpha"), lab.add_agent("beta")
-        lab.start_agents([a, b])
-        lab.wait_connected([a, b])
-        b.stop()
-        lab.wait_connected([b], connected=False)
-
-This module deliberately uses the standard library only.
-"""
+"""The lab itself: a loopback-only MeshCentral server with one device group."""
 
 from __future__ import annotations
 
 import atexit
-import base64
-import binascii
 import contextlib
-import fcntl
 import json
-import os
 import re
-import secrets
 import shutil
-import signal
-import socket
 import ssl
-import string
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
 import urllib.parse
-import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 
-__all__ = [
-    "DEFAULT_VERSION",
-    "Agent",
-    "LabError",
-    "LabTimeoutError",
-    "MeshLab",
-    "default_cache_dir",
-    "install_meshcentral",
-    "node_id_from_hex",
-]
+from ._agent import Agent
+from ._common import (
+    LabError,
+    LabTimeoutError,
+    LogFunc,
+    _clean_env,
+    _free_port,
+    _loopback_opener,
+    _port_is_free,
+    _quiet_log,
+    _random_password,
+    _require_posix,
+    _tail,
+    _write_private,
+)
+from ._install import DEFAULT_VERSION, install_meshcentral
+from ._procs import (
+    _alive,
+    _cmdline,
+    _is_agent_process,
+    _kill_group,
+    _read_pid,
+    _reap_stale_agent,
+    _reap_stale_group,
+)
 
-DEFAULT_VERSION: Final = "1.1.55"
-"""The MeshCentral version the lab is tested with (pin it: behaviour changes between releases)."""
-
-LogFunc = Callable[[str], None]
-
-_INSTALL_MARKER: Final = ".ghostrunner-install-complete"
 _STATE_FILE: Final = "lab.json"
 _AGENT_BINARY: Final = "meshagent_x86-64"
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_HEX_NODE_ID_RE: Final = re.compile(r"^[0-9A-Fa-f]{96}$")
-_PROXY_VARS: Final = frozenset(
-    {"http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"}
-)
-
-
-class LabError(RuntimeError):
-    """The lab could not do what was asked (install, start, enrol, a meshctrl call...)."""
-
-
-class LabTimeoutError(LabError, TimeoutError):
-    """A lab operation did not reach the expected state in time."""
-
-
-def _stderr_log(message: str) -> None:
-    print(f"[meshlab] {message}", file=sys.stderr, flush=True)
-
-
-def _quiet_log(message: str) -> None:
-    del message
-
-
-# --------------------------------------------------------------------------- install
-
-
-def default_cache_dir(version: str = DEFAULT_VERSION) -> Path:
-    """Where :func:`install_meshcentral` puts MeshCentral ``version`` by default.
-
-    ``$GHOSTRUNNER_LAB_CACHE`` when the variable is set (used as is: point it at a
-    per-version directory if you switch versions; a different version there is simply
-    reinstalled), else ``~/.cache/ghostrunner/meshcentral-<version>``.
-    """
-    env = os.environ.get("GHOSTRUNNER_LAB_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "ghostrunner" / f"meshcentral-{version}"
-
-
-def _installed_version(cache: Path) -> str | None:
-    try:
-        data = json.loads((cache / "node_modules" / "meshcentral" / "package.json").read_text())
-    except (OSError, ValueError):
-        return None
-    version = data.get("version") if isinstance(data, dict) else None
-    return version if isinstance(version, str) else None
-
-
-def _install_complete(cache: Path, version: str) -> bool:
-    marker = cache / _INSTALL_MARKER
-    try:
-        recorded = marker.read_text().strip()
-    except OSError:
-        return False
-    return recorded == version and _installed_version(cache) == version
-
-
-def install_meshcentral(
-    version: str = DEFAULT_VERSION,
-    cache_dir: Path | str | None = None,
-    *,
-    log: LogFunc | None = None,
-) -> Path:
-    """Install ``meshcentral@<version>`` (exact pin) with npm into a cache directory, once.
-
-    The directory gets its own ``package.json`` so that npm does not walk up into a
-    parent project. A marker file, written only after npm succeeded and the installed
-    version was checked, makes later calls return at once; an interrupted install is
-    simply redone. Concurrent callers (other processes, e.g. pytest-xdist workers) are
-    serialised with an ``fcntl`` lock on ``<cache>/.install.lock``.
-
-    Args:
-        version: MeshCentral version to install.
-        cache_dir: Target directory; default :func:`default_cache_dir`.
-        log: Progress messages (the install takes ~30 s cold); default: stderr.
-
-    Returns:
-        The cache directory; the package is ``<cache>/node_modules/meshcentral``.
-
-    Raises:
-        LabError: npm is missing or the install failed.
-    """
-    say = log or _stderr_log
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(version)
-    if _install_complete(cache, version):
-        return cache
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / ".install.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if _install_complete(cache, version):  # another process finished it meanwhile
-            return cache
-        npm = shutil.which("npm")
-        if npm is None:
-            raise LabError("npm not found on PATH: the MeshCentral lab needs Node.js and npm")
-        (cache / _INSTALL_MARKER).unlink(missing_ok=True)
-        package_json = {
-            "name": "ghostrunner-meshcentral-lab",
-            "version": "0.0.0",
-            "private": True,
-            "description": "MeshCentral installed by ghostrunner.lab",
-        }
-        (cache / "package.json").write_text(json.dumps(package_json, indent=2) + "\n")
-        cmd = [
-            npm, "install", "--no-audit", "--no-fund", "--omit=dev", "--save-exact",
-            f"meshcentral@{version}",
-        ]  # fmt: skip
-        say(f"installing meshcentral@{version} into {cache} (takes ~30 s)")
-        started = time.monotonic()
-        tail: list[str] = []
-        with subprocess.Popen(
-            cmd,
-            cwd=cache,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
-        ) as proc:
-            assert proc.stdout is not None
-            for raw in proc.stdout:
-                line = raw.rstrip()
-                if line:
-                    say(f"npm: {line}")
-                    tail = [*tail[-39:], line]
-            rc = proc.wait()
-        if rc != 0:
-            output = "\n".join(tail)
-            raise LabError(f"npm install meshcentral@{version} failed (exit {rc}):\n{output}")
-        installed = _installed_version(cache)
-        if installed != version:
-            raise LabError(f"npm installed meshcentral {installed!r}, expected {version!r}")
-        tmp = cache / f"{_INSTALL_MARKER}.tmp"
-        tmp.write_text(version + "\n")
-        tmp.replace(cache / _INSTALL_MARKER)
-        say(f"meshcentral@{version} installed in {time.monotonic() - started:.1f} s")
-    return cache
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def node_id_from_hex(hex_id: str) -> str:
-    """Turn ``meshagent -nodeid`` output (96 hex digits) into MeshCentral's ``node//...`` id.
-
-    MeshCentral's form is the base64 of the 48 bytes with ``+`` replaced by ``@`` and ``/``
-    by ``$``.
-
-    Raises:
-        ValueError: ``hex_id`` is not 96 hex digits.
-    """
-    hex_id = hex_id.strip()
-    if not _HEX_NODE_ID_RE.match(hex_id):
-        raise ValueError(f"not a meshagent node id: {hex_id!r}")
-    encoded = base64.b64encode(binascii.unhexlify(hex_id)).decode("ascii")
-    return "node//" + encoded.replace("+", "@").replace("/", "$")
-
-
-def _loopback_opener() -> urllib.request.OpenerDirector:
-    """urllib opener for the lab server: no proxy, its self-signed certificate accepted."""
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return urllib.request.build_opener(
-        urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
-    )
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-def _clean_env() -> dict[str, str]:
-    # Everything in the lab talks to 127.0.0.1 only. A proxy variable would also make
-    # MeshCentral npm-install https-proxy-agent at start-up (a network access).
-    env = {k: v for k, v in os.environ.items() if k not in _PROXY_VARS}
-    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
-    return env
-
-
-def _group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes whose process group is ``pgid``."""
-    members: list[int] = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        # Fields after the command name (which may contain spaces and parentheses).
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if len(fields) > 2 and fields[0] != b"Z" and int(fields[2]) == pgid:
-            members.append(int(name))
-    return members
-
-
-def _descendants(pid: int) -> list[int]:
-    """Live processes descending from ``pid`` (children, grandchildren, ...)."""
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if len(fields) > 1 and fields[0] != b"Z":
-            children.setdefault(int(fields[1]), []).append(int(name))
-    found: list[int] = []
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _kill_group(
-    pgid: int,
-    proc: subprocess.Popen[bytes] | None,
-    *,
-    kill: bool = False,
-    timeout: float = 10.0,
-) -> None:
-    """Signal a whole process group and wait until every member is gone.
-
-    SIGTERM first (SIGKILL with ``kill=True``), repeated every half second; whatever is
-    left after ``timeout`` is SIGKILLed. ``proc`` (the group leader, our child) is reaped.
-    """
-    # Repeat: meshagent loses a SIGTERM that arrives while it is loading its core
-    # (about 0.2 s after it connects); a second one always worked.
-    sig = signal.SIGKILL if kill else signal.SIGTERM
-    started = time.monotonic()
-    deadline = started + timeout
-    next_signal = started
-    while True:
-        now = time.monotonic()
-        if now >= next_signal:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, sig)
-            next_signal = now + 0.5
-        if proc is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=0.05)
-        if not _group_members(pgid) and (proc is None or proc.returncode is not None):
-            return
-        if now > deadline:
-            break
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGKILL)
-    deadline = time.monotonic() + 5.0
-    while _group_members(pgid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if proc is not None:
-        proc.wait(timeout=5.0)
-    if _group_members(pgid):
-        raise LabError(f"process group {pgid} survived SIGKILL")
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
-
-
-def _ppid(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    return int(stat[stat.rfind(b")") + 2 :].split()[1])
-
-
-def _reap_stale_group(pid_file: Path, belongs: Callable[[int], bool], log: LogFunc) -> None:
-    """Kill a process group left behind by a crashed earlier run, if it is still ours.
-
-    ``pid_file`` holds the pgid of the previous run; ``belongs(pid)`` double-checks that
-    the live process really is that lab process (pid reuse). A group led by a child of
-    this very process belongs to a live lab object and is left alone.
-    """
-    try:
-        pgid = int(pid_file.read_text().strip())
-    except (OSError, ValueError):
-        return
-    if _ppid(pgid) == os.getpid():
-        return
-    members = [pid for pid in _group_members(pgid) if belongs(pid)]
-    if members:
-        log(f"killing leftover process group {pgid} from an earlier run ({pid_file})")
-        _kill_group(pgid, None, kill=True)
-    pid_file.unlink(missing_ok=True)
-
-
-def _is_agent_process(pid: int, directory: Path) -> bool:
-    try:
-        cwd = os.readlink(f"/proc/{pid}/cwd")
-    except OSError:
-        return False
-    return Path(cwd) == directory and any("meshagent" in a for a in _cmdline(pid)[:1])
-
-
-def _reap_stale_agent(directory: Path, log: LogFunc) -> None:
-    _reap_stale_group(directory / "agent.pid", lambda pid: _is_agent_process(pid, directory), log)
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def _write_private(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    tmp.replace(path)
-
-
-def _random_password(length: int = 24) -> str:
-    # Letters and digits only: the password goes on a command line that MeshCentral
-    # parses with minimist (a leading "-" would be taken for an option).
-    alphabet = string.ascii_letters + string.digits
-    return "Lab" + "".join(secrets.choice(alphabet) for _ in range(length))
 
 
 # Labs still running, closed at interpreter exit if their owner forgot.
@@ -440,190 +61,6 @@ def _close_live_labs() -> None:
     for lab in labs:
         with contextlib.suppress(Exception):
             lab.close()
-
-
-# --------------------------------------------------------------------------- agent
-
-
-class Agent:
-    """One MeshCentral agent (a device) of a :class:`MeshLab`, in its own directory.
-
-    Create agents with :meth:`MeshLab.add_agent`. The directory holds a private copy of
-    the Linux x86-64 agent binary (``meshagent``), its settings (``meshagent.msh``) and,
-    once it ran, its identity (``meshagent.db``): the same directory is always the same
-    device (same node id), also across lab restarts and new :class:`MeshLab` objects on
-    the same root.
-
-    Stopping the process is a faithful "device goes offline"; starting it again is
-    "device comes online".
-    """
-
-    def __init__(self, lab: MeshLab, name: str, directory: Path) -> None:
-        self._lab = lab
-        self._name = name
-        self._dir = directory
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._node_id: str | None = None
-        try:
-            self._node_id = (directory / "nodeid").read_text().strip() or None
-        except OSError:
-            self._node_id = None
-
-    def __repr__(self) -> str:
-        return f"Agent(name={self._name!r}, node_id={self._node_id!r}, running={self.running})"
-
-    @property
-    def name(self) -> str:
-        """Device name (``agentName`` in the ``.msh``), unique within the lab."""
-        return self._name
-
-    @property
-    def directory(self) -> Path:
-        """The agent's directory (binary, settings, identity, log)."""
-        return self._dir
-
-    @property
-    def log_path(self) -> Path:
-        """The agent process's stdout/stderr, appended on every start."""
-        return self._dir / "agent.log"
-
-    @property
-    def pid(self) -> int | None:
-        """PID (= process group id) of the running agent, or None."""
-        return self._proc.pid if self.running and self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        """True while the agent process is alive."""
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def enrolled(self) -> bool:
-        """True once the agent's node id is known (it has enrolled with the server)."""
-        return self._node_id is not None
-
-    @property
-    def node_id(self) -> str:
-        """The full MeshCentral node id, ``node//...``.
-
-        Known after the first enrolment (:meth:`start` with ``wait=True``, or
-        :meth:`wait_enrolled`), and kept in the agent directory afterwards.
-
-        Raises:
-            LabError: the agent has never enrolled.
-        """
-        if self._node_id is None:
-            raise LabError(f"agent {self._name!r} has not enrolled yet: start() it first")
-        return self._node_id
-
-    def start(self, *, wait: bool = True, timeout: float = 60.0) -> None:
-        """Start the agent process (``./meshagent`` in the foreground, own process group).
-
-        No-op if it is already running. On the very first start the agent generates its
-        identity and enrols; with ``wait=True`` this waits until it did and records
-        :attr:`node_id` (about 1-2 s). Later starts never wait: use
-        :meth:`MeshLab.wait_connected` to wait for the device to be online.
-
-        Raises:
-            LabError: the lab server is not running, or the agent exited at once.
-            LabTimeoutError: first enrolment did not finish within ``timeout``.
-        """
-        if self.running:
-            return
-        if not self._lab.running:
-            raise LabError(f"cannot start agent {self._name!r}: the lab server is not running")
-        pid_file = self._dir / "agent.pid"
-        _reap_stale_agent(self._dir, self._lab._log)
-        with open(self.log_path, "ab") as log:
-            log.write(f"\n=== agent start {time.strftime('%Y-%m-%d %H:%M:%S')} ===\n".encode())
-            log.flush()
-            # its commands' temporary files (and once-only guards) stay in its directory
-            tmp = self._dir / "tmp"
-            tmp.mkdir(exist_ok=True)
-            self._proc = subprocess.Popen(
-                ["./meshagent"],
-                cwd=self._dir,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**_clean_env(), "TMPDIR": str(tmp)},
-                start_new_session=True,
-            )
-        pid_file.write_text(f"{self._proc.pid}\n")
-        if wait and self._node_id is None:
-            self.wait_enrolled(timeout=timeout)
-
-    def stop(self, kill: bool = False, timeout: float = 10.0) -> None:
-        """Stop the agent: SIGTERM (or SIGKILL with ``kill=True``) to its process group.
-
-        Waits until every process of the group (including commands it was running) is
-        gone. No-op if it is not running.
-        """
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        # Commands the agent runs may sit in process groups of their own (GhostRunner's
-        # wrapper puts each command in one, to kill it on timeout). A stopped device
-        # runs nothing, so they go too: otherwise an orphan keeps the agent's socket
-        # open and the server sees the device online until its idle timeout.
-        orphans = _descendants(proc.pid)
-        _kill_group(proc.pid, proc, kill=kill, timeout=timeout)
-        for pid in orphans:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        (self._dir / "agent.pid").unlink(missing_ok=True)
-
-    def wait_enrolled(self, timeout: float = 60.0) -> str:
-        """Wait for the first enrolment to complete and return :attr:`node_id`.
-
-        Polls the device list until a connected device with this name appears in the
-        lab's group, then asks the binary for its id (``./meshagent -nodeid``; before the
-        identity exists this prints nothing, so it is only run once the server lists the
-        device) and checks the server lists that id as connected.
-
-        Raises:
-            LabError: the agent is not running (and has not enrolled before).
-            LabTimeoutError: not enrolled within ``timeout``.
-        """
-        if self._node_id is not None:
-            return self._node_id
-        deadline = time.monotonic() + timeout
-        while True:
-            if not self.running:
-                raise LabError(
-                    f"agent {self._name!r} is not running (log {self.log_path}):\n"
-                    + _tail(self.log_path)
-                )
-            listed = {
-                d["_id"]
-                for d in self._lab.list_devices()
-                if d.get("name") == self._name and int(d.get("conn") or 0) & 1
-            }
-            if listed:
-                out = subprocess.run(
-                    ["./meshagent", "-nodeid"],
-                    cwd=self._dir,
-                    stdin=subprocess.DEVNULL,
-                    capture_output=True,
-                    text=True,
-                    timeout=30,
-                    env=_clean_env(),
-                ).stdout.strip()
-                if _HEX_NODE_ID_RE.match(out):
-                    node_id = node_id_from_hex(out)
-                    if node_id in listed:
-                        self._node_id = node_id
-                        (self._dir / "nodeid").write_text(node_id + "\n")
-                        return node_id
-            if time.monotonic() > deadline:
-                raise LabTimeoutError(
-                    f"agent {self._name!r} did not enrol within {timeout:.0f} s "
-                    f"(log {self.log_path})"
-                )
-            time.sleep(0.25)
-
-
-# --------------------------------------------------------------------------- lab
 
 
 class MeshLab:
@@ -650,6 +87,14 @@ class MeshLab:
 
     The lab is a context manager: ``with MeshLab(path) as lab:`` starts it and closes
     it (agents and server stopped, no process left) on exit. It is not thread-safe.
+
+    A lab that should outlive this process (``ghostrunner lab up``) is left running
+    with :meth:`detach`; a later object on the same root takes it over with
+    :meth:`attach` (``ghostrunner lab status|down``).
+
+    Raises:
+        LabError: this is not a POSIX system with ``/proc`` (Linux), or ``root`` holds
+            a lab of another version or port.
     """
 
     def __init__(
@@ -663,6 +108,7 @@ class MeshLab:
         cache_dir: Path | str | None = None,
         flap_guard: bool = False,
     ) -> None:
+        _require_posix()
         self._flap_guard = flap_guard
         if agent_idle_timeout < 4:
             raise ValueError("agent_idle_timeout must be at least 4 seconds")
@@ -672,6 +118,8 @@ class MeshLab:
         self._log: LogFunc = log or _quiet_log
         self._cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
         self._proc: subprocess.Popen[bytes] | None = None
+        # PID of a server started by another lab object on this root (see attach)
+        self._adopted: int | None = None
         self._agents: dict[str, Agent] = {}
         self._node: str | None = None
         self._package: Path | None = None
@@ -770,12 +218,16 @@ class MeshLab:
     @property
     def running(self) -> bool:
         """True while the server process is alive (not necessarily answering)."""
-        return self._proc is not None and self._proc.poll() is None
+        return self.pid is not None
 
     @property
     def pid(self) -> int | None:
         """PID (= process group id) of the running server's watchdog process, or None."""
-        return self._proc.pid if self.running and self._proc is not None else None
+        if self._proc is not None:
+            return self._proc.pid if self._proc.poll() is None else None
+        if self._adopted is not None and self._is_this_server(self._adopted):
+            return self._adopted
+        return None
 
     @property
     def agents(self) -> list[Agent]:
@@ -901,6 +353,10 @@ class MeshLab:
         args = _cmdline(pid)
         return str(self.data_dir) in args or any("meshaccelerator" in a for a in args)
 
+    def _is_this_server(self, pid: int) -> bool:
+        """True if ``pid`` is alive and is the server of this root (not a reused PID)."""
+        return _alive(pid) and str(self.data_dir) in _cmdline(pid)
+
     def _answers(self) -> bool:
         opener = _loopback_opener()
         try:
@@ -946,6 +402,7 @@ class MeshLab:
         with open(self.log_path, "ab") as log:
             log.write(f"\n=== server start {time.strftime('%Y-%m-%d %H:%M:%S')} ===\n".encode())
             log.flush()
+            self._adopted = None
             self._proc = subprocess.Popen(
                 [self._node_exe(), *self._server_args()],
                 cwd=self._root,
@@ -1007,9 +464,13 @@ class MeshLab:
         measurements (use :meth:`wait_connected`). No-op if the server is not running.
         """
         proc, self._proc = self._proc, None
+        adopted, self._adopted = self._adopted, None
         if proc is not None:
             self._log("stopping MeshCentral")
             _kill_group(proc.pid, proc, timeout=timeout)
+        elif adopted is not None and self._is_this_server(adopted):
+            self._log(f"stopping MeshCentral (pid {adopted})")
+            _kill_group(adopted, None, timeout=timeout)
         (self._root / "server.pid").unlink(missing_ok=True)
 
     def restart(self, timeout: float = 120.0) -> None:
@@ -1033,6 +494,50 @@ class MeshLab:
             _LIVE_LABS.discard(self)
         if errors:
             raise LabError(f"errors while closing the lab: {errors!r}") from errors[0]
+
+    def detach(self) -> None:
+        """Leave the server and agents running when this process exits.
+
+        Their process groups are not closed at interpreter exit (they already run in
+        sessions of their own, so they survive their parent). Their PIDs stay recorded
+        under :attr:`root`, for :meth:`attach` in another process. :meth:`close` and
+        :meth:`stop` still stop them if called; a later :meth:`start` registers the lab
+        for closing at exit again.
+        """
+        with _LIVE_LOCK:
+            _LIVE_LABS.discard(self)
+
+    def attach(self) -> bool:
+        """Take over a server and agents of this root that another process left running
+        (see :meth:`detach`), found by their recorded PIDs.
+
+        Every agent directory under ``root/agents`` becomes an :class:`Agent` of this
+        object (see :attr:`agents`), running or not, unless it was added already. The
+        processes are then this object's: :meth:`close` stops them, and so does
+        interpreter exit unless :meth:`detach` is called again. A PID is only taken if
+        that process still is this root's server or that directory's agent.
+
+        Returns:
+            True if the server is running.
+        """
+        if self._proc is None and self._adopted is None:
+            pid = _read_pid(self._root / "server.pid")
+            if pid is not None and self._is_this_server(pid):
+                self._adopted = pid
+        for directory in sorted(self._root.glob("agents/*")):
+            name = directory.name
+            if not _NAME_RE.match(name) or not (directory / "meshagent").exists():
+                continue
+            agent = self._agents.get(name)
+            if agent is None:
+                agent = self._agents[name] = Agent(self, name, directory)
+            pid = _read_pid(directory / "agent.pid")
+            if not agent.running and pid is not None and _is_agent_process(pid, directory):
+                agent._adopt(pid)
+        if self.running or any(agent.running for agent in self._agents.values()):
+            with _LIVE_LOCK:
+                _LIVE_LABS.add(self)
+        return self.running
 
     def __enter__(self) -> MeshLab:
         self.start()

@@ -30,6 +30,7 @@ from ._runner import FlushResult, GhostRunner
 from ._types import (
     TRANSITIONS,
     AgentKind,
+    Attempt,
     Delivery,
     Device,
     DeviceEvent,
@@ -58,6 +59,7 @@ __all__ = [
     # the backend author's side
     "TRANSITIONS",
     "AgentKind",
+    "Attempt",
     # the application's side
     "Delivery",
     "Device",

@@ -25,9 +25,11 @@ from .errors import ValidationError
 
 __all__ = [
     "ACTIVE_STATES",
+    "RETRYABLE_STATES",
     "TERMINAL_STATES",
     "TRANSITIONS",
     "AgentKind",
+    "Attempt",
     "Delivery",
     "Device",
     "DeviceEvent",
@@ -86,7 +88,8 @@ def new_id() -> str:
 class RunState(enum.StrEnum):
     """Where one (task, device) run stands.
 
-    ``pending`` and ``dispatched`` are active; the rest are terminal and never change.
+    ``pending`` and ``dispatched`` are active; the rest are terminal: they change only
+    when an operator retries the run (back to ``pending``, a new attempt).
     """
 
     PENDING = "pending"
@@ -108,7 +111,7 @@ class RunState(enum.StrEnum):
 
     @property
     def terminal(self) -> bool:
-        """True for the states a run never leaves."""
+        """True for the states a run leaves only when retried."""
         return self in TERMINAL_STATES
 
 
@@ -123,6 +126,8 @@ TERMINAL_STATES: frozenset[RunState] = frozenset(
     }
 )
 ACTIVE_STATES: frozenset[RunState] = frozenset({RunState.PENDING, RunState.DISPATCHED})
+#: The end states an operator may retry (a run that succeeded is done).
+RETRYABLE_STATES: frozenset[RunState] = TERMINAL_STATES - {RunState.SUCCEEDED}
 
 #: Every legal change of a run's state; a store refuses anything else with
 #: IllegalTransition. The store contract tests (``tests/contract``) hold every store to it.
@@ -137,6 +142,8 @@ TRANSITIONS: Mapping[RunState, frozenset[RunState]] = {
             RunState.LOST,
         }
     ),
+    # an operator's retry: a new attempt
+    **{state: frozenset({RunState.PENDING}) for state in RETRYABLE_STATES},
 }
 
 
@@ -592,13 +599,35 @@ class Run:
         return self.state.terminal
 
 
+@attrs.frozen(kw_only=True)
+class Attempt:
+    """One time a run's command was handed to its device, and what came of it: a run
+    keeps its latest attempt's fields itself, and every attempt in its history."""
+
+    number: int
+    state: RunState
+    """succeeded, failed or timed_out; lost if its outcome is unknown (and, under
+    at_least_once, it was sent again)."""
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    exit_code: int | None = None
+    output: str = ""
+    output_truncated: bool = False
+    error: str | None = None
+
+
 class TaskStatus(enum.StrEnum):
     """A task's overall status, derived from its runs' states."""
 
     PENDING = "pending"
-    """No run has started yet."""
+    """No run has started yet (some may have been cancelled)."""
     RUNNING = "running"
     """Some runs have started or finished, others are still active."""
+    PAUSED = "paused"
+    """Paused by an operator with runs still active: nothing new starts."""
+    ABORTED = "aborted"
+    """Stopped by its rollout's abort rule (or an operator): runs not started were
+    cancelled."""
     SUCCEEDED = "succeeded"
     """Every run succeeded."""
     CANCELLED = "cancelled"
@@ -607,12 +636,18 @@ class TaskStatus(enum.StrEnum):
     """Every run is terminal and at least one did not succeed."""
 
 
-def task_status(counts: Mapping[RunState, int]) -> TaskStatus:
+def task_status(
+    counts: Mapping[RunState, int], *, paused: bool = False, aborted: bool = False
+) -> TaskStatus:
     """The overall status of a task whose runs are in ``counts``."""
     total = sum(counts.values())
     pending = counts.get(RunState.PENDING, 0)
     active = pending + counts.get(RunState.DISPATCHED, 0)
-    if total == 0 or pending == total:
+    if aborted:
+        return TaskStatus.ABORTED
+    if paused and (active or total == 0):
+        return TaskStatus.PAUSED
+    if total == 0 or (pending + counts.get(RunState.CANCELLED, 0) == total and pending):
         return TaskStatus.PENDING
     if active:
         return TaskStatus.RUNNING
@@ -625,15 +660,20 @@ def task_status(counts: Mapping[RunState, int]) -> TaskStatus:
 
 @attrs.frozen(kw_only=True)
 class TaskSummary:
-    """A task with the number of its runs in each state."""
+    """A task with the number of its runs in each state, and what operators (or its
+    rollout) did to it: ``paused``, ``aborted`` (the reason) and ``closed`` (no run is
+    added to it any more: cancelled as a whole, or aborted)."""
 
     task: Task
     counts: Mapping[RunState, int]
+    paused: bool = False
+    aborted: str | None = None
+    closed: bool = False
 
     @property
     def status(self) -> TaskStatus:
         """The task's overall status (see :class:`TaskStatus`)."""
-        return task_status(self.counts)
+        return task_status(self.counts, paused=self.paused, aborted=self.aborted is not None)
 
 
 @attrs.frozen(kw_only=True)

@@ -32,7 +32,7 @@ INTERNAL = {
 }
 
 #: What an application or a backend author needs, and no more (see __init__'s docstring).
-MAX_PUBLIC_NAMES = 28
+MAX_PUBLIC_NAMES = 29
 
 # public library modules with their own __all__ (ghostrunner.demo is a script)
 PUBLIC_MODULES = [

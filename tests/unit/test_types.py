@@ -27,6 +27,7 @@ from ghostrunner._types import (
     MAX_NAME,
     MAX_TARGETS,
     MAX_TIMEOUT,
+    RETRYABLE_STATES,
     TERMINAL_STATES,
     TRANSITIONS,
     new_id,
@@ -288,10 +289,11 @@ def test_states_partition() -> None:
         assert state.terminal == (state in TERMINAL_STATES)
 
 
-def test_transitions_never_leave_a_terminal_state() -> None:
-    assert set(TRANSITIONS) == ACTIVE_STATES
-    for state in TERMINAL_STATES:
-        assert not TRANSITIONS.get(state)
+def test_a_terminal_state_is_left_only_by_a_retry() -> None:
+    assert set(TRANSITIONS) == ACTIVE_STATES | RETRYABLE_STATES
+    assert RunState.SUCCEEDED not in TRANSITIONS  # a success is never retried
+    for state in RETRYABLE_STATES:
+        assert TRANSITIONS[state] == {RunState.PENDING}
 
 
 def test_transitions_from_active_states() -> None:
@@ -325,11 +327,33 @@ def test_transitions_from_active_states() -> None:
         ({RunState.EXPIRED: 1}, TaskStatus.FAILED),
         ({RunState.TIMED_OUT: 1}, TaskStatus.FAILED),
         ({RunState.SUCCEEDED: 0, RunState.PENDING: 1}, TaskStatus.PENDING),
+        # some cancelled, the rest waiting, nothing started: still pending
+        ({RunState.PENDING: 2, RunState.CANCELLED: 1}, TaskStatus.PENDING),
     ],
 )
 def test_task_status(counts: dict[RunState, int], status: TaskStatus) -> None:
     assert task_status(counts) is status
     assert TaskSummary(task=task(), counts=counts).status is status
+
+
+@pytest.mark.parametrize(
+    ("counts", "paused", "aborted", "status"),
+    [
+        ({RunState.PENDING: 2}, True, False, TaskStatus.PAUSED),
+        ({RunState.DISPATCHED: 1, RunState.PENDING: 1}, True, False, TaskStatus.PAUSED),
+        ({}, True, False, TaskStatus.PAUSED),  # a continuous task waiting for devices
+        ({RunState.SUCCEEDED: 2}, True, False, TaskStatus.SUCCEEDED),  # nothing left to hold
+        ({RunState.FAILED: 1, RunState.CANCELLED: 3}, False, True, TaskStatus.ABORTED),
+        ({RunState.DISPATCHED: 1, RunState.CANCELLED: 3}, True, True, TaskStatus.ABORTED),
+    ],
+)
+def test_task_status_paused_or_aborted(
+    counts: dict[RunState, int], paused: bool, aborted: bool, status: TaskStatus
+) -> None:
+    assert task_status(counts, paused=paused, aborted=aborted) is status
+    summary = TaskSummary(task=task(), counts=counts, paused=paused,
+                          aborted="reason" if aborted else None)
+    assert summary.status is status
 
 
 @pytest.mark.parametrize(

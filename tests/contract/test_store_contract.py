@@ -70,8 +70,14 @@ async def add(store: Store, *targets: str, now: datetime = NOW, **kw: Any) -> Ta
     return task
 
 
+async def claim(store: Store, key: RunKey, now: datetime) -> Run | None:
+    """Claim one run, as the loop claims them (``claim_many``); None if not pending."""
+    claimed = await store.claim_many([key], now)
+    return claimed[0][0] if claimed else None
+
+
 async def dispatch(store: Store, task: Task, node: str, now: datetime = NOW) -> Run:
-    run = await store.claim(RunKey(task.id, node), now)
+    run = await claim(store, RunKey(task.id, node), now)
     assert run is not None
     return run
 
@@ -151,7 +157,7 @@ async def test_unknown_run_is_not_found(store: Any) -> None:
     task = await add(store, "node//a")
     for key in (RunKey(task.id, "node//zz"), RunKey("nope", "node//a")):
         with pytest.raises(NotFound):
-            await store.claim(key, NOW)
+            await claim(store, key, NOW)
         with pytest.raises(NotFound):
             await store.finish(key, RunState.SUCCEEDED, NOW)
         with pytest.raises(NotFound):
@@ -240,13 +246,13 @@ async def test_next_pending_with_thousands_of_devices(store: Any) -> None:
 async def test_claim_dispatches_a_pending_run(store: Any) -> None:
     task = await add(store, "node//a", "node//b")
     key = RunKey(task.id, "node//a")
-    run = await store.claim(key, at(1))
+    run = await claim(store, key, at(1))
     assert run is not None
     assert run.state is RunState.DISPATCHED
     assert run.attempts == 1
     assert run.started_at == at(1)
     assert await run_of(store, task, "node//a") == run
-    assert await store.claim(key, at(2)) is None  # no longer pending
+    assert await claim(store, key, at(2)) is None  # no longer pending
     assert (await run_of(store, task, "node//a")) == run
     assert dict((await store.get_task(task.id)).counts) == {
         RunState.DISPATCHED: 1,
@@ -257,14 +263,14 @@ async def test_claim_dispatches_a_pending_run(store: Any) -> None:
 async def test_claim_of_a_cancelled_run_is_none(store: Any) -> None:
     task = await add(store, "node//a")
     await store.cancel(task.id, now=NOW)
-    assert await store.claim(RunKey(task.id, "node//a"), NOW) is None
+    assert await claim(store, RunKey(task.id, "node//a"), NOW) is None
     assert (await run_of(store, task, "node//a")).state is RunState.CANCELLED
 
 
 async def test_concurrent_claims_dispatch_once(store: Any) -> None:
     task = await add(store, "node//a")
     results = await asyncio.gather(
-        *(store.claim(RunKey(task.id, "node//a"), NOW) for _ in range(10))
+        *(claim(store, RunKey(task.id, "node//a"), NOW) for _ in range(10))
     )
     assert sum(r is not None for r in results) == 1
     assert (await run_of(store, task, "node//a")).attempts == 1
@@ -509,7 +515,7 @@ async def test_delete_task_refuses_active_runs(store: Any) -> None:
     with pytest.raises(NotFound):
         await store.get_task(task.id)
     with pytest.raises(NotFound):
-        await store.claim(RunKey(task.id, "node//b"), NOW)
+        await claim(store, RunKey(task.id, "node//b"), NOW)
     assert dict(await store.counts()) == {RunState.PENDING: 1}
     assert [r.task_id for r in await store.next_pending(["node//a"], NOW)] == [keep.id]
     page = await store.list_tasks(TaskQuery())
@@ -721,7 +727,7 @@ def test_round_trip(store: Any, runner: asyncio.Runner, data: st.DataObject) -> 
         assert (await store.get_task(task.id)).task == task
         assert list(await store.get_runs(task.id)) == runs
         key = runs[0].key
-        claimed = await store.claim(key, now)
+        claimed = await claim(store, key, now)
         assert claimed is not None
         done = await store.finish(key, outcome.state, now, outcome=outcome, error="é")
         assert (await store.get_runs(task.id))[0] == done
@@ -789,7 +795,7 @@ def test_sqlite_agrees_with_the_reference(
                 if op < 0.35:
                     await both("next_pending", rng.sample(nodes, rng.randint(1, 8)), clock)
                 elif op < 0.55:
-                    await both("claim", key, clock)
+                    await both("claim_many", [key], clock)
                 elif op < 0.7:
                     state = rng.choice(sorted(TERMINAL_STATES | {RunState.PENDING}))
                     out = Outcome(exit_code=rng.randint(0, 2), output="out ✓")
@@ -1146,10 +1152,10 @@ async def test_sqlite_batch_commits_once_and_isolates_failures(sqlite_store: SQL
     commits = worker.commits
     clash = make_task("node//x", id=task.id)
     jobs = [
-        *(store.claim(RunKey(task.id, f"node//{i}"), NOW) for i in range(20)),
+        *(claim(store, RunKey(task.id, f"node//{i}"), NOW) for i in range(20)),
         store.add_task(clash, NOW),  # Conflict
         store.finish(RunKey(task.id, "node//zz"), RunState.FAILED, NOW),  # NotFound
-        store.claim(RunKey(task.id, "node//0"), NOW),  # already claimed in this batch
+        claim(store, RunKey(task.id, "node//0"), NOW),  # already claimed in this batch
         store.add_task(make_task("node//y"), NOW),
     ]
     results = asyncio.gather(*jobs, return_exceptions=True)

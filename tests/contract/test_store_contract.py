@@ -28,7 +28,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ghostrunner import sqlite as sqlite_mod
 from ghostrunner._errors import Conflict, IllegalTransition, NotFound, StoreError, ValidationError
 from ghostrunner._memory import InMemoryStore
 from ghostrunner._protocols import Store
@@ -48,7 +47,7 @@ from ghostrunner._types import (
     Token,
     task_status,
 )
-from ghostrunner.sqlite import SQLiteStore
+from ghostrunner.sqlite import SQLiteStore, _queries, _schema, _store
 
 NOW = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -877,7 +876,7 @@ def test_status_sql_matches_task_status() -> None:
             )
             matched = [
                 status
-                for status, sql in sqlite_mod._STATUS_SQL.items()
+                for status, sql in _queries.STATUS_SQL.items()
                 if conn.execute(f"SELECT count(*) FROM c WHERE {sql}").fetchone()[0]
             ]
             assert matched == [task_status(counts)], counts
@@ -973,10 +972,10 @@ async def test_sqlite_creates_the_schema_in_an_empty_file(tmp_path: Path) -> Non
     store = SQLiteStore(path)
     await store.open()
     await store.close()
-    assert user_version(path) == (sqlite_mod.SCHEMA_VERSION, sqlite_mod.APPLICATION_ID)
+    assert user_version(path) == (_schema.SCHEMA_VERSION, _schema.APPLICATION_ID)
     await store.open()  # already current: nothing to do
     await store.close()
-    assert user_version(path)[0] == sqlite_mod.SCHEMA_VERSION
+    assert user_version(path)[0] == _schema.SCHEMA_VERSION
 
 
 async def test_sqlite_migrates_an_older_database(
@@ -991,8 +990,8 @@ async def test_sqlite_migrates_an_older_database(
     def v2(db: Any) -> None:
         db.execute("ALTER TABLE tasks ADD COLUMN note TEXT")
 
-    monkeypatch.setattr(sqlite_mod, "_MIGRATIONS", (*sqlite_mod._MIGRATIONS, v2))
-    monkeypatch.setattr(sqlite_mod, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(_schema, "MIGRATIONS", (*_schema.MIGRATIONS, v2))
+    monkeypatch.setattr(_schema, "SCHEMA_VERSION", 2)
     await store.open()
     try:
         assert (await store.get_task(task.id)).task == task
@@ -1010,13 +1009,13 @@ async def test_sqlite_refuses_a_newer_database(tmp_path: Path) -> None:
     await store.open()
     await store.close()
     conn = sqlite3.connect(path)
-    conn.execute(f"PRAGMA user_version = {sqlite_mod.SCHEMA_VERSION + 1}")
+    conn.execute(f"PRAGMA user_version = {_schema.SCHEMA_VERSION + 1}")
     conn.close()
     with pytest.raises(StoreError, match="newer"):
         await store.open()
     with pytest.raises(StoreError, match="not open"):
         await store.get_task("x")
-    assert user_version(path)[0] == sqlite_mod.SCHEMA_VERSION + 1  # left alone
+    assert user_version(path)[0] == _schema.SCHEMA_VERSION + 1  # left alone
 
 
 async def test_sqlite_refuses_a_foreign_database(tmp_path: Path) -> None:
@@ -1216,13 +1215,13 @@ async def test_sqlite_concurrent_adds_are_written_in_one_bulk_call_exactly_as_on
     store gets them one by one)."""
     store = sqlite_store
     sizes: list[int] = []
-    real = sqlite_mod._add_tasks
+    real = _store._add_tasks
 
     def spy(db: Any, rows: list[Any]) -> None:
         sizes.append(len(rows))
         real(db, rows)
 
-    monkeypatch.setattr(sqlite_mod, "_add_tasks", spy)
+    monkeypatch.setattr(_store, "_add_tasks", spy)
     reference = InMemoryStore()
     await reference.open()
     rng = random.Random(7)
@@ -1428,11 +1427,11 @@ async def test_sqlite_query_plans_use_indexes(sqlite_store: SQLiteStore) -> None
             "limit": 10,
         }
         checks = {
-            "next_pending": sqlite_mod.NEXT_PENDING_SQL,
-            "claim": sqlite_mod.CLAIM_SQL,
-            "expire_due": sqlite_mod.EXPIRE_SQL,
-            "next_wakeup": sqlite_mod.NEXT_WAKEUP_SQL,
-            "dispatched": sqlite_mod.DISPATCHED_SQL,
+            "next_pending": _queries.NEXT_PENDING_SQL,
+            "claim": _queries.CLAIM_SQL,
+            "expire_due": _queries.EXPIRE_SQL,
+            "next_wakeup": _queries.NEXT_WAKEUP_SQL,
+            "dispatched": _queries.DISPATCHED_SQL,
         }
         for name, sql in checks.items():
             lines = plan(conn, sql, params)
@@ -1445,10 +1444,10 @@ async def test_sqlite_query_plans_use_indexes(sqlite_store: SQLiteStore) -> None
             ]
             assert not scans, (name, lines)
             assert any("runs" in ln or " r " in ln or " p " in ln for ln in lines), (name, lines)
-        pending = plan(conn, sqlite_mod.NEXT_PENDING_SQL, params)
+        pending = plan(conn, _queries.NEXT_PENDING_SQL, params)
         assert any("runs_pending_node" in ln for ln in pending), pending
-        assert any("runs_pending_expiry" in ln for ln in plan(conn, sqlite_mod.EXPIRE_SQL, params))
-        wake = plan(conn, sqlite_mod.NEXT_WAKEUP_SQL, params)
+        assert any("runs_pending_expiry" in ln for ln in plan(conn, _queries.EXPIRE_SQL, params))
+        wake = plan(conn, _queries.NEXT_WAKEUP_SQL, params)
         assert any("runs_pending_available" in ln for ln in wake), wake
         assert any("runs_pending_expiry" in ln for ln in wake), wake
     finally:
@@ -1468,11 +1467,11 @@ async def test_sqlite_listing_uses_indexes(sqlite_store: SQLiteStore) -> None:
             (TaskQuery(node_id="node//1", status=TaskStatus.PENDING, cursor="30"), "runs_node"),
             (TaskQuery(name="n1"), "tasks_name"),
         ]:
-            lines = plan(conn, *sqlite_mod._list_sql(query))
+            lines = plan(conn, *_queries.list_sql(query))
             assert any(index in ln for ln in lines), (query, lines)
             assert not [ln for ln in lines if ln.startswith("SCAN")], (query, lines)
         for query in [TaskQuery(), TaskQuery(state=RunState.LOST, cursor="9")]:
-            lines = plan(conn, *sqlite_mod._list_sql(query))
+            lines = plan(conn, *_queries.list_sql(query))
             assert "TEMP B-TREE" not in " ".join(lines), (query, lines)  # no sort: seq order
     finally:
         conn.close()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import sqlite3
 import weakref
@@ -119,17 +118,17 @@ class SQLiteStore:
         await self._call(lambda db: _add_tasks(db, [row]), "write", bulk=(_add_tasks, row))
 
     async def bulk_add_tasks(
-        self, tasks: Iterable[Task], now: datetime, *, chunk_runs: int = 250_000
+        self, tasks: Iterable[Task], now: datetime, *, chunk_runs: int = 50_000
     ) -> int:
         """Add many tasks fast (benchmarks, imports), as :meth:`add_task` would.
 
         ``tasks`` is consumed on the store's thread, and nothing else runs on the store
-        meanwhile. The runs of ``chunk_runs`` runs or so go in with one ``INSERT ...
-        SELECT`` over a JSON document (no per-row Python binding), with foreign key
-        checks off (this method numbers the tasks and nodes itself). Into an empty
-        store the whole load is one transaction and the indexes are built at the end;
-        otherwise each chunk is one transaction, and a task id that exists raises
-        ``Conflict`` and leaves the earlier chunks in. Returns how many runs were added.
+        meanwhile. The tasks of ``chunk_runs`` runs or so go in with one statement,
+        :meth:`add_task`'s (bigger chunks were no faster, and a chunk's JSON is held
+        several times over in memory). Into an empty store the whole load is one
+        transaction and the indexes are built at the end; otherwise each chunk is one
+        transaction, and a task id that exists raises ``Conflict`` and leaves the
+        earlier chunks in. Returns how many runs were added.
         """
         queued = ts(now)
         return await self._call(lambda db: _bulk_load(db, tasks, queued, chunk_runs), "exclusive")
@@ -392,7 +391,7 @@ class SQLiteStore:
 
 def _add_tasks(db: sqlite_utils.Database, rows: list[tuple[Any, ...]]) -> None:
     """Insert tasks, their pending runs and counts: ``rows`` are
-    :func:`._queries.task_row` tuples.
+    :func:`._queries.task_row` tuples. The one way tasks are added.
 
     One statement however many tasks (an insert of their JSON document into the
     ``add_tasks`` view, whose trigger does the work): atomic (a failure undoes all of
@@ -407,106 +406,45 @@ def _add_tasks(db: sqlite_utils.Database, rows: list[tuple[Any, ...]]) -> None:
         raise
 
 
-_BULK_INSERT_RUNS = """
-INSERT INTO runs(task_seq, node, position, state, queued_at, available_at, expires_at)
-SELECT json_extract(t.value, '$[0]'), n.value, n.key, 'pending', :queued,
-       json_extract(t.value, '$[1]'), json_extract(t.value, '$[2]')
-FROM json_each(:tasks) AS t, json_each(t.value, '$[3]') AS n
-"""
-
-
-def _bulk_insert(
-    db: sqlite_utils.Database, tasks: list[Task], queued: int, nodes: dict[str, int]
-) -> int:
-    """Insert ``tasks`` and their runs, inside the caller's transaction. ``nodes`` maps
-    the node ids known so far to their ``nid`` and is extended."""
-    conn = db.conn
-    seq: int = conn.execute(
-        "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'tasks'), 0),"
-        " coalesce((SELECT max(seq) FROM tasks), 0))"
-    ).fetchone()[0]
-    next_nid: int = conn.execute("SELECT coalesce(max(nid), 0) FROM nodes").fetchone()[0]
-    task_rows: list[tuple[Any, ...]] = []
-    count_rows: list[tuple[int, int]] = []
-    new_nodes: list[tuple[int, str]] = []
-    run_specs: list[tuple[int, int, int | None, list[int]]] = []
-    runs = 0
-    for task in tasks:
-        seq += 1
-        row = q.task_row(task, queued)[:-1]
-        task_rows.append((seq, *row[:3], json_list(task.targets), *row[4:]))
-        count_rows.append((seq, len(task.targets)))
-        nids = []
-        for node_id in task.targets:
-            nid = nodes.get(node_id)
-            if nid is None:
-                next_nid += 1
-                nid = nodes[node_id] = next_nid
-                new_nodes.append((nid, node_id))
-            nids.append(nid)
-        available = queued if task.not_before is None else ts(task.not_before)
-        run_specs.append((seq, available, tso(task.expires_at), nids))
-        runs += len(nids)
-    try:
-        conn.executemany(
-            "INSERT INTO tasks(seq, id, name, command, targets, created_at, shell, "
-            "run_as_user, timeout, not_before, expires_at, max_attempts, delivery) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            task_rows,
-        )
-    except sqlite3.IntegrityError as exc:
-        raise Conflict(f"a task of this batch exists ({exc})") from exc
-    conn.executemany(
-        "INSERT INTO task_counts(task_seq, total, pending) VALUES (?1, ?2, ?2)", count_rows
-    )
-    conn.execute("UPDATE run_counts SET n = n + ? WHERE state = 'pending'", (runs,))
-    conn.executemany("INSERT INTO nodes(nid, node_id) VALUES (?, ?)", new_nodes)
-    conn.execute(
-        _BULK_INSERT_RUNS,
-        {"queued": queued, "tasks": json.dumps(run_specs, separators=(",", ":"))},
-    )
-    return runs
-
-
-def _chunks(tasks: Iterable[Task], runs: int) -> Iterator[list[Task]]:
-    """``tasks`` in lists of about ``runs`` runs."""
-    chunk: list[Task] = []
-    size = 0
-    for task in tasks:
-        chunk.append(task)
-        size += len(task.targets)
-        if size >= runs:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
-
-
 def _bulk_load(
     db: sqlite_utils.Database, tasks: Iterable[Task], queued: int, chunk_runs: int
 ) -> int:
-    """The body of :meth:`SQLiteStore.bulk_add_tasks`, on the worker thread."""
-    nodes: dict[str, int] = dict(db.execute("SELECT node_id, nid FROM nodes").fetchall())
+    """The body of :meth:`SQLiteStore.bulk_add_tasks`: :func:`_add_tasks` in chunks.
+
+    Into an empty store: one transaction, the secondary indexes dropped first and built
+    again at the end (sorting once is cheaper than 1M random inserts). Foreign key
+    checks are off: the trigger takes every key from the row it refers to, and the
+    checks cost a third of the runs' insert."""
     empty = db.execute("SELECT NOT EXISTS (SELECT 1 FROM runs)").fetchone()[0]
     added = 0
     db.execute("PRAGMA foreign_keys = OFF")  # no-op inside a transaction: set it first
     try:
-        if not empty:
-            for chunk in _chunks(tasks, chunk_runs):
-                with _immediate(db):
-                    added += _bulk_insert(db, chunk, queued, nodes)
-            return added
-        # Into an empty store: one transaction, the secondary indexes dropped first and
-        # built again at the end (sorting once is cheaper than 1M random inserts).
-        with _immediate(db):
-            indexes = _drop_indexes(db)
-            for chunk in _chunks(tasks, chunk_runs):
-                added += _bulk_insert(db, chunk, queued, nodes)
+        with _immediate(db) if empty else contextlib.nullcontext():
+            indexes = _drop_indexes(db) if empty else []
+            for rows, runs in _chunks(tasks, queued, chunk_runs):
+                _add_tasks(db, rows)  # outside a transaction, one chunk is one transaction
+                added += runs
             for sql in indexes:
                 db.execute(sql)
-        return added
     finally:
         db.execute("PRAGMA foreign_keys = ON")
+    return added
+
+
+def _chunks(
+    tasks: Iterable[Task], queued: int, runs: int
+) -> Iterator[tuple[list[tuple[Any, ...]], int]]:
+    """The rows of ``tasks`` in lists of about ``runs`` runs, each with its run count."""
+    chunk: list[tuple[Any, ...]] = []
+    size = 0
+    for task in tasks:
+        chunk.append(q.task_row(task, queued))
+        size += len(task.targets)
+        if size >= runs:
+            yield chunk, size
+            chunk, size = [], 0
+    if chunk:
+        yield chunk, size
 
 
 def _drop_indexes(db: sqlite_utils.Database) -> list[str]:

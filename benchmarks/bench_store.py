@@ -5,7 +5,7 @@ backlog in a temporary directory with ``SQLiteStore.bulk_add_tasks`` and prints:
 
 * the build time and the database size;
 * ``open()`` time on that file (a fresh process would pay the same);
-* p50/p95/max of one device's ``next_pending([node])`` + ``claim()`` of its run, the
+* p50/p95/max of one device's ``next_pending([node])`` + ``claim_many()`` of its run, the
   loop's hot path when a device comes online (target: <= 5 ms);
 * ``next_pending`` for 10,000 devices at once (a MeshCentral reconnect);
 * ``expire_due`` and ``next_wakeup`` with nothing due, then a mass expiry;
@@ -171,8 +171,7 @@ async def measure(
         t0 = time.perf_counter()
         runs = await store.next_pending([node], now)
         if runs:
-            claimed = await store.claim(runs[0].key, now)
-            found += claimed is not None
+            found += len(await store.claim_many([runs[0].key], now))
         hot.append(time.perf_counter() - t0)
     print(f"next_pending([1 node]) + claim: {summary(hot)}; {found} claimed")
 
@@ -183,15 +182,15 @@ async def measure(
         runs = await store.next_pending([node], now)
         if runs:
             t0 = time.perf_counter()
-            await store.claim(runs[0].key, now)
+            await store.claim_many([runs[0].key], now)
             claims.append(time.perf_counter() - t0)
-    print(f"claim() alone:                  {summary(claims)}")
+    print(f"claim_many([1 run]) alone:      {summary(claims)}")
 
     # a burst: 200 claims at once (the loop gathers its claims) share one commit
     batch = await store.next_pending(rng.sample(nodes, 200), now)
     commits = store._worker.commits if store._worker else 0
     t0 = time.perf_counter()
-    await asyncio.gather(*(store.claim(r.key, now) for r in batch))
+    await asyncio.gather(*(store.claim_many([r.key], now) for r in batch))
     burst = time.perf_counter() - t0
     commits = (store._worker.commits if store._worker else 0) - commits
     print(f"{len(batch)} concurrent claims: {ms(burst)} in all, {commits} commit(s)")

@@ -160,12 +160,6 @@ class InMemoryStore:
                     break
         return out
 
-    async def claim(self, key: RunKey, now: datetime) -> Run | None:
-        run = self._run(key)
-        if run.state is not RunState.PENDING:
-            return None
-        return self._move(key, RunState.DISPATCHED, attempts=run.attempts + 1, started_at=now)
-
     async def claim_many(
         self, keys: Sequence[RunKey], now: datetime
     ) -> Sequence[tuple[Run, Task]]:
@@ -173,8 +167,11 @@ class InMemoryStore:
         out = []
         try:
             for key in keys:
-                run = await self.claim(key, now)
-                if run is not None:
+                run = self._run(key)
+                if run.state is RunState.PENDING:
+                    run = self._move(
+                        key, RunState.DISPATCHED, attempts=run.attempts + 1, started_at=now
+                    )
                     out.append((run, self.tasks[key.task_id]))
         except BaseException:
             self.runs = before  # all or nothing, like one transaction

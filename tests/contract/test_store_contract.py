@@ -28,7 +28,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ghostrunner import sqlite as sqlite_mod
 from ghostrunner._memory import InMemoryStore
 from ghostrunner._protocols import Store
 from ghostrunner._types import (
@@ -45,7 +44,7 @@ from ghostrunner._types import (
     task_status,
 )
 from ghostrunner.errors import Conflict, IllegalTransition, NotFound, StoreError, ValidationError
-from ghostrunner.sqlite import SQLiteStore
+from ghostrunner.sqlite import SQLiteStore, _queries, _schema, _store
 from ghostrunner.tokens import Scope, Token
 from ghostrunner_http._tokens import hash_secret, new_token
 
@@ -69,8 +68,14 @@ async def add(store: Store, *targets: str, now: datetime = NOW, **kw: Any) -> Ta
     return task
 
 
+async def claim(store: Store, key: RunKey, now: datetime) -> Run | None:
+    """Claim one run, as the loop claims them (``claim_many``); None if not pending."""
+    claimed = await store.claim_many([key], now)
+    return claimed[0][0] if claimed else None
+
+
 async def dispatch(store: Store, task: Task, node: str, now: datetime = NOW) -> Run:
-    run = await store.claim(RunKey(task.id, node), now)
+    run = await claim(store, RunKey(task.id, node), now)
     assert run is not None
     return run
 
@@ -150,7 +155,7 @@ async def test_unknown_run_is_not_found(store: Any) -> None:
     task = await add(store, "node//a")
     for key in (RunKey(task.id, "node//zz"), RunKey("nope", "node//a")):
         with pytest.raises(NotFound):
-            await store.claim(key, NOW)
+            await claim(store, key, NOW)
         with pytest.raises(NotFound):
             await store.finish(key, RunState.SUCCEEDED, NOW)
         with pytest.raises(NotFound):
@@ -239,13 +244,13 @@ async def test_next_pending_with_thousands_of_devices(store: Any) -> None:
 async def test_claim_dispatches_a_pending_run(store: Any) -> None:
     task = await add(store, "node//a", "node//b")
     key = RunKey(task.id, "node//a")
-    run = await store.claim(key, at(1))
+    run = await claim(store, key, at(1))
     assert run is not None
     assert run.state is RunState.DISPATCHED
     assert run.attempts == 1
     assert run.started_at == at(1)
     assert await run_of(store, task, "node//a") == run
-    assert await store.claim(key, at(2)) is None  # no longer pending
+    assert await claim(store, key, at(2)) is None  # no longer pending
     assert (await run_of(store, task, "node//a")) == run
     assert dict((await store.get_task(task.id)).counts) == {
         RunState.DISPATCHED: 1,
@@ -256,14 +261,14 @@ async def test_claim_dispatches_a_pending_run(store: Any) -> None:
 async def test_claim_of_a_cancelled_run_is_none(store: Any) -> None:
     task = await add(store, "node//a")
     await store.cancel(task.id, now=NOW)
-    assert await store.claim(RunKey(task.id, "node//a"), NOW) is None
+    assert await claim(store, RunKey(task.id, "node//a"), NOW) is None
     assert (await run_of(store, task, "node//a")).state is RunState.CANCELLED
 
 
 async def test_concurrent_claims_dispatch_once(store: Any) -> None:
     task = await add(store, "node//a")
     results = await asyncio.gather(
-        *(store.claim(RunKey(task.id, "node//a"), NOW) for _ in range(10))
+        *(claim(store, RunKey(task.id, "node//a"), NOW) for _ in range(10))
     )
     assert sum(r is not None for r in results) == 1
     assert (await run_of(store, task, "node//a")).attempts == 1
@@ -508,7 +513,7 @@ async def test_delete_task_refuses_active_runs(store: Any) -> None:
     with pytest.raises(NotFound):
         await store.get_task(task.id)
     with pytest.raises(NotFound):
-        await store.claim(RunKey(task.id, "node//b"), NOW)
+        await claim(store, RunKey(task.id, "node//b"), NOW)
     assert dict(await store.counts()) == {RunState.PENDING: 1}
     assert [r.task_id for r in await store.next_pending(["node//a"], NOW)] == [keep.id]
     page = await store.list_tasks(TaskQuery())
@@ -720,7 +725,7 @@ def test_round_trip(store: Any, runner: asyncio.Runner, data: st.DataObject) -> 
         assert (await store.get_task(task.id)).task == task
         assert list(await store.get_runs(task.id)) == runs
         key = runs[0].key
-        claimed = await store.claim(key, now)
+        claimed = await claim(store, key, now)
         assert claimed is not None
         done = await store.finish(key, outcome.state, now, outcome=outcome, error="é")
         assert (await store.get_runs(task.id))[0] == done
@@ -788,7 +793,7 @@ def test_sqlite_agrees_with_the_reference(
                 if op < 0.35:
                     await both("next_pending", rng.sample(nodes, rng.randint(1, 8)), clock)
                 elif op < 0.55:
-                    await both("claim", key, clock)
+                    await both("claim_many", [key], clock)
                 elif op < 0.7:
                     state = rng.choice(sorted(TERMINAL_STATES | {RunState.PENDING}))
                     out = Outcome(exit_code=rng.randint(0, 2), output="out ✓")
@@ -870,7 +875,7 @@ def test_status_sql_matches_task_status() -> None:
             )
             matched = [
                 status
-                for status, sql in sqlite_mod._STATUS_SQL.items()
+                for status, sql in _queries.STATUS_SQL.items()
                 if conn.execute(f"SELECT count(*) FROM c WHERE {sql}").fetchone()[0]
             ]
             assert matched == [task_status(counts)], counts
@@ -966,10 +971,10 @@ async def test_sqlite_creates_the_schema_in_an_empty_file(tmp_path: Path) -> Non
     store = SQLiteStore(path)
     await store.open()
     await store.close()
-    assert user_version(path) == (sqlite_mod.SCHEMA_VERSION, sqlite_mod.APPLICATION_ID)
+    assert user_version(path) == (_schema.SCHEMA_VERSION, _schema.APPLICATION_ID)
     await store.open()  # already current: nothing to do
     await store.close()
-    assert user_version(path)[0] == sqlite_mod.SCHEMA_VERSION
+    assert user_version(path)[0] == _schema.SCHEMA_VERSION
 
 
 async def test_sqlite_migrates_an_older_database(
@@ -984,8 +989,8 @@ async def test_sqlite_migrates_an_older_database(
     def v2(db: Any) -> None:
         db.execute("ALTER TABLE tasks ADD COLUMN note TEXT")
 
-    monkeypatch.setattr(sqlite_mod, "_MIGRATIONS", (*sqlite_mod._MIGRATIONS, v2))
-    monkeypatch.setattr(sqlite_mod, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(_schema, "MIGRATIONS", (*_schema.MIGRATIONS, v2))
+    monkeypatch.setattr(_schema, "SCHEMA_VERSION", 2)
     await store.open()
     try:
         assert (await store.get_task(task.id)).task == task
@@ -1003,13 +1008,13 @@ async def test_sqlite_refuses_a_newer_database(tmp_path: Path) -> None:
     await store.open()
     await store.close()
     conn = sqlite3.connect(path)
-    conn.execute(f"PRAGMA user_version = {sqlite_mod.SCHEMA_VERSION + 1}")
+    conn.execute(f"PRAGMA user_version = {_schema.SCHEMA_VERSION + 1}")
     conn.close()
     with pytest.raises(StoreError, match="newer"):
         await store.open()
     with pytest.raises(StoreError, match="not open"):
         await store.get_task("x")
-    assert user_version(path)[0] == sqlite_mod.SCHEMA_VERSION + 1  # left alone
+    assert user_version(path)[0] == _schema.SCHEMA_VERSION + 1  # left alone
 
 
 async def test_sqlite_refuses_a_foreign_database(tmp_path: Path) -> None:
@@ -1145,10 +1150,10 @@ async def test_sqlite_batch_commits_once_and_isolates_failures(sqlite_store: SQL
     commits = worker.commits
     clash = make_task("node//x", id=task.id)
     jobs = [
-        *(store.claim(RunKey(task.id, f"node//{i}"), NOW) for i in range(20)),
+        *(claim(store, RunKey(task.id, f"node//{i}"), NOW) for i in range(20)),
         store.add_task(clash, NOW),  # Conflict
         store.finish(RunKey(task.id, "node//zz"), RunState.FAILED, NOW),  # NotFound
-        store.claim(RunKey(task.id, "node//0"), NOW),  # already claimed in this batch
+        claim(store, RunKey(task.id, "node//0"), NOW),  # already claimed in this batch
         store.add_task(make_task("node//y"), NOW),
     ]
     results = asyncio.gather(*jobs, return_exceptions=True)
@@ -1209,13 +1214,13 @@ async def test_sqlite_concurrent_adds_are_written_in_one_bulk_call_exactly_as_on
     store gets them one by one)."""
     store = sqlite_store
     sizes: list[int] = []
-    real = sqlite_mod._add_tasks
+    real = _store._add_tasks
 
     def spy(db: Any, rows: list[Any]) -> None:
         sizes.append(len(rows))
         real(db, rows)
 
-    monkeypatch.setattr(sqlite_mod, "_add_tasks", spy)
+    monkeypatch.setattr(_store, "_add_tasks", spy)
     reference = InMemoryStore()
     await reference.open()
     rng = random.Random(7)
@@ -1421,11 +1426,11 @@ async def test_sqlite_query_plans_use_indexes(sqlite_store: SQLiteStore) -> None
             "limit": 10,
         }
         checks = {
-            "next_pending": sqlite_mod.NEXT_PENDING_SQL,
-            "claim": sqlite_mod.CLAIM_SQL,
-            "expire_due": sqlite_mod.EXPIRE_SQL,
-            "next_wakeup": sqlite_mod.NEXT_WAKEUP_SQL,
-            "dispatched": sqlite_mod.DISPATCHED_SQL,
+            "next_pending": _queries.NEXT_PENDING_SQL,
+            "claim": _queries.CLAIM_SQL,
+            "expire_due": _queries.EXPIRE_SQL,
+            "next_wakeup": _queries.NEXT_WAKEUP_SQL,
+            "dispatched": _queries.DISPATCHED_SQL,
         }
         for name, sql in checks.items():
             lines = plan(conn, sql, params)
@@ -1438,10 +1443,10 @@ async def test_sqlite_query_plans_use_indexes(sqlite_store: SQLiteStore) -> None
             ]
             assert not scans, (name, lines)
             assert any("runs" in ln or " r " in ln or " p " in ln for ln in lines), (name, lines)
-        pending = plan(conn, sqlite_mod.NEXT_PENDING_SQL, params)
+        pending = plan(conn, _queries.NEXT_PENDING_SQL, params)
         assert any("runs_pending_node" in ln for ln in pending), pending
-        assert any("runs_pending_expiry" in ln for ln in plan(conn, sqlite_mod.EXPIRE_SQL, params))
-        wake = plan(conn, sqlite_mod.NEXT_WAKEUP_SQL, params)
+        assert any("runs_pending_expiry" in ln for ln in plan(conn, _queries.EXPIRE_SQL, params))
+        wake = plan(conn, _queries.NEXT_WAKEUP_SQL, params)
         assert any("runs_pending_available" in ln for ln in wake), wake
         assert any("runs_pending_expiry" in ln for ln in wake), wake
     finally:
@@ -1461,11 +1466,11 @@ async def test_sqlite_listing_uses_indexes(sqlite_store: SQLiteStore) -> None:
             (TaskQuery(node_id="node//1", status=TaskStatus.PENDING, cursor="30"), "runs_node"),
             (TaskQuery(name="n1"), "tasks_name"),
         ]:
-            lines = plan(conn, *sqlite_mod._list_sql(query))
+            lines = plan(conn, *_queries.list_sql(query))
             assert any(index in ln for ln in lines), (query, lines)
             assert not [ln for ln in lines if ln.startswith("SCAN")], (query, lines)
         for query in [TaskQuery(), TaskQuery(state=RunState.LOST, cursor="9")]:
-            lines = plan(conn, *sqlite_mod._list_sql(query))
+            lines = plan(conn, *_queries.list_sql(query))
             assert "TEMP B-TREE" not in " ".join(lines), (query, lines)  # no sort: seq order
     finally:
         conn.close()

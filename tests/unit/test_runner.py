@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -1129,11 +1129,12 @@ class FlakyClaimStore(InMemoryStore):
         self.fail_node = fail_node
         self.failures = 0
 
-    async def claim(self, key: RunKey, now: datetime) -> Any:
-        if key.node_id == self.fail_node and self.failures == 0:
+    async def claim_many(self, keys: Sequence[RunKey], now: datetime) -> Any:
+        # all or nothing, like the reference store's claim_many when one claim fails
+        if any(key.node_id == self.fail_node for key in keys) and self.failures == 0:
             self.failures += 1
             raise StoreError("database is locked")
-        return await super().claim(key, now)
+        return await super().claim_many(keys, now)
 
 
 def test_failed_claim_does_not_strand_other_claims() -> None:

@@ -1,0 +1,286 @@
+"""The SQL text of the store's verbs, and the row -> value builders.
+
+Raw SQL rather than sqlite-utils' table methods: the hot paths need exact control of
+each statement (partial indexes named with ``INDEXED BY``, ``RETURNING``, ``json_each``
+over a JSON parameter, one statement where sqlite-utils would issue several), and the
+query-plan tests (tests/contract) check these very strings.
+"""
+
+# ruff: noqa: S608
+# (SQL is assembled only from this module's constants and enum-derived identifiers;
+# every value is a bound parameter.)
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+from .._types import (
+    Delivery,
+    Run,
+    RunState,
+    Shell,
+    Task,
+    TaskQuery,
+    TaskStatus,
+    TaskSummary,
+    trusted,
+)
+from ..tokens import Scope, Token
+from ._values import dt, dto, ts, tso
+
+STATES: Final = tuple(RunState)  # the state names double as task_counts column names
+_MAX_SEQ: Final = (1 << 63) - 1
+
+# --------------------------------------------------------------------------- columns
+
+RUN_COLS: Final = (
+    "state, attempts, undelivered, queued_at, available_at, expires_at, started_at, "
+    "finished_at, exit_code, output, output_truncated, error"
+)
+R_RUN_COLS: Final = ", ".join(f"r.{c}" for c in RUN_COLS.split(", "))
+TASK_COLS: Final = (
+    "t.seq, t.id, t.name, t.command, t.targets, t.created_at, t.shell, t.run_as_user, "
+    "t.timeout, t.not_before, t.expires_at, t.max_attempts, t.delivery"
+)
+TOKEN_COLS: Final = "name, secret_hash, scope, created_at, last_used, builtin"  # noqa: S105
+#: The run of a RunKey (named parameters :task_id and :node_id).
+KEY_WHERE: Final = (
+    "task_seq = (SELECT seq FROM tasks WHERE id = :task_id) "
+    "AND node = (SELECT nid FROM nodes WHERE node_id = :node_id)"
+)
+_SUMMARY_COLS: Final = f"{TASK_COLS}, {', '.join(f'c.{s.value}' for s in STATES)}"
+SUMMARY_SELECT: Final = (
+    f"SELECT {_SUMMARY_COLS} FROM tasks AS t JOIN task_counts AS c ON c.task_seq = t.seq"
+)
+
+# --------------------------------------------------------------------------- the loop's
+
+#: For each device in the JSON array :nodes, its first pending run in submission order
+#: that is available and not expired; only index searches (see the contract tests).
+NEXT_PENDING_SQL: Final = f"""
+SELECT t.id, j.value, {R_RUN_COLS}
+FROM json_each(:nodes) AS j
+JOIN nodes AS n ON n.node_id = j.value
+JOIN runs AS r ON r.rowid = (
+    SELECT p.rowid FROM runs AS p INDEXED BY runs_pending_node
+    WHERE p.node = n.nid AND p.state = 'pending' AND p.available_at <= :now
+      AND (p.expires_at IS NULL OR p.expires_at > :now)
+    ORDER BY p.task_seq LIMIT 1)
+JOIN tasks AS t ON t.seq = r.task_seq
+ORDER BY j.key
+LIMIT :limit
+"""
+
+CLAIM_SQL: Final = f"""
+UPDATE runs SET state = 'dispatched', attempts = attempts + 1, started_at = :now
+WHERE {KEY_WHERE} AND state = 'pending'
+RETURNING {RUN_COLS}
+"""
+
+EXPIRE_SQL: Final = """
+UPDATE runs SET state = 'expired', finished_at = :now,
+    error = 'expired before it could start'
+WHERE state = 'pending' AND expires_at <= :now
+"""
+
+NEXT_WAKEUP_SQL: Final = """
+SELECT min(x) FROM (
+    SELECT min(available_at) AS x FROM runs WHERE state = 'pending' AND available_at > :now
+    UNION ALL
+    SELECT min(expires_at) FROM runs WHERE state = 'pending' AND expires_at > :now
+)
+"""
+
+DISPATCHED_SQL: Final = f"""
+SELECT t.id, n.node_id, {R_RUN_COLS} FROM runs AS r INDEXED BY runs_dispatched
+JOIN tasks AS t ON t.seq = r.task_seq JOIN nodes AS n ON n.nid = r.node
+WHERE r.state = 'dispatched' ORDER BY r.task_seq, r.position
+"""
+
+# --------------------------------------------------------------------------- adding tasks
+
+#: Per connection (TEMP, not in the database file): the view tasks are added through,
+#: one JSON document of :func:`task_row` arrays per INSERT (:data:`ADD_TASKS_SQL`), and
+#: the trigger that writes the tasks, their pending runs and the counts.
+ADD_TASKS_VIEW: Final = (
+    "CREATE TEMP VIEW add_tasks(doc) AS SELECT NULL",
+    """
+    CREATE TEMP TRIGGER add_tasks_insert INSTEAD OF INSERT ON add_tasks BEGIN
+        INSERT INTO tasks(id, name, command, targets, created_at, shell, run_as_user,
+                          timeout, not_before, expires_at, max_attempts, delivery)
+        SELECT value ->> 0, value ->> 1, value ->> 2, value -> 3, """
+    + ", ".join(f"value ->> {i}" for i in range(4, 12)) + """
+        FROM json_each(NEW.doc) ORDER BY key;
+        INSERT INTO task_counts(task_seq, total, pending)
+        SELECT t.seq, json_array_length(j.value, '$[3]'), json_array_length(j.value, '$[3]')
+        FROM json_each(NEW.doc) AS j CROSS JOIN tasks AS t ON t.id = j.value ->> 0;
+        INSERT OR IGNORE INTO nodes(node_id)
+        SELECT g.value FROM json_each(NEW.doc) AS j, json_each(j.value, '$[3]') AS g;
+        -- available at submission, or at not_before. The task's values are read once
+        -- per task (LIMIT -1 keeps the subquery apart): read from the JSON once per
+        -- run, they made this insert twice as slow (bulk load of 1M runs).
+        INSERT INTO runs(task_seq, node, position, state, queued_at, available_at,
+                         expires_at)
+        SELECT x.seq, n.nid, g.key, 'pending', x.queued, coalesce(x.not_before, x.queued),
+               x.expires_at
+        FROM (SELECT t.seq, t.targets, t.not_before, t.expires_at, j.value ->> 12 AS queued
+              FROM json_each(NEW.doc) AS j CROSS JOIN tasks AS t ON t.id = j.value ->> 0
+              LIMIT -1) AS x
+        CROSS JOIN json_each(x.targets) AS g
+        CROSS JOIN nodes AS n ON n.node_id = g.value;
+        UPDATE run_counts SET n = n + changes() WHERE state = 'pending';  -- the runs above
+    END""",
+)
+
+ADD_TASKS_SQL: Final = "INSERT INTO add_tasks(doc) VALUES (?)"
+
+
+def task_row(task: Task, queued: int) -> tuple[Any, ...]:
+    """One task in an :data:`ADD_TASKS_SQL` document: the ``tasks`` columns after
+    ``seq`` (``targets`` a list), then the time its runs are queued at."""
+    return (
+        task.id,
+        task.name,
+        task.command,
+        task.targets,
+        ts(task.created_at),
+        task.shell.value,
+        int(task.run_as_user),
+        float(task.timeout),
+        tso(task.not_before),
+        tso(task.expires_at),
+        task.max_attempts,
+        task.delivery.value,
+        queued,
+    )
+
+
+# --------------------------------------------------------------------------- listing
+
+# How each TaskStatus reads on a task_counts row; mirrors ghostrunner._types.task_status.
+_NOT_PENDING = "c.pending <> c.total"
+_IDLE = "c.pending + c.dispatched = 0"
+STATUS_SQL: Final[Mapping[TaskStatus, str]] = {
+    TaskStatus.PENDING: "c.pending = c.total",
+    TaskStatus.RUNNING: f"{_NOT_PENDING} AND c.pending + c.dispatched > 0",
+    TaskStatus.SUCCEEDED: f"{_NOT_PENDING} AND {_IDLE} AND c.succeeded = c.total",
+    TaskStatus.CANCELLED: (
+        f"{_NOT_PENDING} AND {_IDLE} AND c.succeeded <> c.total AND c.cancelled = c.total"
+    ),
+    TaskStatus.FAILED: (
+        f"{_NOT_PENDING} AND {_IDLE} AND c.succeeded <> c.total AND c.cancelled <> c.total"
+    ),
+}
+
+
+def list_sql(query: TaskQuery) -> tuple[str, dict[str, Any]]:
+    """The statement listing ``query``'s page (plus one row, to know if more follow).
+
+    Every filter is SQL, and the walk goes newest first along an index, stopping when
+    the page is full: with ``node_id`` along ``runs_node``, with ``name`` along
+    ``tasks_name``, else along ``task_counts`` (narrow rows: the per-state counts kept
+    by triggers, which ``state`` and ``status`` read; the wide ``tasks`` row is only
+    read for tasks that match). So a rare state or status can walk every task (about
+    0.5 µs a task). The cursor is the ``seq`` of the page's last task.
+    """
+    start = _MAX_SEQ
+    if query.cursor is not None:
+        try:
+            start = min(max(int(query.cursor), 0), _MAX_SEQ)
+        except ValueError:
+            start = 0  # like the reference store: an unknown cursor ends the listing
+    params: dict[str, Any] = {"start": start, "limit": query.limit + 1}
+    where = []
+    if query.node_id is not None:
+        # CROSS JOIN: SQLite keeps the tables in this order (runs drives)
+        source = (
+            "runs AS r INDEXED BY runs_node CROSS JOIN tasks AS t ON t.seq = r.task_seq"
+            " CROSS JOIN task_counts AS c ON c.task_seq = r.task_seq"
+        )
+        where += ["r.node = (SELECT nid FROM nodes WHERE node_id = :node_id)"]
+        order = "r.task_seq"
+        params["node_id"] = query.node_id
+    elif query.name is not None:
+        source = (
+            "tasks AS t INDEXED BY tasks_name CROSS JOIN task_counts AS c ON c.task_seq = t.seq"
+        )
+        order = "t.seq"
+    else:
+        source = "task_counts AS c CROSS JOIN tasks AS t ON t.seq = c.task_seq"
+        order = "c.task_seq"
+    where.append(f"{order} < :start")
+    if query.name is not None:
+        where.append("t.name = :name")
+        params["name"] = query.name
+    if query.state is not None:
+        where.append(f"c.{RunState(query.state).value} > 0")
+    if query.status is not None:
+        where.append(f"({STATUS_SQL[TaskStatus(query.status)]})")
+    sql = (
+        f"SELECT {_SUMMARY_COLS} FROM {source} WHERE {' AND '.join(where)} "
+        f"ORDER BY {order} DESC LIMIT :limit"
+    )
+    return sql, params
+
+
+# --------------------------------------------------------------------------- rows -> values
+
+
+def run(task_id: str, node_id: str, row: Sequence[Any]) -> Run:
+    """A Run from ``row``: the columns of :data:`RUN_COLS`."""
+    return trusted(
+        Run,
+        task_id=task_id,
+        node_id=node_id,
+        state=RunState(row[0]),
+        attempts=row[1],
+        undelivered=row[2],
+        queued_at=dt(row[3]),
+        available_at=dt(row[4]),
+        expires_at=dto(row[5]),
+        started_at=dto(row[6]),
+        finished_at=dto(row[7]),
+        exit_code=row[8],
+        output=row[9],
+        output_truncated=bool(row[10]),
+        error=row[11],
+    )
+
+
+def task(row: Sequence[Any]) -> Task:
+    """A Task from ``row``: the columns of :data:`TASK_COLS` (seq first)."""
+    return trusted(
+        Task,
+        id=row[1],
+        name=row[2],
+        command=row[3],
+        targets=tuple(json.loads(row[4])),
+        created_at=dt(row[5]),
+        shell=Shell(row[6]),
+        run_as_user=bool(row[7]),
+        timeout=row[8],
+        not_before=dto(row[9]),
+        expires_at=dto(row[10]),
+        max_attempts=row[11],
+        delivery=Delivery(row[12]),
+    )
+
+
+def summary(row: Sequence[Any]) -> TaskSummary:
+    """A TaskSummary from a :data:`SUMMARY_SELECT` row."""
+    counts = {s: n for s, n in zip(STATES, row[13:], strict=True) if n}
+    return TaskSummary(task=task(row), counts=counts)
+
+
+def token(row: Sequence[Any]) -> Token:
+    """A Token from ``row``: the columns of :data:`TOKEN_COLS`."""
+    return Token(
+        name=row[0],
+        secret_hash=row[1],
+        scope=Scope(row[2]),
+        created_at=dt(row[3]),
+        last_used=dto(row[4]),
+        builtin=bool(row[5]),
+    )

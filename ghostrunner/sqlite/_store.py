@@ -1,0 +1,511 @@
+"""``SQLiteStore``: the store's verbs, each a function run on the worker thread.
+
+Each verb builds its parameters on the event loop, then hands the worker (:mod:`._worker`)
+a small function of the database: ``_read`` for queries, ``_write`` for changes (a
+transaction shared with the other jobs of its batch, in a savepoint of its own).
+"""
+
+# ruff: noqa: S608
+# (SQL is assembled only from the constants of ._queries and enum-derived identifiers;
+# every value is a bound parameter.)
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sqlite3
+import weakref
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from datetime import datetime
+from typing import Any, Final, Literal, TypeVar, cast
+
+import sqlite_utils
+
+from .._types import (
+    TERMINAL_STATES,
+    TRANSITIONS,
+    Outcome,
+    Page,
+    Run,
+    RunKey,
+    RunState,
+    Task,
+    TaskQuery,
+    TaskSummary,
+)
+from ..errors import Conflict, IllegalTransition, NotFound, StoreError
+from ..tokens import Token
+from . import _queries as q
+from ._values import JSON, dto, json_list, storable, ts, tso
+from ._worker import Bulk, Job, Kind, Worker
+
+_T = TypeVar("_T")
+
+#: The terminal states a dispatched run may move to (what finish() accepts).
+_FINISHED_STATES: Final = TRANSITIONS[RunState.DISPATCHED] & TERMINAL_STATES
+
+
+class SQLiteStore:
+    """A :class:`~ghostrunner.Store` in an SQLite file (see :mod:`ghostrunner.sqlite`).
+
+    Args:
+        path: the database file, created if missing; ``":memory:"`` for a private
+            in-memory database (for tests; its content is lost on :meth:`close`).
+        synchronous: ``"FULL"`` (default; a commit survives a power loss) or
+            ``"NORMAL"`` (faster; survives a crash of the process only).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: Literal["FULL", "NORMAL"] = "FULL",
+    ) -> None:
+        if synchronous not in ("FULL", "NORMAL"):
+            raise ValueError("synchronous must be 'FULL' or 'NORMAL'")
+        self.path = os.fspath(path)
+        self.synchronous = synchronous
+        self._worker: Worker | None = None
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({self.path!r})"
+
+    # ---------------------------------------------------------------- plumbing
+
+    async def open(self) -> None:
+        if self._worker is not None and not self._worker.closing:
+            return
+        worker = Worker(self.path, synchronous=self.synchronous)
+        self._worker = worker
+        # a store dropped without close(): its thread finishes the queue, then exits
+        weakref.finalize(self, worker.abandon)
+        try:
+            await worker.start()
+        except BaseException:
+            if self._worker is worker:
+                self._worker = None
+            raise
+
+    async def close(self) -> None:
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            await worker.stop()
+
+    async def _call(
+        self, fn: Callable[[sqlite_utils.Database], _T], kind: Kind, bulk: Bulk | None = None
+    ) -> _T:
+        worker = self._worker
+        if worker is None:
+            raise StoreError("the store is not open")
+        job = Job(fn, kind, asyncio.get_running_loop(), bulk)
+        worker.submit(job)
+        return cast(_T, await job.future)
+
+    async def _read(self, fn: Callable[[sqlite_utils.Database], _T]) -> _T:
+        return await self._call(fn, "read")
+
+    async def _write(self, fn: Callable[[sqlite_utils.Database], _T]) -> _T:
+        return await self._call(fn, "write")
+
+    # ---------------------------------------------------------------- tasks
+
+    async def add_task(self, task: Task, now: datetime) -> None:
+        row = q.task_row(task, ts(now))
+        # tasks added concurrently are written with one statement (their jobs share the
+        # bulk function): per-statement costs and the worker's hold on the GIL are paid
+        # once per batch, not once per task
+        await self._call(lambda db: _add_tasks(db, [row]), "write", bulk=(_add_tasks, row))
+
+    async def bulk_add_tasks(
+        self, tasks: Iterable[Task], now: datetime, *, chunk_runs: int = 50_000
+    ) -> int:
+        """Add many tasks fast (benchmarks, imports), as :meth:`add_task` would.
+
+        ``tasks`` is consumed on the store's thread, and nothing else runs on the store
+        meanwhile. The tasks of ``chunk_runs`` runs or so go in with one statement,
+        :meth:`add_task`'s (bigger chunks were no faster, and a chunk's JSON is held
+        several times over in memory). Into an empty store the whole load is one
+        transaction and the indexes are built at the end; otherwise each chunk is one
+        transaction, and a task id that exists raises ``Conflict`` and leaves the
+        earlier chunks in. Returns how many runs were added.
+        """
+        queued = ts(now)
+        return await self._call(lambda db: _bulk_load(db, tasks, queued, chunk_runs), "exclusive")
+
+    async def get_task(self, task_id: str) -> TaskSummary:
+        def op(db: sqlite_utils.Database) -> TaskSummary:
+            row = db.execute(f"{q.SUMMARY_SELECT} WHERE t.id = ?", (task_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no task {task_id}")
+            return q.summary(row)
+
+        return await self._read(op)
+
+    async def get_runs(self, task_id: str) -> Sequence[Run]:
+        def op(db: sqlite_utils.Database) -> list[Run]:
+            seq = _task_seq(db, task_id)
+            rows = db.execute(
+                f"SELECT n.node_id, {q.R_RUN_COLS} FROM runs AS r "
+                "JOIN nodes AS n ON n.nid = r.node WHERE r.task_seq = ? ORDER BY r.position",
+                (seq,),
+            ).fetchall()
+            return [q.run(task_id, row[0], row[1:]) for row in rows]
+
+        return await self._read(op)
+
+    async def list_tasks(self, query: TaskQuery) -> Page:
+        """Newest first; see :func:`._queries.list_sql` for how each filter is served."""
+        sql, params = q.list_sql(query)
+
+        def op(db: sqlite_utils.Database) -> Page:
+            rows = db.execute(sql, params).fetchall()
+            more = len(rows) > query.limit
+            rows = rows[: query.limit]
+            items = tuple(q.summary(row) for row in rows)
+            return Page(items=items, next_cursor=str(rows[-1][0]) if more else None)
+
+        return await self._read(op)
+
+    async def delete_task(self, task_id: str) -> None:
+        def op(db: sqlite_utils.Database) -> None:
+            seq = _task_seq(db, task_id)
+            active = db.execute(
+                "SELECT pending + dispatched FROM task_counts WHERE task_seq = ?", (seq,)
+            ).fetchone()
+            if active is not None and active[0]:
+                raise IllegalTransition(f"task {task_id} still has active runs")
+            db.execute("DELETE FROM runs WHERE task_seq = ?", (seq,))
+            db.execute("DELETE FROM task_counts WHERE task_seq = ?", (seq,))
+            db.execute("DELETE FROM tasks WHERE seq = ?", (seq,))
+
+        await self._write(op)
+
+    # ---------------------------------------------------------------- the loop's verbs
+
+    async def next_pending(
+        self, node_ids: Collection[str], now: datetime, *, limit: int | None = None
+    ) -> Sequence[Run]:
+        if not node_ids or limit == 0:
+            return []
+        params = {
+            "nodes": json_list(dict.fromkeys(node_ids)),
+            "now": ts(now),
+            "limit": -1 if limit is None else limit,
+        }
+
+        def op(db: sqlite_utils.Database) -> list[Run]:
+            rows = db.execute(q.NEXT_PENDING_SQL, params).fetchall()
+            return [q.run(row[0], row[1], row[2:]) for row in rows]
+
+        return await self._read(op)
+
+    async def claim_many(
+        self, keys: Sequence[RunKey], now: datetime
+    ) -> Sequence[tuple[Run, Task]]:
+        if not keys:
+            return []
+        stamp = ts(now)
+
+        def op(db: sqlite_utils.Database) -> list[tuple[Run, Task]]:
+            claimed: list[Run] = []
+            for key in keys:
+                rows = db.execute(q.CLAIM_SQL, {**_key_params(key), "now": stamp}).fetchall()
+                if rows:
+                    claimed.append(q.run(key.task_id, key.node_id, rows[0]))
+                elif not _run_exists(db, key):
+                    raise NotFound(f"no run {key}")
+            ids = list(dict.fromkeys(run.task_id for run in claimed))
+            tasks: dict[str, Task] = {}
+            for i in range(0, len(ids), 500):
+                chunk = ids[i : i + 500]
+                marks = ", ".join("?" * len(chunk))
+                for row in db.execute(
+                    f"SELECT {q.TASK_COLS} FROM tasks AS t WHERE t.id IN ({marks})", chunk
+                ):
+                    tasks[row[1]] = q.task(row)
+            return [(run, tasks[run.task_id]) for run in claimed]
+
+        return await self._write(op)
+
+    async def finish(
+        self,
+        key: RunKey,
+        state: RunState,
+        now: datetime,
+        *,
+        outcome: Outcome | None = None,
+        error: str | None = None,
+    ) -> Run:
+        if state not in TERMINAL_STATES:
+            raise IllegalTransition(f"finish needs a terminal state, not {state}")
+        if state not in _FINISHED_STATES:  # e.g. cancelled: only a pending run can be
+
+            def refuse(db: sqlite_utils.Database) -> Run:
+                if not _run_exists(db, key):
+                    raise NotFound(f"no run {key}")
+                raise IllegalTransition(f"run {key}: dispatched -> {state} is not allowed")
+
+            return await self._read(refuse)
+        params: dict[str, Any] = {"state": RunState(state).value, "error": error}
+        sets = ["state = :state", "finished_at = :finished", "error = :error"]
+        finished = now
+        if outcome is not None:
+            sets += ["exit_code = :exit_code", "output = :output", "output_truncated = :trunc"]
+            params.update(
+                exit_code=outcome.exit_code,
+                output=outcome.output,
+                trunc=int(outcome.output_truncated),
+            )
+            if outcome.finished_at is not None:
+                finished = outcome.finished_at
+            if outcome.started_at is not None:
+                sets.append("started_at = :started")
+                params["started"] = ts(outcome.started_at)
+        params["finished"] = ts(finished)
+        assignments = ", ".join(sets)
+        return await self._write(lambda db: _update_dispatched(db, key, assignments, params))
+
+    async def release(
+        self,
+        key: RunKey,
+        now: datetime,
+        *,
+        available_at: datetime,
+        error: str,
+        delivered: bool,
+    ) -> Run:
+        assignments = (
+            "state = 'pending', available_at = :available, error = :error, started_at = NULL"
+        )
+        if not delivered:
+            assignments += ", attempts = attempts - 1, undelivered = undelivered + 1"
+        params = {"available": ts(available_at), "error": error}
+        return await self._write(lambda db: _update_dispatched(db, key, assignments, params))
+
+    async def cancel(
+        self, task_id: str, node_ids: Collection[str] | None = None, *, now: datetime
+    ) -> Sequence[Run]:
+        params: dict[str, Any] = {"now": ts(now)}
+        only = ""
+        if node_ids is not None:
+            params["nodes"] = json_list(dict.fromkeys(node_ids))
+            only = (
+                " AND node IN (SELECT nid FROM nodes"
+                " WHERE node_id IN (SELECT value FROM json_each(:nodes)))"
+            )
+
+        def op(db: sqlite_utils.Database) -> list[Run]:
+            params["seq"] = _task_seq(db, task_id)
+            rows = db.execute(
+                "UPDATE runs SET state = 'cancelled', finished_at = :now "
+                f"WHERE task_seq = :seq AND state = 'pending'{only} "
+                "RETURNING position, (SELECT node_id FROM nodes WHERE nid = node), "
+                f"{q.RUN_COLS}",
+                params,
+            ).fetchall()
+            rows.sort(key=lambda row: cast(int, row[0]))
+            return [q.run(task_id, row[1], row[2:]) for row in rows]
+
+        return await self._write(op)
+
+    async def expire_due(self, now: datetime) -> int:
+        params = {"now": ts(now)}
+        return await self._write(lambda db: db.execute(q.EXPIRE_SQL, params).rowcount)
+
+    async def dispatched(self) -> Sequence[Run]:
+        def op(db: sqlite_utils.Database) -> list[Run]:
+            return [q.run(r[0], r[1], r[2:]) for r in db.execute(q.DISPATCHED_SQL).fetchall()]
+
+        return await self._read(op)
+
+    async def next_wakeup(self, now: datetime) -> datetime | None:
+        params = {"now": ts(now)}
+
+        def op(db: sqlite_utils.Database) -> datetime | None:
+            return dto(db.execute(q.NEXT_WAKEUP_SQL, params).fetchone()[0])
+
+        return await self._read(op)
+
+    async def counts(self) -> Mapping[RunState, int]:
+        def op(db: sqlite_utils.Database) -> dict[RunState, int]:
+            rows = db.execute("SELECT state, n FROM run_counts WHERE n > 0").fetchall()
+            return {RunState(state): n for state, n in rows}
+
+        return await self._read(op)
+
+    # ---------------------------------------------------------------- tokens
+
+    async def add_token(self, token: Token) -> None:
+        row = (
+            token.name,
+            token.secret_hash,
+            token.scope.value,
+            ts(token.created_at),
+            tso(token.last_used),
+            int(token.builtin),
+        )
+
+        def op(db: sqlite_utils.Database) -> None:
+            try:
+                db.execute(f"INSERT INTO tokens({q.TOKEN_COLS}) VALUES (?,?,?,?,?,?)", row)
+            except sqlite3.IntegrityError as exc:
+                if "tokens.name" in str(exc):
+                    raise Conflict(f"a token named {token.name!r} exists") from exc
+                raise Conflict("a token with this secret exists") from exc
+
+        await self._write(op)
+
+    async def token_by_hash(self, secret_hash: str) -> Token | None:
+        def op(db: sqlite_utils.Database) -> Token | None:
+            row = db.execute(
+                f"SELECT {q.TOKEN_COLS} FROM tokens WHERE secret_hash = ?", (secret_hash,)
+            ).fetchone()
+            return None if row is None else q.token(row)
+
+        return await self._read(op)
+
+    async def list_tokens(self) -> Sequence[Token]:
+        def op(db: sqlite_utils.Database) -> list[Token]:
+            rows = db.execute(f"SELECT {q.TOKEN_COLS} FROM tokens ORDER BY created_at, id")
+            return [q.token(row) for row in rows.fetchall()]
+
+        return await self._read(op)
+
+    async def delete_token(self, name: str) -> None:
+        def op(db: sqlite_utils.Database) -> None:
+            if db.execute("DELETE FROM tokens WHERE name = ?", (name,)).rowcount == 0:
+                raise NotFound(f"no token named {name!r}")
+
+        await self._write(op)
+
+    async def touch_token(self, name: str, now: datetime) -> None:
+        params = (ts(now), name)
+        await self._write(
+            lambda db: db.execute("UPDATE tokens SET last_used = ? WHERE name = ?", params)
+        )
+
+
+# --------------------------------------------------------------------------- on the thread
+
+
+def _add_tasks(db: sqlite_utils.Database, rows: list[tuple[Any, ...]]) -> None:
+    """Insert tasks, their pending runs and counts: ``rows`` are
+    :func:`._queries.task_row` tuples. The one way tasks are added.
+
+    One statement however many tasks (an insert of their JSON document into the
+    ``add_tasks`` view, whose trigger does the work): atomic (a failure undoes all of
+    it), and one crossing into SQLite: every crossing releases the GIL and has to win it
+    back from the busy event loop. A duplicate id raises Conflict (one task) or
+    IntegrityError (several: the worker then adds them one by one)."""
+    try:
+        db.conn.execute(q.ADD_TASKS_SQL, (JSON.encode(rows),))
+    except sqlite3.IntegrityError as exc:
+        if len(rows) == 1 and "tasks.id" in str(exc):
+            raise Conflict(f"task {rows[0][0]} exists") from exc
+        raise
+
+
+def _bulk_load(
+    db: sqlite_utils.Database, tasks: Iterable[Task], queued: int, chunk_runs: int
+) -> int:
+    """The body of :meth:`SQLiteStore.bulk_add_tasks`: :func:`_add_tasks` in chunks.
+
+    Into an empty store: one transaction, the secondary indexes dropped first and built
+    again at the end (sorting once is cheaper than 1M random inserts). Foreign key
+    checks are off: the trigger takes every key from the row it refers to, and the
+    checks cost a third of the runs' insert."""
+    empty = db.execute("SELECT NOT EXISTS (SELECT 1 FROM runs)").fetchone()[0]
+    added = 0
+    db.execute("PRAGMA foreign_keys = OFF")  # no-op inside a transaction: set it first
+    try:
+        with _immediate(db) if empty else contextlib.nullcontext():
+            indexes = _drop_indexes(db) if empty else []
+            for rows, runs in _chunks(tasks, queued, chunk_runs):
+                _add_tasks(db, rows)  # outside a transaction, one chunk is one transaction
+                added += runs
+            for sql in indexes:
+                db.execute(sql)
+    finally:
+        db.execute("PRAGMA foreign_keys = ON")
+    return added
+
+
+def _chunks(
+    tasks: Iterable[Task], queued: int, runs: int
+) -> Iterator[tuple[list[tuple[Any, ...]], int]]:
+    """The rows of ``tasks`` in lists of about ``runs`` runs, each with its run count."""
+    chunk: list[tuple[Any, ...]] = []
+    size = 0
+    for task in tasks:
+        chunk.append(q.task_row(task, queued))
+        size += len(task.targets)
+        if size >= runs:
+            yield chunk, size
+            chunk, size = [], 0
+    if chunk:
+        yield chunk, size
+
+
+def _drop_indexes(db: sqlite_utils.Database) -> list[str]:
+    """Drop the secondary indexes of runs and tasks; return their CREATE statements.
+    (Raw SQL: sqlite-utils' ``Table.indexes`` does not give the text of partial ones.)"""
+    indexes = db.execute(
+        "SELECT name, sql FROM sqlite_schema WHERE type = 'index' "
+        "AND tbl_name IN ('runs', 'tasks') AND sql IS NOT NULL"
+    ).fetchall()
+    for name, _ in indexes:
+        db.execute(f'DROP INDEX "{name}"')
+    return [sql for _, sql in indexes]
+
+
+@contextlib.contextmanager
+def _immediate(db: sqlite_utils.Database) -> Iterator[None]:
+    """A write transaction: committed at the end of the block, rolled back on error."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.rollback()
+        raise
+    db.execute("COMMIT")
+
+
+def _task_seq(db: sqlite_utils.Database, task_id: str) -> int:
+    row = db.execute("SELECT seq FROM tasks WHERE id = ?", (task_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"no task {task_id}")
+    return cast(int, row[0])
+
+
+def _key_params(key: RunKey) -> dict[str, Any]:
+    return {"task_id": key.task_id, "node_id": key.node_id}
+
+
+def _run_exists(db: sqlite_utils.Database, key: RunKey) -> bool:
+    row = db.execute(f"SELECT 1 FROM runs WHERE {q.KEY_WHERE}", _key_params(key)).fetchone()
+    return row is not None
+
+
+def _update_dispatched(
+    db: sqlite_utils.Database, key: RunKey, assignments: str, params: dict[str, Any]
+) -> Run:
+    """Apply ``assignments`` to the run ``key`` if it is dispatched, else raise.
+
+    Output and error texts that UTF-8 cannot encode are stored with U+FFFD in place of
+    their lone surrogates, rather than losing the outcome.
+    """
+    sql = (
+        f"UPDATE runs SET {assignments} WHERE {q.KEY_WHERE} AND state = 'dispatched' "
+        f"RETURNING {q.RUN_COLS}"
+    )
+    try:
+        rows = db.execute(sql, {**params, **_key_params(key)}).fetchall()
+    except UnicodeEncodeError:  # raised while binding: nothing was executed
+        clean = {name: storable(value) for name, value in params.items()}
+        rows = db.execute(sql, {**clean, **_key_params(key)}).fetchall()
+    if not rows:
+        if not _run_exists(db, key):
+            raise NotFound(f"no run {key}")
+        raise IllegalTransition(f"run {key} is not dispatched")
+    return q.run(key.task_id, key.node_id, rows[0])

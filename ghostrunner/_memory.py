@@ -10,8 +10,10 @@ from typing import Any
 import attrs
 
 from ._types import (
+    RETRYABLE_STATES,
     TERMINAL_STATES,
     TRANSITIONS,
+    Attempt,
     Outcome,
     Page,
     Run,
@@ -42,6 +44,11 @@ class InMemoryStore:
         """Forget everything."""
         self.tasks: dict[str, Task] = {}
         self.runs: dict[RunKey, Run] = {}
+        self.nodes: dict[str, list[str]] = {}  # task id -> its runs' nodes, in order
+        self.paused: set[str] = set()
+        self.aborted: dict[str, str] = {}  # task id -> reason
+        self.closed_tasks: set[str] = set()  # cancelled as a whole, or aborted
+        self.history: dict[RunKey, list[Attempt]] = {}
         self.tokens: dict[str, Token] = {}
         self._order: dict[str, int] = {}  # task id -> submission sequence
         self._by_node: dict[str, list[RunKey]] = {}  # submission order, pruned lazily
@@ -72,21 +79,119 @@ class InMemoryStore:
         return new
 
     def _summary(self, task: Task) -> TaskSummary:
-        counts = Counter(self.runs[RunKey(task.id, n)].state for n in task.targets)
-        return TaskSummary(task=task, counts=dict(counts))
+        counts = Counter(self.runs[RunKey(task.id, n)].state for n in self.nodes[task.id])
+        return TaskSummary(
+            task=task, counts=dict(counts), paused=task.id in self.paused,
+            aborted=self.aborted.get(task.id), closed=task.id in self.closed_tasks,
+        )
+
+    def _task(self, task_id: str) -> Task:
+        try:
+            return self.tasks[task_id]
+        except KeyError:
+            raise NotFound(f"no task {task_id}") from None
+
+    def _add(self, runs: Sequence[Run]) -> None:
+        for run in runs:
+            self.runs[run.key] = run
+            self.nodes[run.task_id].append(run.node_id)
+            self._by_node.setdefault(run.node_id, []).append(run.key)
+
+    def _record(self, run: Run, state: RunState, error: str | None) -> None:
+        attempt = Attempt(
+            number=run.attempts, state=state, started_at=run.started_at,
+            finished_at=run.finished_at, exit_code=run.exit_code, output=run.output,
+            output_truncated=run.output_truncated, error=error,
+        )
+        self.history.setdefault(run.key, []).append(attempt)
 
     # ---------------------------------------------------------------- tasks
 
-    async def add_task(self, task: Task, now: datetime) -> None:
+    async def add_task(
+        self, task: Task, now: datetime, *, nodes: Sequence[str] | None = None
+    ) -> None:
         if task.id in self.tasks:
             raise Conflict(f"task {task.id} exists")
-        runs = task.first_runs(now)
+        runs = task.first_runs(now, nodes)
         self._seq += 1
         self.tasks[task.id] = task
+        self.nodes[task.id] = []
         self._order[task.id] = self._seq
+        self._add(runs)
+
+    async def add_runs(
+        self, task_id: str, node_ids: Sequence[str], now: datetime
+    ) -> Sequence[Run]:
+        task = self._task(task_id)
+        if task_id in self.closed_tasks:
+            return []
+        have = set(self.nodes[task_id])
+        new = [n for n in dict.fromkeys(node_ids) if n not in have]
+        runs = task.first_runs(now, new)
+        self._add(runs)
+        return runs
+
+    async def pause(self, task_id: str, paused: bool) -> TaskSummary:
+        task = self._task(task_id)
+        (self.paused.add if paused else self.paused.discard)(task_id)
+        return self._summary(task)
+
+    async def abort(self, task_id: str, reason: str, now: datetime) -> Sequence[Run]:
+        runs = await self.get_runs(task_id)
+        self.aborted[task_id] = reason
+        self.closed_tasks.add(task_id)
+        return [
+            self._move(r.key, RunState.CANCELLED, finished_at=now, error=reason)
+            for r in runs
+            if r.state is RunState.PENDING
+        ]
+
+    async def retry(
+        self, task_id: str, states: Collection[RunState], now: datetime
+    ) -> Sequence[Run]:
+        wanted = {RunState(s) for s in states}
+        if not wanted <= RETRYABLE_STATES:
+            bad = sorted(s.value for s in wanted - RETRYABLE_STATES)
+            raise IllegalTransition(f"runs that {', '.join(bad)} cannot be retried")
+        runs = await self.get_runs(task_id)
+        self.aborted.pop(task_id, None)
+        self.closed_tasks.discard(task_id)
+        out = []
         for run in runs:
-            self.runs[run.key] = run
-            self._by_node.setdefault(run.node_id, []).append(run.key)
+            if run.state in wanted:
+                out.append(self._move(
+                    run.key, RunState.PENDING, available_at=now, started_at=None,
+                    finished_at=None, exit_code=None, output="", output_truncated=False,
+                    error=None,
+                ))
+                keys = self._by_node.setdefault(run.node_id, [])
+                if run.key not in keys:  # pruned while it was terminal
+                    keys.append(run.key)
+                    keys.sort(key=lambda k: self._order[k.task_id])
+        return out
+
+    async def attempts(self, task_id: str) -> Mapping[str, Sequence[Attempt]]:
+        self._task(task_id)
+        return {
+            node: list(self.history[RunKey(task_id, node)])
+            for node in self.nodes[task_id]
+            if RunKey(task_id, node) in self.history
+        }
+
+    async def open_continuous(self, now: datetime) -> Sequence[Task]:
+        return [
+            t for t in sorted(self.tasks.values(), key=lambda t: self._order[t.id])
+            if t.continuous and t.id not in self.closed_tasks
+            and (t.expires_at is None or t.expires_at > now)
+        ]
+
+    async def recent_starts(self, since: datetime) -> Sequence[tuple[str, datetime]]:
+        return [
+            (r.task_id, r.started_at)
+            for r in self.runs.values()
+            if r.started_at is not None and r.started_at > since
+            and self.tasks[r.task_id].rollout.per_minute is not None
+        ]
 
     async def get_task(self, task_id: str) -> TaskSummary:
         try:
@@ -95,8 +200,8 @@ class InMemoryStore:
             raise NotFound(f"no task {task_id}") from None
 
     async def get_runs(self, task_id: str) -> Sequence[Run]:
-        summary = await self.get_task(task_id)
-        return [self.runs[RunKey(task_id, n)] for n in summary.task.targets]
+        self._task(task_id)
+        return [self.runs[RunKey(task_id, n)] for n in self.nodes[task_id]]
 
     async def list_tasks(self, query: TaskQuery) -> Page:
         ordered = sorted(self.tasks.values(), key=lambda t: self._order[t.id], reverse=True)
@@ -110,7 +215,7 @@ class InMemoryStore:
         for task in ordered:
             if query.name is not None and task.name != query.name:
                 continue
-            if query.node_id is not None and query.node_id not in task.targets:
+            if query.node_id is not None and query.node_id not in self.nodes[task.id]:
                 continue
             summary = self._summary(task)
             if query.state is not None and not summary.counts.get(query.state):
@@ -133,12 +238,24 @@ class InMemoryStore:
                 keys.remove(run.key)
         del self.tasks[task_id]
         del self._order[task_id]
+        del self.nodes[task_id]
+        for state in (self.paused, self.closed_tasks):
+            state.discard(task_id)
+        self.aborted.pop(task_id, None)
+        for run in runs:
+            self.history.pop(run.key, None)
 
     # ---------------------------------------------------------------- the loop's verbs
 
     async def next_pending(
-        self, node_ids: Collection[str], now: datetime, *, limit: int | None = None
+        self,
+        node_ids: Collection[str],
+        now: datetime,
+        *,
+        limit: int | None = None,
+        skip_tasks: Collection[str] = (),
     ) -> Sequence[Run]:
+        skip = self.paused.union(skip_tasks)
         out: list[Run] = []
         for node in dict.fromkeys(node_ids):
             if limit is not None and len(out) >= limit:
@@ -153,6 +270,7 @@ class InMemoryStore:
                 run = self.runs[key]
                 if (
                     run.state is RunState.PENDING
+                    and run.task_id not in skip
                     and run.available_at <= now
                     and (run.expires_at is None or run.expires_at > now)
                 ):
@@ -168,7 +286,7 @@ class InMemoryStore:
         try:
             for key in keys:
                 run = self._run(key)
-                if run.state is RunState.PENDING:
+                if run.state is RunState.PENDING and key.task_id not in self.paused:
                     run = self._move(
                         key, RunState.DISPATCHED, attempts=run.attempts + 1, started_at=now
                     )
@@ -191,6 +309,8 @@ class InMemoryStore:
             raise IllegalTransition(f"finish needs a terminal state, not {state}")
         if self._run(key).state is not RunState.DISPATCHED:
             raise IllegalTransition(f"run {key} is not dispatched")
+        if state not in TRANSITIONS[RunState.DISPATCHED]:
+            raise IllegalTransition(f"run {key}: dispatched -> {state} is not allowed")
         changes: dict[str, object] = {"finished_at": now, "error": error}
         if outcome is not None:
             changes.update(
@@ -202,7 +322,9 @@ class InMemoryStore:
                 changes["finished_at"] = outcome.finished_at
             if outcome.started_at is not None:
                 changes["started_at"] = outcome.started_at
-        return self._move(key, state, **changes)
+        run = self._move(key, state, **changes)
+        self._record(run, state, error)
+        return run
 
     async def release(
         self,
@@ -218,6 +340,7 @@ class InMemoryStore:
             raise IllegalTransition(f"run {key} is not dispatched")
         if delivered:
             counts = {"attempts": run.attempts, "undelivered": run.undelivered}
+            self._record(attrs.evolve(run, finished_at=now), RunState.LOST, error)
         else:
             counts = {"attempts": run.attempts - 1, "undelivered": run.undelivered + 1}
         return self._move(
@@ -230,6 +353,8 @@ class InMemoryStore:
     ) -> Sequence[Run]:
         runs = await self.get_runs(task_id)
         wanted = None if node_ids is None else set(node_ids)
+        if wanted is None:
+            self.closed_tasks.add(task_id)
         out = []
         for run in runs:
             if run.state is RunState.PENDING and (wanted is None or run.node_id in wanted):

@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Protocol, runtime_checkable
 
 from ._types import (
+    Attempt,
     Device,
     DeviceEvent,
     Outcome,
@@ -57,12 +58,58 @@ class Store(Protocol):
 
     # ---------------------------------------------------------------- tasks
 
-    async def add_task(self, task: Task, now: datetime) -> None:
-        """Store ``task`` and one pending run per target (:meth:`Task.first_runs` at
-        ``now``), in one transaction. Read them back with :meth:`get_runs`.
+    async def add_task(
+        self, task: Task, now: datetime, *, nodes: Sequence[str] | None = None
+    ) -> None:
+        """Store ``task`` and one pending run per node of ``nodes`` (default: its
+        targets; the facade passes the targets and the devices its selector matched),
+        as :meth:`Task.first_runs` makes them at ``now``, in one transaction. Read them
+        back with :meth:`get_runs`.
 
         Raises ``Conflict`` if a task with this id exists.
         """
+
+    async def add_runs(
+        self, task_id: str, node_ids: Sequence[str], now: datetime
+    ) -> Sequence[Run]:
+        """Add a pending run of the task for each of ``node_ids`` that has none yet (a
+        device never gets two runs of one task), after its other runs; return the runs
+        added. A closed task (cancelled as a whole, or aborted) gets none. For
+        continuous tasks. Raises ``NotFound``."""
+
+    async def pause(self, task_id: str, paused: bool) -> TaskSummary:
+        """Hold the task (``paused``) or let it go on: :meth:`next_pending` and
+        :meth:`claim_many` skip the runs of a paused task; runs in flight go on.
+        Raises ``NotFound``."""
+
+    async def abort(self, task_id: str, reason: str, now: datetime) -> Sequence[Run]:
+        """Cancel the task's pending runs with ``reason`` as their error, and mark the
+        task aborted (with ``reason``) and closed. Returns the runs cancelled. Raises
+        ``NotFound``."""
+
+    async def retry(
+        self, task_id: str, states: Collection[RunState], now: datetime
+    ) -> Sequence[Run]:
+        """Put the task's runs that are in ``states`` (each one of
+        :data:`~ghostrunner._types.RETRYABLE_STATES`, else ``IllegalTransition``) back
+        to pending, available at ``now``, for a new attempt: ``attempts`` stays, the
+        result fields are cleared (the attempt history keeps them). The task is no
+        longer aborted or closed. Returns the runs, in target order. Raises
+        ``NotFound``."""
+
+    async def attempts(self, task_id: str) -> Mapping[str, Sequence[Attempt]]:
+        """The attempt history of each of the task's runs (node id -> attempts, oldest
+        first; runs never attempted are absent). :meth:`finish` records an attempt, and
+        so does :meth:`release` of a delivered one (``lost``: sent again). Raises
+        ``NotFound``."""
+
+    async def open_continuous(self, now: datetime) -> Sequence[Task]:
+        """The continuous tasks still taking runs at ``now``: not closed, not expired."""
+
+    async def recent_starts(self, since: datetime) -> Sequence[tuple[str, datetime]]:
+        """(task id, ``started_at``) of the runs of rate-limited tasks (a
+        ``rollout.per_minute``) that started after ``since``: the loop's rate windows,
+        after a restart."""
 
     async def get_task(self, task_id: str) -> TaskSummary:
         """The task with run counts. Raises ``NotFound``."""
@@ -82,13 +129,19 @@ class Store(Protocol):
     # ---------------------------------------------------------------- the loop's verbs
 
     async def next_pending(
-        self, node_ids: Collection[str], now: datetime, *, limit: int | None = None
+        self,
+        node_ids: Collection[str],
+        now: datetime,
+        *,
+        limit: int | None = None,
+        skip_tasks: Collection[str] = (),
     ) -> Sequence[Run]:
         """For each of ``node_ids``, its first pending run (in submission order) whose
-        ``available_at`` is not after ``now`` and that has not expired. At most one run
-        per device; devices with nothing ready are absent; results follow the order of
-        ``node_ids`` (duplicates ignored) and stop after ``limit`` runs. Must not scan
-        all runs."""
+        ``available_at`` is not after ``now``, that has not expired, and whose task is
+        neither paused nor one of ``skip_tasks`` (tasks at their rollout limits). At most
+        one run per device; devices with nothing ready are absent; results follow the
+        order of ``node_ids`` (duplicates ignored) and stop after ``limit`` runs. Must
+        not scan all runs."""
 
     async def claim_many(
         self, keys: Sequence[RunKey], now: datetime
@@ -96,7 +149,8 @@ class Store(Protocol):
         """Atomically move each of ``keys`` from pending to ``dispatched``
         (``attempts`` + 1, ``started_at`` = now), in one store operation; return every
         run that was claimed, with its task. Runs no longer pending (cancelled in the
-        meantime...) are left out and left alone; an unknown run raises ``NotFound``."""
+        meantime...) or whose task is paused are left out and left alone; an unknown run
+        raises ``NotFound``."""
 
     async def finish(
         self,
@@ -108,7 +162,8 @@ class Store(Protocol):
         error: str | None = None,
     ) -> Run:
         """Record the final ``state`` of a dispatched run (succeeded, failed,
-        timed_out or lost), with its outcome (exit code, output, times) or an error.
+        timed_out or lost), with its outcome (exit code, output, times) or an error,
+        and add the attempt to its history.
         Raises ``IllegalTransition`` if it is not dispatched or ``state`` is not one of
         those four; ``NotFound`` for an unknown run."""
 
@@ -125,13 +180,16 @@ class Store(Protocol):
 
         ``delivered=False``: the command certainly did not reach the device, so the
         attempt is given back (``attempts`` - 1, ``undelivered`` + 1).
-        ``delivered=True``: an at-least-once retry; ``attempts`` stays.
+        ``delivered=True``: an at-least-once retry; ``attempts`` stays, and the
+        attempt goes to the history as ``lost`` with ``error``.
         """
 
     async def cancel(self, task_id: str, node_ids: Collection[str] | None = None,
                      *, now: datetime) -> Sequence[Run]:
         """Cancel the task's pending runs (all, or those of ``node_ids``). Runs in any
-        other state are left alone. Returns the runs cancelled. Raises ``NotFound``."""
+        other state are left alone. Cancelling the whole task (``node_ids`` None) also
+        closes it: a continuous task takes no more runs. Returns the runs cancelled.
+        Raises ``NotFound``."""
 
     async def expire_due(self, now: datetime) -> int:
         """Move every pending run whose ``expires_at`` is not after ``now`` to expired.

@@ -16,10 +16,15 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
+import attrs
+
 from .._types import (
+    Attempt,
     Delivery,
+    Rollout,
     Run,
     RunState,
+    Selector,
     Shell,
     Task,
     TaskQuery,
@@ -42,8 +47,10 @@ RUN_COLS: Final = (
 R_RUN_COLS: Final = ", ".join(f"r.{c}" for c in RUN_COLS.split(", "))
 TASK_COLS: Final = (
     "t.seq, t.id, t.name, t.command, t.targets, t.created_at, t.shell, t.run_as_user, "
-    "t.timeout, t.not_before, t.expires_at, t.max_attempts, t.delivery"
+    "t.timeout, t.not_before, t.expires_at, t.max_attempts, t.delivery, t.fleet, "
+    "t.paused, t.aborted, t.closed"
 )
+_COUNTS_AT: Final = 17  # in a summary row, the per-state counts follow the task's columns
 TOKEN_COLS: Final = "name, secret_hash, scope, created_at, last_used, builtin"  # noqa: S105
 #: The run of a RunKey (named parameters :task_id and :node_id).
 KEY_WHERE: Final = (
@@ -57,8 +64,16 @@ SUMMARY_SELECT: Final = (
 
 # --------------------------------------------------------------------------- the loop's
 
+#: The tasks whose runs must not start: paused ones, and those of the JSON array :skip
+#: (at their rollout limits). Uncorrelated: SQLite evaluates it once per statement.
+_HELD: Final = (
+    "(SELECT seq FROM tasks WHERE paused UNION ALL "
+    "SELECT seq FROM tasks WHERE id IN (SELECT value FROM json_each(:skip)))"
+)
+
 #: For each device in the JSON array :nodes, its first pending run in submission order
-#: that is available and not expired; only index searches (see the contract tests).
+#: that is available, not expired, and not held; only index searches (see the contract
+#: tests).
 NEXT_PENDING_SQL: Final = f"""
 SELECT t.id, j.value, {R_RUN_COLS}
 FROM json_each(:nodes) AS j
@@ -67,6 +82,7 @@ JOIN runs AS r ON r.rowid = (
     SELECT p.rowid FROM runs AS p INDEXED BY runs_pending_node
     WHERE p.node = n.nid AND p.state = 'pending' AND p.available_at <= :now
       AND (p.expires_at IS NULL OR p.expires_at > :now)
+      AND p.task_seq NOT IN {_HELD}
     ORDER BY p.task_seq LIMIT 1)
 JOIN tasks AS t ON t.seq = r.task_seq
 ORDER BY j.key
@@ -76,7 +92,53 @@ LIMIT :limit
 CLAIM_SQL: Final = f"""
 UPDATE runs SET state = 'dispatched', attempts = attempts + 1, started_at = :now
 WHERE {KEY_WHERE} AND state = 'pending'
+  AND task_seq NOT IN (SELECT seq FROM tasks WHERE paused)
 RETURNING {RUN_COLS}
+"""
+
+#: The attempt a dispatched run just finished (after the UPDATE that finished it), or,
+#: with :state 'lost', the one a release sends again (before the UPDATE).
+RECORD_ATTEMPT_SQL: Final = f"""
+INSERT OR REPLACE INTO attempts(task_seq, node, number, state, started_at, finished_at,
+                                exit_code, output, output_truncated, error)
+SELECT task_seq, node, attempts, coalesce(:state, state), started_at,
+       coalesce(:finished, finished_at), exit_code, output, output_truncated,
+       coalesce(:error, error)
+FROM runs WHERE {KEY_WHERE}
+"""
+
+ATTEMPTS_SQL: Final = """
+SELECT n.node_id, a.number, a.state, a.started_at, a.finished_at, a.exit_code, a.output,
+       a.output_truncated, a.error
+FROM attempts AS a
+JOIN runs AS r ON r.task_seq = a.task_seq AND r.node = a.node
+JOIN nodes AS n ON n.nid = a.node
+WHERE a.task_seq = :seq ORDER BY r.position, a.number
+"""
+
+#: New runs of a task (:seq) for the nodes of the JSON array :nodes that have none.
+ADD_RUNS_SQL: Final = f"""
+INSERT INTO runs(task_seq, node, position, state, queued_at, available_at, expires_at)
+SELECT :seq, n.nid, :start + j.key, 'pending', :now, coalesce(t.not_before, :now),
+       t.expires_at
+FROM json_each(:nodes) AS j
+JOIN nodes AS n ON n.node_id = j.value
+JOIN tasks AS t ON t.seq = :seq
+WHERE NOT EXISTS (SELECT 1 FROM runs WHERE task_seq = :seq AND node = n.nid)
+ORDER BY j.key
+RETURNING position, (SELECT node_id FROM nodes WHERE nid = node), {RUN_COLS}
+"""
+
+OPEN_CONTINUOUS_SQL: Final = f"""
+SELECT {TASK_COLS} FROM tasks AS t INDEXED BY tasks_open_continuous
+WHERE t.continuous AND NOT t.closed AND (t.expires_at IS NULL OR t.expires_at > :now)
+ORDER BY t.seq
+"""
+
+RECENT_STARTS_SQL: Final = """
+SELECT t.id, r.started_at FROM tasks AS t INDEXED BY tasks_rate_limited
+CROSS JOIN runs AS r ON r.task_seq = t.seq
+WHERE t.per_minute IS NOT NULL AND r.started_at > :since
 """
 
 EXPIRE_SQL: Final = """
@@ -109,15 +171,16 @@ ADD_TASKS_VIEW: Final = (
     """
     CREATE TEMP TRIGGER add_tasks_insert INSTEAD OF INSERT ON add_tasks BEGIN
         INSERT INTO tasks(id, name, command, targets, created_at, shell, run_as_user,
-                          timeout, not_before, expires_at, max_attempts, delivery)
+                          timeout, not_before, expires_at, max_attempts, delivery, fleet,
+                          continuous, per_minute)
         SELECT value ->> 0, value ->> 1, value ->> 2, value -> 3, """
-    + ", ".join(f"value ->> {i}" for i in range(4, 12)) + """
+    + ", ".join(f"value ->> {i}" for i in (*range(4, 12), 13, 14, 15)) + """
         FROM json_each(NEW.doc) ORDER BY key;
         INSERT INTO task_counts(task_seq, total, pending)
-        SELECT t.seq, json_array_length(j.value, '$[3]'), json_array_length(j.value, '$[3]')
+        SELECT t.seq, json_array_length(j.value, '$[16]'), json_array_length(j.value, '$[16]')
         FROM json_each(NEW.doc) AS j CROSS JOIN tasks AS t ON t.id = j.value ->> 0;
         INSERT OR IGNORE INTO nodes(node_id)
-        SELECT g.value FROM json_each(NEW.doc) AS j, json_each(j.value, '$[3]') AS g;
+        SELECT g.value FROM json_each(NEW.doc) AS j, json_each(j.value, '$[16]') AS g;
         -- available at submission, or at not_before. The task's values are read once
         -- per task (LIMIT -1 keeps the subquery apart): read from the JSON once per
         -- run, they made this insert twice as slow (bulk load of 1M runs).
@@ -125,10 +188,11 @@ ADD_TASKS_VIEW: Final = (
                          expires_at)
         SELECT x.seq, n.nid, g.key, 'pending', x.queued, coalesce(x.not_before, x.queued),
                x.expires_at
-        FROM (SELECT t.seq, t.targets, t.not_before, t.expires_at, j.value ->> 12 AS queued
+        FROM (SELECT t.seq, j.value -> 16 AS nodes, t.not_before, t.expires_at,
+                     j.value ->> 12 AS queued
               FROM json_each(NEW.doc) AS j CROSS JOIN tasks AS t ON t.id = j.value ->> 0
               LIMIT -1) AS x
-        CROSS JOIN json_each(x.targets) AS g
+        CROSS JOIN json_each(x.nodes) AS g
         CROSS JOIN nodes AS n ON n.node_id = g.value;
         UPDATE run_counts SET n = n + changes() WHERE state = 'pending';  -- the runs above
     END""",
@@ -137,9 +201,10 @@ ADD_TASKS_VIEW: Final = (
 ADD_TASKS_SQL: Final = "INSERT INTO add_tasks(doc) VALUES (?)"
 
 
-def task_row(task: Task, queued: int) -> tuple[Any, ...]:
+def task_row(task: Task, queued: int, nodes: Sequence[str] | None = None) -> tuple[Any, ...]:
     """One task in an :data:`ADD_TASKS_SQL` document: the ``tasks`` columns after
-    ``seq`` (``targets`` a list), then the time its runs are queued at."""
+    ``seq`` (``targets`` a list), the time its runs are queued at, its fleet columns,
+    and the nodes it gets a run for (default: its targets)."""
     return (
         task.id,
         task.name,
@@ -154,24 +219,67 @@ def task_row(task: Task, queued: int) -> tuple[Any, ...]:
         task.max_attempts,
         task.delivery.value,
         queued,
+        fleet_json(task),
+        int(task.continuous),
+        task.rollout.per_minute,
+        task.targets if nodes is None else nodes,
     )
+
+
+_PLAIN_ROLLOUT: Final = Rollout()
+
+
+def fleet_json(task: Task) -> str | None:
+    """A task's selector, rollout and success exit codes as JSON; None for a plain task
+    (most tasks: nothing to write, nothing to parse back)."""
+    if (
+        task.select is None and not task.continuous and task.rollout == _PLAIN_ROLLOUT
+        and task.success_exit_codes == (0,)
+    ):
+        return None
+    select = None if task.select is None else {
+        "group": task.select.group, "tags": list(task.select.tags),
+        "tags_mode": task.select.tags_mode.value, "os": task.select.os,
+        "name": task.select.name, "all": task.select.all,
+    }
+    return json.dumps({
+        "select": select,
+        "continuous": task.continuous,
+        "rollout": attrs.asdict(task.rollout),
+        "success_exit_codes": list(task.success_exit_codes),
+    }, separators=(",", ":"))
+
+
+def _fleet(text: str | None) -> dict[str, Any]:
+    if text is None:
+        return {"select": None, "continuous": False, "rollout": _PLAIN_ROLLOUT,
+                "success_exit_codes": (0,)}
+    doc = json.loads(text)
+    return {
+        "select": None if doc["select"] is None else Selector(**doc["select"]),
+        "continuous": doc["continuous"],
+        "rollout": Rollout(**doc["rollout"]),
+        "success_exit_codes": tuple(doc["success_exit_codes"]),
+    }
 
 
 # --------------------------------------------------------------------------- listing
 
-# How each TaskStatus reads on a task_counts row; mirrors ghostrunner._types.task_status.
-_NOT_PENDING = "c.pending <> c.total"
-_IDLE = "c.pending + c.dispatched = 0"
+# How each TaskStatus reads on a tasks + task_counts row; mirrors
+# ghostrunner._types.task_status, in the same order of tests.
+_ACTIVE = "c.pending + c.dispatched > 0"
+_LIVE = "t.aborted IS NULL"
+_NOT_PAUSED = f"NOT (t.paused AND ({_ACTIVE} OR c.total = 0))"
+_WAITING = "(c.total = 0 OR (c.pending > 0 AND c.pending + c.cancelled = c.total))"
+_SETTLED = f"{_LIVE} AND {_NOT_PAUSED} AND NOT {_WAITING} AND NOT ({_ACTIVE})"
 STATUS_SQL: Final[Mapping[TaskStatus, str]] = {
-    TaskStatus.PENDING: "c.pending = c.total",
-    TaskStatus.RUNNING: f"{_NOT_PENDING} AND c.pending + c.dispatched > 0",
-    TaskStatus.SUCCEEDED: f"{_NOT_PENDING} AND {_IDLE} AND c.succeeded = c.total",
-    TaskStatus.CANCELLED: (
-        f"{_NOT_PENDING} AND {_IDLE} AND c.succeeded <> c.total AND c.cancelled = c.total"
-    ),
-    TaskStatus.FAILED: (
-        f"{_NOT_PENDING} AND {_IDLE} AND c.succeeded <> c.total AND c.cancelled <> c.total"
-    ),
+    TaskStatus.ABORTED: "t.aborted IS NOT NULL",
+    TaskStatus.PAUSED: f"{_LIVE} AND NOT {_NOT_PAUSED}",
+    TaskStatus.PENDING: f"{_LIVE} AND {_NOT_PAUSED} AND {_WAITING}",
+    TaskStatus.RUNNING: f"{_LIVE} AND {_NOT_PAUSED} AND NOT {_WAITING} AND {_ACTIVE}",
+    TaskStatus.SUCCEEDED: f"{_SETTLED} AND c.succeeded = c.total",
+    TaskStatus.CANCELLED: f"{_SETTLED} AND c.succeeded <> c.total AND c.cancelled = c.total",
+    TaskStatus.FAILED: f"{_SETTLED} AND c.succeeded <> c.total AND c.cancelled <> c.total",
 }
 
 
@@ -265,13 +373,26 @@ def task(row: Sequence[Any]) -> Task:
         expires_at=dto(row[10]),
         max_attempts=row[11],
         delivery=Delivery(row[12]),
+        **_fleet(row[13]),
     )
 
 
 def summary(row: Sequence[Any]) -> TaskSummary:
     """A TaskSummary from a :data:`SUMMARY_SELECT` row."""
-    counts = {s: n for s, n in zip(STATES, row[13:], strict=True) if n}
-    return TaskSummary(task=task(row), counts=counts)
+    counts = {s: n for s, n in zip(STATES, row[_COUNTS_AT:], strict=True) if n}
+    return TaskSummary(
+        task=task(row), counts=counts, paused=bool(row[14]), aborted=row[15],
+        closed=bool(row[16]),
+    )
+
+
+def attempt(row: Sequence[Any]) -> Attempt:
+    """An Attempt from an :data:`ATTEMPTS_SQL` row (after the node id)."""
+    return trusted(
+        Attempt, number=row[0], state=RunState(row[1]), started_at=dto(row[2]),
+        finished_at=dto(row[3]), exit_code=row[4], output=row[5],
+        output_truncated=bool(row[6]), error=row[7],
+    )
 
 
 def token(row: Sequence[Any]) -> Token:

@@ -177,8 +177,45 @@ def _v1(db: sqlite_utils.Database) -> None:
         db.execute(sql)
 
 
+#: Version 2: fleet targeting and rollouts. ``tasks.fleet`` holds a task's selector,
+#: rollout and success exit codes as JSON (NULL for a plain task); ``continuous`` and
+#: ``per_minute`` repeat what the loop looks tasks up by; ``paused``, ``aborted`` (the
+#: reason) and ``closed`` (takes no more runs) are what operators and the abort rule
+#: did. ``attempts`` keeps every attempt of every run (the run row holds the latest).
+_V2: Final = (
+    "ALTER TABLE tasks ADD COLUMN fleet TEXT",
+    "ALTER TABLE tasks ADD COLUMN continuous INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE tasks ADD COLUMN per_minute INTEGER",
+    "ALTER TABLE tasks ADD COLUMN paused INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE tasks ADD COLUMN aborted TEXT",
+    "ALTER TABLE tasks ADD COLUMN closed INTEGER NOT NULL DEFAULT 0",
+    "CREATE INDEX tasks_paused ON tasks(seq) WHERE paused",
+    "CREATE INDEX tasks_open_continuous ON tasks(seq) WHERE continuous AND NOT closed",
+    "CREATE INDEX tasks_rate_limited ON tasks(seq) WHERE per_minute IS NOT NULL",
+    """CREATE TABLE attempts (
+        task_seq         INTEGER NOT NULL REFERENCES tasks(seq) ON DELETE CASCADE,
+        node             INTEGER NOT NULL REFERENCES nodes(nid),
+        number           INTEGER NOT NULL,
+        state            TEXT    NOT NULL,
+        started_at       INTEGER,
+        finished_at      INTEGER,
+        exit_code        INTEGER,
+        output           TEXT    NOT NULL DEFAULT '',
+        output_truncated INTEGER NOT NULL DEFAULT 0,
+        error            TEXT,
+        PRIMARY KEY (task_seq, node, number)
+    )""",
+)
+
+
+def _v2(db: sqlite_utils.Database) -> None:
+    """Fleet targeting, rollouts and run history."""
+    for sql in _V2:
+        db.execute(sql)
+
+
 #: ``MIGRATIONS[n]`` brings a database from schema version n to n + 1. Append only.
-MIGRATIONS: Final[tuple[Callable[[sqlite_utils.Database], None], ...]] = (_v1,)
+MIGRATIONS: Final[tuple[Callable[[sqlite_utils.Database], None], ...]] = (_v1, _v2)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 

@@ -23,8 +23,10 @@ from typing import Any, Final, Literal, TypeVar, cast
 import sqlite_utils
 
 from .._types import (
+    RETRYABLE_STATES,
     TERMINAL_STATES,
     TRANSITIONS,
+    Attempt,
     Outcome,
     Page,
     Run,
@@ -37,7 +39,7 @@ from .._types import (
 from ..errors import Conflict, IllegalTransition, NotFound, StoreError
 from ..tokens import Token
 from . import _queries as q
-from ._values import JSON, dto, json_list, storable, ts, tso
+from ._values import JSON, dt, dto, json_list, storable, ts, tso
 from ._worker import Bulk, Job, Kind, Worker
 
 _T = TypeVar("_T")
@@ -110,8 +112,10 @@ class SQLiteStore:
 
     # ---------------------------------------------------------------- tasks
 
-    async def add_task(self, task: Task, now: datetime) -> None:
-        row = q.task_row(task, ts(now))
+    async def add_task(
+        self, task: Task, now: datetime, *, nodes: Sequence[str] | None = None
+    ) -> None:
+        row = q.task_row(task, ts(now), nodes)
         # tasks added concurrently are written with one statement (their jobs share the
         # bulk function): per-statement costs and the worker's hold on the GIL are paid
         # once per batch, not once per task
@@ -134,13 +138,7 @@ class SQLiteStore:
         return await self._call(lambda db: _bulk_load(db, tasks, queued, chunk_runs), "exclusive")
 
     async def get_task(self, task_id: str) -> TaskSummary:
-        def op(db: sqlite_utils.Database) -> TaskSummary:
-            row = db.execute(f"{q.SUMMARY_SELECT} WHERE t.id = ?", (task_id,)).fetchone()
-            if row is None:
-                raise NotFound(f"no task {task_id}")
-            return q.summary(row)
-
-        return await self._read(op)
+        return await self._read(lambda db: _summary(db, task_id))
 
     async def get_runs(self, task_id: str) -> Sequence[Run]:
         def op(db: sqlite_utils.Database) -> list[Run]:
@@ -175,6 +173,7 @@ class SQLiteStore:
             ).fetchone()
             if active is not None and active[0]:
                 raise IllegalTransition(f"task {task_id} still has active runs")
+            db.execute("DELETE FROM attempts WHERE task_seq = ?", (seq,))
             db.execute("DELETE FROM runs WHERE task_seq = ?", (seq,))
             db.execute("DELETE FROM task_counts WHERE task_seq = ?", (seq,))
             db.execute("DELETE FROM tasks WHERE seq = ?", (seq,))
@@ -184,7 +183,12 @@ class SQLiteStore:
     # ---------------------------------------------------------------- the loop's verbs
 
     async def next_pending(
-        self, node_ids: Collection[str], now: datetime, *, limit: int | None = None
+        self,
+        node_ids: Collection[str],
+        now: datetime,
+        *,
+        limit: int | None = None,
+        skip_tasks: Collection[str] = (),
     ) -> Sequence[Run]:
         if not node_ids or limit == 0:
             return []
@@ -192,6 +196,7 @@ class SQLiteStore:
             "nodes": json_list(dict.fromkeys(node_ids)),
             "now": ts(now),
             "limit": -1 if limit is None else limit,
+            "skip": json_list(skip_tasks),
         }
 
         def op(db: sqlite_utils.Database) -> list[Run]:
@@ -264,7 +269,14 @@ class SQLiteStore:
                 params["started"] = ts(outcome.started_at)
         params["finished"] = ts(finished)
         assignments = ", ".join(sets)
-        return await self._write(lambda db: _update_dispatched(db, key, assignments, params))
+
+        def op(db: sqlite_utils.Database) -> Run:
+            run = _update_dispatched(db, key, assignments, params)
+            db.execute(q.RECORD_ATTEMPT_SQL,
+                       {**_key_params(key), "state": None, "finished": None, "error": None})
+            return run
+
+        return await self._write(op)
 
     async def release(
         self,
@@ -281,7 +293,15 @@ class SQLiteStore:
         if not delivered:
             assignments += ", attempts = attempts - 1, undelivered = undelivered + 1"
         params = {"available": ts(available_at), "error": error}
-        return await self._write(lambda db: _update_dispatched(db, key, assignments, params))
+        lost = {**_key_params(key), "state": RunState.LOST.value, "finished": ts(now),
+                "error": storable(error)}
+
+        def op(db: sqlite_utils.Database) -> Run:
+            if delivered:  # the attempt sent again goes to the history first
+                db.execute(q.RECORD_ATTEMPT_SQL + " AND state = 'dispatched'", lost)
+            return _update_dispatched(db, key, assignments, params)
+
+        return await self._write(op)
 
     async def cancel(
         self, task_id: str, node_ids: Collection[str] | None = None, *, now: datetime
@@ -297,6 +317,8 @@ class SQLiteStore:
 
         def op(db: sqlite_utils.Database) -> list[Run]:
             params["seq"] = _task_seq(db, task_id)
+            if node_ids is None:  # the whole task: a continuous one takes no more runs
+                db.execute("UPDATE tasks SET closed = 1 WHERE seq = :seq", params)
             rows = db.execute(
                 "UPDATE runs SET state = 'cancelled', finished_at = :now "
                 f"WHERE task_seq = :seq AND state = 'pending'{only} "
@@ -308,6 +330,118 @@ class SQLiteStore:
             return [q.run(task_id, row[1], row[2:]) for row in rows]
 
         return await self._write(op)
+
+    async def add_runs(
+        self, task_id: str, node_ids: Sequence[str], now: datetime
+    ) -> Sequence[Run]:
+        params: dict[str, Any] = {"nodes": json_list(dict.fromkeys(node_ids)), "now": ts(now)}
+
+        def op(db: sqlite_utils.Database) -> list[Run]:
+            row = db.execute(
+                "SELECT seq, closed, (SELECT coalesce(max(position), -1) + 1 FROM runs "
+                "WHERE task_seq = seq) FROM tasks WHERE id = ?", (task_id,)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"no task {task_id}")
+            if row[1] or not node_ids:
+                return []
+            params.update(seq=row[0], start=row[2])
+            db.execute(
+                "INSERT OR IGNORE INTO nodes(node_id) SELECT value FROM json_each(:nodes)",
+                params,
+            )
+            rows = db.execute(q.ADD_RUNS_SQL, params).fetchall()
+            if rows:  # runs are inserted pending: the counts are ours to keep (see _schema)
+                db.execute(
+                    "UPDATE task_counts SET total = total + :n, pending = pending + :n "
+                    "WHERE task_seq = :seq", {"n": len(rows), "seq": row[0]},
+                )
+                db.execute("UPDATE run_counts SET n = n + ? WHERE state = 'pending'",
+                           (len(rows),))
+            rows.sort(key=lambda r: cast(int, r[0]))
+            return [q.run(task_id, r[1], r[2:]) for r in rows]
+
+        return await self._write(op)
+
+    async def pause(self, task_id: str, paused: bool) -> TaskSummary:
+        def op(db: sqlite_utils.Database) -> TaskSummary:
+            db.execute("UPDATE tasks SET paused = ? WHERE seq = ?",
+                       (int(paused), _task_seq(db, task_id)))
+            return _summary(db, task_id)
+
+        return await self._write(op)
+
+    async def abort(self, task_id: str, reason: str, now: datetime) -> Sequence[Run]:
+        params = {"now": ts(now), "reason": storable(reason)}
+
+        def op(db: sqlite_utils.Database) -> list[Run]:
+            params["seq"] = _task_seq(db, task_id)
+            db.execute("UPDATE tasks SET aborted = :reason, closed = 1 WHERE seq = :seq",
+                       params)
+            rows = db.execute(
+                "UPDATE runs SET state = 'cancelled', finished_at = :now, error = :reason "
+                "WHERE task_seq = :seq AND state = 'pending' "
+                f"RETURNING position, (SELECT node_id FROM nodes WHERE nid = node), "
+                f"{q.RUN_COLS}",
+                params,
+            ).fetchall()
+            rows.sort(key=lambda r: cast(int, r[0]))
+            return [q.run(task_id, r[1], r[2:]) for r in rows]
+
+        return await self._write(op)
+
+    async def retry(
+        self, task_id: str, states: Collection[RunState], now: datetime
+    ) -> Sequence[Run]:
+        wanted = {RunState(s) for s in states}
+        if not wanted <= RETRYABLE_STATES:
+            bad = sorted(s.value for s in wanted - RETRYABLE_STATES)
+            raise IllegalTransition(f"runs that {', '.join(bad)} cannot be retried")
+        params: dict[str, Any] = {"now": ts(now), "states": json_list(s.value for s in wanted)}
+
+        def op(db: sqlite_utils.Database) -> list[Run]:
+            params["seq"] = _task_seq(db, task_id)
+            db.execute("UPDATE tasks SET aborted = NULL, closed = 0 WHERE seq = :seq", params)
+            rows = db.execute(
+                "UPDATE runs SET state = 'pending', available_at = :now, started_at = NULL, "
+                "finished_at = NULL, exit_code = NULL, output = '', output_truncated = 0, "
+                "error = NULL WHERE task_seq = :seq "
+                "AND state IN (SELECT value FROM json_each(:states)) "
+                f"RETURNING position, (SELECT node_id FROM nodes WHERE nid = node), "
+                f"{q.RUN_COLS}",
+                params,
+            ).fetchall()
+            rows.sort(key=lambda r: cast(int, r[0]))
+            return [q.run(task_id, r[1], r[2:]) for r in rows]
+
+        return await self._write(op)
+
+    async def attempts(self, task_id: str) -> Mapping[str, Sequence[Attempt]]:
+        def op(db: sqlite_utils.Database) -> dict[str, list[Attempt]]:
+            out: dict[str, list[Attempt]] = {}
+            rows = db.execute(q.ATTEMPTS_SQL, {"seq": _task_seq(db, task_id)}).fetchall()
+            for row in rows:
+                out.setdefault(row[0], []).append(q.attempt(row[1:]))
+            return out
+
+        return await self._read(op)
+
+    async def open_continuous(self, now: datetime) -> Sequence[Task]:
+        params = {"now": ts(now)}
+
+        def op(db: sqlite_utils.Database) -> list[Task]:
+            return [q.task(row) for row in db.execute(q.OPEN_CONTINUOUS_SQL, params)]
+
+        return await self._read(op)
+
+    async def recent_starts(self, since: datetime) -> Sequence[tuple[str, datetime]]:
+        params = {"since": ts(since)}
+
+        def op(db: sqlite_utils.Database) -> list[tuple[str, datetime]]:
+            rows = db.execute(q.RECENT_STARTS_SQL, params).fetchall()
+            return [(task_id, dt(started)) for task_id, started in rows]
+
+        return await self._read(op)
 
     async def expire_due(self, now: datetime) -> int:
         params = {"now": ts(now)}
@@ -469,6 +603,13 @@ def _immediate(db: sqlite_utils.Database) -> Iterator[None]:
         db.rollback()
         raise
     db.execute("COMMIT")
+
+
+def _summary(db: sqlite_utils.Database, task_id: str) -> TaskSummary:
+    row = db.execute(f"{q.SUMMARY_SELECT} WHERE t.id = ?", (task_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"no task {task_id}")
+    return q.summary(row)
 
 
 def _task_seq(db: sqlite_utils.Database, task_id: str) -> int:

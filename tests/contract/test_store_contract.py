@@ -34,9 +34,11 @@ from ghostrunner._types import (
     TERMINAL_STATES,
     Delivery,
     Outcome,
+    Rollout,
     Run,
     RunKey,
     RunState,
+    Selector,
     Shell,
     Task,
     TaskQuery,
@@ -861,10 +863,12 @@ def check_counts(path: str) -> None:
 
 
 def test_status_sql_matches_task_status() -> None:
-    """The SQL reading of TaskStatus agrees with task_status on every small case."""
+    """The SQL reading of TaskStatus agrees with task_status on every small case,
+    paused and aborted tasks included."""
     conn = sqlite3.connect(":memory:")
     cols = [s.value for s in RunState]
     conn.execute(f"CREATE TABLE c (total, {', '.join(cols)})")
+    conn.execute("CREATE TABLE t (paused, aborted)")
     for total in range(4):
         for combo in itertools.combinations_with_replacement(list(RunState), total):
             counts = Counter(combo)
@@ -873,12 +877,16 @@ def test_status_sql_matches_task_status() -> None:
                 f"INSERT INTO c VALUES ({', '.join('?' * (len(cols) + 1))})",
                 (total, *(counts.get(s, 0) for s in RunState)),
             )
-            matched = [
-                status
-                for status, sql in _queries.STATUS_SQL.items()
-                if conn.execute(f"SELECT count(*) FROM c WHERE {sql}").fetchone()[0]
-            ]
-            assert matched == [task_status(counts)], counts
+            for paused, aborted in itertools.product((False, True), (None, "why")):
+                conn.execute("DELETE FROM t")
+                conn.execute("INSERT INTO t VALUES (?, ?)", (int(paused), aborted))
+                matched = [
+                    status
+                    for status, sql in _queries.STATUS_SQL.items()
+                    if conn.execute(f"SELECT count(*) FROM c, t WHERE {sql}").fetchone()[0]
+                ]
+                expected = task_status(counts, paused=paused, aborted=aborted is not None)
+                assert matched == [expected], (counts, paused, aborted)
     conn.close()
 
 
@@ -990,16 +998,57 @@ async def test_sqlite_migrates_an_older_database(
         db.execute("ALTER TABLE tasks ADD COLUMN note TEXT")
 
     monkeypatch.setattr(_schema, "MIGRATIONS", (*_schema.MIGRATIONS, v2))
-    monkeypatch.setattr(_schema, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(_schema, "SCHEMA_VERSION", len(_schema.MIGRATIONS))
     await store.open()
     try:
         assert (await store.get_task(task.id)).task == task
     finally:
         await store.close()
-    assert user_version(path)[0] == 2
+    assert user_version(path)[0] == len(_schema.MIGRATIONS)
     conn = sqlite3.connect(path)
     assert "note" in [row[1] for row in conn.execute("PRAGMA table_info(tasks)")]
     conn.close()
+
+
+async def test_sqlite_v1_database_takes_fleet_tasks_after_migrating(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database written before fleet targeting (schema v1) keeps its tasks and runs
+    through the v2 migration, and takes selector, rollout and history afterwards."""
+    path = tmp_path / "v1.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for sql in _schema._V1:  # a v1 database, with a task as v1 wrote them
+        conn.execute(sql)
+    conn.executescript("""
+        PRAGMA user_version = 1;
+        INSERT INTO tasks(id, name, command, targets, created_at, shell, run_as_user,
+                          timeout, max_attempts, delivery)
+        VALUES ('old', 'n', 'c', '["node//a","node//b"]', 0, 'auto', 0, 300.0, 3,
+                'at_most_once');
+        INSERT INTO nodes(node_id) VALUES ('node//a'), ('node//b');
+        INSERT INTO runs(task_seq, node, position, state, queued_at, available_at)
+        VALUES (1, 1, 0, 'pending', 0, 0), (1, 2, 1, 'pending', 0, 0);
+        INSERT INTO task_counts(task_seq, total, pending) VALUES (1, 2, 2);
+        UPDATE run_counts SET n = 2 WHERE state = 'pending';
+    """)
+    conn.close()
+    old = Task(id="old", name="n", command="c", targets=["node//a", "node//b"],
+               created_at=datetime(1970, 1, 1, tzinfo=UTC))
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        assert user_version(path)[0] == _schema.SCHEMA_VERSION
+        assert (await store.get_task(old.id)).task == old
+        assert [r.node_id for r in await store.get_runs(old.id)] == ["node//a", "node//b"]
+        fleet = Task(name="f", command="c", targets=[], select=Selector(tags=["arm"]),
+                     continuous=True, rollout=Rollout(max_concurrent=2, per_minute=5),
+                     success_exit_codes=(0, 3010))
+        await store.add_task(fleet, NOW, nodes=["node//b"])
+        assert (await store.get_task(fleet.id)).task == fleet
+        [run] = await store.get_runs(fleet.id)
+        assert run.node_id == "node//b"
+    finally:
+        await store.close()
 
 
 async def test_sqlite_refuses_a_newer_database(tmp_path: Path) -> None:
@@ -1423,11 +1472,13 @@ async def test_sqlite_query_plans_use_indexes(sqlite_store: SQLiteStore) -> None
     try:
         params = {
             "nodes": '["node//1","node//2"]', "now": 0, "task_id": "x", "node_id": "y",
-            "limit": 10,
+            "limit": 10, "skip": '["t1"]', "seq": 1, "since": 0,
         }
         checks = {
             "next_pending": _queries.NEXT_PENDING_SQL,
             "claim": _queries.CLAIM_SQL,
+            "open_continuous": _queries.OPEN_CONTINUOUS_SQL,
+            "recent_starts": _queries.RECENT_STARTS_SQL,
             "expire_due": _queries.EXPIRE_SQL,
             "next_wakeup": _queries.NEXT_WAKEUP_SQL,
             "dispatched": _queries.DISPATCHED_SQL,
@@ -1440,9 +1491,14 @@ async def test_sqlite_query_plans_use_indexes(sqlite_store: SQLiteStore) -> None
                 if ln.startswith("SCAN")
                 and "VIRTUAL TABLE" not in ln  # json_each: the node ids asked for
                 and "INDEX runs_dispatched" not in ln  # partial: only the dispatched runs
+                # partial: only paused, open continuous or rate-limited tasks
+                and "INDEX tasks_paused" not in ln
+                and "INDEX tasks_open_continuous" not in ln
+                and "INDEX tasks_rate_limited" not in ln
             ]
             assert not scans, (name, lines)
-            assert any("runs" in ln or " r " in ln or " p " in ln for ln in lines), (name, lines)
+            assert any("runs" in ln or " r " in ln or " p " in ln or "tasks" in ln
+                       for ln in lines), (name, lines)
         pending = plan(conn, _queries.NEXT_PENDING_SQL, params)
         assert any("runs_pending_node" in ln for ln in pending), pending
         assert any("runs_pending_expiry" in ln for ln in plan(conn, _queries.EXPIRE_SQL, params))

@@ -25,16 +25,35 @@ import contextlib
 import logging
 import random
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Collection, Sequence
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime
 
 import attrs
 
 from ._output import DEFAULT_OUTPUT_LIMIT, cap_output
-from ._planner import Decision, decide, plan_dispatches, recover
+from ._planner import (
+    RATE_WINDOW,
+    Decision,
+    abort_reason,
+    decide,
+    plan_dispatches,
+    recover,
+    rollout_budget,
+)
 from ._protocols import Executor, Store
-from ._types import Outcome, RetryPolicy, Run, RunRequest, RunState, Task, utcnow
+from ._types import (
+    Device,
+    EventKind,
+    Outcome,
+    RetryPolicy,
+    Rollout,
+    Run,
+    RunRequest,
+    RunState,
+    Task,
+    utcnow,
+)
 from .errors import ExecutorError, GhostRunnerError, OutcomeUnknown
 
 __all__ = ["LoopSettings", "Reconciler"]
@@ -129,6 +148,59 @@ class _IdleHint:
         return min(longest, max(0.0, (self.until - now).total_seconds()))
 
 
+class _Rollouts:
+    """What the rollout limits need: each task's runs in flight, and the recent starts
+    of each rate-limited task (pruned as the window slides)."""
+
+    def __init__(self) -> None:
+        self.flying: Counter[str] = Counter()
+        self.starts: dict[str, deque[datetime]] = {}
+        self.limits: dict[str, Rollout] = {}  # tasks with a limit, known to the loop
+
+    def seed(self, tasks: Mapping[str, Task], starts: Sequence[tuple[str, datetime]]) -> None:
+        """After a restart: the starts of the last minute, as the store recorded them."""
+        for task_id, started in sorted(starts, key=lambda s: s[1]):
+            task = tasks.get(task_id)
+            if task is not None:
+                self.limits[task_id] = task.rollout
+                self.starts.setdefault(task_id, deque()).append(started)
+
+    def started(self, task: Task, now: datetime) -> None:
+        self.flying[task.id] += 1
+        if task.rollout.max_concurrent is None and task.rollout.per_minute is None:
+            return
+        self.limits[task.id] = task.rollout
+        if task.rollout.per_minute is not None:
+            self.starts.setdefault(task.id, deque()).append(now)
+
+    def ended(self, task_id: str) -> bool:
+        """A run of the task ended; True if that may let another start."""
+        self.flying[task_id] -= 1
+        if self.flying[task_id] <= 0:
+            del self.flying[task_id]
+        return task_id in self.limits
+
+    def budgets(self, now: datetime) -> tuple[dict[str, int], datetime | None]:
+        """Room per limited task, and the next moment a rate window frees a start."""
+        room: dict[str, int] = {}
+        wake: datetime | None = None
+        for task_id, rollout in list(self.limits.items()):
+            window = self.starts.get(task_id)
+            while window and window[0] <= now - RATE_WINDOW:
+                window.popleft()
+            budget, free_at = rollout_budget(
+                rollout, in_flight=self.flying[task_id], starts=window or (), now=now
+            )
+            if not window and not self.flying[task_id]:
+                del self.limits[task_id]  # nothing to remember: re-learnt at its next start
+                self.starts.pop(task_id, None)
+            if budget is not None:
+                room[task_id] = budget
+            if free_at is not None and (wake is None or free_at < wake):
+                wake = free_at
+        return room, wake
+
+
 class Reconciler:
     """Matches pending runs to online devices and records what happens.
 
@@ -155,6 +227,14 @@ class Reconciler:
         self._tasks: OrderedDict[str, Task] = OrderedDict()
         self._step_lock = asyncio.Lock()  # passes never interleave (one planner at a time)
         self._idle = _IdleHint(self.settings.resync_interval)
+        self._rollouts = _Rollouts()
+        self._flying_task: dict[str, str] = {}  # node id -> the task of its run in flight
+        # continuous tasks, and the devices whose view changed since the last pass
+        self._continuous: dict[str, Task] = {}
+        self._matched: dict[str, set[str]] = {}  # task id -> nodes known to have a run
+        self._changed: set[str] = set()
+        self._rematch: set[str] = set()  # tasks to match against every device
+        self._continuous_at = 0.0  # time.monotonic() of the last reload from the store
         self._aborted = False
         self._stopping = False
         self.passes = 0
@@ -169,15 +249,37 @@ class Reconciler:
         self._idle.work_for(node_ids, due)
         self._wake.set()
 
+    def follow(self, task: Task, nodes: Collection[str]) -> None:
+        """Start following a continuous task submitted with runs for ``nodes`` (the
+        devices it matched then): from now on, devices that come to match it get a run."""
+        if task.continuous:
+            self._continuous[task.id] = task
+            self._matched[task.id] = set(nodes)
+            self._rematch.add(task.id)  # a device may have changed while it was stored
+            self._wake.set()
+
+    def device_changed(self, node_id: str | None) -> None:
+        """The executor's view of ``node_id`` changed (None: maybe every device)."""
+        if node_id is None:
+            self._rematch.update(self._continuous)
+        else:
+            self._changed.add(node_id)
+        self._wake.set()
+
     @property
     def in_flight(self) -> frozenset[str]:
         """Node ids with a command in flight right now."""
         return frozenset(self._in_flight)
 
     async def recover(self) -> int:
-        """Settle runs left ``dispatched`` by a process that died. Returns how many."""
-        stale = await self.store.dispatched()
+        """Settle runs left ``dispatched`` by a process that died, and pick up the
+        rollout windows and continuous tasks the store knows. Returns how many runs."""
         now = self.clock()
+        recent = await self.store.recent_starts(now - RATE_WINDOW)
+        tasks = {task_id: await self._task(task_id) for task_id, _ in recent}
+        self._rollouts.seed(tasks, recent)
+        await self._load_continuous(now)
+        stale = await self.store.dispatched()
         for run in stale:
             if run.node_id in self._in_flight:  # ours, not stale
                 continue
@@ -200,9 +302,20 @@ class Reconciler:
             self._on_change()
         if self._stopping:
             return 0
-        online = {node for node, dev in self.executor.devices().items() if dev.online}
+        devices = self.executor.devices()
+        if time.monotonic() >= self._continuous_at + self.settings.resync_interval:
+            await self._load_continuous(now)
+        if self._continuous:
+            await self._match_continuous(devices, now)
+        else:
+            self._changed = set()
+        online = {node for node, dev in devices.items() if dev.online}
         if self._idle.stale(now):
             self._idle.refresh(await self.store.next_wakeup(now))
+        budgets, rate_wake = self._rollouts.budgets(now)
+        if rate_wake is not None:
+            self._idle.work_for((), rate_wake)  # be back when a rate window frees a start
+        full = [task_id for task_id, room in budgets.items() if room <= 0]
         free = online.difference(self._in_flight, self._idle.devices)
         slots = self.settings.max_in_flight - len(self._in_flight)
         if not free or slots <= 0:
@@ -219,13 +332,14 @@ class Reconciler:
         for start in range(0, len(order), chunk):
             part = order[start : start + chunk]
             want = slots - len(candidates)
-            found = await self.store.next_pending(part, now, limit=want)
+            found = await self.store.next_pending(part, now, limit=want, skip_tasks=full)
             self._idle.note(part, found, want)
             candidates.extend(found)
             if len(candidates) >= slots:
                 break
         chosen = plan_dispatches(
-            candidates, online=online, busy=self._in_flight.keys(), slots=slots, now=now
+            candidates, online=online, busy=self._in_flight.keys(), slots=slots, now=now,
+            budgets=budgets,
         )
         if not chosen:
             return 0
@@ -234,6 +348,8 @@ class Reconciler:
         started = 0
         for run, task in claimed:
             self._remember(task)
+            self._rollouts.started(task, now)
+            self._flying_task[run.node_id] = task.id
             self._in_flight[run.node_id] = asyncio.create_task(
                 self._dispatch(run, task), name=f"ghostrunner-dispatch-{run.key}"
             )
@@ -340,8 +456,11 @@ class Reconciler:
     async def _watch_events(self) -> None:
         while True:
             try:
-                async for _event in self.executor.events():
-                    self._wake.set()
+                async for event in self.executor.events():
+                    if event.kind is EventKind.RESYNC:
+                        self.device_changed(None)
+                    else:
+                        self.device_changed(event.node_id)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -390,6 +509,9 @@ class Reconciler:
         finally:
             if self._in_flight.get(run.node_id) is asyncio.current_task():
                 del self._in_flight[run.node_id]
+                del self._flying_task[run.node_id]
+                if self._rollouts.ended(task.id):
+                    self._idle.work_for((), self.clock())  # its held devices may go on
             self._wake.set()
 
     def _normalise(self, outcome: Outcome, run: Run, now: datetime) -> Outcome:
@@ -418,4 +540,54 @@ class Reconciler:
             await self.store.finish(
                 run.key, decision.state, now, outcome=decision.outcome, error=decision.error
             )
+            task = self._tasks.get(run.task_id)
+            if task is not None and task.rollout.abort_failed_pct is not None:
+                await self._check_abort(task, now)
         self._on_change()
+
+    async def _check_abort(self, task: Task, now: datetime) -> None:
+        summary = await self.store.get_task(task.id)
+        reason = None if summary.aborted else abort_reason(task, summary.counts)
+        if reason is not None:
+            cancelled = await self.store.abort(task.id, reason, now)
+            log.warning("task %s %s; %d runs cancelled", task.id, reason, len(cancelled))
+
+    async def _load_continuous(self, now: datetime) -> None:
+        """Follow the store's open continuous tasks (at start-up, then every
+        ``resync_interval``: closed and expired ones drop out, and a task this loop has
+        not seen yet is matched against every device)."""
+        tasks = {task.id: task for task in await self.store.open_continuous(now)}
+        for task_id in set(self._continuous) - set(tasks):
+            self._matched.pop(task_id, None)
+        self._rematch.update(set(tasks) - set(self._continuous))
+        self._rematch.intersection_update(tasks)
+        self._continuous = tasks
+        self._continuous_at = time.monotonic()
+
+    async def _match_continuous(self, devices: Mapping[str, Device], now: datetime) -> None:
+        """Give every continuous task a run on each device that has come to match it
+        (newly enrolled, tagged, moved into the group...): the devices whose view
+        changed, or all of them after a resync. The store never adds a second run of a
+        task to a device, so matching twice is harmless."""
+        changed = self._changed.intersection(devices)
+        self._changed = set()
+        rematch, self._rematch = self._rematch, set()
+        for task in list(self._continuous.values()):
+            assert task.select is not None
+            names: Collection[str] = devices.keys() if task.id in rematch else changed
+            if not names:
+                continue
+            if task.expires_at is not None and task.expires_at <= now:
+                del self._continuous[task.id]
+                self._matched.pop(task.id, None)
+                continue
+            known = self._matched.setdefault(task.id, set())
+            new = [n for n in names if n not in known and task.select.matches(devices[n])]
+            if not new:
+                continue
+            added = await self.store.add_runs(task.id, new, now)
+            known.update(new)
+            if added:
+                self._idle.work_for([r.node_id for r in added], task.not_before)
+                self._on_change()
+                log.info("continuous task %s: %d new devices matched", task.id, len(added))

@@ -6,17 +6,58 @@ tested on its own with plain values (``tests/unit/test_planner.py``).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
-from datetime import datetime
+from collections.abc import Collection, Mapping, Sequence
+from datetime import datetime, timedelta
 
 import attrs
 
-from ._types import Delivery, Outcome, RetryPolicy, Run, RunState, Task
+from ._types import Delivery, Outcome, RetryPolicy, Rollout, Run, RunState, Task
 from .errors import ExecutorError, NotDelivered, OutcomeUnknown, PermanentError
 
-__all__ = ["Decision", "decide", "plan_dispatches", "recover"]
+__all__ = [
+    "Decision",
+    "abort_reason",
+    "decide",
+    "plan_dispatches",
+    "recover",
+    "rollout_budget",
+]
+
+RATE_WINDOW = timedelta(minutes=1)
+"""``Rollout.per_minute`` counts the starts of any window this long."""
 
 _DEFAULT_RETRY = RetryPolicy()
+
+
+def rollout_budget(
+    rollout: Rollout, *, in_flight: int, starts: Sequence[datetime], now: datetime
+) -> tuple[int | None, datetime | None]:
+    """How many more runs of a task may start at ``now`` under ``rollout`` (None: no
+    limit), given its runs ``in_flight`` and the ``starts`` of its runs (any order),
+    and, when the rate is what holds it back, the moment a start becomes possible.
+
+    ``max_concurrent``: at most that many in flight. ``per_minute``: at most that many
+    starts in any :data:`RATE_WINDOW`; a start at ``t`` frees its place at ``t`` + 1 min.
+    """
+    budget: int | None = None
+    if rollout.max_concurrent is not None:
+        budget = max(0, rollout.max_concurrent - in_flight)
+    free_at = None
+    if rollout.per_minute is not None:
+        recent = sorted(t for t in starts if t > now - RATE_WINDOW)
+        room = max(0, rollout.per_minute - len(recent))
+        if room == 0:
+            free_at = recent[len(recent) - rollout.per_minute] + RATE_WINDOW
+        budget = room if budget is None else min(budget, room)
+    return budget, free_at
+
+
+def abort_reason(task: Task, counts: Mapping[RunState, int]) -> str | None:
+    """Why the task must be aborted now, by its rollout's abort rule, if it must: over
+    the runs finished with a known outcome, too many failed or timed out."""
+    failed = counts.get(RunState.FAILED, 0) + counts.get(RunState.TIMED_OUT, 0)
+    finished = failed + counts.get(RunState.SUCCEEDED, 0)
+    return task.rollout.should_abort(finished, failed)
 
 
 def plan_dispatches(
@@ -26,6 +67,7 @@ def plan_dispatches(
     busy: Collection[str],
     slots: int,
     now: datetime,
+    budgets: Mapping[str, int] | None = None,
 ) -> list[Run]:
     """Choose the runs to dispatch now.
 
@@ -34,13 +76,15 @@ def plan_dispatches(
     unexpired at ``now``, its device is online and has nothing in flight (agents have a
     single command slot), and at most one per device; then those available longest first
     (ties: oldest queued), up to ``slots`` (the global cap on commands in flight minus
-    those already in flight).
+    those already in flight). ``budgets`` caps the runs chosen per task (its rollout's
+    room: :func:`rollout_budget`); tasks absent from it are not capped.
     """
     if slots <= 0:
         return []
     seen: set[str] = set()
     chosen: list[Run] = []
-    for run in candidates:
+    left = dict(budgets or {})
+    for run in sorted(candidates, key=lambda r: (r.available_at, r.queued_at)):
         if (
             run.state is not RunState.PENDING
             or run.node_id in seen
@@ -50,10 +94,15 @@ def plan_dispatches(
             or (run.expires_at is not None and run.expires_at <= now)
         ):
             continue
+        if run.task_id in left:
+            if left[run.task_id] <= 0:
+                continue
+            left[run.task_id] -= 1
         seen.add(run.node_id)
         chosen.append(run)
-    chosen.sort(key=lambda r: (r.available_at, r.queued_at))
-    return chosen[:slots]
+        if len(chosen) == slots:
+            break
+    return chosen
 
 
 @attrs.frozen(kw_only=True)

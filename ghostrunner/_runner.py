@@ -14,6 +14,8 @@ import attrs
 from ._loop import LoopSettings, Reconciler
 from ._protocols import Executor, Store
 from ._types import (
+    RETRYABLE_STATES,
+    Attempt,
     Device,
     Page,
     Run,
@@ -23,7 +25,7 @@ from ._types import (
     TaskSummary,
     utcnow,
 )
-from .errors import IllegalTransition, NotFound
+from .errors import IllegalTransition, NotFound, ValidationError
 
 __all__ = ["FlushResult", "GhostRunner"]
 
@@ -128,13 +130,89 @@ class GhostRunner:
         """
         if task is None:
             fields.setdefault("name", fields.get("command", "task")[:60] or "task")
+            fields.setdefault("targets", ())
             task = Task(**fields)
         elif fields:
             raise TypeError("pass a Task or keyword fields, not both")
-        await self.store.add_task(task, self.clock())
-        self.loop.wake(task.targets, due=task.not_before)
+        nodes = self.targets_of(task)
+        if task.select is not None and not nodes and not task.continuous:
+            raise ValidationError("select", f"matches no device ({task.select})")
+        await self.store.add_task(task, self.clock(), nodes=nodes)
+        self.loop.follow(task, nodes)
+        self.loop.wake(nodes, due=task.not_before)
         self._notify()
         return task
+
+    def targets_of(self, task: Task) -> list[str]:
+        """The devices ``task`` gets a run on if submitted now: its targets, then the
+        devices its selector matches in the executor's view (online or not), by name."""
+        nodes = list(task.targets)
+        if task.select is not None:
+            explicit = set(nodes)
+            matched = [
+                device for device in self.executor.devices().values()
+                if device.node_id not in explicit and task.select.matches(device)
+            ]
+            matched.sort(key=lambda d: (d.name.casefold(), d.node_id))
+            nodes += [d.node_id for d in matched]
+        return nodes
+
+    async def pause(self, task_id: str) -> TaskSummary:
+        """Hold the task: none of its runs starts until :meth:`resume`; runs in flight
+        finish. Raises NotFound."""
+        summary = await self.store.pause(task_id, True)
+        self._notify()
+        return summary
+
+    async def resume(self, task_id: str) -> TaskSummary:
+        """Let a paused task go on. Raises NotFound."""
+        summary = await self.store.pause(task_id, False)
+        self.loop.wake(due=self.clock())  # devices passed over while it was paused
+        self._notify()
+        return summary
+
+    async def abort(self, task_id: str, reason: str = "aborted by an operator") -> list[Run]:
+        """Stop the task as its abort rule would: cancel every run not yet started
+        (``reason`` recorded), take no new devices; runs in flight finish. Returns the
+        runs cancelled. Raises NotFound."""
+        runs = list(await self.store.abort(task_id, reason, self.clock()))
+        self._notify()
+        return runs
+
+    async def retry(
+        self,
+        task_id: str,
+        states: Collection[RunState | str] = (RunState.FAILED, RunState.TIMED_OUT),
+    ) -> list[Run]:
+        """Send the task's runs that ended in ``states`` again, each as a new attempt
+        (their earlier attempts stay in :meth:`attempts`); an aborted task goes on.
+        ``states``: any of failed, timed_out, lost, expired, cancelled. Returns the runs
+        put back to pending.
+
+        Raises:
+            NotFound: no such task.
+            ValidationError: a state that cannot be retried.
+        """
+        wanted = []
+        for i, state in enumerate(states):
+            try:
+                value = RunState(state)
+            except ValueError:
+                value = None
+            if value not in RETRYABLE_STATES:
+                allowed = ", ".join(sorted(s.value for s in RETRYABLE_STATES))
+                raise ValidationError(f"states[{i}]", f"must be one of: {allowed}")
+            wanted.append(value)
+        if not wanted:
+            raise ValidationError("states", "must name at least one state")
+        runs = list(await self.store.retry(task_id, wanted, self.clock()))
+        self.loop.wake([r.node_id for r in runs])
+        self._notify()
+        return runs
+
+    async def attempts(self, task_id: str) -> Mapping[str, Sequence[Attempt]]:
+        """Every attempt of each of the task's runs (node id -> oldest first)."""
+        return await self.store.attempts(task_id)
 
     async def cancel(self, task_id: str, node_ids: Collection[str] | None = None) -> list[Run]:
         """Cancel the task's pending runs (or those of ``node_ids``). Runs already

@@ -55,6 +55,7 @@ __all__ = [
 ]
 
 E = TypeVar("E", bound=enum.StrEnum)
+_V = TypeVar("_V")
 
 MAX_NAME = 200
 MAX_COMMAND = 64 * 1024
@@ -446,6 +447,30 @@ def _check_exit_codes(
 
 _NO_ROLLOUT = Rollout()
 
+
+def _nested(cls: type[_V], field: str, value: object) -> _V:
+    if not isinstance(value, Mapping):
+        return value  # type: ignore[return-value]  # the Task's checks name it
+    try:
+        return cls(**value)
+    except ValidationError as exc:
+        name = field if exc.field == field else f"{field}.{exc.field}"
+        raise ValidationError(name, exc.message) from None
+    except TypeError:
+        unknown = sorted(set(value) - {f.name for f in attrs.fields(cls)})  # type: ignore[arg-type]
+        raise ValidationError(f"{field}.{unknown[0] if unknown else field}",
+                              "unknown field") from None
+
+
+def _to_selector(value: Selector | Mapping[str, Any] | None) -> Selector | None:
+    """A Selector, or its fields as a mapping (``{"tags": ["arm"]}``)."""
+    return None if value is None else _nested(Selector, "select", value)
+
+
+def _to_rollout(value: Rollout | Mapping[str, Any]) -> Rollout:
+    """A Rollout, or its fields as a mapping (``{"max_concurrent": 10}``)."""
+    return _nested(Rollout, "rollout", value)
+
 # --------------------------------------------------------------------------- tasks & runs
 
 
@@ -495,9 +520,9 @@ class Task:
     expires_at: datetime | None = attrs.field(default=None, validator=_aware)
     max_attempts: int = attrs.field(default=3, validator=_attempts)
     delivery: Delivery = attrs.field(default=Delivery.AT_MOST_ONCE, converter=_to_delivery)
-    select: Selector | None = None
+    select: Selector | None = attrs.field(default=None, converter=_to_selector)
     continuous: bool = False
-    rollout: Rollout = attrs.field(factory=lambda: _NO_ROLLOUT)
+    rollout: Rollout = attrs.field(factory=lambda: _NO_ROLLOUT, converter=_to_rollout)
     success_exit_codes: tuple[int, ...] = attrs.field(
         default=(0,), converter=_exit_codes, validator=_check_exit_codes
     )

@@ -44,7 +44,6 @@ from ._planner import (
 from ._protocols import Executor, Store
 from ._types import (
     Device,
-    EventKind,
     Outcome,
     RetryPolicy,
     Rollout,
@@ -116,6 +115,7 @@ class _IdleHint:
         self.devices: set[str] = set()
         self.until: datetime | None = None  # None: never refreshed
         self._expires = 0.0  # time.monotonic() deadline
+        self.epoch = 0  # counts work_for(): a pass notes nothing if it moved meanwhile
 
     def stale(self, now: datetime) -> bool:
         return self.until is None or now >= self.until or time.monotonic() >= self._expires
@@ -128,6 +128,7 @@ class _IdleHint:
 
     def work_for(self, node_ids: Collection[str], due: datetime | None = None) -> None:
         """``node_ids`` may have work now, or at ``due`` (a submit, a release)."""
+        self.epoch += 1
         self.devices.difference_update(node_ids)
         if due is not None and self.until is not None and due < self.until:
             self.until = due
@@ -165,35 +166,40 @@ class _Rollouts:
                 self.limits[task_id] = task.rollout
                 self.starts.setdefault(task_id, deque()).append(started)
 
+    def know(self, task: Task) -> None:
+        """Take ``task``'s limits into account from now on (if it has any)."""
+        if task.rollout.max_concurrent is not None or task.rollout.per_minute is not None:
+            self.limits[task.id] = task.rollout
+
     def started(self, task: Task, now: datetime) -> None:
         self.flying[task.id] += 1
-        if task.rollout.max_concurrent is None and task.rollout.per_minute is None:
-            return
-        self.limits[task.id] = task.rollout
+        self.know(task)
         if task.rollout.per_minute is not None:
             self.starts.setdefault(task.id, deque()).append(now)
 
     def ended(self, task_id: str) -> bool:
         """A run of the task ended; True if that may let another start."""
         self.flying[task_id] -= 1
-        if self.flying[task_id] <= 0:
-            del self.flying[task_id]
-        return task_id in self.limits
+        if self.flying[task_id] > 0:
+            return task_id in self.limits
+        del self.flying[task_id]
+        limited = task_id in self.limits
+        if not self.starts.get(task_id):  # nothing left to remember (re-learnt if needed)
+            self.limits.pop(task_id, None)
+            self.starts.pop(task_id, None)
+        return limited
 
     def budgets(self, now: datetime) -> tuple[dict[str, int], datetime | None]:
         """Room per limited task, and the next moment a rate window frees a start."""
         room: dict[str, int] = {}
         wake: datetime | None = None
-        for task_id, rollout in list(self.limits.items()):
+        for task_id, rollout in self.limits.items():
             window = self.starts.get(task_id)
             while window and window[0] <= now - RATE_WINDOW:
                 window.popleft()
             budget, free_at = rollout_budget(
                 rollout, in_flight=self.flying[task_id], starts=window or (), now=now
             )
-            if not window and not self.flying[task_id]:
-                del self.limits[task_id]  # nothing to remember: re-learnt at its next start
-                self.starts.pop(task_id, None)
             if budget is not None:
                 room[task_id] = budget
             if free_at is not None and (wake is None or free_at < wake):
@@ -228,11 +234,12 @@ class Reconciler:
         self._step_lock = asyncio.Lock()  # passes never interleave (one planner at a time)
         self._idle = _IdleHint(self.settings.resync_interval)
         self._rollouts = _Rollouts()
+        self._again = False  # a pass left work that another pass can start at once
         self._flying_task: dict[str, str] = {}  # node id -> the task of its run in flight
-        # continuous tasks, and the devices whose view changed since the last pass
+        # continuous tasks, and the device view they were last matched against
         self._continuous: dict[str, Task] = {}
         self._matched: dict[str, set[str]] = {}  # task id -> nodes known to have a run
-        self._changed: set[str] = set()
+        self._seen: dict[str, Device] = {}
         self._rematch: set[str] = set()  # tasks to match against every device
         self._continuous_at = 0.0  # time.monotonic() of the last reload from the store
         self._aborted = False
@@ -257,14 +264,6 @@ class Reconciler:
             self._matched[task.id] = set(nodes)
             self._rematch.add(task.id)  # a device may have changed while it was stored
             self._wake.set()
-
-    def device_changed(self, node_id: str | None) -> None:
-        """The executor's view of ``node_id`` changed (None: maybe every device)."""
-        if node_id is None:
-            self._rematch.update(self._continuous)
-        else:
-            self._changed.add(node_id)
-        self._wake.set()
 
     @property
     def in_flight(self) -> frozenset[str]:
@@ -297,6 +296,7 @@ class Reconciler:
 
     async def _step(self) -> int:
         self.passes += 1
+        self._again = False
         now = self.clock()
         if await self.store.expire_due(now):
             self._on_change()
@@ -307,14 +307,10 @@ class Reconciler:
             await self._load_continuous(now)
         if self._continuous:
             await self._match_continuous(devices, now)
-        else:
-            self._changed = set()
         online = {node for node, dev in devices.items() if dev.online}
         if self._idle.stale(now):
             self._idle.refresh(await self.store.next_wakeup(now))
-        budgets, rate_wake = self._rollouts.budgets(now)
-        if rate_wake is not None:
-            self._idle.work_for((), rate_wake)  # be back when a rate window frees a start
+        budgets, _ = self._rollouts.budgets(now)
         full = [task_id for task_id, room in budgets.items() if room <= 0]
         free = online.difference(self._in_flight, self._idle.devices)
         slots = self.settings.max_in_flight - len(self._in_flight)
@@ -329,18 +325,36 @@ class Reconciler:
         # devices usually have nothing to do (those found so are skipped next time)
         candidates: list[Run] = []
         chunk = max(256, 2 * slots)
+        epoch = self._idle.epoch
         for start in range(0, len(order), chunk):
             part = order[start : start + chunk]
             want = slots - len(candidates)
             found = await self.store.next_pending(part, now, limit=want, skip_tasks=full)
-            self._idle.note(part, found, want)
+            if self._idle.epoch == epoch:
+                self._idle.note(part, found, want)
+            else:
+                # work appeared while the store answered (a submit, a release, a limit
+                # freed): what it found may be out of date, so note nothing and pass again
+                self._again = True
             candidates.extend(found)
             if len(candidates) >= slots:
                 break
+        # the tasks of the runs found may have limits the loop has not seen yet
+        for task_id in {run.task_id for run in candidates}:
+            self._rollouts.know(await self._task(task_id))
+        budgets, rate_wake = self._rollouts.budgets(now)
+        if rate_wake is not None:
+            self._idle.work_for((), rate_wake)  # be back when a rate window frees a start
         chosen = plan_dispatches(
             candidates, online=online, busy=self._in_flight.keys(), slots=slots, now=now,
             budgets=budgets,
         )
+        found = Counter(run.task_id for run in candidates)
+        taken = Counter(run.task_id for run in chosen)
+        if any(found[t] > taken[t] == budgets[t] for t in found if t in budgets):
+            # runs passed over because their task reached its limit: their devices may
+            # have other work, which the next pass finds with that task skipped
+            self._again = True
         if not chosen:
             return 0
         # one store operation claims them all (one transaction) and brings their tasks
@@ -364,6 +378,8 @@ class Reconciler:
         stay pending until the test's clock moves."""
         for _ in range(max_passes):
             started = await self.step()
+            if self._again:
+                continue
             if self._in_flight:
                 await asyncio.wait(
                     list(self._in_flight.values()), return_when=asyncio.FIRST_COMPLETED
@@ -384,6 +400,8 @@ class Reconciler:
             while not stop.is_set():
                 self._wake.clear()
                 await self._retrying(self.step)
+                if self._again:
+                    continue
                 delay = self._idle.delay(self.clock(), self.settings.resync_interval)
                 waker = asyncio.create_task(self._wake.wait())
                 stopper = asyncio.create_task(stop.wait())
@@ -456,11 +474,8 @@ class Reconciler:
     async def _watch_events(self) -> None:
         while True:
             try:
-                async for event in self.executor.events():
-                    if event.kind is EventKind.RESYNC:
-                        self.device_changed(None)
-                    else:
-                        self.device_changed(event.node_id)
+                async for _event in self.executor.events():
+                    self._wake.set()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -566,11 +581,18 @@ class Reconciler:
 
     async def _match_continuous(self, devices: Mapping[str, Device], now: datetime) -> None:
         """Give every continuous task a run on each device that has come to match it
-        (newly enrolled, tagged, moved into the group...): the devices whose view
-        changed, or all of them after a resync. The store never adds a second run of a
-        task to a device, so matching twice is harmless."""
-        changed = self._changed.intersection(devices)
-        self._changed = set()
+        (newly enrolled, tagged, moved into the group...). Level-based like the rest of
+        the loop: the devices matched are those whose view differs from the last pass's
+        (an executor keeps a device's value until it changes, so that is an identity
+        check per device), and every device for a task not matched yet. The store never
+        adds a second run of a task to a device, so matching twice is harmless."""
+        seen = self._seen
+        changed = [n for n, d in devices.items() if (p := seen.get(n)) is not d and p != d]
+        for node in changed:
+            seen[node] = devices[node]
+        if len(seen) > len(devices):
+            for node in set(seen).difference(devices):
+                del seen[node]
         rematch, self._rematch = self._rematch, set()
         for task in list(self._continuous.values()):
             assert task.select is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bisect import insort
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
@@ -95,7 +96,9 @@ class InMemoryStore:
         for run in runs:
             self.runs[run.key] = run
             self.nodes[run.task_id].append(run.node_id)
-            self._by_node.setdefault(run.node_id, []).append(run.key)
+            # in submission order of the tasks: add_runs may add to an older task
+            insort(self._by_node.setdefault(run.node_id, []), run.key,
+                   key=lambda k: self._order[k.task_id])
 
     def _record(self, run: Run, state: RunState, error: str | None) -> None:
         attempt = Attempt(

@@ -349,9 +349,9 @@ class Reconciler:
             candidates, online=online, busy=self._in_flight.keys(), slots=slots, now=now,
             budgets=budgets,
         )
-        found = Counter(run.task_id for run in candidates)
+        offered = Counter(run.task_id for run in candidates)
         taken = Counter(run.task_id for run in chosen)
-        if any(found[t] > taken[t] == budgets[t] for t in found if t in budgets):
+        if any(offered[t] > taken[t] == budgets[t] for t in offered if t in budgets):
             # runs passed over because their task reached its limit: their devices may
             # have other work, which the next pass finds with that task skipped
             self._again = True

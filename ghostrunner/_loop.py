@@ -53,7 +53,7 @@ from ._types import (
     Task,
     utcnow,
 )
-from .errors import ExecutorError, GhostRunnerError, OutcomeUnknown
+from .errors import ExecutorError, GhostRunnerError, NotFound, OutcomeUnknown
 
 __all__ = ["LoopSettings", "Reconciler"]
 
@@ -264,6 +264,12 @@ class Reconciler:
             self._matched[task.id] = set(nodes)
             self._rematch.add(task.id)  # a device may have changed while it was stored
             self._wake.set()
+
+    def forget(self, task_id: str) -> None:
+        """Stop following a task (it was deleted)."""
+        self._continuous.pop(task_id, None)
+        self._matched.pop(task_id, None)
+        self._rematch.discard(task_id)
 
     @property
     def in_flight(self) -> frozenset[str]:
@@ -607,7 +613,11 @@ class Reconciler:
             new = [n for n in names if n not in known and task.select.matches(devices[n])]
             if not new:
                 continue
-            added = await self.store.add_runs(task.id, new, now)
+            try:
+                added = await self.store.add_runs(task.id, new, now)
+            except NotFound:  # deleted meanwhile
+                self.forget(task.id)
+                continue
             known.update(new)
             if added:
                 self._idle.work_for([r.node_id for r in added], task.not_before)

@@ -189,12 +189,18 @@ class InMemoryStore:
         ]
 
     async def recent_starts(self, since: datetime) -> Sequence[tuple[str, datetime]]:
-        return [
-            (r.task_id, r.started_at)
-            for r in self.runs.values()
-            if r.started_at is not None and r.started_at > since
-            and self.tasks[r.task_id].rollout.per_minute is not None
+        limited = {t.id for t in self.tasks.values() if t.rollout.per_minute is not None}
+        flying = [
+            (r.task_id, r.started_at) for r in self.runs.values()
+            if r.task_id in limited and r.state is RunState.DISPATCHED
+            and r.started_at is not None and r.started_at > since
         ]
+        done = [
+            (key.task_id, a.started_at) for key, attempts in self.history.items()
+            if key.task_id in limited for a in attempts
+            if a.started_at is not None and a.started_at > since
+        ]
+        return flying + done
 
     async def get_task(self, task_id: str) -> TaskSummary:
         try:

@@ -107,8 +107,9 @@ class Store(Protocol):
         """The continuous tasks still taking runs at ``now``: not closed, not expired."""
 
     async def recent_starts(self, since: datetime) -> Sequence[tuple[str, datetime]]:
-        """(task id, ``started_at``) of the runs of rate-limited tasks (a
-        ``rollout.per_minute``) that started after ``since``: the loop's rate windows,
+        """(task id, start) of every attempt of a rate-limited task (a
+        ``rollout.per_minute``) that started after ``since``: those in flight
+        (``dispatched`` runs) and those in the attempt history. The loop's rate windows,
         after a restart."""
 
     async def get_task(self, task_id: str) -> TaskSummary:

@@ -291,6 +291,7 @@ class GhostRunner:
             await self.store.delete_task(task_id)
         except IllegalTransition:
             return False
+        self.loop.forget(task_id)
         self._notify()
         return True
 

@@ -138,7 +138,11 @@ ORDER BY t.seq
 RECENT_STARTS_SQL: Final = """
 SELECT t.id, r.started_at FROM tasks AS t INDEXED BY tasks_rate_limited
 CROSS JOIN runs AS r ON r.task_seq = t.seq
-WHERE t.per_minute IS NOT NULL AND r.started_at > :since
+WHERE t.per_minute IS NOT NULL AND r.state = 'dispatched' AND r.started_at > :since
+UNION ALL
+SELECT t.id, a.started_at FROM tasks AS t INDEXED BY tasks_rate_limited
+CROSS JOIN attempts AS a ON a.task_seq = t.seq
+WHERE t.per_minute IS NOT NULL AND a.started_at > :since
 """
 
 EXPIRE_SQL: Final = """

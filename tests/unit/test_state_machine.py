@@ -1,11 +1,16 @@
 """A Hypothesis state machine over the reconcile loop with the fakes.
 
-Random operators submit and cancel tasks, devices come and go, commands succeed, fail,
-are refused, vanish or hang, time moves, and GhostRunner crashes and restarts over the
-same store. After every step the guarantees must hold: never a command to an offline
-or busy device, never an at_most_once command twice, no run invented or lost, terminal
-runs frozen, attempts within bounds; and at the end, with every device online and
-healthy, every run reaches a terminal state.
+Random operators submit and cancel tasks (plain ones, and fleet ones with a tag
+selector, continuous or not, with rollout limits and an abort rule), pause, resume and
+retry them, tag devices, devices come and go, commands succeed, fail, are refused,
+vanish or hang, time moves, and GhostRunner crashes and restarts over the same store.
+After every step the guarantees must hold: never a command to an offline or busy
+device, never an at_most_once attempt twice, no run invented or lost (a device gets a
+run of a task only if named or matched, and never two), terminal runs frozen until
+retried, attempts within bounds, no task over its max_concurrent or its per_minute
+rate, no run started while its task is paused or after it was aborted; and at the end,
+with every device online and healthy, every run reaches a terminal state and every
+device matching a live continuous task has its run.
 """
 
 from __future__ import annotations
@@ -41,12 +46,20 @@ from ghostrunner import (
     RunState,
     Task,
 )
-from ghostrunner.errors import NotDelivered, NotFound, OutcomeUnknown, PermanentError
+from ghostrunner._types import RETRYABLE_STATES
+from ghostrunner.errors import (
+    NotDelivered,
+    NotFound,
+    OutcomeUnknown,
+    PermanentError,
+    ValidationError,
+)
 from ghostrunner.testing import FakeClock, FakeExecutor, InMemoryStore, crash
 
 T = TypeVar("T")
 
 NODES = ("n1", "n2", "n3", "n4")
+TAGS = ("a", "b")
 MAX_IN_FLIGHT = 2
 BEHAVIOURS = st.sampled_from(
     ["ok", "ok", "exit", "timed_out", "not_delivered", "unknown", "permanent", "hang", "hang"]
@@ -61,6 +74,35 @@ SUBMIT: dict[str, st.SearchStrategy[Any]] = {
     "not_before_in": st.none() | st.integers(0, 30),
     "expires_in": st.none() | st.integers(1, 60),
 }
+# a fleet task: a tag to select (or none: plain), continuous, and its rollout
+FLEET: dict[str, st.SearchStrategy[Any]] = {
+    "tag": st.none() | st.sampled_from(TAGS),
+    "continuous": st.booleans(),
+    "max_concurrent": st.none() | st.integers(1, 2),
+    "per_minute": st.none() | st.integers(1, 3),
+    "abort_failed_pct": st.none() | st.sampled_from([0, 50]),
+    "abort_min_finished": st.integers(1, 2),
+}
+
+
+class WatchedStore(InMemoryStore):
+    """The reference store, checking at each claim that no run of a paused or aborted
+    task starts (the loop must not even ask; the store refuses paused ones anyway)."""
+
+    violations: list[str]
+
+    def reset(self) -> None:
+        super().reset()
+        self.violations = []
+
+    async def claim_many(self, keys: Any, now: Any) -> Any:
+        claimed = await super().claim_many(keys, now)
+        for run, _ in claimed:
+            if run.task_id in self.paused:
+                self.violations.append(f"{run.key} started while paused")
+            if run.task_id in self.aborted:
+                self.violations.append(f"{run.key} started after an abort")
+        return claimed
 
 
 class GhostRunnerMachine(RuleBasedStateMachine):
@@ -72,12 +114,17 @@ class GhostRunnerMachine(RuleBasedStateMachine):
         # hanging handler stay suspended in it between steps
         self.loop = asyncio.new_event_loop()
         self.clock = FakeClock()
-        self.store = InMemoryStore()
+        self.store = WatchedStore()
         self.behaviour: dict[str, str] = dict.fromkeys(NODES, "ok")
         self.exit_code = 1
         self.release = asyncio.Event()
         self.hanging: set[str] = set()
         self.executor = FakeExecutor(self.handle, devices=NODES)
+        self.tags: dict[str, set[str]] = {node: set() for node in NODES}
+        self.allowed: dict[str, set[str]] = {}  # task id -> nodes it may have a run on
+        self.retried: Counter[RunKey] = Counter()  # operator retries of each run
+        self.starts: dict[str, list[Any]] = {}  # task id -> times its runs were claimed
+        self.calls_seen = 0
         self.settings = LoopSettings(
             max_in_flight=MAX_IN_FLIGHT, retry=RetryPolicy(1.0, 8.0), shutdown_grace=0.001
         )
@@ -178,11 +225,12 @@ class GhostRunnerMachine(RuleBasedStateMachine):
 
     @rule(
         target=tasks,
-        nodes=SUBMIT["nodes"],
+        nodes=st.lists(st.sampled_from(NODES), max_size=len(NODES), unique=True),
         delivery=SUBMIT["delivery"],
         max_attempts=SUBMIT["max_attempts"],
         not_before_in=SUBMIT["not_before_in"],
         expires_in=SUBMIT["expires_in"],
+        fleet=st.fixed_dictionaries(FLEET),
     )
     def submit(
         self,
@@ -191,8 +239,12 @@ class GhostRunnerMachine(RuleBasedStateMachine):
         max_attempts: int,
         not_before_in: int | None,
         expires_in: int | None,
+        fleet: dict[str, Any],
     ) -> str:
-        return self.queue(nodes, delivery, max_attempts, not_before_in, expires_in)
+        return self.queue(nodes, delivery, max_attempts, not_before_in, expires_in, **fleet)
+
+    def matching(self, tag: str) -> list[str]:
+        return [node for node in NODES if tag in self.tags[node]]
 
     def queue(
         self,
@@ -201,13 +253,27 @@ class GhostRunnerMachine(RuleBasedStateMachine):
         max_attempts: int,
         not_before_in: int | None,
         expires_in: int | None,
+        *,
+        tag: str | None = None,
+        continuous: bool = False,
+        max_concurrent: int | None = None,
+        per_minute: int | None = None,
+        abort_failed_pct: float | None = None,
+        abort_min_finished: int = 1,
     ) -> str:
-        """Submit a task through GhostRunner; ``*_in`` are seconds from now."""
+        """Submit a task through GhostRunner; ``*_in`` are seconds from now. With a
+        ``tag``, it also selects the devices having it (``continuous``: later ones too).
+        A submit that must be refused returns a task id that was never stored."""
         now = self.clock.now
         not_before = None if not_before_in is None else now + timedelta(seconds=not_before_in)
         expires_at = None
         if expires_in is not None:
             expires_at = (not_before or now) + timedelta(seconds=expires_in)
+        fields: dict[str, Any] = {}
+        if tag is not None:
+            fields = {"select": {"tags": [tag]}, "continuous": continuous}
+        elif not nodes:
+            nodes = [NODES[0]]
         task = Task(
             name="t",
             command=f"cmd-{len(self.submitted)}",
@@ -216,14 +282,60 @@ class GhostRunnerMachine(RuleBasedStateMachine):
             max_attempts=max_attempts,
             not_before=not_before,
             expires_at=expires_at,
+            rollout={"max_concurrent": max_concurrent, "per_minute": per_minute,
+                     "abort_failed_pct": abort_failed_pct,
+                     "abort_min_finished": abort_min_finished},
+            **fields,
         )
+        matched = [n for n in self.matching(tag) if n not in nodes] if tag else []
         with self.guard():
+            if tag is not None and not nodes and not matched and not continuous:
+                with pytest.raises(ValidationError):
+                    self.run(self.runner.submit(task))
+                event("a snapshot selector matched nothing: refused")
+                return task.id
             self.run(self.runner.submit(task))
             self.submitted[task.id] = task
+            self.allowed[task.id] = set(nodes) | set(matched)
             runs = self.run(self.runner.runs(task.id))
-            assert [r.node_id for r in runs] == nodes
+            assert [r.node_id for r in runs] == nodes + sorted(matched)
             assert all(r.state is RunState.PENDING for r in runs)
         return task.id
+
+    @rule(node=st.sampled_from(NODES), tags=st.sets(st.sampled_from(TAGS)))
+    def retag(self, node: str, tags: set[str]) -> None:
+        """An operator tags a device in MeshCentral."""
+        self.tags[node] = set(tags)
+        self.executor.update_device(node, tags=tuple(sorted(tags)))
+
+    @rule(task_id=tasks, paused=st.booleans())
+    def pause(self, task_id: str, paused: bool) -> None:
+        with self.guard():
+            if task_id not in self.submitted:
+                with pytest.raises(NotFound):
+                    self.run(self.runner.pause(task_id))
+                return
+            action = self.runner.pause if paused else self.runner.resume
+            assert self.run(action(task_id)).paused is paused
+
+    @rule(task_id=tasks, states=st.sets(st.sampled_from(sorted(RETRYABLE_STATES)), min_size=1))
+    def retry(self, task_id: str, states: set[RunState]) -> None:
+        with self.guard():
+            if task_id not in self.submitted:
+                with pytest.raises(NotFound):
+                    self.run(self.runner.retry(task_id, states))
+                return
+            before = {r.node_id: r for r in self.run(self.runner.runs(task_id))}
+            retried = self.run(self.runner.retry(task_id, states))
+            assert {r.node_id for r in retried} == {
+                n for n, r in before.items() if r.state in states}
+            for run in retried:
+                assert run.state is RunState.PENDING
+                assert run.attempts == before[run.node_id].attempts
+                self.frozen.pop(run.key, None)
+                self.retried[run.key] += 1
+            if retried:
+                event("runs retried")
 
     @rule(
         target=tasks,
@@ -275,8 +387,8 @@ class GhostRunnerMachine(RuleBasedStateMachine):
             deleted = self.run(self.runner.delete(task_id))
             assert deleted is not in_flight
             if deleted:
-                task = self.submitted.pop(task_id)
-                for node in task.targets:
+                self.submitted.pop(task_id)
+                for node in self.allowed.pop(task_id):
                     self.frozen.pop(RunKey(task_id, node), None)
 
     @rule(node=st.sampled_from(NODES), online=st.booleans())
@@ -340,19 +452,56 @@ class GhostRunnerMachine(RuleBasedStateMachine):
         # never to an offline device, never two at once on one device
         assert ex.offline_calls == []
         assert ex.overlaps == []
-        # at most once: a command that may have run is never sent again
-        once = Counter(r.key for r in ex.executions if r.delivery is Delivery.AT_MOST_ONCE)
+        # at most once: an attempt that may have run is never sent again (an operator's
+        # retry is a new attempt)
+        once = Counter(
+            (r.key, r.attempt) for r in ex.executions if r.delivery is Delivery.AT_MOST_ONCE
+        )
         assert [k for k, n in once.items() if n > 1] == []
-        # nothing lost, nothing invented
-        expected = {RunKey(t.id, n) for t in self.submitted.values() for n in t.targets}
+        # no run of a paused task started, none after its task was aborted
+        assert self.store.violations == []
+        # nothing lost, nothing invented: a device gets a run of a task only if the task
+        # names it or its selector matched it while the task was open, and never two;
+        # a snapshot selector's runs are exactly what it matched at submit time
+        for task_id, task in self.submitted.items():
+            if task.continuous and task_id not in self.store.closed_tasks:
+                assert task.select is not None
+                self.allowed[task_id].update(self.matching(task.select.tags[0]))
+            nodes = self.store.nodes[task_id]
+            assert len(nodes) == len(set(nodes))
+            if task_id in self.store.aborted:
+                event("a task was aborted by its rule")
+            if task_id in self.store.paused:
+                event("a task is paused")
+            if task.continuous and nodes:
+                event("a continuous task has runs")
+            if task.continuous:
+                assert set(nodes) <= self.allowed[task_id], task_id
+            else:
+                assert set(nodes) == self.allowed[task_id], task_id
+        expected = {RunKey(t, n) for t in self.submitted for n in self.store.nodes[t]}
         assert set(self.store.runs) == expected
-        assert len(self.store.runs) == sum(len(t.targets) for t in self.submitted.values())
+        # rollout limits: runs in flight and starts per minute, per task
+        for request in ex.executions[self.calls_seen:]:  # what reached a device
+            self.starts.setdefault(request.task_id, []).append(self.clock.now)
+        self.calls_seen = len(ex.executions)
+        in_flight = Counter(
+            r.task_id for r in self.store.runs.values() if r.state is RunState.DISPATCHED
+        )
+        for task_id, task in self.submitted.items():
+            cap = task.rollout.max_concurrent
+            assert cap is None or in_flight[task_id] <= cap
+            rate = task.rollout.per_minute
+            times = sorted(self.starts.get(task_id, ()))
+            for i, start in enumerate(times):
+                window = [t for t in times[: i + 1] if t > start - timedelta(minutes=1)]
+                assert rate is None or len(window) <= rate, (task_id, times)
         executions = Counter(r.key for r in ex.executions)
         dispatched: list[str] = []
         for key, run in self.store.runs.items():
             task = self.submitted[key.task_id]
             assert isinstance(run.state, RunState)
-            assert 0 <= run.attempts <= task.max_attempts
+            assert 0 <= run.attempts <= task.max_attempts + self.retried[key]
             assert run.undelivered >= 0
             assert executions[key] <= run.attempts
             if run.state is RunState.DISPATCHED:
@@ -384,12 +533,20 @@ class GhostRunnerMachine(RuleBasedStateMachine):
         for node in NODES:
             self.behaviour[node] = "ok"
             self.executor.set_online(node)
-        for _ in range(3):
+        for task_id in list(self.store.paused):
+            self.run(self.runner.resume(task_id))
+        for _ in range(60):  # a rate-limited task starts a few runs per minute
             self.clock.advance(10_000)
             self.run(self.runner.run_until_idle())
             self.check()
+            if all(r.terminal for r in self.store.runs.values()):
+                break
         runs = self.store.runs.values()
         assert [r for r in runs if not r.terminal] == []
+        # every device matching a continuous task still open has its run
+        for task in self.run(self.store.open_continuous(self.clock.now)):
+            assert task.select is not None
+            assert set(self.matching(task.select.tags[0])) <= set(self.store.nodes[task.id])
         for state in sorted({r.state for r in runs}):
             event(f"a run ended {state}")
         for key, run in self.store.runs.items():

@@ -16,13 +16,13 @@ from typing import Any
 
 import httpx
 import pytest
-from serverproc import REPO, ServerProcess, free_port
 from starlette.exceptions import StarletteDeprecationWarning
 
 from ghostrunner import Scope, new_token
 from ghostrunner.testing import FakeExecutor, InMemoryStore
 from ghostrunner_http import Settings, create_app
 from ghostrunner_http.openapi import openapi_document
+from tests.serverproc import REPO, ServerProcess, free_port
 
 with warnings.catch_warnings():
     # starlette warns at import that it prefers httpx2; the project pins httpx

@@ -6,11 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import ADMIN, Api, ApiFactory
 
 from ghostrunner import Scope, hash_secret
 from ghostrunner.testing import InMemoryStore
 from ghostrunner_http import Settings
+from tests.http.conftest import ADMIN, Api, ApiFactory
 
 
 def test_create_shows_the_secret_once_and_stores_a_hash(api: Api) -> None:

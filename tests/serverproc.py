@@ -1,7 +1,7 @@
 """A real ``ghostrunner serve`` process for tests: :class:`ServerProcess`.
 
 Shared by the HTTP tests (``tests/http``) and the fault tests against the MeshCentral lab
-(``tests/integration``); ``tests/`` is on ``sys.path`` (``tests/conftest.py``).
+(``tests/integration``): ``from tests.serverproc import ServerProcess``.
 """
 
 from __future__ import annotations

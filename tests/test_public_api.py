@@ -24,7 +24,9 @@ import ghostrunner.testing
 # the loop's internals and helpers for backends, importable from their module and
 # undocumented. (FakeExecutor and InMemoryStore are exported by ghostrunner.testing.)
 INTERNAL = {
-    "ghostrunner._planner": {"Decision", "decide", "plan_dispatches", "recover"},
+    "ghostrunner._planner": {
+        "Decision", "abort_reason", "decide", "plan_dispatches", "recover", "rollout_budget",
+    },
     "ghostrunner._types": {"new_id", "task_status", "utcnow", "TagsMode"},
     "ghostrunner._loop": {"Reconciler"},
     "ghostrunner._fanout": {"EventFanout"},

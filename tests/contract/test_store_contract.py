@@ -1572,29 +1572,35 @@ async def test_sqlite_one_store_per_database_file(tmp_path: Path) -> None:
 def test_sqlite_lock_is_released_when_the_holder_is_killed(tmp_path: Path) -> None:
     """SIGKILL leaves no stale lock: a restart after a crash is never blocked."""
     path = tmp_path / "killed.db"
-    holder = subprocess.Popen(
+
+    async def try_open() -> None:
+        store = SQLiteStore(path)
+        await store.open()
+        await store.close()
+
+    # The holder keeps its store referenced: a store dropped without close() closes
+    # itself (weakref.finalize -> its worker thread exits and releases the lock), so an
+    # unreferenced one may let go of the lock before the check below.
+    # ``with`` closes the stdout pipe (else it is reported unclosed at a later GC).
+    with subprocess.Popen(
         [sys.executable, "-c",
          "import asyncio, sys\n"
          "from ghostrunner.sqlite import SQLiteStore\n"
          "async def main():\n"
-         f"    await SQLiteStore({str(path)!r}).open()\n"
+         f"    store = SQLiteStore({str(path)!r})\n"
+         "    await store.open()\n"
          "    print('open', flush=True)\n"
          "    await asyncio.sleep(60)\n"
+         "    await store.close()\n"
          "asyncio.run(main())\n"],
         stdout=subprocess.PIPE, text=True,
-    )
-    try:
-        assert holder.stdout is not None
-        assert holder.stdout.readline().strip() == "open"
-
-        async def try_open() -> None:
-            store = SQLiteStore(path)
-            await store.open()
-            await store.close()
-
-        with pytest.raises(StoreError, match=rf"pid {holder.pid}\b"):
-            asyncio.run(try_open())
-    finally:
-        holder.kill()
-        holder.wait()
+    ) as holder:
+        try:
+            assert holder.stdout is not None
+            assert holder.stdout.readline().strip() == "open"
+            with pytest.raises(StoreError, match=rf"pid {holder.pid}\b"):
+                asyncio.run(try_open())
+        finally:
+            holder.kill()
+            holder.wait()
     asyncio.run(try_open())

@@ -16,7 +16,6 @@ from typing import Any
 
 import httpx
 import pytest
-from serverproc import REPO, ServerProcess, free_port
 from starlette.exceptions import StarletteDeprecationWarning
 
 from ghostrunner.testing import FakeExecutor, InMemoryStore
@@ -24,6 +23,7 @@ from ghostrunner.tokens import Scope
 from ghostrunner_http import Settings, create_app
 from ghostrunner_http._tokens import new_token
 from ghostrunner_http.openapi import openapi_document
+from tests.serverproc import REPO, ServerProcess, free_port
 
 with warnings.catch_warnings():
     # starlette warns at import that it prefers httpx2; the project pins httpx

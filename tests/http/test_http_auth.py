@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import ADMIN, Api, ApiFactory
 
 from ghostrunner.tokens import Scope
+from tests.http.conftest import ADMIN, Api, ApiFactory
 
 # (method, path, body details or None, the scope it needs). {id} is a task created first.
 ROUTES: list[tuple[str, str, dict[str, Any] | None, Scope]] = [

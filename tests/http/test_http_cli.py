@@ -8,9 +8,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ServerProcess
 
 from ghostrunner_http.cli import main
+from tests.http.conftest import ServerProcess
 
 ADMIN_SECRET = "cli-admin-secret-0123456789"
 CONFIG = """executor = "fake"

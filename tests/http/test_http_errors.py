@@ -10,12 +10,12 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from conftest import ADMIN, Api, ApiFactory
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ghostrunner import RunKey, TaskQuery
 from ghostrunner_http import Settings
+from tests.http.conftest import ADMIN, Api, ApiFactory
 
 BODY_ROUTES = [
     ("POST", "/task/create"),

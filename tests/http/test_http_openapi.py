@@ -8,17 +8,17 @@ import json
 import re
 from typing import Any
 
-from conftest import (
+from starlette.routing import Route
+
+from ghostrunner_http.app import ROUTES
+from ghostrunner_http.openapi import openapi_document
+from tests.http.conftest import (
     SEED_TASK_BODY,
     SEED_TOKEN_CREATE_BODY,
     SEED_TOKEN_LIST_BODY,
     Api,
     check_schema,
 )
-from starlette.routing import Route
-
-from ghostrunner_http.app import ROUTES
-from ghostrunner_http.openapi import openapi_document
 
 
 def _refs(node: Any) -> list[str]:

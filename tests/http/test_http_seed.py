@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 
-from conftest import (
+from ghostrunner import RunKey, RunState
+from tests.http.conftest import (
     SEED_TASK_BODY,
     SEED_TOKEN_CREATE_BODY,
     SEED_TOKEN_LIST_BODY,
     Api,
     ApiFactory,
 )
-
-from ghostrunner import RunKey, RunState
 
 
 def test_info_is_the_envelope_and_needs_no_token(seed_api: Api) -> None:

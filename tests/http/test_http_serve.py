@@ -18,9 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-from conftest import REPO, SEED_TASK_BODY, ServerProcess
 
 from ghostrunner_http._tokens import hash_secret
+from tests.http.conftest import REPO, SEED_TASK_BODY, ServerProcess
 
 ServerFactory = Callable[..., ServerProcess]
 ADMIN_SECRET = "serve-admin-secret-0123456789"

@@ -8,10 +8,10 @@ import threading
 from typing import Any
 
 import pytest
-from conftest import Api, ApiFactory
 
 from ghostrunner import Device, Outcome, RunKey, RunRequest, RunState
 from ghostrunner.testing import FakeExecutor
+from tests.http.conftest import Api, ApiFactory
 
 GOOD = {"name": "n", "command": "echo hi", "nodeids": ["node-001"]}
 

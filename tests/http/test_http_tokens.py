@@ -6,12 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import ADMIN, Api, ApiFactory
 
 from ghostrunner.testing import InMemoryStore
 from ghostrunner.tokens import Scope
 from ghostrunner_http import Settings
 from ghostrunner_http._tokens import hash_secret
+from tests.http.conftest import ADMIN, Api, ApiFactory
 
 
 def test_create_shows_the_secret_once_and_stores_a_hash(api: Api) -> None:

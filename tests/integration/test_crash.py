@@ -19,7 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-from faultkit import (
+
+from ghostrunner import RunState
+from ghostrunner.lab import Agent, MeshLab
+from tests.integration.faultkit import (
     Figures,
     Ledger,
     Planned,
@@ -28,10 +31,7 @@ from faultkit import (
     start_agents,
     wait_for,
 )
-from serverproc import ServerProcess
-
-from ghostrunner import RunState
-from ghostrunner.lab import Agent, MeshLab
+from tests.serverproc import ServerProcess
 
 RUNS = 1000
 KILLS = 5

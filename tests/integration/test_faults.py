@@ -28,10 +28,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from faultkit import Bench, Figures, bench, recorded_runs, start_agents, until
-
 from ghostrunner import RunState
 from ghostrunner.lab import Agent, MeshLab
+from tests.integration.faultkit import Bench, Figures, bench, recorded_runs, start_agents, until
 
 AGENTS = [f"fault-{i}" for i in range(1, 4)]
 BACKLOG = 150  # pending runs topped up before each fault

@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from rawhttp import Connection, build, percentile
-from serverproc import ServerProcess
 
 from ghostrunner import TaskQuery
 from ghostrunner.sqlite import SQLiteStore
+from tests.reliability.rawhttp import Connection, build, percentile
+from tests.serverproc import ServerProcess
 
 CLIENTS = 200
 SECONDS = 30.0

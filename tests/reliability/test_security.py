@@ -33,8 +33,6 @@ from typing import Any
 
 import httpx
 import pytest
-from rawhttp import Connection, build, percentile
-from serverproc import ServerProcess
 
 from ghostrunner import GhostRunner
 from ghostrunner.meshcentral._executor import MeshCentralExecutor
@@ -45,6 +43,8 @@ from ghostrunner_http import Settings
 from ghostrunner_http._client import ApiClient, ApiFailure
 from ghostrunner_http._tokens import hash_secret, new_token
 from ghostrunner_http.config import ConfigError, load_settings
+from tests.reliability.rawhttp import Connection, build, percentile
+from tests.serverproc import ServerProcess
 
 ADMIN = "security-admin-secret-0123456789abcdef"
 MESH_PASSWORD = "mesh-pass-7f3a9c1e5b"

@@ -242,6 +242,7 @@ class Reconciler:
         self._seen: dict[str, Device] = {}
         self._rematch: set[str] = set()  # tasks to match against every device
         self._continuous_at = 0.0  # time.monotonic() of the last reload from the store
+        self.matching_seconds = 0.0  # spent matching devices to continuous tasks (stats)
         self._aborted = False
         self._stopping = False
         self.passes = 0
@@ -592,6 +593,7 @@ class Reconciler:
         (an executor keeps a device's value until it changes, so that is an identity
         check per device), and every device for a task not matched yet. The store never
         adds a second run of a task to a device, so matching twice is harmless."""
+        started = time.perf_counter()
         seen = self._seen
         changed = [n for n, d in devices.items() if (p := seen.get(n)) is not d and p != d]
         for node in changed:
@@ -600,25 +602,34 @@ class Reconciler:
             for node in set(seen).difference(devices):
                 del seen[node]
         rematch, self._rematch = self._rematch, set()
+        wanted: list[tuple[Task, list[str]]] = []
         for task in list(self._continuous.values()):
             assert task.select is not None
             names: Collection[str] = devices.keys() if task.id in rematch else changed
             if not names:
                 continue
             if task.expires_at is not None and task.expires_at <= now:
-                del self._continuous[task.id]
-                self._matched.pop(task.id, None)
+                self.forget(task.id)
                 continue
             known = self._matched.setdefault(task.id, set())
             new = [n for n in names if n not in known and task.select.matches(devices[n])]
-            if not new:
-                continue
-            try:
-                added = await self.store.add_runs(task.id, new, now)
-            except NotFound:  # deleted meanwhile
+            if new:
+                wanted.append((task, new))
+        self.matching_seconds += time.perf_counter() - started
+        if not wanted:
+            return
+        # concurrently: a batching store writes them in one transaction
+        results = await asyncio.gather(
+            *(self.store.add_runs(task.id, new, now) for task, new in wanted),
+            return_exceptions=True,
+        )
+        for (task, new), added in zip(wanted, results, strict=True):
+            if isinstance(added, NotFound):  # deleted meanwhile
                 self.forget(task.id)
                 continue
-            known.update(new)
+            if isinstance(added, BaseException):
+                raise added
+            self._matched[task.id].update(new)
             if added:
                 self._idle.work_for([r.node_id for r in added], task.not_before)
                 self._on_change()

@@ -363,7 +363,7 @@ class Selector:
                 return False
         if self.tags:
             wanted = self._tag_set
-            have = {t.casefold() for t in device.tags}
+            have = device.folded_tags
             if self.tags_mode is TagsMode.ALL and not wanted <= have:
                 return False
             if self.tags_mode is TagsMode.ANY and not wanted & have:
@@ -761,6 +761,17 @@ class Device:
     tags: tuple[str, ...] = attrs.field(default=(), converter=_tag_tuple)
     os: str | None = None
     agent_kind: AgentKind = AgentKind.UNKNOWN
+    _folded: frozenset[str] | None = attrs.field(
+        default=None, init=False, repr=False, eq=False
+    )
+
+    @property
+    def folded_tags(self) -> frozenset[str]:
+        """The tags, case-folded (what selectors compare), computed once."""
+        if self._folded is None:
+            object.__setattr__(self, "_folded", frozenset(t.casefold() for t in self.tags))
+        assert self._folded is not None
+        return self._folded
 
 
 class EventKind(enum.StrEnum):

@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 from starlette.datastructures import QueryParams
 
-from ghostrunner import RunState, Task, TaskQuery, TaskStatus
+from ghostrunner import Rollout, RunState, Selector, Task, TaskQuery, TaskStatus
 from ghostrunner.errors import ValidationError
 from ghostrunner.tokens import Scope
 
@@ -21,9 +21,11 @@ from ._convert import structure
 
 __all__ = [
     "DeleteSelector",
+    "parse_abort",
     "parse_cancel",
     "parse_delete",
     "parse_output_flag",
+    "parse_retry",
     "parse_task",
     "parse_task_query",
     "parse_time",
@@ -60,13 +62,36 @@ def _seed_field(field: str) -> str:
 
 
 @attrs.frozen(kw_only=True)
+class _SelectDetails:
+    """``details.select``: the JSON types; the values are checked by :class:`Selector`."""
+
+    group: str | None = None
+    tags: tuple[str, ...] | None = None
+    tags_mode: str | None = None
+    os: str | None = None
+    name: str | None = None
+    all: bool | None = None
+
+
+@attrs.frozen(kw_only=True)
+class _RolloutDetails:
+    """``details.rollout``: the JSON types; the values are checked by :class:`Rollout`."""
+
+    max_concurrent: int | None = None
+    per_minute: int | None = None
+    abort_failed_pct: float | None = None
+    abort_min_finished: int | None = None
+
+
+@attrs.frozen(kw_only=True)
 class _TaskDetails:
     """TaskBody.details: the seed's TaskData plus GhostRunner's optional fields.
-    ``creation`` and ``status`` are accepted (seed clients send them) and ignored."""
+    ``creation`` and ``status`` are accepted (seed clients send them) and ignored.
+    ``nodeids`` may be left out when ``select`` chooses the devices."""
 
     name: str
     command: str
-    nodeids: tuple[str, ...]
+    nodeids: tuple[str, ...] | None = None
     creation: Any = None
     status: Any = None
     shell: str | None = None
@@ -76,6 +101,10 @@ class _TaskDetails:
     expires_at: str | None = None
     max_attempts: int | None = None
     delivery: str | None = None
+    select: _SelectDetails | None = None
+    continuous: bool | None = None
+    rollout: _RolloutDetails | None = None
+    success_exit_codes: tuple[int, ...] | None = None
 
 
 def parse_time(field: str, text: str | None) -> datetime | None:
@@ -104,7 +133,43 @@ class _TaskBody:
 _TASK_KEYS = {a.name for a in attrs.fields(_TaskDetails)}
 _SEED_KEYS = frozenset({"name", "command", "nodeids", "creation", "status"})
 _OPTIONAL = ("shell", "run_as_user", "timeout", "not_before", "expires_at", "max_attempts",
-             "delivery")
+             "delivery", "continuous", "success_exit_codes")
+_NESTED: dict[str, frozenset[str]] = {
+    "select": frozenset(a.name for a in attrs.fields(Selector) if a.init),
+    "rollout": frozenset(a.name for a in attrs.fields(Rollout) if a.init),
+}
+
+
+def _check_nested(details: Mapping[str, Any]) -> None:
+    """What cattrs would not name well: unknown keys inside ``select`` and ``rollout``,
+    a ``nodeids`` of null, a ``success_exit_codes`` that is not a list, NUL in a tag."""
+    for key, known in _NESTED.items():
+        value = details.get(key)
+        if isinstance(value, dict):
+            for inner in value:
+                if inner not in known:
+                    raise ValidationError(f"details.{key}.{inner}", "unknown field (known: "
+                                          + ", ".join(sorted(known)) + ")")
+    if "nodeids" in details and details["nodeids"] is None:
+        raise ValidationError("details.nodeids", "must be a list of node ids (or be left "
+                              "out, with select)")
+    codes = details.get("success_exit_codes")
+    if codes is not None and not isinstance(codes, list):
+        raise ValidationError("details.success_exit_codes", "must be a list of exit codes")
+    select = details.get("select")
+    tags = select.get("tags") if isinstance(select, dict) else None
+    if isinstance(tags, list):
+        for i, tag in enumerate(tags):
+            if isinstance(tag, str) and "\x00" in tag:
+                raise ValidationError(f"details.select.tags[{i}]",
+                                      "must not contain NUL characters")
+
+
+def _nested_fields(value: _SelectDetails | _RolloutDetails | None) -> dict[str, Any] | None:
+    """The fields given (not null) of a parsed select or rollout."""
+    if value is None:
+        return None
+    return {k: v for k, v in attrs.asdict(value, recurse=False).items() if v is not None}
 
 
 def parse_task(body: Mapping[str, Any], clock: Callable[[], datetime]) -> Task:
@@ -122,12 +187,22 @@ def parse_task(body: Mapping[str, Any], clock: Callable[[], datetime]) -> Task:
         and type(nodeids) is list
         and all(type(node) is str for node in nodeids)
     ):
+        _check_nested(details)
         parsed = structure({"details": details}, _TaskBody).details
         name, command, nodeids = parsed.name, parsed.command, parsed.nodeids
         options = {k: getattr(parsed, k) for k in _OPTIONAL if getattr(parsed, k) is not None}
         for key in ("not_before", "expires_at"):
             if key in options:
                 options[key] = parse_time(f"details.{key}", options[key])
+        select, rollout = _nested_fields(parsed.select), _nested_fields(parsed.rollout)
+        if select is not None:
+            options["select"] = select
+        if rollout is not None:
+            options["rollout"] = rollout
+        if nodeids is None:
+            if select is None:
+                raise ValidationError("details.nodeids", "is required (or details.select)")
+            nodeids = ()
     try:
         return Task(name=name, command=command, targets=nodeids, created_at=clock(), **options)
     except ValidationError as exc:
@@ -194,6 +269,44 @@ def parse_cancel(body: Mapping[str, Any]) -> tuple[str, ...] | None:
     """The optional ``nodeids`` of ``POST /tasks/{id}/cancel``."""
     parsed = structure(dict(body), _CancelBody)
     return _nodeids("nodeids", parsed.nodeids)
+
+
+@attrs.frozen
+class _RetryBody:
+    states: tuple[str, ...] | None = None
+
+
+#: what ``POST /tasks/{id}/retry`` retries when its body names no states
+DEFAULT_RETRY_STATES = (RunState.FAILED.value, RunState.TIMED_OUT.value)
+
+
+def parse_retry(body: Mapping[str, Any]) -> tuple[str, ...]:
+    """The ``states`` of ``POST /tasks/{id}/retry`` (default failed and timed_out); the
+    runner checks that each can be retried (``states[i]``)."""
+    parsed = structure(dict(body), _RetryBody)
+    return DEFAULT_RETRY_STATES if parsed.states is None else parsed.states
+
+
+MAX_REASON = 1000
+DEFAULT_ABORT_REASON = "aborted by an operator"
+
+
+@attrs.frozen
+class _AbortBody:
+    reason: str | None = None
+
+
+def parse_abort(body: Mapping[str, Any]) -> str:
+    """The ``reason`` of ``POST /tasks/{id}/abort`` (default: aborted by an operator)."""
+    reason = structure(dict(body), _AbortBody).reason
+    if reason is None:
+        return DEFAULT_ABORT_REASON
+    if not reason.strip():
+        raise ValidationError("reason", "must not be empty")
+    if len(reason) > MAX_REASON or "\x00" in reason:
+        raise ValidationError("reason", f"must be at most {MAX_REASON} characters, "
+                              "without NUL")
+    return reason
 
 
 # --------------------------------------------------------------------------- tokens

@@ -14,13 +14,14 @@ from typing import Any
 
 from starlette.responses import Response
 
-from ghostrunner import Device, Run, RunState, Task, TaskSummary
+from ghostrunner import Attempt, Device, Rollout, Run, RunState, Selector, Task, TaskSummary
 from ghostrunner.tokens import Token
 
 __all__ = [
     "OK",
     "Envelope",
     "envelope",
+    "render_attempt",
     "render_devices",
     "render_run",
     "render_task",
@@ -80,8 +81,34 @@ def envelope(
     )
 
 
-def render_task(task: Task, counts: Mapping[RunState, int], status: str) -> dict[str, Any]:
-    """A task: the seed's TaskData fields, then GhostRunner's."""
+def render_selector(select: Selector | None) -> dict[str, Any] | None:
+    """A task's selector, every field given (null: not given)."""
+    if select is None:
+        return None
+    return {
+        "group": select.group,
+        "tags": list(select.tags),
+        "tags_mode": select.tags_mode.value,
+        "os": select.os,
+        "name": select.name,
+        "all": select.all,
+    }
+
+
+def render_rollout(rollout: Rollout) -> dict[str, Any]:
+    """A task's rollout limits and abort rule (null: no limit, no rule)."""
+    return {
+        "max_concurrent": rollout.max_concurrent,
+        "per_minute": rollout.per_minute,
+        "abort_failed_pct": rollout.abort_failed_pct,
+        "abort_min_finished": rollout.abort_min_finished,
+    }
+
+
+def render_task(task: Task, counts: Mapping[RunState, int], status: str, *,
+                paused: bool = False, aborted: str | None = None) -> dict[str, Any]:
+    """A task: the seed's TaskData fields, then GhostRunner's. ``nodeids`` are its
+    explicit targets; the devices its selector chose have runs (and counts) too."""
     return {
         "id": task.id,
         "name": task.name,
@@ -96,19 +123,44 @@ def render_task(task: Task, counts: Mapping[RunState, int], status: str) -> dict
         "expires_at": timestamp(task.expires_at),
         "max_attempts": task.max_attempts,
         "delivery": task.delivery.value,
+        "select": render_selector(task.select),
+        "continuous": task.continuous,
+        "rollout": render_rollout(task.rollout),
+        "success_exit_codes": list(task.success_exit_codes),
+        "paused": paused,
+        "aborted": aborted,
         "counts": {name: counts.get(state, 0) for state, name in _STATES},
     }
 
 
 def render_summary(summary: TaskSummary) -> dict[str, Any]:
     """A task from the store, with its overall status and run counts."""
-    return render_task(summary.task, summary.counts, summary.status.value)
+    return render_task(summary.task, summary.counts, summary.status.value,
+                       paused=summary.paused, aborted=summary.aborted)
 
 
-def render_run(run: Run, *, output: bool = True) -> dict[str, Any]:
-    """One (task, device) run and everything known about it (``output=False``: but
-    its output)."""
+def render_attempt(attempt: Attempt, *, output: bool = True) -> dict[str, Any]:
+    """One attempt of a run (``output=False``: but its output)."""
     out = {
+        "number": attempt.number,
+        "state": attempt.state.value,
+        "started_at": timestamp(attempt.started_at),
+        "finished_at": timestamp(attempt.finished_at),
+        "exit_code": attempt.exit_code,
+        "output": attempt.output,
+        "output_truncated": attempt.output_truncated,
+        "error": attempt.error,
+    }
+    if not output:
+        del out["output"]
+    return out
+
+
+def render_run(run: Run, *, output: bool = True,
+               history: Sequence[Attempt] | None = None) -> dict[str, Any]:
+    """One (task, device) run and everything known about it (``output=False``: but
+    its output). ``history``: its attempts, oldest first, added as ``history``."""
+    out: dict[str, Any] = {
         "nodeid": run.node_id,
         "state": run.state.value,
         "attempts": run.attempts,
@@ -125,13 +177,22 @@ def render_run(run: Run, *, output: bool = True) -> dict[str, Any]:
     }
     if not output:
         del out["output"]
+    if history is not None:
+        out["history"] = [render_attempt(a, output=output) for a in history]
     return out
 
 
-def render_task_with_runs(summary: TaskSummary, runs: Sequence[Run], *, output: bool = True
+def render_task_with_runs(summary: TaskSummary, runs: Sequence[Run], *, output: bool = True,
+                          attempts: Mapping[str, Sequence[Attempt]] | None = None
                           ) -> dict[str, Any]:
-    """A task and every one of its runs."""
-    return {**render_summary(summary), "runs": [render_run(r, output=output) for r in runs]}
+    """A task and every one of its runs, each with its attempt history when
+    ``attempts`` (node id -> attempts) is given."""
+    if attempts is None:
+        rendered = [render_run(r, output=output) for r in runs]
+    else:
+        rendered = [render_run(r, output=output, history=attempts.get(r.node_id, ()))
+                    for r in runs]
+    return {**render_summary(summary), "runs": rendered}
 
 
 def render_token(token: Token) -> dict[str, Any]:

@@ -29,9 +29,11 @@ from ghostrunner.tokens import Scope, Token
 from ._errors import ConflictError, exception_handlers
 from ._ops import delete_matching, delete_task
 from ._parse import (
+    parse_abort,
     parse_cancel,
     parse_delete,
     parse_output_flag,
+    parse_retry,
     parse_task,
     parse_task_query,
     parse_token_create,
@@ -123,8 +125,18 @@ async def token_list(request: Request) -> Response:
 async def task_create(request: Request) -> Response:
     call = await authorize(request, Scope.WRITE, fields=("details",))
     runner = call.services.runner
-    task = await runner.submit(parse_task(call.body, runner.clock))
-    return envelope(render_task(task, {RunState.PENDING: len(task.targets)}, "pending"),
+    task = parse_task(call.body, runner.clock)
+    if task.select is None:
+        # the seed's path: every target has a pending run, nothing more to read
+        await runner.submit(task)
+        return envelope(render_task(task, {RunState.PENDING: len(task.targets)}, "pending"),
+                        headers={"Location": f"/tasks/{task.id}"})
+    try:
+        await runner.submit(task)
+    except ValidationError as exc:  # the selector matches no device
+        raise ValidationError(f"details.{exc.field}", exc.message) from None
+    # the selector chose the devices: answer with the runs the store holds
+    return envelope(render_summary(await runner.get(task.id)),
                     headers={"Location": f"/tasks/{task.id}"})
 
 
@@ -154,11 +166,14 @@ async def task_get(request: Request) -> Response:
     with_output = parse_output_flag(request.query_params)
     runner = services(request).runner
     task_id = request.path_params["task_id"]
-    task = (await runner.get(task_id)).task
+    stored = await runner.get(task_id)
     runs = await runner.runs(task_id)
+    attempts = await runner.attempts(task_id)
     # counts from the runs read, so the two always agree
-    summary = TaskSummary(task=task, counts=dict(Counter(r.state for r in runs)))
-    return envelope(render_task_with_runs(summary, runs, output=with_output))
+    summary = TaskSummary(task=stored.task, counts=dict(Counter(r.state for r in runs)),
+                          paused=stored.paused, aborted=stored.aborted, closed=stored.closed)
+    return envelope(render_task_with_runs(summary, runs, output=with_output,
+                                          attempts=attempts))
 
 
 async def task_remove(request: Request) -> Response:
@@ -174,10 +189,43 @@ async def task_cancel(request: Request) -> Response:
     task_id = request.path_params["task_id"]
     task = (await runner.get(task_id)).task
     if nodeids is not None:
+        # a selector's devices are targets too: those the task has a run for
+        targets = (set(task.targets) if task.select is None
+                   else {r.node_id for r in await runner.runs(task_id)})
         for i, node in enumerate(nodeids):
-            if node not in task.targets:
+            if node not in targets:
                 raise ValidationError(f"nodeids[{i}]", f"{node!r} is not a target of this task")
     cancelled = await runner.cancel(task_id, nodeids)
+    return envelope({"id": task_id, "cancelled": [r.node_id for r in cancelled]})
+
+
+async def task_pause(request: Request) -> Response:
+    await authorize(request, Scope.WRITE)
+    summary = await services(request).runner.pause(request.path_params["task_id"])
+    return envelope(render_summary(summary))
+
+
+async def task_resume(request: Request) -> Response:
+    await authorize(request, Scope.WRITE)
+    summary = await services(request).runner.resume(request.path_params["task_id"])
+    return envelope(render_summary(summary))
+
+
+async def task_retry(request: Request) -> Response:
+    call = await authorize(request, Scope.WRITE, fields=("states",))
+    states = parse_retry(call.body)
+    runner = services(request).runner
+    task_id = request.path_params["task_id"]
+    await runner.get(task_id)  # 404 before the states are checked, as cancel does
+    retried = await runner.retry(task_id, states)
+    return envelope({"id": task_id, "retried": [r.node_id for r in retried]})
+
+
+async def task_abort(request: Request) -> Response:
+    call = await authorize(request, Scope.WRITE, fields=("reason",))
+    reason = parse_abort(call.body)
+    task_id = request.path_params["task_id"]
+    cancelled = await services(request).runner.abort(task_id, reason)
     return envelope({"id": task_id, "cancelled": [r.node_id for r in cancelled]})
 
 
@@ -201,6 +249,10 @@ ROUTES = [
     Route("/tasks/{task_id}", task_get, methods=["GET"], name="task_get"),
     Route("/tasks/{task_id}", task_remove, methods=["DELETE"], name="task_remove"),
     Route("/tasks/{task_id}/cancel", task_cancel, methods=["POST"], name="task_cancel"),
+    Route("/tasks/{task_id}/pause", task_pause, methods=["POST"], name="task_pause"),
+    Route("/tasks/{task_id}/resume", task_resume, methods=["POST"], name="task_resume"),
+    Route("/tasks/{task_id}/retry", task_retry, methods=["POST"], name="task_retry"),
+    Route("/tasks/{task_id}/abort", task_abort, methods=["POST"], name="task_abort"),
     Route("/devices", devices, methods=["GET"], name="devices"),
 ]
 

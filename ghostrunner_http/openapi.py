@@ -90,6 +90,20 @@ _NODEIDS: Schema = {
     "items": _text(MAX_NODE_ID),
     "description": "MeshCentral node ids (node//...), one run each.",
 }
+#: the states POST /tasks/{id}/retry accepts (a run that succeeded is done)
+RETRYABLE = [s.value for s in RunState
+             if s.terminal and s is not RunState.SUCCEEDED]
+_COUNT: Schema = {"type": "integer", "minimum": 1, "maximum": 1_000_000}
+_EXIT_CODE: Schema = {"type": "integer", "minimum": -(2**31), "maximum": 2**32 - 1}
+_SELECT_DOC = (
+    "Which devices get a run besides nodeids: every device the executor knows (online "
+    "or not) whose fields match ALL of those given. group: a device group by id "
+    "(mesh//...) or name; tags: device tags (tags_mode all: every one, any: at least "
+    "one); os: a substring of the OS description; name: a glob (*, ?, [...]) on the "
+    "device name; all: true for every device. Names and tags match case-insensitively. "
+    "Give at least one. Unless continuous, it must match a device now (422 "
+    "details.select otherwise)."
+)
 _AUTHTOKEN: Schema = {
     "type": "string",
     "description": "The API token, as the seed's bodies carry it. Alternatively send "
@@ -97,11 +111,61 @@ _AUTHTOKEN: Schema = {
 }
 
 SCHEMAS: dict[str, Schema] = {
-    "TaskDetails": _obj(
+    "Selector": {
+        **_obj(
+            {
+                "group": _nullable(_text(MAX_NAME, "A device group: its id (mesh//...) or "
+                                                   "its name.")),
+                "tags": _nullable({"type": "array", "maxItems": 100,
+                                   "items": _text(MAX_NAME),
+                                   "description": "Device tags, case-insensitive."}),
+                "tags_mode": _nullable({"type": "string", "enum": ["all", "any"],
+                                        "default": "all",
+                                        "description": "all: the device has every tag; "
+                                                       "any: at least one."}),
+                "os": _nullable(_text(MAX_NAME, "A case-insensitive substring of the "
+                                                "device's OS description.")),
+                "name": _nullable(_text(MAX_NAME, "A glob on the device name (*, ?, "
+                                                  "[...]), case-insensitive.")),
+                "all": _nullable({"type": "boolean", "description": "true: every device."}),
+            },
+            description=_SELECT_DOC,
+        ),
+        # a selector must say something: at least one of these
+        "anyOf": [
+            {"required": ["group"], "properties": {"group": {"type": "string"}}},
+            {"required": ["tags"], "properties": {"tags": {"type": "array",
+                                                           "minItems": 1}}},
+            {"required": ["os"], "properties": {"os": {"type": "string"}}},
+            {"required": ["name"], "properties": {"name": {"type": "string"}}},
+            {"required": ["all"], "properties": {"all": {"const": True}}},
+        ],
+    },
+    "Rollout": _obj(
+        {
+            "max_concurrent": _nullable({**_COUNT, "description": "The most runs of the "
+                                         "task in flight at once."}),
+            "per_minute": _nullable({**_COUNT, "description": "The most runs of the task "
+                                     "started in any 60 seconds."}),
+            "abort_failed_pct": _nullable({
+                "type": "number", "minimum": 0, "exclusiveMaximum": 100,
+                "description": "Abort the task when more than this percentage of its "
+                               "finished runs (succeeded, failed, timed_out; lost not "
+                               "counted) failed or timed out."}),
+            "abort_min_finished": _nullable({**_COUNT, "default": 1,
+                                             "description": "...once at least this many "
+                                             "runs finished."}),
+        },
+        description="How fast the task spreads over its devices, and when it gives up. "
+                    "null or absent: no limit, no abort rule.",
+    ),
+    "TaskDetails": {**_obj(
         {
             "name": _text(MAX_NAME, "A label for operators (not unique)."),
             "command": _text(MAX_COMMAND, "The shell command, run as is on each device."),
-            "nodeids": _NODEIDS,
+            "nodeids": {**_NODEIDS, "minItems": 0,
+                        "description": "MeshCentral node ids (node//...), one run each. "
+                                       "Required, and not empty, unless select is given."},
             "creation": {"description": "Accepted for the seed's clients and ignored: the "
                                         "server sets the creation time."},
             "status": {"description": "Accepted for the seed's clients and ignored: the "
@@ -118,12 +182,45 @@ SCHEMAS: dict[str, Schema] = {
                                                     "then end expired; after not_before."}),
             "max_attempts": _nullable({"type": "integer", "minimum": 1, "maximum": 100}),
             "delivery": _nullable({"type": "string", "enum": [d.value for d in Delivery]}),
+            "select": _nullable(_ref("Selector")),
+            "continuous": _nullable({
+                "type": "boolean",
+                "description": "true (needs select): also give a run to every device that "
+                               "starts to match select later, until expires_at or until "
+                               "the task is cancelled or aborted. A device never gets two "
+                               "runs of one task."}),
+            "rollout": _nullable(_ref("Rollout")),
+            "success_exit_codes": _nullable({
+                "type": "array", "minItems": 1, "maxItems": 256, "items": _EXIT_CODE,
+                "description": "The exit codes that mean success (default [0])."}),
         },
-        ["name", "command", "nodeids"],
+        ["name", "command"],
         description="The seed's TaskData, plus GhostRunner's optional fields (null or "
-                    "absent: the default).",
-    ),
+                    "absent: the default). nodeids is required unless select is given; "
+                    "it may then be empty or left out. continuous needs select.",
+    ), "anyOf": [
+        {"required": ["nodeids"], "properties": {"nodeids": {"minItems": 1}}},
+        {"required": ["select"], "properties": {"select": {"type": "object"}}},
+    ]},
     "TaskBody": _obj({"authtoken": _AUTHTOKEN, "details": _ref("TaskDetails")}, ["details"]),
+    "RetryBody": _obj({
+        "authtoken": _AUTHTOKEN,
+        "states": _nullable({"type": "array", "minItems": 1,
+                             "items": {"type": "string", "enum": RETRYABLE},
+                             "description": "Retry the runs that ended in these states "
+                                            "(default failed and timed_out)."}),
+    }),
+    "RetryResult": _obj({"id": {"type": "string"},
+                         "retried": {"type": "array", "items": {"type": "string"},
+                                     "description": "Devices whose run is pending again, "
+                                                    "as a new attempt."}},
+                        ["id", "retried"]),
+    "AbortBody": _obj({
+        "authtoken": _AUTHTOKEN,
+        "reason": _nullable({**_text(1000), "description": "Recorded as the task's "
+                                                           "aborted reason (default: "
+                                                           "aborted by an operator)."}),
+    }),
     "Counts": _obj({s.value: {"type": "integer", "minimum": 0} for s in RunState},
                    [s.value for s in RunState],
                    description="How many of the task's runs are in each state."),
@@ -142,12 +239,63 @@ SCHEMAS: dict[str, Schema] = {
             "expires_at": _nullable(_DATETIME),
             "max_attempts": {"type": "integer"},
             "delivery": {"type": "string", "enum": [d.value for d in Delivery]},
+            "select": _nullable(_ref("SelectorOut")),
+            "continuous": {"type": "boolean"},
+            "rollout": _ref("RolloutOut"),
+            "success_exit_codes": {"type": "array", "items": {"type": "integer"}},
+            "paused": {"type": "boolean", "description": "Paused by an operator: none of "
+                                                        "its runs starts until resumed."},
+            "aborted": _nullable({"type": "string",
+                                  "description": "Why it was aborted (by its rollout's "
+                                                 "abort rule or an operator); null if "
+                                                 "not."}),
             "counts": _ref("Counts"),
         },
         ["id", "name", "command", "nodeids", "creation", "status", "shell", "run_as_user",
-         "timeout", "not_before", "expires_at", "max_attempts", "delivery", "counts"],
+         "timeout", "not_before", "expires_at", "max_attempts", "delivery", "select",
+         "continuous", "rollout", "success_exit_codes", "paused", "aborted", "counts"],
         description="The seed's TaskData (name, command, nodeids, creation, status) and "
-                    "GhostRunner's fields.",
+                    "GhostRunner's fields. nodeids are the explicit targets; the devices "
+                    "select chose have runs (and counts) too.",
+    ),
+    "SelectorOut": _obj(
+        {
+            "group": _nullable({"type": "string"}),
+            "tags": {"type": "array", "items": {"type": "string"}},
+            "tags_mode": {"type": "string", "enum": ["all", "any"]},
+            "os": _nullable({"type": "string"}),
+            "name": _nullable({"type": "string"}),
+            "all": {"type": "boolean"},
+        },
+        ["group", "tags", "tags_mode", "os", "name", "all"],
+        description="A task's selector, every field (null or empty: not given).",
+    ),
+    "RolloutOut": _obj(
+        {
+            "max_concurrent": _nullable({"type": "integer", "minimum": 1}),
+            "per_minute": _nullable({"type": "integer", "minimum": 1}),
+            "abort_failed_pct": _nullable({"type": "number"}),
+            "abort_min_finished": {"type": "integer", "minimum": 1},
+        },
+        ["max_concurrent", "per_minute", "abort_failed_pct", "abort_min_finished"],
+        description="A task's rollout (null: no limit, no abort rule).",
+    ),
+    "Attempt": _obj(
+        {
+            "number": {"type": "integer", "minimum": 1},
+            "state": {"type": "string", "enum": [s.value for s in RunState]},
+            "started_at": _nullable(_DATETIME),
+            "finished_at": _nullable(_DATETIME),
+            "exit_code": _nullable({"type": "integer"}),
+            "output": {"type": "string"},
+            "output_truncated": {"type": "boolean"},
+            "error": _nullable({"type": "string"}),
+        },
+        ["number", "state", "started_at", "finished_at", "exit_code", "output_truncated",
+         "error"],
+        description="One time a run's command was handed to its device, and what came of "
+                    "it (lost: its outcome is unknown). output is left out with "
+                    "?output=false.",
     ),
     "Run": _obj(
         {
@@ -164,10 +312,13 @@ SCHEMAS: dict[str, Schema] = {
             "output": {"type": "string"},
             "output_truncated": {"type": "boolean"},
             "error": _nullable({"type": "string"}),
+            "history": {"type": "array", "items": _ref("Attempt"),
+                        "description": "Every attempt of the run, oldest first (a retry "
+                                       "adds one; the run's own fields are its latest)."},
         },
         ["nodeid", "state", "attempts", "undelivered", "queued_at", "available_at",
          "expires_at", "started_at", "finished_at", "exit_code", "output_truncated",
-         "error"],
+         "error", "history"],
         description="One (task, device) run. output is left out with ?output=false.",
     ),
     "TaskPage": _obj(
@@ -419,8 +570,12 @@ def _paths() -> dict[str, Any]:
             {**_ok(_ref("Task"), "The new task; data.id is its id."),
              "headers": {"Location": {"schema": {"type": "string"},
                                       "description": "/tasks/{id} of the new task."}}},
-            description="One run per node id; each starts when its device is online. "
-                        "creation and status from the client are ignored.",
+            description="One run per node id, and per device select matches (explicit "
+                        "node ids first, then the matched devices by name); each starts "
+                        "when its device is online, within the rollout's limits. creation "
+                        "and status from the client are ignored. A select that matches no "
+                        "device (and is not continuous) is a 422 naming details.select; "
+                        "continuous without select is a 422 naming details.continuous.",
             body="TaskBody")},
         "/task/delete": {"delete": _op(
             "Delete tasks by name or id", Scope.WRITE,
@@ -482,6 +637,36 @@ def _paths() -> dict[str, Any]:
                         "the task: 422 otherwise). Runs in flight finish normally; "
                         "finished runs are unchanged. The task stays.",
             body="CancelBody", body_required=False, errors=(404,), params=[_TASK_ID])},
+        "/tasks/{task_id}/pause": {"post": _op(
+            "Pause a task", Scope.WRITE,
+            _ok(_ref("Task"), "The task, paused."),
+            description="None of its runs starts until it is resumed; runs in flight "
+                        "finish. A continuous task still adds runs for new devices (they "
+                        "wait). Pausing a paused task changes nothing. " + _AUTH_ONLY,
+            body="AuthBody", body_required=False, errors=(404,), params=[_TASK_ID])},
+        "/tasks/{task_id}/resume": {"post": _op(
+            "Resume a paused task", Scope.WRITE,
+            _ok(_ref("Task"), "The task, resumed."),
+            description="Its runs start again as their devices are online (within its "
+                        "rollout limits). Resuming a task not paused changes nothing. "
+                        + _AUTH_ONLY,
+            body="AuthBody", body_required=False, errors=(404,), params=[_TASK_ID])},
+        "/tasks/{task_id}/retry": {"post": _op(
+            "Retry a task's runs that did not succeed", Scope.WRITE,
+            _ok(_ref("RetryResult"), "The devices whose run is pending again."),
+            description="Every run of the task that ended in one of states (default "
+                        "failed and timed_out) goes back to pending, as a new attempt; its "
+                        "earlier attempts stay in its history. Retrying cancelled runs "
+                        "reopens an aborted task. A state that cannot be retried is a 422 "
+                        "naming states[i].",
+            body="RetryBody", body_required=False, errors=(404,), params=[_TASK_ID])},
+        "/tasks/{task_id}/abort": {"post": _op(
+            "Abort a task", Scope.WRITE,
+            _ok(_ref("CancelResult"), "The devices whose pending run was cancelled."),
+            description="As its rollout's abort rule would: every run not yet started is "
+                        "cancelled, no device is added any more, and the task shows "
+                        "aborted with the reason. Runs in flight finish.",
+            body="AbortBody", body_required=False, errors=(404,), params=[_TASK_ID])},
         "/devices": {"get": _op(
             "Devices, online and offline", Scope.READ,
             _ok(_ref("PyOnlineDevices"), "The executor's current view."),

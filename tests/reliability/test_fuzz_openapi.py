@@ -49,7 +49,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from ghostrunner import Device
+from ghostrunner import Device, Selector
+from ghostrunner.errors import ValidationError
 from ghostrunner.testing import FakeExecutor, InMemoryStore
 from ghostrunner.tokens import Scope
 from ghostrunner_http import Settings, create_app
@@ -250,11 +251,29 @@ def _breaks_a_rule_in_prose(path: str, body: Any) -> bool:
     if not isinstance(body.get("details"), dict):
         return False
     details = body["details"]
+    if _selects_nothing(details):
+        return True
     not_before, expires_at = _time(details.get("not_before")), _time(details.get("expires_at"))
     out_of_range = datetime.min.replace(tzinfo=UTC)
     if out_of_range in (not_before, expires_at):
         return True
     return not_before is not None and expires_at is not None and expires_at <= not_before
+
+
+def _selects_nothing(details: dict[str, Any]) -> bool:
+    """``continuous`` without ``select``, or a snapshot ``select`` that matches none of
+    the fuzz app's devices and no ``nodeids``: 422 (devices are known at run time)."""
+    select = details.get("select")
+    if not isinstance(select, dict):
+        return details.get("continuous") is True
+    if details.get("continuous") is True or details.get("nodeids"):
+        return False
+    try:
+        selector = Selector(**{k: v for k, v in select.items() if v is not None})
+    except (ValidationError, TypeError):
+        return False  # the schema refuses it already
+    return not any(selector.matches(Device(node_id=n, name=n))
+                   for n in ("node-001", "node-002", "node-003"))
 
 
 def test_fuzz_totals(fuzz: tuple[Any, dict[str, Target]], figures: Any) -> None:

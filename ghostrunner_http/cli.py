@@ -223,22 +223,67 @@ def _client(args: argparse.Namespace) -> ApiClient:
     )
 
 
+def _selector(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``details.select`` from the selector flags of ``tasks add`` (None: none given)."""
+    select: dict[str, Any] = {}
+    for flag, key in (("group", "group"), ("tag", "tags"), ("os", "os"),
+                      ("device_name", "name")):
+        value = getattr(args, flag)
+        if value is not None:
+            select[key] = value
+    if args.tags_mode is not None:
+        select["tags_mode"] = args.tags_mode
+    if args.all_devices:
+        select["all"] = True
+    return select or None
+
+
+def _rollout(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``details.rollout`` from the rollout flags of ``tasks add`` (None: none given)."""
+    rollout = {key: getattr(args, key) for key in ("max_concurrent", "per_minute",
+                                                   "abort_failed_pct", "abort_min_finished")
+               if getattr(args, key) is not None}
+    return rollout or None
+
+
+def _check_tasks_add(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not args.node and _selector(args) is None:
+        parser.error("tasks add: give the devices: --node, or a selector (--group, --tag, "
+                     "--os, --device-name, --all)")
+    if args.continuous and _selector(args) is None:
+        parser.error("tasks add: --continuous needs a selector (--group, --tag, --os, "
+                     "--device-name or --all)")
+    if args.tags_mode is not None and not args.tag:
+        parser.error("tasks add: --tags-mode needs --tag")
+
+
 def cmd_tasks_add(args: argparse.Namespace, out: TextIO) -> int:
     details: dict[str, Any] = {
         "name": args.name or args.command[:60].strip() or "task",
         "command": args.command,
-        "nodeids": args.node,
     }
+    if args.node:
+        details["nodeids"] = args.node
     for key in ("shell", "timeout", "not_before", "expires_at", "max_attempts", "delivery"):
         value = getattr(args, key)
         if value is not None:
             details[key] = value
     if args.run_as_user:
         details["run_as_user"] = True
+    select, rollout = _selector(args), _rollout(args)
+    if select is not None:
+        details["select"] = select
+    if args.continuous:
+        details["continuous"] = True
+    if rollout is not None:
+        details["rollout"] = rollout
+    if args.success_exit_code:
+        details["success_exit_codes"] = args.success_exit_code
     client = _client(args)
     task = client.call("POST", "/task/create", body={"details": details})
     if args.wait:
-        print(f"queued task {task['id']} for {len(task['nodeids'])} device(s)",
+        print(f"queued task {task['id']} for {sum(task['counts'].values())} device(s)"
+              + (" (and the devices that match later)" if task.get("continuous") else ""),
               file=sys.stderr)
         return _wait(client, task["id"], args, out)
     if args.json:
@@ -283,8 +328,117 @@ def cmd_tasks_show(args: argparse.Namespace, out: TextIO) -> int:
                 "delivery", "max_attempts", "not_before", "expires_at"):
         if task[key] is not None:
             print(f"{key + ':':14}{task[key]}", file=out)
+    print(f"{'paused:':14}{'yes' if task['paused'] else 'no'}", file=out)
+    if task["aborted"] is not None:
+        print(f"{'aborted:':14}{task['aborted']}", file=out)
+    if task["select"] is not None:
+        print(f"{'select:':14}{_describe_select(task['select'])}"
+              + (" (continuous)" if task["continuous"] else ""), file=out)
+    limits = _describe_rollout(task["rollout"])
+    if limits:
+        print(f"{'rollout:':14}{limits}", file=out)
+    if task["success_exit_codes"] != [0]:
+        print(f"{'success on:':14}exit "
+              + ", ".join(str(c) for c in task["success_exit_codes"]), file=out)
     print(file=out)
     _print_runs(task["runs"], out, output=not args.no_output)
+    if args.attempts:
+        _print_history(task["runs"], out, output=not args.no_output)
+    return EXIT_OK
+
+
+def _describe_select(select: Mapping[str, Any]) -> str:
+    parts = ["all devices"] if select["all"] else []
+    if select["group"]:
+        parts.append(f"group={select['group']}")
+    if select["tags"]:
+        parts.append(f"tags({select['tags_mode']})={','.join(select['tags'])}")
+    if select["os"]:
+        parts.append(f"os~{select['os']}")
+    if select["name"]:
+        parts.append(f"name={select['name']}")
+    return " AND ".join(parts)
+
+
+def _describe_rollout(rollout: Mapping[str, Any]) -> str:
+    parts = []
+    if rollout["max_concurrent"] is not None:
+        parts.append(f"at most {rollout['max_concurrent']} at once")
+    if rollout["per_minute"] is not None:
+        parts.append(f"at most {rollout['per_minute']} starts a minute")
+    if rollout["abort_failed_pct"] is not None:
+        parts.append(f"abort past {rollout['abort_failed_pct']:g}% failed (after "
+                     f"{rollout['abort_min_finished']} finished)")
+    return "; ".join(parts)
+
+
+def _print_history(runs: Sequence[Mapping[str, Any]], out: TextIO, *, output: bool) -> None:
+    for run in runs:
+        print(f"\n--- attempts of {run['nodeid']} ---", file=out)
+        rows = [["#", "STATE", "EXIT", "STARTED", "FINISHED", "ERROR"]]
+        for attempt in run["history"]:
+            rows.append([
+                str(attempt["number"]), attempt["state"],
+                "" if attempt["exit_code"] is None else str(attempt["exit_code"]),
+                attempt["started_at"] or "", attempt["finished_at"] or "",
+                attempt["error"] or "",
+            ])
+        if len(rows) == 1:
+            print("(not sent yet)", file=out)
+            continue
+        _table(rows, out)
+        if output:
+            for attempt in run["history"]:
+                if attempt["output"]:
+                    cut = " (truncated)" if attempt["output_truncated"] else ""
+                    print(f"-- output of attempt {attempt['number']}{cut} --", file=out)
+                    print(attempt["output"].rstrip("\n"), file=out)
+
+
+def _print_summary(task: Mapping[str, Any], out: TextIO) -> None:
+    total = sum(task["counts"].values())
+    print(f"task {task['id']} is {task['status']} ({_done(task['counts'])}/{total} done"
+          + (", paused" if task["paused"] else "") + ")", file=out)
+
+
+def cmd_tasks_pause(args: argparse.Namespace, out: TextIO) -> int:
+    task = _client(args).call("POST", f"/tasks/{args.id}/pause")
+    if args.json:
+        _json(task, out)
+    else:
+        _print_summary(task, out)
+    return EXIT_OK
+
+
+def cmd_tasks_resume(args: argparse.Namespace, out: TextIO) -> int:
+    task = _client(args).call("POST", f"/tasks/{args.id}/resume")
+    if args.json:
+        _json(task, out)
+    else:
+        _print_summary(task, out)
+    return EXIT_OK
+
+
+def cmd_tasks_retry(args: argparse.Namespace, out: TextIO) -> int:
+    body = {"states": args.state} if args.state else {}
+    result = _client(args).call("POST", f"/tasks/{args.id}/retry", body=body)
+    if args.json:
+        _json(result, out)
+    else:
+        print(f"retried {len(result['retried'])} run(s)"
+              + (": " + ", ".join(result["retried"]) if result["retried"] else ""), file=out)
+    return EXIT_OK
+
+
+def cmd_tasks_abort(args: argparse.Namespace, out: TextIO) -> int:
+    body = {"reason": args.reason} if args.reason is not None else {}
+    result = _client(args).call("POST", f"/tasks/{args.id}/abort", body=body)
+    if args.json:
+        _json(result, out)
+    else:
+        print(f"aborted task {result['id']}; cancelled {len(result['cancelled'])} pending "
+              f"run(s)" + (": " + ", ".join(result["cancelled"]) if result["cancelled"]
+                           else "") + "; runs in flight finish", file=out)
     return EXIT_OK
 
 
@@ -472,13 +626,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     s.set_defaults(handler=None)
 
-    tasks = sub.add_parser("tasks", help="queue, list, show, cancel and wait for tasks")
+    tasks = sub.add_parser("tasks", help="queue, list, show, pause, retry, abort, cancel "
+                                         "and wait for tasks")
     tsub = tasks.add_subparsers(dest="action", required=True, metavar="ACTION")
 
-    p = tsub.add_parser("add", parents=[client], help="queue a command for devices")
+    p = tsub.add_parser(
+        "add", parents=[client], help="queue a command for devices",
+        description="Queue a command for devices: those named with --node, and those a "
+                    "selector matches (--group, --tag, --os, --device-name, --all: a "
+                    "device must match every one given), online or not; each runs it when "
+                    "it comes online.",
+        epilog="example: upgrade every Raspberry Pi in group pis, also those enrolled "
+               "later,\nten at a time, stopping if more than 20% of 5 or more fail:\n"
+               "  ghostrunner tasks add 'apt-get -y upgrade' --group pis --tag arm "
+               "--continuous \\\n"
+               "      --max-concurrent 10 --abort-failed-pct 20 --abort-min-finished 5\n"
+               "see docs/fleet-rollouts.md",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", help="the shell command (quote it)")
-    p.add_argument("--node", "-n", action="append", required=True,
-                   help="a target node id (repeat for more devices)")
+    p.add_argument("--node", "-n", action="append",
+                   help="a target node id (repeat for more devices); optional with a "
+                        "selector")
     p.add_argument("--name", help="a label (default: the command's start)")
     p.add_argument("--shell", choices=[s.value for s in Shell])
     p.add_argument("--timeout", type=_positive, help="seconds the command may run")
@@ -488,9 +656,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delivery", choices=[d.value for d in Delivery])
     p.add_argument("--run-as-user", action="store_true",
                    help="run in the logged-in user's session")
+    sel = p.add_argument_group("select devices (a device must match every one given)")
+    sel.add_argument("--group", help="a device group, by name or id (mesh//...)")
+    sel.add_argument("--tag", action="append",
+                     help="a device tag, case-insensitive (repeat: the device needs every "
+                          "one, or any one with --tags-mode any)")
+    sel.add_argument("--tags-mode", choices=["all", "any"],
+                     help="all (default): every --tag; any: at least one")
+    sel.add_argument("--os", help="a case-insensitive substring of the device's OS")
+    sel.add_argument("--device-name", metavar="GLOB",
+                     help="a glob on the device name, e.g. 'rpi-*' (--name is the task's "
+                          "label)")
+    sel.add_argument("--all", dest="all_devices", action="store_true",
+                     help="every device the server manages")
+    sel.add_argument("--continuous", action="store_true",
+                     help="also run on devices that match later (enrolled or retagged), "
+                          "until --expires-at or until the task is cancelled")
+    roll = p.add_argument_group("rollout")
+    roll.add_argument("--max-concurrent", type=int, metavar="N",
+                      help="at most N runs of this task in flight at once")
+    roll.add_argument("--per-minute", type=int, metavar="N",
+                      help="at most N runs started in any 60 seconds")
+    roll.add_argument("--abort-failed-pct", type=float, metavar="PCT",
+                      help="abort (cancel every run not started) when more than PCT%% of "
+                           "the finished runs failed or timed out...")
+    roll.add_argument("--abort-min-finished", type=int, metavar="N",
+                      help="...once at least N runs finished (default 1)")
+    roll.add_argument("--success-exit-code", type=int, action="append", metavar="CODE",
+                      help="an exit code that means success (repeat; default 0 only)")
     p.add_argument("--wait", action="store_true", help="then wait for it, showing progress")
     _wait_options(p)
-    p.set_defaults(handler=cmd_tasks_add)
+    p.set_defaults(handler=cmd_tasks_add, check=_check_tasks_add)
 
     p = tsub.add_parser("list", parents=[client], help="list tasks, newest first")
     p.add_argument("--state", choices=[s.value for s in RunState],
@@ -506,7 +702,42 @@ def build_parser() -> argparse.ArgumentParser:
     p = tsub.add_parser("show", parents=[client], help="a task and all its runs")
     p.add_argument("id")
     p.add_argument("--no-output", action="store_true", help="leave out the commands' output")
+    p.add_argument("--attempts", action="store_true",
+                   help="also print every run's attempt history (retries, lost attempts)")
     p.set_defaults(handler=cmd_tasks_show)
+
+    p = tsub.add_parser("pause", parents=[client],
+                        help="hold a task: none of its runs starts until resumed",
+                        description="Pause a task: none of its runs starts until 'tasks "
+                                    "resume'; runs in flight finish.")
+    p.add_argument("id")
+    p.set_defaults(handler=cmd_tasks_pause)
+
+    p = tsub.add_parser("resume", parents=[client], help="let a paused task go on")
+    p.add_argument("id")
+    p.set_defaults(handler=cmd_tasks_resume)
+
+    retryable = [s.value for s in RunState if s.terminal and s is not RunState.SUCCEEDED]
+    p = tsub.add_parser("retry", parents=[client],
+                        help="send a task's failed runs again (a new attempt each)",
+                        description="Put the task's runs that ended in the given states "
+                                    "back to pending, each as a new attempt (see 'tasks "
+                                    "show --attempts'). Retrying cancelled runs reopens an "
+                                    "aborted task.")
+    p.add_argument("id")
+    p.add_argument("--state", action="append", choices=retryable,
+                   help="retry runs in this state (repeat; default failed and timed_out)")
+    p.set_defaults(handler=cmd_tasks_retry)
+
+    p = tsub.add_parser("abort", parents=[client],
+                        help="stop a task: cancel every run not started, add no device",
+                        description="Abort a task as its rollout's abort rule would: every "
+                                    "run not yet started is cancelled, no device is added "
+                                    "any more, and the task shows aborted. Runs in flight "
+                                    "finish.")
+    p.add_argument("id")
+    p.add_argument("--reason", help="recorded as why (default: aborted by an operator)")
+    p.set_defaults(handler=cmd_tasks_abort)
 
     p = tsub.add_parser("cancel", parents=[client], help="cancel a task's pending runs")
     p.add_argument("id")
@@ -562,7 +793,12 @@ def _wait_options(p: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """Run the ``ghostrunner`` command; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check: Callable[[argparse.ArgumentParser, argparse.Namespace], None] | None = getattr(
+        args, "check", None)
+    if check is not None:
+        check(parser, args)  # usage errors argparse cannot see: exit 2
     if args.command == "serve":
         return cmd_serve(args)
     handler: Handler = args.handler

@@ -22,7 +22,8 @@ __all__ = ["delete_matching", "delete_task"]
 async def _delete_one(
     runner: GhostRunner, task: Task, nodeids: Collection[str] | None
 ) -> dict[str, Any]:
-    targets = set(task.targets)
+    # its devices: the runs it has (targets, and what its selector matched)
+    targets = {r.node_id for r in await runner.runs(task.id)}
     if nodeids is None or targets <= set(nodeids):
         # every device of the task: the task itself goes (unless a run is in flight)
         cancelled = await runner.cancel(task.id)
@@ -81,7 +82,10 @@ async def delete_matching(runner: GhostRunner, selector: DeleteSelector) -> dict
             raise NotFound(f"no task named {selector.name!r}")
     if selector.nodeids is not None:
         wanted = set(selector.nodeids)
-        tasks = [t for t in tasks if wanted.intersection(t.targets)]
+        tasks = [
+            t for t in tasks
+            if wanted.intersection(r.node_id for r in await runner.runs(t.id))
+        ]
         if not tasks:
             raise NotFound("no such task targets any of these nodeids")
     outcomes = []

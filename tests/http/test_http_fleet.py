@@ -423,3 +423,17 @@ def test_the_new_routes_are_in_the_document(fleet: Api) -> None:
     assert {"select", "continuous", "rollout", "success_exit_codes"} <= set(
         details["properties"])
     assert details["required"] == ["name", "command"]
+
+
+def test_delete_by_name_and_nodeids_reaches_the_devices_a_selector_chose(fleet: Api) -> None:
+    """``DELETE /task/delete`` by name for some devices acts on the runs the selector
+    gave the task, not only on its explicit targets (it has none here)."""
+    fleet.executor.set_online("node//pi-1", False)
+    task = create(fleet, name="sel", select={"tags": ["arm"]})
+    r = fleet.delete("/task/delete", json={"details": {"name": "sel", "nodeids": PIS[:1]}})
+    assert r.status_code == 200, r.text
+    [outcome] = r.json()["data"]["tasks"]
+    assert (outcome["id"], outcome["deleted"], outcome["cancelled"]) == (
+        task["id"], False, PIS[:1])
+    r = fleet.delete("/task/delete", json={"details": {"name": "sel", "nodeids": PIS}})
+    assert r.json()["data"]["deleted"] == 1

@@ -164,6 +164,7 @@ class InMemoryStore:
             if run.state in wanted:
                 out.append(self._move(
                     run.key, RunState.PENDING, available_at=now, started_at=None,
+                    expires_at=None,
                     finished_at=None, exit_code=None, output="", output_truncated=False,
                     error=None,
                 ))

@@ -93,8 +93,9 @@ class Store(Protocol):
         """Put the task's runs that are in ``states`` (each one of
         :data:`~ghostrunner._types.RETRYABLE_STATES`, else ``IllegalTransition``) back
         to pending, available at ``now``, for a new attempt: ``attempts`` stays, the
-        result fields are cleared (the attempt history keeps them). The task is no
-        longer aborted or closed. Returns the runs, in target order. Raises
+        result fields are cleared (the attempt history keeps them), and so is the run's
+        ``expires_at`` (a retried run waits for its device however long it takes, or
+        until cancelled). The task is no longer aborted or closed. Returns the runs, in target order. Raises
         ``NotFound``."""
 
     async def attempts(self, task_id: str) -> Mapping[str, Sequence[Attempt]]:

@@ -404,6 +404,7 @@ class SQLiteStore:
             db.execute("UPDATE tasks SET aborted = NULL, closed = 0 WHERE seq = :seq", params)
             rows = db.execute(
                 "UPDATE runs SET state = 'pending', available_at = :now, started_at = NULL, "
+                "expires_at = NULL, "
                 "finished_at = NULL, exit_code = NULL, output = '', output_truncated = 0, "
                 "error = NULL WHERE task_seq = :seq "
                 "AND state IN (SELECT value FROM json_each(:states)) "

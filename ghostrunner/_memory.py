@@ -11,7 +11,6 @@ from typing import Any
 import attrs
 
 from ._types import (
-    RETRYABLE_STATES,
     TERMINAL_STATES,
     TRANSITIONS,
     Attempt,
@@ -23,6 +22,7 @@ from ._types import (
     Task,
     TaskQuery,
     TaskSummary,
+    retryable,
 )
 from .errors import Conflict, IllegalTransition, NotFound
 from .tokens import Token
@@ -152,10 +152,7 @@ class InMemoryStore:
     async def retry(
         self, task_id: str, states: Collection[RunState], now: datetime
     ) -> Sequence[Run]:
-        wanted = {RunState(s) for s in states}
-        if not wanted <= RETRYABLE_STATES:
-            bad = sorted(s.value for s in wanted - RETRYABLE_STATES)
-            raise IllegalTransition(f"runs that {', '.join(bad)} cannot be retried")
+        wanted = retryable(states)
         runs = await self.get_runs(task_id)
         self.aborted.pop(task_id, None)
         self.closed_tasks.discard(task_id)

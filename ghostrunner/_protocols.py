@@ -95,8 +95,8 @@ class Store(Protocol):
         to pending, available at ``now``, for a new attempt: ``attempts`` stays, the
         result fields are cleared (the attempt history keeps them), and so is the run's
         ``expires_at`` (a retried run waits for its device however long it takes, or
-        until cancelled). The task is no longer aborted or closed. Returns the runs, in target order. Raises
-        ``NotFound``."""
+        until cancelled). The task is no longer aborted or closed. Returns the runs, in
+        target order. Raises ``NotFound``."""
 
     async def attempts(self, task_id: str) -> Mapping[str, Sequence[Attempt]]:
         """The attempt history of each of the task's runs (node id -> attempts, oldest

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, TypeVar
 import attrs
 
 from ._output import DEFAULT_OUTPUT_LIMIT
-from .errors import ValidationError
+from .errors import IllegalTransition, ValidationError
 
 __all__ = [
     "ACTIVE_STATES",
@@ -129,6 +129,15 @@ TERMINAL_STATES: frozenset[RunState] = frozenset(
 ACTIVE_STATES: frozenset[RunState] = frozenset({RunState.PENDING, RunState.DISPATCHED})
 #: The end states an operator may retry (a run that succeeded is done).
 RETRYABLE_STATES: frozenset[RunState] = TERMINAL_STATES - {RunState.SUCCEEDED}
+
+
+def retryable(states: Iterable[RunState | str]) -> frozenset[RunState]:
+    """``states`` as RunStates, if every one may be retried; else IllegalTransition."""
+    wanted = frozenset(RunState(s) for s in states)
+    if not wanted <= RETRYABLE_STATES:
+        bad = sorted(s.value for s in wanted - RETRYABLE_STATES)
+        raise IllegalTransition(f"runs that {', '.join(bad)} cannot be retried")
+    return wanted
 
 #: Every legal change of a run's state; a store refuses anything else with
 #: IllegalTransition. The store contract tests (``tests/contract``) hold every store to it.

@@ -23,7 +23,6 @@ from typing import Any, Final, Literal, TypeVar, cast
 import sqlite_utils
 
 from .._types import (
-    RETRYABLE_STATES,
     TERMINAL_STATES,
     TRANSITIONS,
     Attempt,
@@ -35,6 +34,7 @@ from .._types import (
     Task,
     TaskQuery,
     TaskSummary,
+    retryable,
 )
 from ..errors import Conflict, IllegalTransition, NotFound, StoreError
 from ..tokens import Token
@@ -319,15 +319,10 @@ class SQLiteStore:
             params["seq"] = _task_seq(db, task_id)
             if node_ids is None:  # the whole task: a continuous one takes no more runs
                 db.execute("UPDATE tasks SET closed = 1 WHERE seq = :seq", params)
-            rows = db.execute(
-                "UPDATE runs SET state = 'cancelled', finished_at = :now "
-                f"WHERE task_seq = :seq AND state = 'pending'{only} "
-                "RETURNING position, (SELECT node_id FROM nodes WHERE nid = node), "
-                f"{q.RUN_COLS}",
-                params,
-            ).fetchall()
-            rows.sort(key=lambda row: cast(int, row[0]))
-            return [q.run(task_id, row[1], row[2:]) for row in rows]
+            return _update_runs(
+                db, task_id, "state = 'cancelled', finished_at = :now",
+                f"state = 'pending'{only}", params,
+            )
 
         return await self._write(op)
 
@@ -378,42 +373,29 @@ class SQLiteStore:
             params["seq"] = _task_seq(db, task_id)
             db.execute("UPDATE tasks SET aborted = :reason, closed = 1 WHERE seq = :seq",
                        params)
-            rows = db.execute(
-                "UPDATE runs SET state = 'cancelled', finished_at = :now, error = :reason "
-                "WHERE task_seq = :seq AND state = 'pending' "
-                f"RETURNING position, (SELECT node_id FROM nodes WHERE nid = node), "
-                f"{q.RUN_COLS}",
-                params,
-            ).fetchall()
-            rows.sort(key=lambda r: cast(int, r[0]))
-            return [q.run(task_id, r[1], r[2:]) for r in rows]
+            return _update_runs(
+                db, task_id, "state = 'cancelled', finished_at = :now, error = :reason",
+                "state = 'pending'", params,
+            )
 
         return await self._write(op)
 
     async def retry(
         self, task_id: str, states: Collection[RunState], now: datetime
     ) -> Sequence[Run]:
-        wanted = {RunState(s) for s in states}
-        if not wanted <= RETRYABLE_STATES:
-            bad = sorted(s.value for s in wanted - RETRYABLE_STATES)
-            raise IllegalTransition(f"runs that {', '.join(bad)} cannot be retried")
+        wanted = retryable(states)
         params: dict[str, Any] = {"now": ts(now), "states": json_list(s.value for s in wanted)}
 
         def op(db: sqlite_utils.Database) -> list[Run]:
             params["seq"] = _task_seq(db, task_id)
             db.execute("UPDATE tasks SET aborted = NULL, closed = 0 WHERE seq = :seq", params)
-            rows = db.execute(
-                "UPDATE runs SET state = 'pending', available_at = :now, started_at = NULL, "
-                "expires_at = NULL, "
-                "finished_at = NULL, exit_code = NULL, output = '', output_truncated = 0, "
-                "error = NULL WHERE task_seq = :seq "
-                "AND state IN (SELECT value FROM json_each(:states)) "
-                f"RETURNING position, (SELECT node_id FROM nodes WHERE nid = node), "
-                f"{q.RUN_COLS}",
-                params,
-            ).fetchall()
-            rows.sort(key=lambda r: cast(int, r[0]))
-            return [q.run(task_id, r[1], r[2:]) for r in rows]
+            return _update_runs(
+                db, task_id,
+                "state = 'pending', available_at = :now, started_at = NULL, "
+                "expires_at = NULL, finished_at = NULL, exit_code = NULL, output = '', "
+                "output_truncated = 0, error = NULL",
+                "state IN (SELECT value FROM json_each(:states))", params,
+            )
 
         return await self._write(op)
 
@@ -604,6 +586,20 @@ def _immediate(db: sqlite_utils.Database) -> Iterator[None]:
         db.rollback()
         raise
     db.execute("COMMIT")
+
+
+def _update_runs(
+    db: sqlite_utils.Database, task_id: str, sets: str, where: str, params: dict[str, Any]
+) -> list[Run]:
+    """``UPDATE runs SET sets`` for the task's runs (``:seq``) matching ``where``; the
+    runs changed, in target order."""
+    rows = db.execute(
+        f"UPDATE runs SET {sets} WHERE task_seq = :seq AND {where} "
+        f"RETURNING position, (SELECT node_id FROM nodes WHERE nid = node), {q.RUN_COLS}",
+        params,
+    ).fetchall()
+    rows.sort(key=lambda row: cast(int, row[0]))
+    return [q.run(task_id, row[1], row[2:]) for row in rows]
 
 
 def _summary(db: sqlite_utils.Database, task_id: str) -> TaskSummary:

@@ -630,48 +630,52 @@ def _paths() -> dict[str, Any]:
                                       "(deleted: false) while a run is in flight.",
                           errors=(404,), params=[_TASK_ID]),
         },
-        "/tasks/{task_id}/cancel": {"post": _op(
-            "Cancel a task's pending runs", Scope.WRITE,
-            _ok(_ref("CancelResult"), "The devices whose run was cancelled."),
+        "/tasks/{task_id}/cancel": _task_action(
+            "Cancel a task's pending runs", "CancelResult",
+            "The devices whose run was cancelled.", body="CancelBody",
             description="All pending runs, or those of nodeids (which must be targets of "
                         "the task: 422 otherwise). Runs in flight finish normally; "
-                        "finished runs are unchanged. The task stays.",
-            body="CancelBody", body_required=False, errors=(404,), params=[_TASK_ID])},
-        "/tasks/{task_id}/pause": {"post": _op(
-            "Pause a task", Scope.WRITE,
-            _ok(_ref("Task"), "The task, paused."),
+                        "finished runs are unchanged. The task stays."),
+        "/tasks/{task_id}/pause": _task_action(
+            "Pause a task", "Task",
+            "The task, paused.", body="AuthBody",
             description="None of its runs starts until it is resumed; runs in flight "
                         "finish. A continuous task still adds runs for new devices (they "
-                        "wait). Pausing a paused task changes nothing. " + _AUTH_ONLY,
-            body="AuthBody", body_required=False, errors=(404,), params=[_TASK_ID])},
-        "/tasks/{task_id}/resume": {"post": _op(
-            "Resume a paused task", Scope.WRITE,
-            _ok(_ref("Task"), "The task, resumed."),
+                        "wait). Pausing a paused task changes nothing. " + _AUTH_ONLY),
+        "/tasks/{task_id}/resume": _task_action(
+            "Resume a paused task", "Task",
+            "The task, resumed.", body="AuthBody",
             description="Its runs start again as their devices are online (within its "
                         "rollout limits). Resuming a task not paused changes nothing. "
-                        + _AUTH_ONLY,
-            body="AuthBody", body_required=False, errors=(404,), params=[_TASK_ID])},
-        "/tasks/{task_id}/retry": {"post": _op(
-            "Retry a task's runs that did not succeed", Scope.WRITE,
-            _ok(_ref("RetryResult"), "The devices whose run is pending again."),
+                        + _AUTH_ONLY),
+        "/tasks/{task_id}/retry": _task_action(
+            "Retry a task's runs that did not succeed", "RetryResult",
+            "The devices whose run is pending again.", body="RetryBody",
             description="Every run of the task that ended in one of states (default "
                         "failed and timed_out) goes back to pending, as a new attempt; its "
                         "earlier attempts stay in its history. Retrying cancelled runs "
                         "reopens an aborted task. A state that cannot be retried is a 422 "
-                        "naming states[i].",
-            body="RetryBody", body_required=False, errors=(404,), params=[_TASK_ID])},
-        "/tasks/{task_id}/abort": {"post": _op(
-            "Abort a task", Scope.WRITE,
-            _ok(_ref("CancelResult"), "The devices whose pending run was cancelled."),
+                        "naming states[i]."),
+        "/tasks/{task_id}/abort": _task_action(
+            "Abort a task", "CancelResult",
+            "The devices whose pending run was cancelled.", body="AbortBody",
             description="As its rollout's abort rule would: every run not yet started is "
                         "cancelled, no device is added any more, and the task shows "
-                        "aborted with the reason. Runs in flight finish.",
-            body="AbortBody", body_required=False, errors=(404,), params=[_TASK_ID])},
+                        "aborted with the reason. Runs in flight finish."),
         "/devices": {"get": _op(
             "Devices, online and offline", Scope.READ,
             _ok(_ref("PyOnlineDevices"), "The executor's current view."),
             description=_AUTH_ONLY, tag="devices")},
     }
+
+
+def _task_action(
+    summary: str, result: str, result_doc: str, *, body: str, description: str
+) -> dict[str, Any]:
+    """A ``POST /tasks/{task_id}/...`` operation: scope write, optional body, 404."""
+    return {"post": _op(summary, Scope.WRITE, _ok(_ref(result), result_doc),
+                        description=description, body=body, body_required=False,
+                        errors=(404,), params=[_TASK_ID])}
 
 
 def _extend(base: str, properties: dict[str, Schema], description: str) -> Schema:

@@ -47,8 +47,7 @@ RUN_COLS: Final = (
 R_RUN_COLS: Final = ", ".join(f"r.{c}" for c in RUN_COLS.split(", "))
 TASK_COLS: Final = (
     "t.seq, t.id, t.name, t.command, t.targets, t.created_at, t.shell, t.run_as_user, "
-    "t.timeout, t.not_before, t.expires_at, t.max_attempts, t.delivery, t.fleet, "
-    "t.paused, t.aborted, t.closed"
+    "t.timeout, t.not_before, t.expires_at, t.max_attempts, t.delivery, t.fleet"
 )
 _COUNTS_AT: Final = 17  # in a summary row, the per-state counts follow the task's columns
 TOKEN_COLS: Final = "name, secret_hash, scope, created_at, last_used, builtin"  # noqa: S105
@@ -57,7 +56,9 @@ KEY_WHERE: Final = (
     "task_seq = (SELECT seq FROM tasks WHERE id = :task_id) "
     "AND node = (SELECT nid FROM nodes WHERE node_id = :node_id)"
 )
-_SUMMARY_COLS: Final = f"{TASK_COLS}, {', '.join(f'c.{s.value}' for s in STATES)}"
+_SUMMARY_COLS: Final = (
+    f"{TASK_COLS}, c.paused, t.aborted, t.closed, {', '.join(f'c.{s.value}' for s in STATES)}"
+)
 SUMMARY_SELECT: Final = (
     f"SELECT {_SUMMARY_COLS} FROM tasks AS t JOIN task_counts AS c ON c.task_seq = t.seq"
 )
@@ -67,7 +68,7 @@ SUMMARY_SELECT: Final = (
 #: The tasks whose runs must not start: paused ones, and those of the JSON array :skip
 #: (at their rollout limits). Uncorrelated: SQLite evaluates it once per statement.
 _HELD: Final = (
-    "(SELECT seq FROM tasks WHERE paused UNION ALL "
+    "(SELECT task_seq FROM task_counts WHERE paused UNION ALL "
     "SELECT seq FROM tasks WHERE id IN (SELECT value FROM json_each(:skip)))"
 )
 
@@ -92,7 +93,7 @@ LIMIT :limit
 CLAIM_SQL: Final = f"""
 UPDATE runs SET state = 'dispatched', attempts = attempts + 1, started_at = :now
 WHERE {KEY_WHERE} AND state = 'pending'
-  AND task_seq NOT IN (SELECT seq FROM tasks WHERE paused)
+  AND task_seq NOT IN (SELECT task_seq FROM task_counts WHERE paused)
 RETURNING {RUN_COLS}
 """
 
@@ -269,15 +270,15 @@ def _fleet(text: str | None) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- listing
 
-# How each TaskStatus reads on a tasks + task_counts row; mirrors
+# How each TaskStatus reads on a task_counts row; mirrors
 # ghostrunner._types.task_status, in the same order of tests.
 _ACTIVE = "c.pending + c.dispatched > 0"
-_LIVE = "t.aborted IS NULL"
-_NOT_PAUSED = f"NOT (t.paused AND ({_ACTIVE} OR c.total = 0))"
+_LIVE = "NOT c.aborted"
+_NOT_PAUSED = f"NOT (c.paused AND ({_ACTIVE} OR c.total = 0))"
 _WAITING = "(c.total = 0 OR (c.pending > 0 AND c.pending + c.cancelled = c.total))"
 _SETTLED = f"{_LIVE} AND {_NOT_PAUSED} AND NOT {_WAITING} AND NOT ({_ACTIVE})"
 STATUS_SQL: Final[Mapping[TaskStatus, str]] = {
-    TaskStatus.ABORTED: "t.aborted IS NOT NULL",
+    TaskStatus.ABORTED: "c.aborted",
     TaskStatus.PAUSED: f"{_LIVE} AND NOT {_NOT_PAUSED}",
     TaskStatus.PENDING: f"{_LIVE} AND {_NOT_PAUSED} AND {_WAITING}",
     TaskStatus.RUNNING: f"{_LIVE} AND {_NOT_PAUSED} AND NOT {_WAITING} AND {_ACTIVE}",

@@ -360,7 +360,7 @@ class SQLiteStore:
 
     async def pause(self, task_id: str, paused: bool) -> TaskSummary:
         def op(db: sqlite_utils.Database) -> TaskSummary:
-            db.execute("UPDATE tasks SET paused = ? WHERE seq = ?",
+            db.execute("UPDATE task_counts SET paused = ? WHERE task_seq = ?",
                        (int(paused), _task_seq(db, task_id)))
             return _summary(db, task_id)
 
@@ -373,6 +373,7 @@ class SQLiteStore:
             params["seq"] = _task_seq(db, task_id)
             db.execute("UPDATE tasks SET aborted = :reason, closed = 1 WHERE seq = :seq",
                        params)
+            db.execute("UPDATE task_counts SET aborted = 1 WHERE task_seq = :seq", params)
             return _update_runs(
                 db, task_id, "state = 'cancelled', finished_at = :now, error = :reason",
                 "state = 'pending'", params,
@@ -389,6 +390,7 @@ class SQLiteStore:
         def op(db: sqlite_utils.Database) -> list[Run]:
             params["seq"] = _task_seq(db, task_id)
             db.execute("UPDATE tasks SET aborted = NULL, closed = 0 WHERE seq = :seq", params)
+            db.execute("UPDATE task_counts SET aborted = 0 WHERE task_seq = :seq", params)
             return _update_runs(
                 db, task_id,
                 "state = 'pending', available_at = :now, started_at = NULL, "

@@ -180,14 +180,19 @@ class _Rollouts:
     def ended(self, task_id: str) -> bool:
         """A run of the task ended; True if that may let another start."""
         self.flying[task_id] -= 1
-        if self.flying[task_id] > 0:
-            return task_id in self.limits
-        del self.flying[task_id]
-        limited = task_id in self.limits
-        if not self.starts.get(task_id):  # nothing left to remember (re-learnt if needed)
-            self.limits.pop(task_id, None)
-            self.starts.pop(task_id, None)
-        return limited
+        if self.flying[task_id] <= 0:
+            del self.flying[task_id]
+        return task_id in self.limits
+
+    def reload(self, tasks: Sequence[Task]) -> None:
+        """The store's limited tasks with active runs: the limits to hold from now on
+        (those of tasks with runs in flight or recent starts are kept too)."""
+        keep = set(self.flying).union(t for t, window in self.starts.items() if window)
+        self.limits = {t: r for t, r in self.limits.items() if t in keep}
+        for task in tasks:
+            self.know(task)
+        for task_id in set(self.starts) - keep:
+            del self.starts[task_id]
 
     def budgets(self, now: datetime) -> tuple[dict[str, int], datetime | None]:
         """Room per limited task, and the next moment a rate window frees a start."""
@@ -257,9 +262,14 @@ class Reconciler:
         self._idle.work_for(node_ids, due)
         self._wake.set()
 
+    def hold(self, task: Task) -> None:
+        """Hold ``task`` (submitted, retried or resumed) to its rollout limits."""
+        self._rollouts.know(task)
+
     def follow(self, task: Task, nodes: Collection[str]) -> None:
-        """Start following a continuous task submitted with runs for ``nodes`` (the
-        devices it matched then): from now on, devices that come to match it get a run."""
+        """A task was just submitted with runs for ``nodes``: hold it to its rollout
+        limits and, if it is continuous, give devices that come to match it a run."""
+        self.hold(task)
         if task.continuous:
             self._continuous[task.id] = task
             self._matched[task.id] = set(nodes)
@@ -284,7 +294,7 @@ class Reconciler:
         recent = await self.store.recent_starts(now - RATE_WINDOW)
         tasks = {task_id: await self._task(task_id) for task_id, _ in recent}
         self._rollouts.seed(tasks, recent)
-        await self._load_continuous(now)
+        await self._load_continuous(now)  # and the limited tasks
         stale = await self.store.dispatched()
         for run in stale:
             if run.node_id in self._in_flight:  # ours, not stale
@@ -347,8 +357,6 @@ class Reconciler:
             if len(candidates) >= slots:
                 break
         # the tasks of the runs found may have limits the loop has not seen yet
-        for task_id in {run.task_id for run in candidates}:
-            self._rollouts.know(await self._task(task_id))
         budgets, rate_wake = self._rollouts.budgets(now)
         if rate_wake is not None:
             self._idle.work_for((), rate_wake)  # be back when a rate window frees a start
@@ -575,9 +583,11 @@ class Reconciler:
             log.warning("task %s %s; %d runs cancelled", task.id, reason, len(cancelled))
 
     async def _load_continuous(self, now: datetime) -> None:
-        """Follow the store's open continuous tasks (at start-up, then every
-        ``resync_interval``: closed and expired ones drop out, and a task this loop has
-        not seen yet is matched against every device)."""
+        """Reload what the store knows of fleets (at start-up, then every
+        ``resync_interval``): the tasks with rollout limits, and the open continuous
+        tasks (closed and expired ones drop out, and a task this loop has not seen yet is
+        matched against every device)."""
+        self._rollouts.reload(await self.store.rollout_tasks())
         tasks = {task.id: task for task in await self.store.open_continuous(now)}
         for task_id in set(self._continuous) - set(tasks):
             self._matched.pop(task_id, None)

@@ -11,6 +11,7 @@ from typing import Any
 import attrs
 
 from ._types import (
+    ACTIVE_STATES,
     TERMINAL_STATES,
     TRANSITIONS,
     Attempt,
@@ -184,6 +185,13 @@ class InMemoryStore:
             t for t in sorted(self.tasks.values(), key=lambda t: self._order[t.id])
             if t.continuous and t.id not in self.closed_tasks
             and (t.expires_at is None or t.expires_at > now)
+        ]
+
+    async def rollout_tasks(self) -> Sequence[Task]:
+        return [
+            t for t in sorted(self.tasks.values(), key=lambda t: self._order[t.id])
+            if (t.rollout.max_concurrent is not None or t.rollout.per_minute is not None)
+            and any(self.runs[RunKey(t.id, n)].state in ACTIVE_STATES for n in self.nodes[t.id])
         ]
 
     async def recent_starts(self, since: datetime) -> Sequence[tuple[str, datetime]]:

@@ -107,6 +107,11 @@ class Store(Protocol):
     async def open_continuous(self, now: datetime) -> Sequence[Task]:
         """The continuous tasks still taking runs at ``now``: not closed, not expired."""
 
+    async def rollout_tasks(self) -> Sequence[Task]:
+        """The tasks with rollout limits (``max_concurrent`` or ``per_minute``) that have
+        runs pending or in flight: what the loop must hold back (it learns new ones as
+        they are submitted, and reloads these every ``resync_interval``)."""
+
     async def recent_starts(self, since: datetime) -> Sequence[tuple[str, datetime]]:
         """(task id, start) of every attempt of a rate-limited task (a
         ``rollout.per_minute``) that started after ``since``: those in flight

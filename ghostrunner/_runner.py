@@ -167,6 +167,7 @@ class GhostRunner:
     async def resume(self, task_id: str) -> TaskSummary:
         """Let a paused task go on. Raises NotFound."""
         summary = await self.store.pause(task_id, False)
+        self.loop.hold(summary.task)
         self.loop.wake(due=self.clock())  # devices passed over while it was paused
         self._notify()
         return summary
@@ -206,6 +207,7 @@ class GhostRunner:
         if not wanted:
             raise ValidationError("states", "must name at least one state")
         runs = list(await self.store.retry(task_id, wanted, self.clock()))
+        self.loop.hold((await self.store.get_task(task_id)).task)
         self.loop.wake([r.node_id for r in runs])
         self._notify()
         return runs

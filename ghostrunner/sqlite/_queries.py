@@ -136,6 +136,14 @@ WHERE t.continuous AND NOT t.closed AND (t.expires_at IS NULL OR t.expires_at > 
 ORDER BY t.seq
 """
 
+ROLLOUT_TASKS_SQL: Final = f"""
+SELECT {TASK_COLS} FROM tasks AS t INDEXED BY tasks_limited
+CROSS JOIN task_counts AS c ON c.task_seq = t.seq
+WHERE (t.per_minute IS NOT NULL OR t.max_concurrent IS NOT NULL)
+  AND c.pending + c.dispatched > 0
+ORDER BY t.seq
+"""
+
 RECENT_STARTS_SQL: Final = """
 SELECT t.id, r.started_at FROM tasks AS t INDEXED BY tasks_rate_limited
 CROSS JOIN runs AS r ON r.task_seq = t.seq
@@ -177,9 +185,9 @@ ADD_TASKS_VIEW: Final = (
     CREATE TEMP TRIGGER add_tasks_insert INSTEAD OF INSERT ON add_tasks BEGIN
         INSERT INTO tasks(id, name, command, targets, created_at, shell, run_as_user,
                           timeout, not_before, expires_at, max_attempts, delivery, fleet,
-                          continuous, per_minute)
+                          continuous, per_minute, max_concurrent)
         SELECT value ->> 0, value ->> 1, value ->> 2, value -> 3, """
-    + ", ".join(f"value ->> {i}" for i in (*range(4, 12), 13, 14, 15)) + """
+    + ", ".join(f"value ->> {i}" for i in (*range(4, 12), 13, 14, 15, 17)) + """
         FROM json_each(NEW.doc) ORDER BY key;
         INSERT INTO task_counts(task_seq, total, pending)
         SELECT t.seq, json_array_length(j.value, '$[16]'), json_array_length(j.value, '$[16]')
@@ -228,6 +236,7 @@ def task_row(task: Task, queued: int, nodes: Sequence[str] | None = None) -> tup
         int(task.continuous),
         task.rollout.per_minute,
         task.targets if nodes is None else nodes,
+        task.rollout.max_concurrent,
     )
 
 

@@ -178,9 +178,10 @@ def _v1(db: sqlite_utils.Database) -> None:
 
 
 #: Version 2: fleet targeting and rollouts. ``tasks.fleet`` holds a task's selector,
-#: rollout and success exit codes as JSON (NULL for a plain task); ``continuous`` and
-#: ``per_minute`` repeat what the loop looks tasks up by; ``aborted`` (the reason) and
-#: ``closed`` (takes no more runs) are what operators and the abort rule did; the flags
+#: rollout and success exit codes as JSON (NULL for a plain task); ``continuous``,
+#: ``per_minute`` and ``max_concurrent`` repeat what the loop looks tasks up by;
+#: ``aborted`` (the reason) and ``closed`` (takes no more runs) are what operators and
+#: the abort rule did; the flags
 #: ``task_counts.paused`` and ``.aborted`` sit in the narrow per-task row the status
 #: filters of the listing read (reading ``tasks`` there doubled a filtered walk)
 #: ``attempts`` keeps every attempt of every run (the run row holds the latest).
@@ -188,6 +189,7 @@ _V2: Final = (
     "ALTER TABLE tasks ADD COLUMN fleet TEXT",
     "ALTER TABLE tasks ADD COLUMN continuous INTEGER NOT NULL DEFAULT 0",
     "ALTER TABLE tasks ADD COLUMN per_minute INTEGER",
+    "ALTER TABLE tasks ADD COLUMN max_concurrent INTEGER",
     "ALTER TABLE tasks ADD COLUMN aborted TEXT",
     "ALTER TABLE tasks ADD COLUMN closed INTEGER NOT NULL DEFAULT 0",
     "ALTER TABLE task_counts ADD COLUMN paused INTEGER NOT NULL DEFAULT 0",
@@ -195,6 +197,8 @@ _V2: Final = (
     "CREATE INDEX task_counts_paused ON task_counts(task_seq) WHERE paused",
     "CREATE INDEX tasks_open_continuous ON tasks(seq) WHERE continuous AND NOT closed",
     "CREATE INDEX tasks_rate_limited ON tasks(seq) WHERE per_minute IS NOT NULL",
+    """CREATE INDEX tasks_limited ON tasks(seq)
+        WHERE per_minute IS NOT NULL OR max_concurrent IS NOT NULL""",
     """CREATE TABLE attempts (
         task_seq         INTEGER NOT NULL REFERENCES tasks(seq) ON DELETE CASCADE,
         node             INTEGER NOT NULL REFERENCES nodes(nid),

@@ -419,6 +419,12 @@ class SQLiteStore:
 
         return await self._read(op)
 
+    async def rollout_tasks(self) -> Sequence[Task]:
+        def op(db: sqlite_utils.Database) -> list[Task]:
+            return [q.task(row) for row in db.execute(q.ROLLOUT_TASKS_SQL)]
+
+        return await self._read(op)
+
     async def recent_starts(self, since: datetime) -> Sequence[tuple[str, datetime]]:
         params = {"since": ts(since)}
 

@@ -1132,3 +1132,23 @@ async def test_a_retried_expired_run_waits_for_its_device(store: Any) -> None:
     assert (run.state, run.expires_at) == (RunState.PENDING, None)
     assert await store.expire_due(at(30)) == 0
     assert [r.node_id for r in await store.next_pending(["node//a"], at(30))] == ["node//a"]
+
+
+async def test_rollout_tasks_are_the_limited_tasks_with_active_runs(store: Any) -> None:
+    plain = await add(store, "node//a")
+    capped = await add(store, "node//a", "node//b", rollout=Rollout(max_concurrent=1))
+    rated = await add(store, "node//c", rollout=Rollout(per_minute=5))
+    only_abort = await add(store, "node//d", rollout=Rollout(abort_failed_pct=10))
+    assert [t.id for t in await store.rollout_tasks()] == [capped.id, rated.id]
+    assert all(t.rollout.max_concurrent or t.rollout.per_minute
+               for t in await store.rollout_tasks())
+    # in flight still counts; all runs ended: no more
+    await dispatch(store, rated, "node//c")
+    assert [t.id for t in await store.rollout_tasks()] == [capped.id, rated.id]
+    await finish(store, rated, "node//c", RunState.SUCCEEDED, at(1))
+    await store.cancel(capped.id, now=at(2))
+    assert await store.rollout_tasks() == []
+    # a retry makes it active again
+    await store.retry(capped.id, [RunState.CANCELLED], at(3))
+    assert [t.id for t in await store.rollout_tasks()] == [capped.id]
+    assert {plain.id, only_abort.id}.isdisjoint(t.id for t in await store.rollout_tasks())

@@ -50,6 +50,7 @@ from ._types import (
     Run,
     RunRequest,
     RunState,
+    TagsMode,
     Task,
     utcnow,
 )
@@ -212,6 +213,39 @@ class _Rollouts:
         return room, wake
 
 
+class _SelectorIndex:
+    """Continuous tasks by one thing a device must have to match them (a tag their
+    selector requires, or their device group), so a changed device is tested against
+    the few tasks it could match rather than all of them."""
+
+    def __init__(self, tasks: Collection[Task]) -> None:
+        self._by: dict[tuple[str, str | None], list[Task]] = {}
+        for task in tasks:
+            self._by.setdefault(self._key(task), []).append(task)
+
+    @staticmethod
+    def _key(task: Task) -> tuple[str, str | None]:
+        select = task.select
+        assert select is not None
+        if select.tags and select.tags_mode is TagsMode.ALL:
+            return ("tag", min(t.casefold() for t in select.tags))
+        if select.group is not None:
+            if select.group.startswith("mesh//"):
+                return ("group", select.group)
+            return ("group name", select.group.casefold())
+        return ("any", None)
+
+    def candidates(self, device: Device) -> list[Task]:
+        """The tasks ``device`` might match (a superset of those it does)."""
+        by = self._by
+        found = list(by.get(("any", None), ()))
+        for tag in device.folded_tags:
+            found += by.get(("tag", tag), ())
+        found += by.get(("group", device.group_id), ())
+        found += by.get(("group name", (device.group_name or "").casefold()), ())
+        return found
+
+
 class Reconciler:
     """Matches pending runs to online devices and records what happens.
 
@@ -245,6 +279,7 @@ class Reconciler:
         self._continuous: dict[str, Task] = {}
         self._matched: dict[str, set[str]] = {}  # task id -> nodes known to have a run
         self._seen: dict[str, Device] = {}
+        self._index: _SelectorIndex | None = None  # of _continuous, rebuilt when it changes
         self._rematch: set[str] = set()  # tasks to match against every device
         self._continuous_at = 0.0  # time.monotonic() of the last reload from the store
         self.matching_seconds = 0.0  # spent matching devices to continuous tasks (stats)
@@ -272,6 +307,7 @@ class Reconciler:
         self.hold(task)
         if task.continuous:
             self._continuous[task.id] = task
+            self._index = None
             self._matched[task.id] = set(nodes)
             self._rematch.add(task.id)  # a device may have changed while it was stored
             self._wake.set()
@@ -281,6 +317,7 @@ class Reconciler:
         self._continuous.pop(task_id, None)
         self._matched.pop(task_id, None)
         self._rematch.discard(task_id)
+        self._index = None
 
     @property
     def in_flight(self) -> frozenset[str]:
@@ -593,6 +630,8 @@ class Reconciler:
             self._matched.pop(task_id, None)
         self._rematch.update(set(tasks) - set(self._continuous))
         self._rematch.intersection_update(tasks)
+        if tasks.keys() != self._continuous.keys():
+            self._index = None
         self._continuous = tasks
         self._continuous_at = time.monotonic()
 
@@ -612,19 +651,28 @@ class Reconciler:
             for node in set(seen).difference(devices):
                 del seen[node]
         rematch, self._rematch = self._rematch, set()
-        wanted: list[tuple[Task, list[str]]] = []
         for task in list(self._continuous.values()):
-            assert task.select is not None
-            names: Collection[str] = devices.keys() if task.id in rematch else changed
-            if not names:
-                continue
             if task.expires_at is not None and task.expires_at <= now:
                 self.forget(task.id)
-                continue
-            known = self._matched.setdefault(task.id, set())
-            new = [n for n in names if n not in known and task.select.matches(devices[n])]
-            if new:
-                wanted.append((task, new))
+        found: dict[str, list[str]] = {}
+        for task_id in rematch.intersection(self._continuous):  # new: every device
+            select = self._continuous[task_id].select
+            assert select is not None
+            known = self._matched.setdefault(task_id, set())
+            found[task_id] = [n for n, d in devices.items()
+                              if n not in known and select.matches(d)]
+        if changed:
+            if self._index is None:
+                self._index = _SelectorIndex(self._continuous.values())
+            for node in changed:
+                device = devices[node]
+                for task in self._index.candidates(device):
+                    assert task.select is not None
+                    if (task.id not in rematch
+                            and node not in self._matched.setdefault(task.id, set())
+                            and task.select.matches(device)):
+                        found.setdefault(task.id, []).append(node)
+        wanted = [(self._continuous[t], nodes) for t, nodes in found.items() if nodes]
         self.matching_seconds += time.perf_counter() - started
         if not wanted:
             return

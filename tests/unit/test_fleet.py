@@ -155,3 +155,38 @@ def test_success_exit_codes_decide_the_state(
     run = Run(task_id=task.id, node_id="a", state=RunState.DISPATCHED, attempts=1)
     outcome = Outcome(exit_code=exit_code, timed_out=timed_out)
     assert decide(run, task, outcome, now=run.queued_at).state is state
+
+
+TAG_POOL = ["arm", "ARM", "x86", "lab", "pi"]
+selectors = st.builds(
+    Selector,
+    group=st.none() | st.sampled_from(["pis", "PIS", "mesh//p", "servers"]),
+    tags=st.lists(st.sampled_from(TAG_POOL), max_size=3),
+    tags_mode=st.sampled_from(["all", "any"]),
+    os=st.none() | st.sampled_from(["rasp", "ubuntu"]),
+    name=st.none() | st.sampled_from(["rpi-*", "*", "srv-?"]),
+    all=st.just(True),
+)
+devices = st.builds(
+    Device,
+    node_id=st.just("n"),
+    name=st.sampled_from(["rpi-1", "srv-1", ""]),
+    group_id=st.none() | st.sampled_from(["mesh//p", "mesh//s"]),
+    group_name=st.none() | st.sampled_from(["pis", "Pis", "servers"]),
+    tags=st.lists(st.sampled_from(TAG_POOL), max_size=3),
+    os=st.none() | st.sampled_from(["Raspbian", "Ubuntu 24.04"]),
+)
+
+
+@given(select=st.lists(selectors, min_size=1, max_size=8), device=devices)
+def test_the_loops_selector_index_never_misses_a_match(
+    select: list[Selector], device: Device
+) -> None:
+    """The loop tests a changed device only against the continuous tasks its index
+    offers: every task the device matches must be among them."""
+    from ghostrunner._loop import _SelectorIndex
+
+    tasks = [Task(name="t", command="c", targets=[], select=s, continuous=True)
+             for s in select]
+    offered = {t.id for t in _SelectorIndex(tasks).candidates(device)}
+    assert {t.id for t in tasks if t.select and t.select.matches(device)} <= offered

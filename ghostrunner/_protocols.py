@@ -69,13 +69,29 @@ class Store(Protocol):
         Raises ``Conflict`` if a task with this id exists.
         """
 
-    async def add_runs(
-        self, task_id: str, node_ids: Sequence[str], now: datetime
-    ) -> Sequence[Run]:
-        """Add a pending run of the task for each of ``node_ids`` that has none yet (a
-        device never gets two runs of one task), after its other runs; return the runs
-        added. A closed task (cancelled as a whole, or aborted) gets none. For
-        continuous tasks. Raises ``NotFound``."""
+    async def get_task(self, task_id: str) -> TaskSummary:
+        """The task with run counts. Raises ``NotFound``."""
+
+    async def get_runs(self, task_id: str) -> Sequence[Run]:
+        """The task's runs, in target order. Raises ``NotFound`` for an unknown task."""
+
+    async def list_tasks(self, query: TaskQuery) -> Page:
+        """Tasks matching ``query``, newest first, one page at a time."""
+
+    async def delete_task(self, task_id: str) -> None:
+        """Remove a task whose runs are all terminal.
+
+        Raises ``NotFound``, or ``IllegalTransition`` if a run is still active.
+        """
+
+    # ---------------------------------------------------------------- operators' verbs
+
+    async def cancel(self, task_id: str, node_ids: Collection[str] | None = None,
+                     *, now: datetime) -> Sequence[Run]:
+        """Cancel the task's pending runs (all, or those of ``node_ids``). Runs in any
+        other state are left alone. Cancelling the whole task (``node_ids`` None) also
+        closes it: a continuous task takes no more runs. Returns the runs cancelled.
+        Raises ``NotFound``."""
 
     async def pause(self, task_id: str, paused: bool) -> TaskSummary:
         """Hold the task (``paused``) or let it go on: :meth:`next_pending` and
@@ -103,35 +119,6 @@ class Store(Protocol):
         first; runs never attempted are absent). :meth:`finish` records an attempt, and
         so does :meth:`release` of a delivered one (``lost``: sent again). Raises
         ``NotFound``."""
-
-    async def open_continuous(self, now: datetime) -> Sequence[Task]:
-        """The continuous tasks still taking runs at ``now``: not closed, not expired."""
-
-    async def rollout_tasks(self) -> Sequence[Task]:
-        """The tasks with rollout limits (``max_concurrent`` or ``per_minute``) that have
-        runs pending or in flight: what the loop must hold back (it learns new ones as
-        they are submitted, and reloads these every ``resync_interval``)."""
-
-    async def recent_starts(self, since: datetime) -> Sequence[tuple[str, datetime]]:
-        """(task id, start) of every attempt of a rate-limited task (a
-        ``rollout.per_minute``) that started after ``since``: those in flight
-        (``dispatched`` runs) and those in the attempt history. The loop's rate windows,
-        after a restart."""
-
-    async def get_task(self, task_id: str) -> TaskSummary:
-        """The task with run counts. Raises ``NotFound``."""
-
-    async def get_runs(self, task_id: str) -> Sequence[Run]:
-        """The task's runs, in target order. Raises ``NotFound`` for an unknown task."""
-
-    async def list_tasks(self, query: TaskQuery) -> Page:
-        """Tasks matching ``query``, newest first, one page at a time."""
-
-    async def delete_task(self, task_id: str) -> None:
-        """Remove a task whose runs are all terminal.
-
-        Raises ``NotFound``, or ``IllegalTransition`` if a run is still active.
-        """
 
     # ---------------------------------------------------------------- the loop's verbs
 
@@ -191,13 +178,6 @@ class Store(Protocol):
         attempt goes to the history as ``lost`` with ``error``.
         """
 
-    async def cancel(self, task_id: str, node_ids: Collection[str] | None = None,
-                     *, now: datetime) -> Sequence[Run]:
-        """Cancel the task's pending runs (all, or those of ``node_ids``). Runs in any
-        other state are left alone. Cancelling the whole task (``node_ids`` None) also
-        closes it: a continuous task takes no more runs. Returns the runs cancelled.
-        Raises ``NotFound``."""
-
     async def expire_due(self, now: datetime) -> int:
         """Move every pending run whose ``expires_at`` is not after ``now`` to expired.
         Returns how many."""
@@ -210,6 +190,30 @@ class Store(Protocol):
 
     async def counts(self) -> Mapping[RunState, int]:
         """How many runs are in each state, over all tasks."""
+
+    # ---------------------------------------------------------------- the loop's verbs for fleets
+
+    async def add_runs(
+        self, task_id: str, node_ids: Sequence[str], now: datetime
+    ) -> Sequence[Run]:
+        """Add a pending run of the task for each of ``node_ids`` that has none yet (a
+        device never gets two runs of one task), after its other runs; return the runs
+        added. A closed task (cancelled as a whole, or aborted) gets none. For
+        continuous tasks. Raises ``NotFound``."""
+
+    async def open_continuous(self, now: datetime) -> Sequence[Task]:
+        """The continuous tasks still taking runs at ``now``: not closed, not expired."""
+
+    async def rollout_tasks(self) -> Sequence[Task]:
+        """The tasks with rollout limits (``max_concurrent`` or ``per_minute``) that have
+        runs pending or in flight: what the loop must hold back (it learns new ones as
+        they are submitted, and reloads these every ``resync_interval``)."""
+
+    async def recent_starts(self, since: datetime) -> Sequence[tuple[str, datetime]]:
+        """(task id, start) of every attempt of a rate-limited task (a
+        ``rollout.per_minute``) that started after ``since``: those in flight
+        (``dispatched`` runs) and those in the attempt history. The loop's rate windows,
+        after a restart."""
 
 
 @runtime_checkable

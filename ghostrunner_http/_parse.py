@@ -315,7 +315,9 @@ def parse_abort(body: Mapping[str, Any]) -> str:
 @attrs.frozen(kw_only=True)
 class _TokenDetails:
     name: str
-    scope: str = Scope.READ.value
+    # the seed's flow is "an admin makes a token, a script queues tasks with it": a token
+    # asked for without a scope can write; read-only must be asked for
+    scope: str = Scope.WRITE.value
 
 
 @attrs.frozen
@@ -324,7 +326,7 @@ class _TokenBody:
 
 
 def parse_token_create(body: Mapping[str, Any]) -> tuple[str, Scope]:
-    """``details.name`` and ``details.scope`` (default ``read``) of a TokenCreateBody."""
+    """``details.name`` and ``details.scope`` (default ``write``) of a TokenCreateBody."""
     details = _details(body, {"name", "scope"})
     parsed = structure({"details": details}, _TokenBody).details
     try:

@@ -764,8 +764,9 @@ def build_parser() -> argparse.ArgumentParser:
     ksub = tokens.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = ksub.add_parser("create", parents=[client], help="create a token; prints its secret")
     p.add_argument("name")
-    p.add_argument("--scope", choices=[s.value for s in Scope], default="read",
-                   help="read (default), write (create/delete tasks) or admin (tokens)")
+    p.add_argument("--scope", choices=[s.value for s in Scope], default="write",
+                   help="write (default: create/delete tasks), read (look only) or admin "
+                        "(tokens too)")
     p.set_defaults(handler=cmd_tokens_create)
     p = ksub.add_parser("list", parents=[client], help="list tokens (never their secrets)")
     p.set_defaults(handler=cmd_tokens_list)

@@ -383,7 +383,7 @@ SCHEMAS: dict[str, Schema] = {
                      description="The seed's TokenListBody: only the token."),
     "TokenCreateDetails": _obj(
         {"name": _text(MAX_NAME, "Unique."),
-         "scope": {"type": "string", "enum": [s.value for s in Scope], "default": "read"}},
+         "scope": {"type": "string", "enum": [s.value for s in Scope], "default": "write"}},
         ["name"],
     ),
     "TokenCreateBody": _obj({"authtoken": _AUTHTOKEN, "details": _ref("TokenCreateDetails")},

@@ -150,7 +150,7 @@ def test_tokens(env: ServerProcess, capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_read_token_cannot_add(env: ServerProcess, monkeypatch: pytest.MonkeyPatch,
                                capsys: pytest.CaptureFixture[str]) -> None:
-    _, out = run("tokens", "create", "cli-ro")
+    _, out = run("tokens", "create", "cli-ro", "--scope", "read")
     monkeypatch.setenv("GHOSTRUNNER_TOKEN", out.strip())
     code, _ = run("tasks", "add", "uptime", "-n", "node-001")
     assert code == 3

@@ -86,11 +86,14 @@ def test_token_create_with_the_seed_body(seed_api: Api) -> None:
     assert r.status_code == 200, r.text
     data = r.json()["data"]
     assert data["name"] == "DeploymentToken123"
-    assert data["scope"] == "read"
+    assert data["scope"] == "write"
     secret = data["token"]
     assert r.headers["cache-control"] == "no-store"
-    # the new token works, and only a hash of it is stored
+    # the new token works for the seed's workflow (queue a task), and only a hash of it
+    # is stored
     assert seed_api.get("/task/list", token=secret).status_code == 200
+    assert seed_api.post("/task/create", token=secret, json={"details": {
+        "name": "n", "command": "c", "nodeids": ["a"]}}).status_code == 200
     stored = seed_api.store.tokens["DeploymentToken123"]
     assert secret not in repr(stored)
     assert stored.secret_hash != secret

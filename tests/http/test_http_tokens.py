@@ -39,12 +39,17 @@ def test_each_secret_is_random(api: Api) -> None:
     assert len(secrets) == 20
 
 
-def test_default_scope_is_read(api: Api) -> None:
-    r = api.post("/token/create", json={"details": {"name": "r"}})
-    assert r.json()["data"]["scope"] == "read"
+def test_default_scope_is_write_and_read_must_be_asked_for(api: Api) -> None:
+    r = api.post("/token/create", json={"details": {"name": "w"}})
+    assert r.json()["data"]["scope"] == "write"
     secret = r.json()["data"]["token"]
-    assert api.post("/task/create", token=secret, json={"details": {
-        "name": "n", "command": "c", "nodeids": ["a"]}}).status_code == 403
+    body = {"details": {"name": "n", "command": "c", "nodeids": ["a"]}}
+    assert api.post("/task/create", token=secret, json=body).status_code == 200
+    assert api.get("/token/list", token=secret).status_code == 403  # not admin
+    r = api.post("/token/create", json={"details": {"name": "r", "scope": "read"}})
+    assert r.json()["data"]["scope"] == "read"
+    assert api.post("/task/create", token=r.json()["data"]["token"],
+                    json=body).status_code == 403
 
 
 def test_names_are_unique(api: Api) -> None:

@@ -102,7 +102,7 @@ def run_like_agent(wrapped: WrappedCommand, env: Env, *, limit: float = 30.0) ->
         stdin=read_end,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        env=env.environ,
+        env={**env.environ, MARK.split("=")[0]: MARK.split("=")[1]},
         start_new_session=True,
     )
     os.close(read_end)
@@ -140,15 +140,24 @@ def run_like_agent(wrapped: WrappedCommand, env: Env, *, limit: float = 30.0) ->
     )
 
 
+#: In the environment of every shell these tests start, so inherited by whatever the
+#: wrapped commands start, even processes that left the session: the processes below
+#: are only ever ones this test run started, never a stranger's with the same argv.
+MARK = f"GHOSTRUNNER_WRAPPER_TEST={os.getpid()}-{secrets.token_hex(8)}"
+
+
 def processes_with_argv(argv: list[str]) -> list[int]:
-    """Live processes whose command line is exactly ``argv``."""
+    """Live processes this test run started whose command line is exactly ``argv``."""
     wanted = ("\0".join(argv) + "\0").encode()
+    mark = b"\0" + MARK.encode() + b"\0"
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            if (entry / "cmdline").read_bytes() == wanted:
+            if (entry / "cmdline").read_bytes() == wanted and mark in (
+                b"\0" + (entry / "environ").read_bytes()
+            ):
                 found.append(int(entry.name))
         except OSError:
             continue

@@ -401,22 +401,22 @@ def _print_summary(task: Mapping[str, Any], out: TextIO) -> None:
           + (", paused" if task["paused"] else "") + ")", file=out)
 
 
-def cmd_tasks_pause(args: argparse.Namespace, out: TextIO) -> int:
-    task = _client(args).call("POST", f"/tasks/{args.id}/pause")
-    if args.json:
-        _json(task, out)
-    else:
-        _print_summary(task, out)
-    return EXIT_OK
+def _hold(verb: str) -> Callable[[argparse.Namespace, TextIO], int]:
+    """``tasks pause`` or ``tasks resume``: the route of that name, then the task."""
+
+    def command(args: argparse.Namespace, out: TextIO) -> int:
+        task = _client(args).call("POST", f"/tasks/{args.id}/{verb}")
+        if args.json:
+            _json(task, out)
+        else:
+            _print_summary(task, out)
+        return EXIT_OK
+
+    return command
 
 
-def cmd_tasks_resume(args: argparse.Namespace, out: TextIO) -> int:
-    task = _client(args).call("POST", f"/tasks/{args.id}/resume")
-    if args.json:
-        _json(task, out)
-    else:
-        _print_summary(task, out)
-    return EXIT_OK
+cmd_tasks_pause = _hold("pause")
+cmd_tasks_resume = _hold("resume")
 
 
 def cmd_tasks_retry(args: argparse.Namespace, out: TextIO) -> int:

@@ -12,15 +12,15 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ._common import LabError, LogFunc
 
 
-def _group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes whose process group is ``pgid``."""
-    members: list[int] = []
+def _live_stats() -> Iterator[tuple[int, list[bytes]]]:
+    """(pid, the fields of /proc/<pid>/stat after the command name) of every live
+    (non-zombie) process: state, ppid, pgrp, ..."""
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -31,25 +31,20 @@ def _group_members(pgid: int) -> list[int]:
             continue
         # Fields after the command name (which may contain spaces and parentheses).
         fields = stat[stat.rfind(b")") + 2 :].split()
-        if len(fields) > 2 and fields[0] != b"Z" and int(fields[2]) == pgid:
-            members.append(int(name))
-    return members
+        if len(fields) > 2 and fields[0] != b"Z":
+            yield int(name), fields
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes whose process group is ``pgid``."""
+    return [pid for pid, fields in _live_stats() if int(fields[2]) == pgid]
 
 
 def _descendants(pid: int) -> list[int]:
     """Live processes descending from ``pid`` (children, grandchildren, ...)."""
     children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if len(fields) > 1 and fields[0] != b"Z":
-            children.setdefault(int(fields[1]), []).append(int(name))
+    for child, fields in _live_stats():
+        children.setdefault(int(fields[1]), []).append(child)
     found: list[int] = []
     todo = [pid]
     while todo:

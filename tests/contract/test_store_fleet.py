@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +39,9 @@ from ghostrunner._types import (
 )
 from ghostrunner.errors import IllegalTransition, NotFound, StoreError
 from ghostrunner.sqlite import SQLiteStore
+from tests.contract.test_store_contract import NOW, at, claim
 
-# Small helpers like test_store_contract.py's (some differ: selectors, no default node).
-NOW = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 EVERYTHING = Selector(all=True)
-
-
-def at(seconds: float) -> datetime:
-    return NOW + timedelta(seconds=seconds)
 
 
 def make_task(*targets: str, **kw: Any) -> Task:
@@ -72,12 +67,6 @@ async def add(
     task = make_task(*targets, **kw)
     await store.add_task(task, now, nodes=nodes)
     return task
-
-
-async def claim(store: Any, key: RunKey, now: datetime) -> Run | None:
-    """Claim one run, as the loop claims them (``claim_many``); None if not claimed."""
-    claimed = await store.claim_many([key], now)
-    return claimed[0][0] if claimed else None
 
 
 async def dispatch(store: Any, task: Task, node: str, now: datetime = NOW) -> Run:

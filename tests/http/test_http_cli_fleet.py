@@ -6,7 +6,6 @@ docs/http-api.md); the offline ones never come online, so their runs stay pendin
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -15,6 +14,7 @@ import pytest
 
 from ghostrunner_http.cli import main
 from tests.http.conftest import ServerProcess
+from tests.http.test_http_cli import run
 
 ADMIN_SECRET = "cli-fleet-admin-secret-0123456789"
 CONFIG = """executor = "fake"
@@ -57,12 +57,6 @@ def env(server: ServerProcess, monkeypatch: pytest.MonkeyPatch) -> ServerProcess
     monkeypatch.setenv("GHOSTRUNNER_URL", server.url)
     monkeypatch.setenv("GHOSTRUNNER_TOKEN", ADMIN_SECRET)
     return server
-
-
-def run(*args: str) -> tuple[int, str]:
-    out = io.StringIO()
-    code = main(list(args), out=out)
-    return code, out.getvalue()
 
 
 def shown(server: ServerProcess, task_id: str) -> dict[str, Any]:

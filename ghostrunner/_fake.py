@@ -11,13 +11,23 @@ import attrs
 
 from ._fanout import EventFanout
 from ._types import AgentKind, Device, DeviceEvent, EventKind, Outcome, RunRequest
-from .errors import NotDelivered, PermanentError
+from .errors import NotDelivered, OutcomeUnknown, PermanentError
 
-__all__ = ["FakeExecutor", "Handler"]
+__all__ = ["FakeExecutor", "Handler", "ReplyLost"]
 
 Handler = Callable[[RunRequest, Device], Outcome | Awaitable[Outcome]]
 """Decides what a command does: return an Outcome, or raise NotDelivered,
 OutcomeUnknown or PermanentError; may be async (e.g. to add latency or hang)."""
+
+
+class ReplyLost(Exception):  # noqa: N818 (what happened, not an error of the caller)
+    """Raised by a handler: the command ran to ``outcome`` on the device, but the reply
+    never came back. With a journal the device keeps the outcome (the dispatch raises a
+    recoverable ``OutcomeUnknown``); without one it is simply unknown."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__("reply lost")
+        self.outcome = outcome
 
 
 def _succeed(request: RunRequest, device: Device) -> Outcome:
@@ -37,10 +47,21 @@ class FakeExecutor:
     :attr:`offline_calls` and :attr:`overlaps` (requests the loop should never have
     made: to an offline device, or to a busy one).
 
+    With ``journal``, each device keeps a record of every attempt, as the MeshCentral
+    backend's ``sh`` wrapper does (:attr:`records`: node id -> (task id, attempt) ->
+    its outcome, or None while it runs or if it never finished): a request for an
+    attempt the device has a record of reports it (``recovered``) instead of running
+    it again; a recovery request (``recover``) for a device whose journal was wiped
+    (:meth:`wipe_journal`) raises ``OutcomeUnknown``; a handler raising
+    :class:`ReplyLost`, or a caller that stops waiting (a crash), leaves the outcome in
+    the record and the dispatch recoverable. :attr:`reruns` lists executions of a run
+    whose earlier attempt the device had a finished record of.
+
     Args:
         handler: what each command does; default: exit 0 echoing the command.
         devices: initial devices (node ids or Device values).
         latency: seconds each command takes before the handler runs.
+        journal: keep a record of each attempt on the device (see above).
     """
 
     def __init__(
@@ -49,9 +70,13 @@ class FakeExecutor:
         devices: Iterable[str | Device] = (),
         *,
         latency: float = 0.0,
+        journal: bool = False,
     ) -> None:
         self.handler: Handler = handler or _succeed
         self.latency = latency
+        self.journal = journal
+        self.records: dict[str, dict[tuple[str, int], Outcome | None]] = {}
+        self.reruns: list[RunRequest] = []
         self._devices: dict[str, Device] = {}
         self._fanout = EventFanout()
         self.calls: list[RunRequest] = []
@@ -102,8 +127,13 @@ class FakeExecutor:
         self._devices.pop(node_id, None)
         self._emit(DeviceEvent(kind=EventKind.REMOVED, node_id=node_id))
 
+    def wipe_journal(self, node_id: str) -> None:
+        """Delete the device's journal, as a reboot that clears it would."""
+        self.records.pop(node_id, None)
+
     def reset(self) -> None:
         """Clear the recorded calls (devices stay)."""
+        self.reruns.clear()
         self.calls.clear()
         self.executions.clear()
         self.offline_calls.clear()
@@ -130,8 +160,13 @@ class FakeExecutor:
     def events(self) -> AsyncIterator[DeviceEvent]:
         return self._fanout.subscribe()
 
+    def recoverable(self, node_id: str) -> bool:
+        return self.journal
+
     async def run(self, request: RunRequest) -> Outcome:
         self.calls.append(request)
+        if request.recover and not self.journal:
+            raise OutcomeUnknown("this device keeps no record of what ran")
         device = self._devices.get(request.node_id)
         if device is None:
             raise PermanentError(f"unknown device {request.node_id}")
@@ -141,6 +176,22 @@ class FakeExecutor:
         if request.node_id in self.busy:
             self.overlaps.append(request)
             raise NotDelivered("agent busy")
+        book: dict[tuple[str, int], Outcome | None] | None = None
+        attempt = (request.task_id, request.attempt)
+        if self.journal:
+            book = self.records.get(request.node_id)
+            if book is None:
+                if request.recover:
+                    raise OutcomeUnknown("the device's journal is gone")
+                book = self.records[request.node_id] = {}
+            if attempt in book:
+                record = book[attempt]
+                if record is None:
+                    raise OutcomeUnknown("the attempt started but recorded no outcome")
+                return attrs.evolve(record, recovered=True)
+            if any(t == request.task_id and o is not None for (t, _), o in book.items()):
+                self.reruns.append(request)
+            book[attempt] = None
         self.busy.add(request.node_id)
         self.executions.append(request)
         try:
@@ -150,10 +201,24 @@ class FakeExecutor:
             if inspect.isawaitable(result):
                 result = await result
             assert isinstance(result, Outcome)
+            if book is not None:
+                book[attempt] = result
             return result
+        except ReplyLost as lost:
+            if book is None:
+                raise OutcomeUnknown("no reply") from None
+            book[attempt] = lost.outcome
+            raise OutcomeUnknown("no reply", recoverable=True) from None
         except (NotDelivered, PermanentError):
             # refused before it ran: not an execution
             self.executions.remove(request)
+            if book is not None:
+                del book[attempt]
+            raise
+        except asyncio.CancelledError:
+            # the caller stopped waiting (GhostRunner stopped): the device goes on
+            if book is not None:
+                book[attempt] = Outcome(exit_code=0, output="finished after the caller left")
             raise
         finally:
             self.busy.discard(request.node_id)

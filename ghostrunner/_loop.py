@@ -16,6 +16,13 @@ Concurrency notes (the subtle part):
 * The result is written under ``asyncio.shield`` so that a graceful stop cancelling the
   dispatch task cannot interrupt the write halfway. :meth:`Reconciler.abort` simulates a
   crash: it sets ``_aborted`` first, so no result is written after it.
+* Outcome recovery: a run whose outcome is unknown but whose device keeps a record of
+  the attempt (a recoverable ``OutcomeUnknown``, or any run found dispatched at start)
+  stays ``dispatched`` and sits in ``_recovering`` (node id -> its run). Its device is
+  held: nothing else is sent to it until its device answers a recovery request (the
+  same attempt, ``recover=True``) or the run's recovery deadline passes. So a device
+  gets its next command only once the previous attempt's result is stored, which is
+  what lets an executor drop the device's records of earlier attempts.
 """
 
 from __future__ import annotations
@@ -37,8 +44,10 @@ from ._planner import (
     Decision,
     abort_reason,
     decide,
+    decide_recovery,
     plan_dispatches,
     recover,
+    recovery_deadline,
     rollout_budget,
 )
 from ._protocols import Executor, Store
@@ -54,7 +63,7 @@ from ._types import (
     Task,
     utcnow,
 )
-from .errors import ExecutorError, GhostRunnerError, NotFound, OutcomeUnknown
+from .errors import ExecutorError, GhostRunnerError, NotDelivered, NotFound, OutcomeUnknown
 
 __all__ = ["LoopSettings", "Reconciler"]
 
@@ -80,6 +89,9 @@ class LoopSettings:
         coalesce: seconds a woken loop waits before its pass, so that a burst of
             events (devices coming online, commands finishing) is handled by one pass
             whose claims and results a batching store commits together.
+        recover_within: seconds after a run was sent during which its device is asked
+            for an outcome GhostRunner lost (a run with ``expires_at`` is asked until
+            then instead); after that the outcome counts as unknown.
     """
 
     max_in_flight: int = attrs.field(default=256)
@@ -89,6 +101,7 @@ class LoopSettings:
     shutdown_grace: float = 10.0
     output_limit: int = DEFAULT_OUTPUT_LIMIT
     coalesce: float = 0.005
+    recover_within: float = 7 * 24 * 3600.0
 
     @max_in_flight.validator
     def _positive(self, attribute: attrs.Attribute[int], value: int) -> None:
@@ -96,7 +109,7 @@ class LoopSettings:
             raise ValueError("max_in_flight must be at least 1")
 
     def __attrs_post_init__(self) -> None:
-        for name in ("resync_interval", "dispatch_grace"):
+        for name in ("resync_interval", "dispatch_grace", "recover_within"):
             if not getattr(self, name) > 0:  # also refuses NaN
                 raise ValueError(f"{name} must be a positive number of seconds")
         if not (self.shutdown_grace >= 0 and self.coalesce >= 0):
@@ -172,9 +185,13 @@ class _Rollouts:
         if task.rollout.max_concurrent is not None or task.rollout.per_minute is not None:
             self.limits[task.id] = task.rollout
 
-    def started(self, task: Task, now: datetime) -> None:
+    def holding(self, task: Task) -> None:
+        """A run of the task is in flight (or held in recovery) without a new start."""
         self.flying[task.id] += 1
         self.know(task)
+
+    def started(self, task: Task, now: datetime) -> None:
+        self.holding(task)
         if task.rollout.per_minute is not None:
             self.starts.setdefault(task.id, deque()).append(now)
 
@@ -246,6 +263,17 @@ class _SelectorIndex:
         return found
 
 
+@attrs.define
+class _Recovery:
+    """A run whose outcome its device is asked for (see the module docstring)."""
+
+    run: Run
+    task: Task
+    due: datetime  # when to ask next
+    deadline: datetime  # after it, the outcome counts as unknown
+    asked: int = 0  # recovery requests answered so far
+
+
 class Reconciler:
     """Matches pending runs to online devices and records what happens.
 
@@ -275,6 +303,7 @@ class Reconciler:
         self._rollouts = _Rollouts()
         self._again = False  # a pass left work that another pass can start at once
         self._flying_task: dict[str, str] = {}  # node id -> the task of its run in flight
+        self._recovering: dict[str, _Recovery] = {}  # node id -> its run held in recovery
         # continuous tasks, and the device view they were last matched against
         self._continuous: dict[str, Task] = {}
         self._matched: dict[str, set[str]] = {}  # task id -> nodes known to have a run
@@ -324,6 +353,12 @@ class Reconciler:
         """Node ids with a command in flight right now."""
         return frozenset(self._in_flight)
 
+    @property
+    def recovering(self) -> frozenset[str]:
+        """Node ids held until their device tells the outcome of a run GhostRunner lost
+        (their runs stay ``dispatched``)."""
+        return frozenset(self._recovering)
+
     async def recover(self) -> int:
         """Settle runs left ``dispatched`` by a process that died, and pick up the
         rollout windows and continuous tasks the store knows. Returns how many runs."""
@@ -334,12 +369,18 @@ class Reconciler:
         await self._load_continuous(now)  # and the limited tasks
         stale = await self.store.dispatched()
         for run in stale:
-            if run.node_id in self._in_flight:  # ours, not stale
-                continue
+            if run.node_id in self._in_flight or run.node_id in self._recovering:
+                continue  # ours, not stale
             task = await self._task(run.task_id)
-            decision = recover(run, task, now=now, retry=self.settings.retry)
-            await self._apply(run, decision, now)
-            log.warning("recovered run %s left dispatched: %s", run.key, decision.state)
+            deadline = recovery_deadline(run, task, within=self.settings.recover_within)
+            if not self.executor.recoverable(run.node_id):
+                deadline = now  # nothing to ask: settle it now
+            decision = recover(run, task, now=now, retry=self.settings.retry, deadline=deadline)
+            if decision.recovering:
+                self._rollouts.holding(task)
+            await self._apply(run, task, decision, now, deadline=deadline)
+            log.warning("run %s was left dispatched: %s", run.key,
+                        "asking its device" if decision.recovering else decision.state)
         return len(stale)
 
     async def step(self) -> int:
@@ -364,9 +405,11 @@ class Reconciler:
         online = {node for node, dev in devices.items() if dev.online}
         if self._idle.stale(now):
             self._idle.refresh(await self.store.next_wakeup(now))
+        if self._recovering:
+            await self._recover_due(online, now)
         budgets, _ = self._rollouts.budgets(now)
         full = [task_id for task_id, room in budgets.items() if room <= 0]
-        free = online.difference(self._in_flight, self._idle.devices)
+        free = online.difference(self._in_flight, self._idle.devices, self._recovering)
         slots = self.settings.max_in_flight - len(self._in_flight)
         if not free or slots <= 0:
             return 0
@@ -398,8 +441,8 @@ class Reconciler:
         if rate_wake is not None:
             self._idle.work_for((), rate_wake)  # be back when a rate window frees a start
         chosen = plan_dispatches(
-            candidates, online=online, busy=self._in_flight.keys(), slots=slots, now=now,
-            budgets=budgets,
+            candidates, online=online, busy=self._in_flight.keys() | self._recovering.keys(),
+            slots=slots, now=now, budgets=budgets,
         )
         offered = Counter(run.task_id for run in candidates)
         taken = Counter(run.task_id for run in chosen)
@@ -536,7 +579,42 @@ class Reconciler:
             self._wake.set()
             await asyncio.sleep(self.settings.retry.base)
 
-    async def _dispatch(self, run: Run, task: Task) -> None:
+    async def _recover_due(self, online: Collection[str], now: datetime) -> None:
+        """Ask the devices of runs held in recovery whose turn has come (within the
+        cap on commands in flight); settle those whose deadline has passed."""
+        wake: datetime | None = None
+        for node, held in list(self._recovering.items()):
+            if node in self._in_flight:
+                continue
+            keeps = self.executor.recoverable(node)
+            if now >= held.deadline or not keeps:
+                del self._recovering[node]
+                answer: ExecutorError = (
+                    NotDelivered("the device was not reachable") if keeps
+                    else OutcomeUnknown("the device keeps no record of what ran")
+                )
+                decision = decide_recovery(
+                    held.run, held.task, answer, now=now, deadline=held.deadline,
+                    asked=held.asked, retry=self.settings.retry,
+                )
+                self._rollouts.ended(held.task.id)
+                await self._apply(held.run, held.task, decision, now)
+                continue
+            if held.due <= now and node in online and (
+                len(self._in_flight) < self.settings.max_in_flight
+            ):
+                self._flying_task[node] = held.task.id
+                self._in_flight[node] = asyncio.create_task(
+                    self._dispatch(held.run, held.task, recovery=held),
+                    name=f"ghostrunner-recover-{held.run.key}",
+                )
+                continue
+            when = min(held.due, held.deadline) if held.due > now else held.deadline
+            wake = when if wake is None or when < wake else wake
+        if wake is not None:
+            self._idle.work_for((), wake)
+
+    async def _dispatch(self, run: Run, task: Task, recovery: _Recovery | None = None) -> None:
         request = RunRequest(
             task_id=task.id,
             node_id=run.node_id,
@@ -547,7 +625,9 @@ class Reconciler:
             attempt=run.attempts,
             delivery=task.delivery,
             output_limit=self.settings.output_limit,
+            recover=recovery is not None,
         )
+        held = False  # the run stays dispatched, held in recovery
         try:
             result: Outcome | ExecutorError
             try:
@@ -567,17 +647,32 @@ class Reconciler:
             now = self.clock()
             if isinstance(result, Outcome):
                 result = self._normalise(result, run, now)
-            decision = decide(run, task, result, now=now, retry=self.settings.retry)
+            if recovery is None:
+                deadline = recovery_deadline(run, task, within=self.settings.recover_within)
+                decision = decide(run, task, result, now=now, retry=self.settings.retry)
+                asked = 0
+            else:
+                deadline, asked = recovery.deadline, recovery.asked + 1
+                decision = decide_recovery(run, task, result, now=now, deadline=deadline,
+                                           asked=asked, retry=self.settings.retry)
+            held = decision.recovering
             try:
-                await asyncio.shield(self._apply(run, decision, now))
+                await asyncio.shield(
+                    self._apply(run, task, decision, now, deadline=deadline, asked=asked)
+                )
             except GhostRunnerError:
-                # the run stays dispatched; the next start's recovery settles it
+                # the run stays dispatched: ask its device again later (it is held)
                 log.exception("could not record the result of %s", run.key)
+                held = True
+                self._recovering[run.node_id] = _Recovery(
+                    run=run, task=task, due=now + self.settings.retry.delay(1),
+                    deadline=deadline, asked=asked,
+                )
         finally:
             if self._in_flight.get(run.node_id) is asyncio.current_task():
                 del self._in_flight[run.node_id]
                 del self._flying_task[run.node_id]
-                if self._rollouts.ended(task.id):
+                if not held and self._rollouts.ended(task.id):
                     self._idle.work_for((), self.clock())  # its held devices may go on
             self._wake.set()
 
@@ -592,7 +687,18 @@ class Reconciler:
             finished_at=outcome.finished_at or now,
         )
 
-    async def _apply(self, run: Run, decision: Decision, now: datetime) -> None:
+    async def _apply(
+        self, run: Run, task: Task, decision: Decision, now: datetime, *,
+        deadline: datetime | None = None, asked: int = 0,
+    ) -> None:
+        self._recovering.pop(run.node_id, None)
+        if decision.recovering:
+            assert decision.available_at is not None and deadline is not None
+            self._recovering[run.node_id] = _Recovery(
+                run=run, task=task, due=decision.available_at, deadline=deadline, asked=asked
+            )
+            self._idle.work_for((), min(decision.available_at, deadline))
+            return
         if decision.state is RunState.PENDING:
             assert decision.available_at is not None
             self._idle.work_for((run.node_id,), decision.available_at)
@@ -607,8 +713,7 @@ class Reconciler:
             await self.store.finish(
                 run.key, decision.state, now, outcome=decision.outcome, error=decision.error
             )
-            task = self._tasks.get(run.task_id)
-            if task is not None and task.rollout.abort_failed_pct is not None:
+            if task.rollout.abort_failed_pct is not None:
                 await self._check_abort(task, now)
         self._on_change()
 

@@ -105,7 +105,7 @@ class InMemoryStore:
         attempt = Attempt(
             number=run.attempts, state=state, started_at=run.started_at,
             finished_at=run.finished_at, exit_code=run.exit_code, output=run.output,
-            output_truncated=run.output_truncated, error=error,
+            output_truncated=run.output_truncated, error=error, recovered=run.recovered,
         )
         self.history.setdefault(run.key, []).append(attempt)
 
@@ -164,7 +164,7 @@ class InMemoryStore:
                     run.key, RunState.PENDING, available_at=now, started_at=None,
                     expires_at=None,
                     finished_at=None, exit_code=None, output="", output_truncated=False,
-                    error=None,
+                    error=None, recovered=False,
                 ))
                 keys = self._by_node.setdefault(run.node_id, [])
                 if run.key not in keys:  # pruned while it was terminal
@@ -303,7 +303,8 @@ class InMemoryStore:
                 run = self._run(key)
                 if run.state is RunState.PENDING and key.task_id not in self.paused:
                     run = self._move(
-                        key, RunState.DISPATCHED, attempts=run.attempts + 1, started_at=now
+                        key, RunState.DISPATCHED, attempts=run.attempts + 1, started_at=now,
+                        recovered=False,
                     )
                     out.append((run, self.tasks[key.task_id]))
         except BaseException:
@@ -332,6 +333,7 @@ class InMemoryStore:
                 exit_code=outcome.exit_code,
                 output=outcome.output,
                 output_truncated=outcome.output_truncated,
+                recovered=outcome.recovered,
             )
             if outcome.finished_at is not None:
                 changes["finished_at"] = outcome.finished_at

@@ -18,8 +18,10 @@ __all__ = [
     "Decision",
     "abort_reason",
     "decide",
+    "decide_recovery",
     "plan_dispatches",
     "recover",
+    "recovery_deadline",
     "rollout_budget",
 ]
 
@@ -109,8 +111,11 @@ def plan_dispatches(
 class Decision:
     """What to record for a dispatched run.
 
-    Either ``state`` is terminal (finish the run) or it is ``pending`` (release it,
-    eligible again at ``available_at``; ``delivered`` says whether the attempt counts).
+    Either ``state`` is terminal (finish the run), or it is ``pending`` (release it,
+    eligible again at ``available_at``; ``delivered`` says whether the attempt counts),
+    or it is ``dispatched``: the outcome is not known yet but the device keeps a record
+    of the attempt, so the run stays as it is and the device is asked again for it (a
+    recovery request) at ``available_at``.
     """
 
     state: RunState
@@ -118,6 +123,11 @@ class Decision:
     error: str | None = None
     available_at: datetime | None = None
     delivered: bool = True
+
+    @property
+    def recovering(self) -> bool:
+        """The run stays dispatched and its device is asked again."""
+        return self.state is RunState.DISPATCHED
 
 
 def _unknown(run: Run, task: Task, reason: str, now: datetime, retry: RetryPolicy) -> Decision:
@@ -148,8 +158,10 @@ def decide(
       of the task's ``success_exit_codes``, failed otherwise;
     * ``NotDelivered``: back to pending with exponential backoff; not an attempt;
     * ``PermanentError``: failed, with the reason;
-    * ``OutcomeUnknown``: ``lost`` under at_most_once; under at_least_once pending again
-      with backoff while ``attempts < max_attempts``, else ``lost``.
+    * ``OutcomeUnknown``: if ``recoverable`` (the device keeps a record of the
+      attempt), stays dispatched and is asked again at once (:func:`decide_recovery`
+      takes over); otherwise ``lost`` under at_most_once, and under at_least_once
+      pending again with backoff while ``attempts < max_attempts``, else ``lost``.
     """
     if isinstance(result, Outcome):
         if result.timed_out:
@@ -166,16 +178,37 @@ def decide(
     if isinstance(result, PermanentError):
         return Decision(state=RunState.FAILED, error=str(result))
     if isinstance(result, OutcomeUnknown):
+        if result.recoverable:
+            return Decision(state=RunState.DISPATCHED, available_at=now,
+                            error=f"outcome unknown: {result}; asking the device")
         return _unknown(run, task, f"outcome unknown: {result}", now, retry)
     # any other ExecutorError: we cannot tell whether it ran, so assume it may have
     return _unknown(run, task, f"outcome unknown: {result!r}", now, retry)
 
 
+def recovery_deadline(run: Run, task: Task, *, within: float) -> datetime:
+    """Until when the device of a run whose outcome is unknown is asked for it: the
+    run's ``expires_at`` if it has one, else ``within`` seconds after it was sent; never
+    before the command could have finished (its start plus the task's timeout)."""
+    sent = run.started_at or run.queued_at
+    done = sent + timedelta(seconds=task.timeout)
+    if run.expires_at is not None:
+        return max(run.expires_at, done)
+    return max(sent + timedelta(seconds=within), done)
+
+
 def recover(
-    run: Run, task: Task, *, now: datetime, retry: RetryPolicy = _DEFAULT_RETRY
+    run: Run, task: Task, *, now: datetime, retry: RetryPolicy = _DEFAULT_RETRY,
+    deadline: datetime | None = None,
 ) -> Decision:
     """What to do with a run found ``dispatched`` at start-up: the process that sent it
-    died, so the command may have run and its outcome is gone."""
+    died, so the command may have run and its outcome is unknown here. Until
+    ``deadline`` (default: none), ask its device (the run stays dispatched); after it,
+    as an unknown outcome."""
+    if deadline is not None and now < deadline:
+        return Decision(state=RunState.DISPATCHED, available_at=now,
+                        error="GhostRunner stopped while the command was in flight; "
+                              "asking the device")
     return _unknown(
         run,
         task,
@@ -183,3 +216,39 @@ def recover(
         now,
         retry,
     )
+
+
+def decide_recovery(
+    run: Run,
+    task: Task,
+    result: Outcome | ExecutorError,
+    *,
+    now: datetime,
+    deadline: datetime,
+    asked: int,
+    retry: RetryPolicy = _DEFAULT_RETRY,
+) -> Decision:
+    """What the answer to a recovery request (the ``asked``-th for this run) means.
+
+    * an outcome: the device's record (``recovered``), or the command ran now because
+      the device proved it had never started: finished as :func:`decide` says;
+    * ``NotDelivered`` (device away, agent busy, the attempt still running) or a
+      recoverable ``OutcomeUnknown`` (no answer): ask again after a backoff, until
+      ``deadline``; then the outcome is unknown;
+    * anything else (no record, a wiped journal, an executor that keeps no record):
+      the outcome is unknown: ``lost`` under at_most_once, sent again as a new attempt
+      under at_least_once.
+    """
+    if isinstance(result, Outcome):
+        return decide(run, task, result, now=now, retry=retry)
+    retryable = isinstance(result, NotDelivered) or (
+        isinstance(result, OutcomeUnknown) and result.recoverable
+    )
+    if retryable and now < deadline:
+        return Decision(state=RunState.DISPATCHED, available_at=now + retry.delay(asked),
+                        error=f"asking the device again: {result}")
+    if retryable:
+        reason = f"the device did not tell the outcome before {deadline:%Y-%m-%d %H:%M:%S}Z"
+    else:
+        reason = f"outcome unknown: {result}"
+    return _unknown(run, task, reason, now, retry)

@@ -230,9 +230,16 @@ class Executor(Protocol):
       ``request.timeout`` plus a grace at the latest: no call waits forever.
 
       - ``NotDelivered``: the command certainly did not reach the device.
-      - ``OutcomeUnknown``: it may have run, the result can't be learned.
+      - ``OutcomeUnknown``: it may have run, the result is not known; ``recoverable``
+        if the device keeps a record of the attempt that a later request with
+        ``recover=True`` can read back.
       - ``PermanentError``: it can never run as asked.
-    * The loop never calls :meth:`run` twice at once for the same device.
+    * A request with ``recover`` is an attempt that may have reached the device
+      before: return its recorded outcome (``recovered``), or run it if the device
+      proves it never started; never run it twice. ``NotDelivered``: ask again later.
+    * The loop never calls :meth:`run` twice at once for the same device, and sends a
+      device its next request only once the result of the previous one is stored (so
+      an executor may then drop what the device keeps of earlier attempts).
     """
 
     async def open(self) -> None:
@@ -249,3 +256,8 @@ class Executor(Protocol):
 
     async def run(self, request: RunRequest) -> Outcome:
         """Run ``request.command`` on ``request.node_id``; see the class docstring."""
+
+    def recoverable(self, node_id: str) -> bool:
+        """Whether the device may keep a record of its attempts, so that an outcome
+        lost on the way back can be asked for later (True for an unknown device that
+        might). Cheap, without I/O."""

@@ -604,7 +604,8 @@ class Run:
     been); ``undelivered`` counts dispatches that certainly did not reach it (device
     not connected, agent busy), which are retried without using up ``max_attempts``.
     ``output`` is capped: when ``output_truncated`` is true the middle was cut and the
-    head and tail kept.
+    head and tail kept. ``recovered``: the outcome of the latest attempt was read back
+    from the device's journal after GhostRunner had lost the reply (a crash, an outage).
     """
 
     task_id: str
@@ -621,6 +622,7 @@ class Run:
     output: str = ""
     output_truncated: bool = False
     error: str | None = None
+    recovered: bool = False
 
     @property
     def key(self) -> RunKey:
@@ -648,6 +650,8 @@ class Attempt:
     output: str = ""
     output_truncated: bool = False
     error: str | None = None
+    recovered: bool = False
+    """The outcome was read back from the device's journal (the reply had been lost)."""
 
 
 class TaskStatus(enum.StrEnum):
@@ -821,6 +825,11 @@ class RunRequest:
     """Characters of output the loop keeps (head and tail). An executor that can bound
     the output on the device, before it crosses the network, should use it; the loop
     caps whatever comes back to it anyway."""
+    recover: bool = False
+    """This attempt may have reached the device already (GhostRunner lost its reply):
+    report its outcome if the device knows it, run it only if the device proves it
+    never started, never run it twice. An executor that keeps no record on the device
+    raises ``OutcomeUnknown`` (not recoverable)."""
 
     @property
     def key(self) -> RunKey:
@@ -841,6 +850,9 @@ class Outcome:
     timed_out: bool = False
     started_at: datetime | None = attrs.field(default=None, validator=_aware)
     finished_at: datetime | None = attrs.field(default=None, validator=_aware)
+    recovered: bool = False
+    """Read back from the device's record of an earlier dispatch of this attempt: the
+    command was not run again."""
 
     @property
     def state(self) -> RunState:

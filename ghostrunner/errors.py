@@ -78,8 +78,15 @@ class OutcomeUnknown(ExecutorError):
     """The command may have reached the device, but its outcome can never be learned.
 
     Under ``at_most_once`` the run becomes ``lost``; under ``at_least_once`` it is sent
-    again (up to ``max_attempts``).
+    again (up to ``max_attempts``). With ``recoverable``, the device keeps a record of
+    the attempt: the loop keeps the run ``dispatched`` and asks the device again (a
+    :class:`~ghostrunner.RunRequest` with ``recover``) until it answers or the run's
+    recovery deadline passes.
     """
+
+    def __init__(self, message: str = "", *, recoverable: bool = False) -> None:
+        super().__init__(message)
+        self.recoverable = recoverable
 
 
 class PermanentError(ExecutorError):

@@ -20,13 +20,13 @@ import contextlib
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from ._fake import FakeExecutor, Handler
+from ._fake import FakeExecutor, Handler, ReplyLost
 from ._memory import InMemoryStore
 
 if TYPE_CHECKING:
     from ._runner import GhostRunner
 
-__all__ = ["FakeClock", "FakeExecutor", "Handler", "InMemoryStore", "crash"]
+__all__ = ["FakeClock", "FakeExecutor", "Handler", "InMemoryStore", "ReplyLost", "crash"]
 
 
 async def crash(runner: GhostRunner) -> None:

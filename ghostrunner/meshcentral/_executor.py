@@ -22,12 +22,16 @@ What MeshCentral gives us, and what this module makes of it (see
   ``start_timeout`` on a session that has shown console chunks before, prove it did not:
   :class:`~ghostrunner.NotDelivered`. Started but no reply in time, or the device went
   away mid-run: :class:`~ghostrunner.OutcomeUnknown`.
-* **Never twice on a resend.** "Did not start within ``start_timeout``" is an
-  inference: a very slow agent could still start the command later. Every dispatch of
-  one attempt therefore carries the same once-only key (:func:`once_key`); the wrapper
-  refuses to run a key the device has seen (``sh`` agents), and the run ends
-  :class:`~ghostrunner.OutcomeUnknown` (``lost`` for at_most_once) instead of running
-  twice.
+* **Never twice on a resend; outcomes recovered.** Every dispatch of one attempt
+  carries the same key (:func:`once_key`), under which ``sh`` agents keep a record of
+  the attempt in their journal: a second dispatch of the key never runs the command
+  again but reports its record (recovered), says it is still running, or that it
+  started and never finished. A run whose reply was lost (no reply, the device or the
+  session went away, GhostRunner restarted) is therefore a *recoverable*
+  :class:`~ghostrunner.OutcomeUnknown`: the loop asks again with ``recover=True``.
+  Records are removed once collected: the keys of earlier replies to a device ride
+  along with a later dispatch to it (in batches of ``collect_batch``), which the loop
+  sends only once those results are stored.
 """
 
 from __future__ import annotations
@@ -104,6 +108,18 @@ class _Node:
     ready_timer: asyncio.TimerHandle | None = None
 
 
+def redact_url(url: str) -> str:
+    """``url`` with any password in it replaced by ``***`` (for logs and reprs)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, path = rest.partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}{slash}{path}"
+
+
 def once_key(request: RunRequest) -> str:
     """The key of the wrapper's once-only guard for ``request``: the same for every
     dispatch of one attempt of one run, so that a resend (after a start timeout) can
@@ -126,6 +142,8 @@ class MeshCentralExecutor:
         ping_interval: seconds between session health checks.
         ready_fallback: seconds after ``nodeconnect`` to treat a device as ready if its
             ``devicesessions`` event never arrives.
+        collect_batch: records of a device's earlier attempts to remove in one go (a
+            dispatch that carries them costs the device one ``find``).
     """
 
     def __init__(
@@ -142,6 +160,7 @@ class MeshCentralExecutor:
         call_timeout: float = 10.0,
         ready_fallback: float = 3.0,
         reconnect_cap: float = 30.0,
+        collect_batch: int = 16,
     ) -> None:
         self.url = url
         self.user = user
@@ -154,6 +173,8 @@ class MeshCentralExecutor:
         self.call_timeout = call_timeout
         self.ready_fallback = ready_fallback
         self.reconnect_cap = reconnect_cap
+        self.collect_batch = collect_batch
+        self._collect: dict[str, list[str]] = {}  # node id -> keys of replied attempts
         self._nodes: dict[str, _Node] = {}
         self._group_names: dict[str, str] = {}  # device group id -> its name
         self._by_response: dict[str, _Dispatch] = {}
@@ -173,7 +194,7 @@ class MeshCentralExecutor:
 
     def __repr__(self) -> str:
         return (
-            f"MeshCentralExecutor(url={self.url!r}, user={self.user!r}, "
+            f"MeshCentralExecutor(url={redact_url(self.url)!r}, user={self.user!r}, "
             f"group_id={self.group_id!r}, connected={self.connected})"
         )
 
@@ -205,7 +226,8 @@ class MeshCentralExecutor:
             self._supervisor = None
         for dispatch in list(self._by_response.values()):
             if not dispatch.done.done():
-                dispatch.done.set_exception(OutcomeUnknown("executor closed"))
+                dispatch.done.set_exception(OutcomeUnknown(
+                    "executor closed", recoverable=dispatch.wrapped.journal))
         for node in self._nodes.values():
             if node.ready_timer is not None:
                 node.ready_timer.cancel()
@@ -252,7 +274,7 @@ class MeshCentralExecutor:
                 self._connected.set()
                 self.last_error = None
                 delay = 1.0
-                log.info("connected to MeshCentral at %s as %s", self.url, self.user)
+                log.info("connected to MeshCentral at %s as %s", redact_url(self.url), self.user)
                 self._emit(DeviceEvent(kind=EventKind.RESYNC))
                 await self._watch(session, listener)
                 log.warning("MeshCentral session lost; reconnecting")
@@ -262,7 +284,7 @@ class MeshCentralExecutor:
                 self.last_error = _describe(exc)
                 log.warning(
                     "MeshCentral at %s unavailable (%s); retrying in %.0fs",
-                    self.url, self.last_error, delay,
+                    redact_url(self.url), self.last_error, delay,
                 )
             finally:
                 self._connected.clear()
@@ -372,9 +394,10 @@ class MeshCentralExecutor:
         for dispatch in list(self._by_node.values()):
             dispatch.gone = True
             if not dispatch.done.done():
-                dispatch.done.set_exception(
-                    OutcomeUnknown("lost the MeshCentral session while the command was out")
-                )
+                dispatch.done.set_exception(OutcomeUnknown(
+                    "lost the MeshCentral session while the command was out",
+                    recoverable=dispatch.wrapped.journal,
+                ))
         if changed:
             self._emit(DeviceEvent(kind=EventKind.RESYNC))
 
@@ -500,9 +523,10 @@ class MeshCentralExecutor:
                 if dispatch is not None:
                     dispatch.gone = True
                     if not dispatch.done.done():
-                        dispatch.done.set_exception(
-                            OutcomeUnknown("the device disconnected while the command was out")
-                        )
+                        dispatch.done.set_exception(OutcomeUnknown(
+                            "the device disconnected while the command was out",
+                            recoverable=dispatch.wrapped.journal,
+                        ))
         elif action == "devicesessions" and node.connected:
             self._set_ready(node, True)
 
@@ -536,6 +560,10 @@ class MeshCentralExecutor:
 
     # ---------------------------------------------------------------- Executor: run
 
+    def recoverable(self, node_id: str) -> bool:
+        node = self._nodes.get(node_id)
+        return node is None or node.device.agent_kind is not AgentKind.WINDOWS
+
     async def run(self, request: RunRequest) -> Outcome:
         session = self._session
         if session is None or not self._connected.is_set():
@@ -554,9 +582,18 @@ class MeshCentralExecutor:
             raise PermanentError(f"shell {shell.value!r} needs a Windows agent")
         if shell is Shell.SH and node.device.agent_kind is AgentKind.WINDOWS:
             raise PermanentError("shell 'sh' is not available on a Windows agent")
+        if request.recover and shell is not Shell.SH:
+            raise OutcomeUnknown("Windows agents keep no record of what ran")
+        key = once_key(request)
+        collect: tuple[str, ...] = ()
+        replied = self._collect.get(request.node_id)
+        if shell is Shell.SH and replied and len(replied) >= self.collect_batch:
+            collect = tuple(k for k in replied if k != key)
+            replied[:] = [k for k in replied if k == key]
         wrapped = wrap_command(
             request.command, shell.value, timeout=request.timeout,
-            output_limit=request.output_limit, once=once_key(request),
+            output_limit=request.output_limit, once=key, recover=request.recover,
+            collect=collect,
         )
         dispatch = _Dispatch(
             node_id=request.node_id,
@@ -616,7 +653,8 @@ class MeshCentralExecutor:
         except TimeoutError:
             state = "started" if dispatch.started.is_set() else "sent"
             raise OutcomeUnknown(
-                f"command {state} but no reply within {timeout + self.reply_grace:.0f}s"
+                f"command {state} but no reply within {timeout + self.reply_grace:.0f}s",
+                recoverable=dispatch.wrapped.journal,
             ) from None
 
     def _outcome(self, dispatch: _Dispatch, reply: Mapping[str, Any],
@@ -629,16 +667,36 @@ class MeshCentralExecutor:
         raw = reply.get("result")
         raw = raw if isinstance(raw, str) else ""
         parsed = parse_result(dispatch.wrapped, raw)
-        if parsed.again:
+        journal = dispatch.wrapped.journal
+        if parsed.journal in ("record", "unknown") or parsed.started:
+            # the device has a record of this attempt: collect it once the loop has
+            # stored what it says (it sends this device nothing before that)
+            key = dispatch.wrapped.key
+            assert key is not None or not journal
+            if key is not None:
+                self._collect.setdefault(dispatch.node_id, []).append(key)
+        if parsed.journal == "unusable":
+            raise PermanentError(
+                f"the device has no usable journal ({parsed.detail}); GhostRunner needs "
+                "one to run a command at most once: see docs/meshcentral.md"
+            )
+        if parsed.journal == "gone":
             raise OutcomeUnknown(
-                "the device had already started this attempt from an earlier dispatch "
-                "(it started late); its outcome never reached GhostRunner, and it was "
-                "not run again"
+                "the device's journal is gone (wiped, or the device reinstalled): nothing "
+                "proves this attempt never started, so it was not run again"
+            )
+        if parsed.journal == "running":
+            raise NotDelivered("this attempt is still running on the device "
+                               "(an earlier dispatch of it started it)")
+        if parsed.journal == "unknown":
+            raise OutcomeUnknown(
+                "the device started this attempt but recorded no outcome (did it restart "
+                "while the command ran?)"
             )
         if not parsed.started and not raw.strip():
             # an agent that is stopping answers for the commands it had, with no
             # output; the wrapper never got to BEGIN, so the command never started
-            if dispatch.wrapped.guarded:  # and if it had, the guard stops a resend
+            if journal:  # and if it had, its record stops a resend from running it
                 raise NotDelivered("the agent answered without starting the command "
                                    "(was it stopping?)")
             raise OutcomeUnknown("the agent answered with no output at all")
@@ -648,7 +706,8 @@ class MeshCentralExecutor:
                 + (raw if len(raw) <= 400 else raw[:400] + " [...]")
             )
         if not parsed.completed:
-            raise OutcomeUnknown("the command started but its exit status never came back")
+            raise OutcomeUnknown("the command started but its exit status never came back",
+                                 recoverable=journal)
         # the wrapper bounded the output on the device (request.output_limit bytes);
         # the loop caps the text it keeps
         return Outcome(
@@ -656,8 +715,9 @@ class MeshCentralExecutor:
             output=parsed.output,
             output_truncated=parsed.truncated,
             timed_out=parsed.timed_out,
-            started_at=started_at,
-            finished_at=utcnow(),
+            started_at=None if parsed.journal == "record" else started_at,
+            finished_at=None if parsed.journal == "record" else utcnow(),
+            recovered=parsed.journal == "record",
         )
 
 

@@ -148,6 +148,7 @@ from typing import Final, Literal
 import attrs
 
 __all__ = [
+    "Journal",
     "ParsedResult",
     "ShellName",
     "WrappedCommand",
@@ -163,7 +164,6 @@ _SHELLS: Final = frozenset({"sh", "cmd", "powershell"})
 _MESH_TYPE: Final = {"sh": 0, "cmd": 2, "powershell": 2}
 _MARKER_RE: Final = re.compile(r"[0-9A-Za-z]{16,128}")
 _BEGIN: Final = "GR_BEGIN_"
-_AGAIN: Final = "GR_AGAIN_"
 _END: Final = "GR_END_"
 
 _PS_DIRECT_MAX_BASE64: Final = 32_000
@@ -186,22 +186,41 @@ class WrappedCommand:
     mesh_type: int
     marker: str = attrs.field(repr=False)
     shell: str
-    guarded: bool = False
-    """The script has a once-only guard (``sh`` with ``once``)."""
+    journal: bool = False
+    """The script keeps a record of the attempt on the device (``sh``)."""
+    key: str | None = None
+    """The attempt's key in the device's journal (``sh``)."""
+
+
+Journal = Literal["", "record", "running", "unknown", "gone", "unusable"]
+"""What the device's journal said instead of (or before) running the command.
+
+* ``""``: nothing special: the command ran now (or, for Windows, no journal).
+* ``"record"``: the attempt had already run; the outcome comes from its record, and
+  the command was not run again.
+* ``"running"``: the attempt is still running on the device (started by an earlier
+  copy of this dispatch); ask again later.
+* ``"unknown"``: the attempt started but its wrapper died before recording an outcome
+  (the device restarted mid-run): it may or may not have finished.
+* ``"gone"``: a recovery request found no journal (or one without its ``id``): it was
+  wiped, so nothing proves the attempt never started; not run.
+* ``"unusable"``: the device has no usable journal directory (``detail`` says why);
+  nothing ran.
+"""
 
 
 @attrs.frozen(kw_only=True)
 class ParsedResult:
     """What :func:`parse_result` found in a reply.
 
-    ``started``: the BEGIN line was seen (the command was launched).
-    ``completed``: the wrapper's END line was seen (the run is over: finished or killed).
-    ``exit_code``: the command's own exit status; ``None`` unless completed and not
-    timed out.  ``timed_out``: the device-side timeout fired and killed the command.
-    ``output``: the command's own output, wrapper lines removed, otherwise untouched.
-    ``truncated``: the device kept only the head and tail of a longer output (``sh``).
-    ``again``: the once-only guard found this dispatch already started on the device:
-    nothing ran (``started`` is false).
+    ``started``: the BEGIN line was seen (the command was launched, or its record is
+    reported).  ``completed``: the wrapper's END line was seen (the run is over:
+    finished or killed).  ``exit_code``: the command's own exit status; ``None``
+    unless completed and not timed out.  ``timed_out``: the device-side timeout fired
+    and killed the command.  ``output``: the command's own output, wrapper lines
+    removed, otherwise untouched.  ``truncated``: the device kept only the head and
+    tail of a longer output (``sh``).  ``journal``: see :data:`Journal`; ``detail``:
+    the reason given with ``"unusable"``.
     Not started: the whole raw text (for diagnostics).  Started but not completed:
     everything after the BEGIN line.
     """
@@ -212,7 +231,8 @@ class ParsedResult:
     timed_out: bool
     output: str
     truncated: bool = False
-    again: bool = False
+    journal: Journal = ""
+    detail: str = ""
 
 
 def _shell_name(shell: object) -> str:
@@ -233,185 +253,225 @@ def _sh_word(text: str) -> str:
     return "'" + text.replace("'", "'\\''").replace("\r", "'\"$gr_cr\"'") + "'"
 
 
-# The runner: a fresh shell whose stdin is the command text and whose fd 6 is the
-# real stderr.  It reads the text, points stdin at /dev/null and stderr at fd 6, and
-# evaluates the text at its top level, so the command sees what `sh -c COMMAND
-# </dev/null` would give it ($$, exit, traps, $0 = sh).
-_SH_RUNNER: Final = """gr_c=$(cat; echo x)
-exec </dev/null 2>&6 6>&-
-eval "unset gr_c; ${gr_c%x}"
-"""
-
-# The reporter: the runner's parent.  It hands the runner its stdin (the command
-# text) and fd 6 (the real stderr), closes the report pipe (fd 3) for it, and writes
-# "gr_S=<status>;" to fd 3 only if it did not receive the SIGTERM of a timeout meanwhile.
-# No shell that waits for a child ever has the real stderr on its fd 2 (dash prints
-# "Killed"/"Terminated" job reports there), so wrapper shells add nothing to the
-# output.  $1 is the shell to run, $2 the runner's text.
-_SH_REPORTER: Final = """trap 'gr_x=1' TERM
-exec 2>/dev/null
-"$1" -c "$2" sh 3>&-
-gr_s=$?
-[ -n "$gr_x" ] || echo "gr_S=$gr_s;" >&3
-exit "$gr_s"
-"""
-
-# The wrapper.  @NAME@ placeholders are filled in by _wrap_sh.  Inside the command
-# substitution, fd 1 is the report pipe, fd 4 the real stdout, fd 5 the real stderr,
-# fd 2 /dev/null (so job-status messages and kill errors never reach the output);
-# the reporter gets the report pipe as fd 3 and the real stderr as fd 6.  gr_tree
-# prints the descendants of $1 outside process group $2 ("": all of them).  Report
-# lines: "gr_S=<status>;" (reporter), "gr_T=<status>;" (what the wrapper waited for),
-# "gr_V=no;" (timeout(1) exited for another reason than its timer), and any text
-# starting "timeout:" (timeout(1) --verbose, or the watchdog, sent a signal).
+# The sh wrapper.  @NAME@ placeholders are filled in by _wrap_sh.  The whole script is
+# one { ... } group, so the shell reads all of it before running any of it: nothing of
+# it is left in the agent's pipe for the command to read.  Its own stderr goes to
+# /dev/null (job reports such as "Killed" never reach the output).
+#
+# The journal (see the module docstring, "The journal"): $gr_d, the record of this
+# attempt $gr_r ("s <pid>" when it starts, "e <status> <timed out> <bytes cut>" when
+# it is over), its output $gr_r.o, and $gr_r.t, where timeout(1) --verbose or the
+# watchdog says that they fired.  No process of the command holds a descriptor of the
+# record, and the status in it is the one `wait` gave the wrapper: nothing the command
+# writes can change it.
 _SH_TEMPLATE: Final = """{
-@CR@gr_m=@MARKER@
-gr_c=@COMMAND@
-gr_i=@REPORTER@
-gr_u=@RUNNER@
-gr_sh=@SH@
-gr_t=@TIMEOUT@
-gr_k=@KILL_AFTER@
-@ONCE@if gr_f=$(mktemp 2>/dev/null) && [ -n "$gr_f" ]; then
-  exec 7>"$gr_f" 8>&7
-else
-  gr_f=
-  exec 7>&1 8>&2
-fi
-printf '\\nGR_BEGIN_%s\\n' "$gr_m"
-{ gr_r=$(
 exec 2>/dev/null
-gr_tree() {
-  { ps -A -o pid= -o ppid= -o pgid= || ps -o pid= -o ppid= -o pgid=; } 2>/dev/null |
-    awk -v r="$1" -v g="$2" '
-    { k[NR] = $1; p[NR] = $2; q[NR] = $3 }
-    END { s[r] = 1
-      do { n = 0
-        for (i = 1; i <= NR; i++)
-          if ((p[i] in s) && !(k[i] in s)) { s[k[i]] = 1; n = 1; if (q[i] != g) print k[i] }
-      } while (n) }'
-}
-gr_kill() {
-  if kill -0 -"$2"; then
-    gr_l=$(gr_tree "$2" "$2")
-    kill -"$1" -"$2"
-  else
-    gr_l=$(gr_tree "$2" "")
-    kill -"$1" "$2"
+@CR@gr_m=@MARKER@
+gr_k=@KEY@
+gr_c=@COMMAND@
+gr_sh=@SH@
+gr_d=${GHOSTRUNNER_JOURNAL:-}
+if [ -z "$gr_d" ]; then
+  if [ -w /var/lib ]; then
+    gr_d=/var/lib/ghostrunner
+  elif [ -n "${HOME:-}" ] && [ -d "$HOME" ] && [ -O "$HOME" ]; then
+    gr_d=$HOME/.ghostrunner
   fi
-  for gr_q in $gr_l; do kill -"$1" "$gr_q"; done
-  if [ "$1" != KILL ]; then
-    kill -CONT -"$2"
-    for gr_q in "$2" $gr_l; do kill -CONT "$gr_q"; done
-  fi
-}
-if command -v timeout >/dev/null \\
-  && timeout --verbose --kill-after=1 5 true </dev/null >/dev/null; then
-  printf '%s' "$gr_c" | timeout --verbose --kill-after="$gr_k" "$gr_t" \\
-    "$gr_sh" -c "$gr_i" sh "$gr_sh" "$gr_u" 3>&1 2>&1 1>&4 6>&5 4>&- 5>&-
-  gr_e=$?
-  case $gr_e in 124|137) ;; *) echo "gr_V=no;" ;; esac
+fi
+gr_why=
+if [ -z "$gr_d" ]; then
+  gr_why="no journal directory: set GHOSTRUNNER_JOURNAL in the agent's environment"
 else
+  if [ ! -e "$gr_d" ] && [ ! -h "$gr_d" ]; then
+    if [ @RECOVER@ = 1 ]; then printf '\\nGR_%s_%s\\n' GONE "$gr_m"; exit 0; fi
+    mkdir -m 700 "$gr_d"
+  fi
+  if [ -h "$gr_d" ] || [ ! -d "$gr_d" ] || [ ! -O "$gr_d" ]; then
+    gr_why="$gr_d is not a directory of the agent's user (a symbolic link is refused)"
+  elif [ ! -f "$gr_d/id" ]; then
+    if [ @RECOVER@ = 1 ]; then printf '\\nGR_%s_%s\\n' GONE "$gr_m"; exit 0; fi
+    printf '%s\\n' "$gr_m" >"$gr_d/id" || gr_why="cannot write to $gr_d"
+  fi
+fi
+if [ -n "$gr_why" ]; then printf '\\nGR_%s_%s %s\\n' NOJOURNAL "$gr_m" "$gr_why"; exit 0; fi
+@COLLECT@gr_r=$gr_d/$gr_k
+gr_o=$gr_r.o
+set -C
+if printf 's %s\\n' "$$" >"$gr_r"; then
+set +C
+printf '\\nGR_BEGIN_%s\\n' "$gr_m"
+@BIG@if [ -f "$gr_d/timeout.ok" ]; then
+  gr_g=1
+elif [ -f "$gr_d/timeout.no" ]; then
+  gr_g=
+elif command -v timeout >/dev/null \\
+  && timeout --verbose --kill-after=1 5 true </dev/null >/dev/null; then
+  gr_g=1
+  printf '' >"$gr_d/timeout.ok"
+else
+  gr_g=
+  printf '' >"$gr_d/timeout.no"
+fi
+if [ -n "$gr_g" ]; then
+  GR_C=$gr_c GHOSTRUNNER_RUN=@TAG@ timeout --verbose --kill-after=@KILL_AFTER@ @TIMEOUT@ \\
+    "$gr_sh" -c "$gr_x" sh </dev/null >"$gr_o" 3>&1 2>"$gr_r.t"
+  gr_e=$?
+else
+  gr_tree() {
+    { ps -A -o pid= -o ppid= -o pgid= || ps -o pid= -o ppid= -o pgid=; } |
+      awk -v r="$1" -v g="$2" '
+      { k[NR] = $1; p[NR] = $2; q[NR] = $3 }
+      END { s[r] = 1
+        do { n = 0
+          for (i = 1; i <= NR; i++)
+            if ((p[i] in s) && !(k[i] in s)) { s[k[i]] = 1; n = 1; if (q[i] != g) print k[i] }
+        } while (n) }'
+  }
+  gr_kill() {
+    if kill -0 -"$2"; then
+      gr_l=$(gr_tree "$2" "$2")
+      kill -"$1" -"$2"
+    else
+      gr_l=$(gr_tree "$2" "")
+      kill -"$1" "$2"
+    fi
+    for gr_q in $gr_l; do kill -"$1" "$gr_q"; done
+    if [ "$1" != KILL ]; then
+      kill -CONT -"$2"
+      for gr_q in "$2" $gr_l; do kill -CONT "$gr_q"; done
+    fi
+  }
+  printf '' >"$gr_r.t"
   if command -v setsid >/dev/null; then
-    printf '%s' "$gr_c" | setsid \\
-      "$gr_sh" -c "$gr_i" sh "$gr_sh" "$gr_u" 3>&1 1>&4 6>&5 4>&- 5>&- &
+    GR_C=$gr_c GHOSTRUNNER_RUN=@TAG@ setsid \\
+      "$gr_sh" -c "$gr_x" sh </dev/null >"$gr_o" 3>&1 &
   else
     set -m
-    ( trap : TERM
-      printf '%s' "$gr_c" | "$gr_sh" -c "$gr_i" sh "$gr_sh" "$gr_u" 6>&5 5>&-
-    ) </dev/null 3>&1 1>&4 4>&- &
+    GR_C=$gr_c GHOSTRUNNER_RUN=@TAG@ "$gr_sh" -c "$gr_x" sh </dev/null >"$gr_o" 3>&1 &
   fi
   gr_p=$!
   ( gr_z=
     gr_h=
     trap 'gr_h=1; kill -KILL $gr_z' TERM
-    sleep "$gr_t" >/dev/null & gr_z=$!
+    sleep @TIMEOUT@ & gr_z=$!
     [ -z "$gr_h" ] || kill -KILL "$gr_z"
     wait "$gr_z"
     [ -z "$gr_h" ] || exit 0
-    echo "timeout: watchdog fired"
+    echo "timeout: watchdog fired" >"$gr_r.t"
     gr_kill TERM "$gr_p"
     [ -z "$gr_h" ] || exit 0
-    sleep "$gr_k" >/dev/null & gr_z=$!
+    sleep @KILL_AFTER@ & gr_z=$!
     [ -z "$gr_h" ] || kill -KILL "$gr_z"
     wait "$gr_z"
     [ -z "$gr_h" ] || exit 0
     gr_kill KILL "$gr_p"
-  ) </dev/null 4>&- 5>&- &
+  ) </dev/null >/dev/null &
   gr_w=$!
   wait "$gr_p"
   gr_e=$?
   kill "$gr_w"
   wait "$gr_w"
+  set +m
 fi
-echo "gr_T=$gr_e;"
-); } 4>&7 5>&8 7>&- 8>&-
-exec 7>&- 8>&-
-gr_cut=0
-if [ -n "$gr_f" ]; then
-  gr_n=$(wc -c <"$gr_f" | tr -d ' \t')
-  case $gr_n in ''|*[!0-9]*) gr_n=0 ;; esac
-  if [ "$gr_n" -le @LIMIT@ ]; then
-    cat "$gr_f"
+gr_to=0
+if [ -s "$gr_r.t" ]; then
+  if [ -z "$gr_g" ]; then
+    gr_to=1
   else
-    gr_cut=$((gr_n - @HALF@ - @HALF@))
-    head -c @HALF@ "$gr_f"
-    printf '\\n[... %s bytes cut on the device by GhostRunner ...]\\n' "$gr_cut"
-    tail -c @HALF@ "$gr_f"
+    case $gr_e in 124|137) gr_to=1 ;; esac
   fi
-  rm -f "$gr_f"
 fi
+if [ $gr_to = 1 ] && [ -r /proc/self/environ ]; then
+  for gr_q in $(grep -l -a -F GHOSTRUNNER_RUN=@TAG@ /proc/[0-9]*/environ); do
+    gr_q=${gr_q#/proc/}
+    kill -KILL "${gr_q%/environ}"
+  done
+fi
+gr_cut=0
+if [ -s "$gr_o" ]; then
+  gr_n=$(wc -c <"$gr_o")
+  case $gr_n in *[0-9]*) ;; *) gr_n=0 ;; esac
+  if [ $((gr_n)) -gt @LIMIT@ ]; then
+    gr_cut=$((gr_n - @HALF@ - @HALF@))
+    { head -c @HALF@ "$gr_o"
+      printf '\\n[... %s bytes cut on the device by GhostRunner ...]\\n' "$gr_cut"
+      tail -c @HALF@ "$gr_o"; } >"$gr_o.c" && mv -f "$gr_o.c" "$gr_o"
+  fi
+fi
+printf 'e %s %s %s\\n' "$gr_e" "$gr_to" "$gr_cut" >>"$gr_r"
+[ -s "$gr_o" ] && cat "$gr_o"
+printf '\\nGR_END_%s rc=%s timeout=%s cut=%s\\n' "$gr_m" "$gr_e" "$gr_to" "$gr_cut"
+@CLEANUP@else
+set +C
 gr_s=
 gr_e=
-gr_to=0
-case $gr_r in *gr_S=*) gr_s=${gr_r#*gr_S=}; gr_s=${gr_s%%;*} ;; esac
-case $gr_r in *gr_T=*) gr_e=${gr_r#*gr_T=}; gr_e=${gr_e%%;*} ;; esac
-if [ -n "$gr_s" ]; then
-  gr_e=$gr_s
+if [ -f "$gr_r" ]; then
+  while read -r gr_a gr_b gr_y gr_z; do
+    case $gr_a in s) gr_s=$gr_b ;; e) gr_e=$gr_b; gr_to=$gr_y; gr_cut=$gr_z ;; esac
+  done <"$gr_r"
 else
-  case $gr_r in *gr_V=no*) ;; *timeout:*) gr_to=1 ;; esac
+  printf '\\nGR_%s_%s cannot write to %s\\n' NOJOURNAL "$gr_m" "$gr_d"
+  exit 0
 fi
-case $gr_e in
-  ''|*[!0-9]*) printf '\\nghostrunner: could not determine the exit status\\n' ;;
-  *) printf '\\nGR_END_%s rc=%s timeout=%s cut=%s\\n' "$gr_m" "$gr_e" "$gr_to" "$gr_cut" ;;
-esac
+if [ -n "$gr_e" ]; then
+  printf '\\nGR_%s_%s\\n' RECORD "$gr_m"
+  printf '\\nGR_BEGIN_%s\\n' "$gr_m"
+  [ -s "$gr_o" ] && cat "$gr_o"
+  printf '\\nGR_END_%s rc=%s timeout=%s cut=%s\\n' "$gr_m" "$gr_e" "$gr_to" "$gr_cut"
+elif [ -n "$gr_s" ] && kill -0 "$gr_s"; then
+  printf '\\nGR_%s_%s\\n' RUNNING "$gr_m"
+else
+  printf '\\nGR_%s_%s\\n' UNKNOWN "$gr_m"
+fi
+fi
 }
 """
 
+# The command runs as `sh -c COMMAND sh </dev/null`, evaluated at the top level of that
+# shell; its text comes in the environment variable GR_C, which it unsets first.  Its
+# stderr is fd 3 (the output file: one open file description with stdout) until it
+# moves it to fd 2 itself, so that timeout(1) alone writes to the .t file.
+_SH_SMALL: Final = """gr_x='exec 2>&3 3>&-; eval "unset GR_C; $GR_C"'\n"""
+# A command too long for one argument (Linux: 128 KiB) is read from a file first.
+_SH_BIG: Final = (
+    """printf '%s' "$gr_c" >"$gr_r.c"\n"""
+    """gr_c=$gr_r.c\n"""
+    """gr_x='exec 2>&3 3>&-; eval "unset GR_C; $(cat "$GR_C")"'\n"""
+)
+_ARG_BYTES_MAX: Final = 100_000
 
-# The once-only guard (see "Once only"); @KEY@ is filled in by _wrap_sh.
-_SH_ONCE: Final = """gr_o=${TMPDIR:-/tmp}/.ghostrunner-once-$(id -u 2>/dev/null)
-if mkdir -p "$gr_o" 2>/dev/null && [ -O "$gr_o" ] && chmod 700 "$gr_o" 2>/dev/null; then
-  if ! mkdir "$gr_o/@KEY@" 2>/dev/null && [ -d "$gr_o/@KEY@" ]; then
-    printf '\\nGR_AGAIN_%s\\n' "$gr_m"
-    exit 0
-  fi
-  [ $(($$ % 32)) -ne 0 ] || find "$gr_o" -mindepth 1 -maxdepth 1 -type d -mtime +30 \\
-    -exec rmdir {} + </dev/null >/dev/null 2>&1
-fi
+# Removes the records GhostRunner has collected, and any older than 30 days.
+_SH_COLLECT: Final = """find "$gr_d" -type f ! -name id \\( @NAMES@ -mtime +30 \\) \\
+  -exec rm -f {} + </dev/null >/dev/null
 """
 
 
 def _wrap_sh(
     command: str, marker: str, timeout: float, kill_after: float, sh_path: str,
-    output_limit: int, once: str | None = None,
+    output_limit: int, key: str, *, recover: bool, collect: tuple[str, ...], keep: bool,
+    tag: str,
 ) -> str:
+    names = "".join(f"-name {k}'*' -o " for k in collect)
+    big = len(command.encode("utf-8", "surrogatepass")) > _ARG_BYTES_MAX
     fields = {
-        "@ONCE@": "" if once is None else _SH_ONCE.replace("@KEY@", once),
+        "@COLLECT@": _SH_COLLECT.replace("@NAMES@", names) if collect else "",
+        "@BIG@": _SH_BIG if big else _SH_SMALL,
+        "@CLEANUP@": "" if keep else 'rm -f "$gr_r" "$gr_o" "$gr_r.t" "$gr_r.c"\n',
+        "@RECOVER@": "1" if recover else "0",
+        "@KEY@": key,
+        "@TAG@": tag,
         "@LIMIT@": str(output_limit),
         "@HALF@": str(output_limit // 2),
         # only when needed: it costs a fork
         "@CR@": "gr_cr=$(printf '\\015')\n" if "\r" in command else "",
         "@MARKER@": _sh_word(marker),
-        "@REPORTER@": _sh_word(_SH_REPORTER),
-        "@RUNNER@": _sh_word(_SH_RUNNER),
         "@SH@": _sh_word(sh_path),
         "@TIMEOUT@": str(_whole_seconds(timeout, "timeout", minimum=1)),
         "@KILL_AFTER@": str(_whole_seconds(kill_after, "kill_after", minimum=1)),
     }
     script = _SH_TEMPLATE
-    for key, value in fields.items():
-        script = script.replace(key, value)
+    for name, value in fields.items():
+        script = script.replace(name, value)
     # The command last, so that placeholder-like text inside it is never replaced.
     return script.replace("@COMMAND@", _sh_word(command))
 
@@ -506,6 +566,8 @@ def wrap_command(
     timeout: float,
     marker: str | None = None,
     once: str | None = None,
+    recover: bool = False,
+    collect: tuple[str, ...] = (),
     kill_after: float = 5.0,
     output_limit: int = 64 * 1024,
     _sh_path: str = "/bin/sh",
@@ -515,14 +577,21 @@ def wrap_command(
     ``timeout`` (seconds, > 0) is enforced on the device; ``sh`` rounds it up to whole
     seconds.  ``kill_after`` (``sh`` only, rounded up, at least 1) is the grace between
     SIGTERM and SIGKILL.  ``marker`` defaults to ``secrets.token_hex(16)``; pass one
-    only in tests (16-128 ASCII letters and digits).  ``once`` (``sh`` only; 16-128
-    ASCII letters and digits): the key of the once-only guard; the same key never runs
-    the command twice on one device (see the module docstring).  ``_sh_path`` (tests only) is the
-    shell that runs the command; the agent uses ``/bin/sh``.
+    only in tests (16-128 ASCII letters and digits).
+
+    ``sh`` only (see "The journal" in the module docstring): ``once`` (16-128 ASCII
+    letters and digits) is the attempt's key in the device's journal: the same key
+    never runs the command twice on one device, and its record stays until collected.
+    Without one, a random key is used and the record removed at the end.  ``recover``:
+    this attempt may have reached the device before: report its record, run it only
+    if the journal proves it never started, and never create a journal.  ``collect``:
+    keys whose records GhostRunner has stored, to remove (with any record older than
+    30 days).  ``_sh_path`` (tests only) is the shell that runs the command; the agent
+    uses ``/bin/sh``.
 
     Raises ``ValueError`` for an unknown shell (``"auto"`` must be resolved first), a
-    bad timeout, kill_after or marker, or a command containing NUL (which no shell can
-    receive); ``TypeError`` if ``command`` is not a ``str``.
+    bad timeout, kill_after, marker or key, or a command containing NUL (which no shell
+    can receive); ``TypeError`` if ``command`` is not a ``str``.
     """
     name = _shell_name(shell)
     if not isinstance(command, str):
@@ -533,18 +602,24 @@ def wrap_command(
         marker = secrets.token_hex(16)
     elif not _MARKER_RE.fullmatch(marker):
         raise ValueError("marker must be 16-128 ASCII letters and digits")
-    if once is not None and not _MARKER_RE.fullmatch(once):
-        raise ValueError("once must be 16-128 ASCII letters and digits")
-    if name == "sh":
-        if isinstance(output_limit, bool) or not isinstance(output_limit, int) or (
-            output_limit < 2
-        ):
-            raise ValueError("output_limit must be an integer of at least 2 bytes")
-        script = _wrap_sh(command, marker, timeout, kill_after, _sh_path, output_limit, once)
-    else:
+    for key in (once, *collect):
+        if key is not None and not _MARKER_RE.fullmatch(key):
+            raise ValueError("once and collect keys must be 16-128 ASCII letters and digits")
+    if name != "sh":
         script = _wrap_windows(command, name, marker, timeout)
-    return WrappedCommand(script=script, mesh_type=_MESH_TYPE[name], marker=marker, shell=name,
-                          guarded=name == "sh" and once is not None)
+        return WrappedCommand(script=script, mesh_type=_MESH_TYPE[name], marker=marker,
+                              shell=name)
+    if isinstance(output_limit, bool) or not isinstance(output_limit, int) or (
+        output_limit < 2
+    ):
+        raise ValueError("output_limit must be an integer of at least 2 bytes")
+    key = once if once is not None else secrets.token_hex(16)
+    script = _wrap_sh(
+        command, marker, timeout, kill_after, _sh_path, output_limit, key,
+        recover=recover, collect=collect, keep=once is not None, tag=secrets.token_hex(12),
+    )
+    return WrappedCommand(script=script, mesh_type=_MESH_TYPE[name], marker=marker,
+                          shell=name, journal=True, key=key)
 
 
 def _begin_re(marker: str) -> re.Pattern[str]:
@@ -564,13 +639,11 @@ def parse_result(wrapped: WrappedCommand, raw: str) -> ParsedResult:
     printed before the last valid END line, byte-exact.  See the module docstring.
     """
     begin = _begin_re(wrapped.marker).search(raw)
+    journal, detail = _journal_line(wrapped.marker, raw, begin.start() if begin else len(raw))
     if begin is None:
-        again = re.search(
-            r"(?:\A|\n)" + _AGAIN + re.escape(wrapped.marker) + r"\r?(?:\n|\Z)", raw
-        )
         return ParsedResult(
             started=False, completed=False, exit_code=None, timed_out=False, output=raw,
-            again=again is not None,
+            journal=journal, detail=detail,
         )
     body = raw[begin.end() :]
     end_re = re.compile(
@@ -582,7 +655,8 @@ def parse_result(wrapped: WrappedCommand, raw: str) -> ParsedResult:
     ends = list(end_re.finditer(body))
     if not ends:
         return ParsedResult(
-            started=True, completed=False, exit_code=None, timed_out=False, output=body
+            started=True, completed=False, exit_code=None, timed_out=False, output=body,
+            journal=journal,
         )
     last = ends[-1]
     timed_out = last.group(2) == "1"
@@ -593,4 +667,24 @@ def parse_result(wrapped: WrappedCommand, raw: str) -> ParsedResult:
         timed_out=timed_out,
         output=body[: last.start()],
         truncated=int(last.group(3) or 0) > 0,
+        journal=journal,
     )
+
+
+_JOURNAL_WORDS: Final[dict[str, Journal]] = {
+    "RECORD": "record", "RUNNING": "running", "UNKNOWN": "unknown", "GONE": "gone",
+    "NOJOURNAL": "unusable",
+}
+
+
+def _journal_line(marker: str, raw: str, before: int) -> tuple[Journal, str]:
+    """The journal's report line (with this run's marker, on a line of its own, before
+    the BEGIN line), if any, and the text that follows it on that line."""
+    found = re.search(
+        r"(?:\A|\n)GR_(RECORD|RUNNING|UNKNOWN|GONE|NOJOURNAL)_" + re.escape(marker)
+        + r"(?: ([^\r\n]*))?\r?(?:\n|\Z)",
+        raw[:before],
+    )
+    if found is None:
+        return "", ""
+    return _JOURNAL_WORDS[found.group(1)], found.group(2) or ""

@@ -42,7 +42,7 @@ _MAX_SEQ: Final = (1 << 63) - 1
 
 RUN_COLS: Final = (
     "state, attempts, undelivered, queued_at, available_at, expires_at, started_at, "
-    "finished_at, exit_code, output, output_truncated, error"
+    "finished_at, exit_code, output, output_truncated, error, recovered"
 )
 R_RUN_COLS: Final = ", ".join(f"r.{c}" for c in RUN_COLS.split(", "))
 TASK_COLS: Final = (
@@ -91,7 +91,8 @@ LIMIT :limit
 """
 
 CLAIM_SQL: Final = f"""
-UPDATE runs SET state = 'dispatched', attempts = attempts + 1, started_at = :now
+UPDATE runs SET state = 'dispatched', attempts = attempts + 1, started_at = :now,
+                recovered = 0
 WHERE {KEY_WHERE} AND state = 'pending'
   AND task_seq NOT IN (SELECT task_seq FROM task_counts WHERE paused)
 RETURNING {RUN_COLS}
@@ -101,16 +102,16 @@ RETURNING {RUN_COLS}
 #: with :state 'lost', the one a release sends again (before the UPDATE).
 RECORD_ATTEMPT_SQL: Final = f"""
 INSERT OR REPLACE INTO attempts(task_seq, node, number, state, started_at, finished_at,
-                                exit_code, output, output_truncated, error)
+                                exit_code, output, output_truncated, error, recovered)
 SELECT task_seq, node, attempts, coalesce(:state, state), started_at,
        coalesce(:finished, finished_at), exit_code, output, output_truncated,
-       coalesce(:error, error)
+       coalesce(:error, error), recovered
 FROM runs WHERE {KEY_WHERE}
 """
 
 ATTEMPTS_SQL: Final = """
 SELECT n.node_id, a.number, a.state, a.started_at, a.finished_at, a.exit_code, a.output,
-       a.output_truncated, a.error
+       a.output_truncated, a.error, a.recovered
 FROM attempts AS a
 JOIN runs AS r ON r.task_seq = a.task_seq AND r.node = a.node
 JOIN nodes AS n ON n.nid = a.node
@@ -368,6 +369,7 @@ def run(task_id: str, node_id: str, row: Sequence[Any]) -> Run:
         output=row[9],
         output_truncated=bool(row[10]),
         error=row[11],
+        recovered=bool(row[12]),
     )
 
 
@@ -405,7 +407,7 @@ def attempt(row: Sequence[Any]) -> Attempt:
     return trusted(
         Attempt, number=row[0], state=RunState(row[1]), started_at=dto(row[2]),
         finished_at=dto(row[3]), exit_code=row[4], output=row[5],
-        output_truncated=bool(row[6]), error=row[7],
+        output_truncated=bool(row[6]), error=row[7], recovered=bool(row[8]),
     )
 
 

@@ -221,8 +221,22 @@ def _v2(db: sqlite_utils.Database) -> None:
         db.execute(sql)
 
 
+#: Version 3: outcome recovery. ``recovered`` marks a run (and an attempt) whose
+#: outcome came from the device's journal after GhostRunner had lost the reply.
+_V3: Final = (
+    "ALTER TABLE runs ADD COLUMN recovered INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE attempts ADD COLUMN recovered INTEGER NOT NULL DEFAULT 0",
+)
+
+
+def _v3(db: sqlite_utils.Database) -> None:
+    """Outcomes recovered from the device's journal."""
+    for sql in _V3:
+        db.execute(sql)
+
+
 #: ``MIGRATIONS[n]`` brings a database from schema version n to n + 1. Append only.
-MIGRATIONS: Final[tuple[Callable[[sqlite_utils.Database], None], ...]] = (_v1, _v2)
+MIGRATIONS: Final[tuple[Callable[[sqlite_utils.Database], None], ...]] = (_v1, _v2, _v3)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 

@@ -256,11 +256,13 @@ class SQLiteStore:
         sets = ["state = :state", "finished_at = :finished", "error = :error"]
         finished = now
         if outcome is not None:
-            sets += ["exit_code = :exit_code", "output = :output", "output_truncated = :trunc"]
+            sets += ["exit_code = :exit_code", "output = :output", "output_truncated = :trunc",
+                     "recovered = :recovered"]
             params.update(
                 exit_code=outcome.exit_code,
                 output=outcome.output,
                 trunc=int(outcome.output_truncated),
+                recovered=int(outcome.recovered),
             )
             if outcome.finished_at is not None:
                 finished = outcome.finished_at
@@ -395,7 +397,7 @@ class SQLiteStore:
                 db, task_id,
                 "state = 'pending', available_at = :now, started_at = NULL, "
                 "expires_at = NULL, finished_at = NULL, exit_code = NULL, output = '', "
-                "output_truncated = 0, error = NULL",
+                "output_truncated = 0, error = NULL, recovered = 0",
                 "state IN (SELECT value FROM json_each(:states))", params,
             )
 

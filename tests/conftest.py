@@ -42,6 +42,15 @@ class _Bound:
         _FIGURES.add(name, value, unit, test=self._test)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _device_journal(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Wrapped commands run here keep their journal in a temporary directory, never in
+    the machine's /var/lib/ghostrunner or ~/.ghostrunner (tests may pick their own)."""
+    os.environ.setdefault(
+        "GHOSTRUNNER_JOURNAL", str(tmp_path_factory.mktemp("device") / "journal")
+    )
+
+
 @pytest.fixture
 def figures(request: pytest.FixtureRequest) -> _Bound:
     """Record a measured figure: ``figures.add(name, value, unit)``."""

@@ -374,13 +374,16 @@ else
   set +m
 fi
 gr_to=0
-if [ -s "$gr_r.t" ]; then
-  if [ -z "$gr_g" ]; then
-    gr_to=1
-  else
-    case $gr_e in 124|137) gr_to=1 ;; esac
-  fi
-fi
+gr_l=
+[ ! -s "$gr_r.t" ] || read -r gr_l <"$gr_r.t"
+case $gr_l in
+  timeout:*)
+    if [ -z "$gr_g" ]; then
+      gr_to=1
+    else
+      case $gr_e in 124|137) gr_to=1 ;; esac
+    fi ;;
+esac
 if [ $gr_to = 1 ] && [ -r /proc/self/environ ]; then
   for gr_q in $(grep -l -a -F GHOSTRUNNER_RUN=@TAG@ /proc/[0-9]*/environ); do
     gr_q=${gr_q#/proc/}

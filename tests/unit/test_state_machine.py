@@ -3,12 +3,16 @@
 Random operators submit and cancel tasks (plain ones, and fleet ones with a tag
 selector, continuous or not, with rollout limits and an abort rule), pause, resume and
 retry them, tag devices, devices come and go, commands succeed, fail, are refused,
-vanish or hang, time moves, and GhostRunner crashes and restarts over the same store.
+vanish or hang, replies are lost (the device keeps the outcome in its journal), device
+journals are wiped, time moves, and GhostRunner crashes and restarts over the same store.
 After every step the guarantees must hold: never a command to an offline or busy
 device, never an at_most_once attempt twice, no run invented or lost (a device gets a
 run of a task only if named or matched, and never two), terminal runs frozen until
 retried, attempts within bounds, no task over its max_concurrent or its per_minute
-rate, no run started while its task is paused or after it was aborted; and at the end,
+rate, no run started while its task is paused or after it was aborted, no run executed
+again while its device holds the finished record of an earlier attempt (whatever the
+delivery policy) unless an operator retried it, every dispatched run in flight or held
+in recovery; and at the end,
 with every device online and healthy, every run reaches a terminal state and every
 device matching a live continuous task has its run.
 """
@@ -54,7 +58,7 @@ from ghostrunner.errors import (
     PermanentError,
     ValidationError,
 )
-from ghostrunner.testing import FakeClock, FakeExecutor, InMemoryStore, crash
+from ghostrunner.testing import FakeClock, FakeExecutor, InMemoryStore, ReplyLost, crash
 
 T = TypeVar("T")
 
@@ -62,7 +66,8 @@ NODES = ("n1", "n2", "n3", "n4")
 TAGS = ("a", "b")
 MAX_IN_FLIGHT = 2
 BEHAVIOURS = st.sampled_from(
-    ["ok", "ok", "exit", "timed_out", "not_delivered", "unknown", "permanent", "hang", "hang"]
+    ["ok", "ok", "exit", "timed_out", "not_delivered", "unknown", "permanent", "hang", "hang",
+     "reply_lost"]
 )
 
 
@@ -119,7 +124,7 @@ class GhostRunnerMachine(RuleBasedStateMachine):
         self.exit_code = 1
         self.release = asyncio.Event()
         self.hanging: set[str] = set()
-        self.executor = FakeExecutor(self.handle, devices=NODES)
+        self.executor = FakeExecutor(self.handle, devices=NODES, journal=True)
         self.tags: dict[str, set[str]] = {node: set() for node in NODES}
         self.allowed: dict[str, set[str]] = {}  # task id -> nodes it may have a run on
         self.retried: Counter[RunKey] = Counter()  # operator retries of each run
@@ -169,8 +174,10 @@ class GhostRunnerMachine(RuleBasedStateMachine):
             return Outcome(exit_code=None, timed_out=True)
         if behaviour == "not_delivered":
             raise NotDelivered("agent busy")
-        if behaviour == "unknown":
+        if behaviour == "unknown":  # the device restarted mid-run: no record of the end
             raise OutcomeUnknown("no reply")
+        if behaviour == "reply_lost":  # it ran; its device knows how it ended
+            raise ReplyLost(Outcome(exit_code=0, output="ran, reply lost"))
         if behaviour == "permanent":
             raise PermanentError("access denied")
         return Outcome(exit_code=0, output=request.command)
@@ -395,6 +402,11 @@ class GhostRunnerMachine(RuleBasedStateMachine):
     def set_online(self, node: str, online: bool) -> None:
         self.executor.set_online(node, online)
 
+    @rule(node=st.sampled_from(NODES))
+    def wipe_journal(self, node: str) -> None:
+        """The device reboots and its journal is gone (or an operator deleted it)."""
+        self.executor.wipe_journal(node)
+
     @rule(seconds=st.sampled_from([0.5, 1, 2, 5, 10, 30, 61]))
     def advance(self, seconds: float) -> None:
         self.clock.advance(seconds)
@@ -516,12 +528,20 @@ class GhostRunnerMachine(RuleBasedStateMachine):
                 assert self.frozen.setdefault(key, run) == run
                 assert run.finished_at is not None
         # one command in flight per device, within the global cap, and every dispatched
-        # run is really in flight in this process (a dead one's were recovered)
+        # run is really in flight in this process or held until its device tells its
+        # outcome (a dead process's runs are recovered); devices held run nothing else
+        loop = self.runner.loop
         assert len(dispatched) == len(set(dispatched))
-        assert set(dispatched) == set(self.runner.loop.in_flight)
-        assert len(dispatched) <= MAX_IN_FLIGHT
+        assert set(dispatched) == set(loop.in_flight | loop.recovering)
+        assert len(loop.in_flight) <= MAX_IN_FLIGHT
         assert self.peak_busy <= MAX_IN_FLIGHT
-        assert ex.busy == set(dispatched)
+        assert ex.busy <= set(dispatched)
+        if loop.recovering:
+            event("a run is held in recovery")
+        # an attempt whose device holds its finished record is never run again (under
+        # at_least_once too): only an operator's retry runs a finished run again
+        reruns = Counter(RunKey(r.task_id, r.node_id) for r in ex.reruns)
+        assert all(n <= self.retried[key] for key, n in reruns.items()), reruns
         for key in self.frozen:
             assert key in self.store.runs
 
@@ -552,6 +572,8 @@ class GhostRunnerMachine(RuleBasedStateMachine):
         for key, run in self.store.runs.items():
             if run.state is RunState.SUCCEEDED:
                 assert key in {r.key for r in self.executor.executions}
+            if run.recovered:
+                event("a run's outcome was recovered from its device's journal")
         self.run(self.runner.__aexit__(None, None, None))
         self.gr = None
 

@@ -228,7 +228,9 @@ def envs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Env | str]:
             elif mode in missing:
                 result[key] = missing[mode]
             else:
-                environ = dict(os.environ, PATH=paths[mode], HOME=HOME)
+                journal = base / f"journal-{key}"
+                environ = dict(os.environ, PATH=paths[mode], HOME=HOME,
+                               GHOSTRUNNER_JOURNAL=str(journal))
                 result[key] = Env(shell, mode, environ)
     return result
 
@@ -382,8 +384,8 @@ TIMEOUT_CASES = [
 ]
 
 
-# prints the command's process group and the name of its shell's grandparent
-STRATEGY_PROBE = 'echo "$(ps -o pgid= -p $$) $(ps -o comm= -p $(ps -o ppid= -p $PPID))"'
+# prints the command's process group and the name of its shell's parent
+STRATEGY_PROBE = 'echo "$(ps -o pgid= -p $$) $(ps -o comm= -p $PPID)"'
 
 
 @attrs.frozen
@@ -604,10 +606,10 @@ def test_sh_strategy_is_the_one_under_test(
     assert isinstance(env, Env)
     parsed = run.parsed
     assert parsed.exit_code == 0, run.raw
-    pgid_text, grandparent = parsed.output.split()
+    pgid_text, parent = parsed.output.split()
     pgid = int(pgid_text)
     if env.mode == "timeout":
-        assert grandparent == "timeout"
+        assert parent == "timeout"
         assert pgid != run.pgid
     elif env.mode == "setsid":
         assert pgid != run.pgid  # setsid made a session (and process group) of its own
@@ -998,16 +1000,26 @@ def test_markers_are_random_and_kept_out_of_repr(shell: str) -> None:
     assert f"GR_END_{first.marker}" not in first.script
 
 
+def sh_run(wrapped: WrappedCommand, environ: Mapping[str, str] | None = None) -> ParsedResult:
+    """Run ``wrapped`` with /bin/sh as the agent does (without the agent's open stdin)."""
+    done = subprocess.run(
+        ["/bin/sh"], input=wrapped.script.replace("\r", "") + "\nexit\n",
+        capture_output=True, text=True, timeout=60, env=dict(environ or os.environ),
+    )
+    return parse_result(wrapped, done.stdout + done.stderr)
+
+
 def test_sh_caps_big_output_on_the_device_keeping_head_and_tail(tmp_path: Path) -> None:
     """A 3 MB output never leaves the device whole: the wrapper keeps the first and
     last output_limit/2 bytes, says how much it cut, and reports the exact exit code."""
     command = (
         "echo FIRST; head -c 3000000 /dev/zero | tr '\\0' x; echo; echo LAST >&2; exit 4"
     )
+    journal = tmp_path / "journal"
     wrapped = wrap_command(command, "sh", timeout=30, output_limit=1000)
     done = subprocess.run(
         ["/bin/sh"], input=wrapped.script + "\nexit\n", capture_output=True, text=True,
-        timeout=60, env={**os.environ, "TMPDIR": str(tmp_path)},
+        timeout=60, env={**os.environ, "GHOSTRUNNER_JOURNAL": str(journal)},
     )
     raw = done.stdout + done.stderr
     assert len(raw) < 2000
@@ -1018,74 +1030,209 @@ def test_sh_caps_big_output_on_the_device_keeping_head_and_tail(tmp_path: Path) 
     assert parsed.output.endswith("x" * 494 + "\nLAST\n")
     total = len("FIRST\n") + 3_000_000 + len("\nLAST\n")
     assert f"[... {total - 1000} bytes cut on the device by GhostRunner ...]" in parsed.output
-    assert list(tmp_path.iterdir()) == []  # the capture file is gone
+    # without a key nobody collects the record: the wrapper removed it itself
+    assert sorted(p.name for p in journal.iterdir()) == ["id", "timeout.ok"]
 
 
 def test_sh_small_output_is_not_marked_truncated() -> None:
-    wrapped = wrap_command("printf abc", "sh", timeout=30, output_limit=3)
-    done = subprocess.run(["/bin/sh"], input=wrapped.script + "\nexit\n",
-                          capture_output=True, text=True, timeout=60)
-    parsed = parse_result(wrapped, done.stdout + done.stderr)
+    parsed = sh_run(wrap_command("printf abc", "sh", timeout=30, output_limit=3))
     assert (parsed.output, parsed.truncated, parsed.exit_code) == ("abc", False, 0)
 
 
 # --------------------------------------------------------------------------------------
-# The once-only guard
+# The journal: once only, outcome recovery, collection
+
+
+KEY = "k" * 16 + "1"
 
 
 @pytest.mark.parametrize("env_id", ["dash-timeout", "dash-jobs", "bash-as-sh-setsid"])
-def test_sh_once_key_runs_the_command_once_per_device(
+def test_sh_key_runs_the_command_once_per_device(
     envs: dict[str, Env | str], env_id: str, tmp_path: Path
 ) -> None:
-    """A second dispatch with the same key (a resend after a late start) reports
-    ``again`` and runs nothing; another key (another attempt) runs."""
+    """A second dispatch with the same key (a resend, a recovery) reports the first
+    one's record and runs nothing; another key (another attempt) runs."""
     env = envs[env_id]
     if isinstance(env, str):
         pytest.skip(env)
-    env = attrs.evolve(env, environ={**env.environ, "TMPDIR": str(tmp_path)})
+    journal = tmp_path / "journal"
+    env = attrs.evolve(env, environ={**env.environ, "GHOSTRUNNER_JOURNAL": str(journal)})
     log = tmp_path / "ran"
-    command = f"echo ran >> {shlex.quote(str(log))}; echo hello"
-    key = "k" * 16 + "1"
+    command = f"echo ran >> {shlex.quote(str(log))}; echo hello; exit 3"
 
-    def dispatch(once: str) -> ParsedResult:
-        wrapped = wrap_command(command, "sh", timeout=30, once=once, _sh_path=env.shell.path)
+    def dispatch(once: str, recover: bool = False) -> ParsedResult:
+        wrapped = wrap_command(command, "sh", timeout=30, once=once, recover=recover,
+                               _sh_path=env.shell.path)
         return run_like_agent(wrapped, env).parsed
 
-    first = dispatch(key)
-    assert (first.started, first.exit_code, first.output, first.again) == (
-        True, 0, "hello\n", False)
-    again = dispatch(key)
-    assert (again.started, again.completed, again.again) == (False, False, True)
+    first = dispatch(KEY)
+    assert (first.exit_code, first.output, first.journal) == (3, "hello\n", "")
+    for recover in (False, True):
+        again = dispatch(KEY, recover)
+        assert (again.exit_code, again.output, again.journal) == (3, "hello\n", "record")
     assert log.read_text() == "ran\n"
     other = dispatch("k" * 16 + "2")
-    assert (other.exit_code, other.again) == (0, False)
+    assert (other.exit_code, other.journal) == (3, "")
     assert log.read_text() == "ran\nran\n"
-    guard = tmp_path / f".ghostrunner-once-{os.getuid()}"
-    assert sorted(p.name for p in guard.iterdir()) == [key, "k" * 16 + "2"]
-    assert guard.stat().st_mode & 0o777 == 0o700
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("tmp")] == []
+    names = {p.name for p in journal.iterdir()}
+    assert {KEY, KEY + ".o", "k" * 16 + "2", "id"} <= names
+    assert journal.stat().st_mode & 0o777 == 0o700
 
 
-def test_sh_once_guard_that_cannot_be_made_does_not_stop_the_command(tmp_path: Path) -> None:
-    """No usable guard directory (here TMPDIR is a file): the command runs, unguarded."""
-    blocker = tmp_path / "not-a-dir"
+def journal_env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "GHOSTRUNNER_JOURNAL": str(tmp_path / "journal")}
+
+
+def test_recovery_never_creates_a_journal_and_runs_nothing_without_one(tmp_path: Path) -> None:
+    """A wiped journal reads as "gone", never as "not started"."""
+    environ = journal_env(tmp_path)
+    log = tmp_path / "ran"
+    wrapped = wrap_command(f"echo x >> {log}", "sh", timeout=30, once=KEY, recover=True)
+    assert sh_run(wrapped, environ).journal == "gone"
+    assert not (tmp_path / "journal").exists()
+    assert not log.exists()
+    # a journal emptied of its files (its id with them) is gone too
+    (tmp_path / "journal").mkdir(mode=0o700)
+    assert sh_run(wrapped, environ).journal == "gone"
+    assert not log.exists()
+
+
+def test_recovery_runs_an_attempt_the_journal_proves_never_started(tmp_path: Path) -> None:
+    environ = journal_env(tmp_path)
+    assert sh_run(wrap_command("true", "sh", timeout=30), environ).exit_code == 0  # makes it
+    log = tmp_path / "ran"
+    wrapped = wrap_command(f"echo x >> {log}; exit 5", "sh", timeout=30, once=KEY, recover=True)
+    parsed = sh_run(wrapped, environ)
+    assert (parsed.exit_code, parsed.journal) == (5, "")
+    assert log.read_text() == "x\n"
+
+
+def test_a_record_without_an_end_is_running_or_unknown(tmp_path: Path) -> None:
+    """Started and not finished: still running if its wrapper lives (ask later), else
+    unknown (the device restarted mid-run): never run again."""
+    environ = journal_env(tmp_path)
+    journal = tmp_path / "journal"
+    assert sh_run(wrap_command("true", "sh", timeout=30), environ).exit_code == 0
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        (journal / KEY).write_text(f"s {alive.pid}\n")
+        wrapped = wrap_command("echo ran", "sh", timeout=30, once=KEY, recover=True)
+        assert sh_run(wrapped, environ).journal == "running"
+    finally:
+        alive.kill()
+        alive.wait()
+    assert sh_run(wrapped, environ).journal == "unknown"
+    (journal / KEY).write_text("")  # created, then the device died before writing
+    assert sh_run(wrapped, environ).journal == "unknown"
+
+
+def test_collect_removes_the_named_records_and_old_ones_only(tmp_path: Path) -> None:
+    environ = journal_env(tmp_path)
+    journal = tmp_path / "journal"
+    keys = [f"{c * 16}" for c in "abcd"]
+    for key in keys:
+        assert sh_run(wrap_command("echo hi", "sh", timeout=30, once=key), environ).exit_code == 0
+    old = journal / keys[3]
+    stamp = time.time() - 31 * 86400
+    os.utime(old, (stamp, stamp))
+    parsed = sh_run(wrap_command("true", "sh", timeout=30, once="e" * 16,
+                                 collect=(keys[0], keys[1])), environ)
+    assert parsed.exit_code == 0
+    left = sorted(p.name for p in journal.iterdir())
+    assert left == sorted(["id", "timeout.ok", keys[2], keys[2] + ".o", keys[2] + ".t",
+                           keys[3] + ".o", keys[3] + ".t", "e" * 16, "e" * 16 + ".o",
+                           "e" * 16 + ".t"])
+
+
+def test_a_planted_symlink_is_refused_and_its_target_untouched(tmp_path: Path) -> None:
+    """Security review #3: another local user plants a link where the journal goes;
+    the wrapper must neither follow it (chmod, create files in the target) nor run."""
+    target = tmp_path / "victim"
+    target.mkdir(mode=0o755)
+    link = tmp_path / "journal"
+    link.symlink_to(target)
+    log = tmp_path / "ran"
+    for recover in (False, True):
+        wrapped = wrap_command(f"echo x >> {log}", "sh", timeout=30, once=KEY, recover=recover)
+        parsed = sh_run(wrapped, journal_env(tmp_path))
+        assert parsed.journal == "unusable", parsed
+        assert "symbolic link" in parsed.detail
+    assert target.stat().st_mode & 0o777 == 0o755
+    assert list(target.iterdir()) == []
+    assert not log.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a directory of another user")
+def test_a_journal_of_another_user_is_refused(tmp_path: Path) -> None:
+    journal = tmp_path / "journal"
+    journal.mkdir(mode=0o777)
+    os.chown(journal, 65534, 65534)
+    parsed = sh_run(wrap_command("echo ran", "sh", timeout=30, once=KEY), journal_env(tmp_path))
+    assert (parsed.journal, parsed.started) == ("unusable", False)
+    assert list(journal.iterdir()) == []
+
+
+def test_no_journal_directory_refuses_to_run(tmp_path: Path) -> None:
+    blocker = tmp_path / "journal"
     blocker.write_text("")
-    env = Env(ShellCase("sh", "/bin/sh", "sh"), "auto",
-              {**os.environ, "TMPDIR": str(blocker)})
-    for _ in range(2):
-        wrapped = wrap_command("echo hi", "sh", timeout=30, once="g" * 16)
-        assert run_like_agent(wrapped, env).parsed.output == "hi\n"
+    log = tmp_path / "ran"
+    parsed = sh_run(wrap_command(f"echo x >> {log}", "sh", timeout=30, once=KEY),
+                    journal_env(tmp_path))
+    assert parsed.journal == "unusable"
+    assert not log.exists()
+    assert blocker.read_text() == ""
 
 
-def test_again_line_needs_the_exact_marker() -> None:
+def test_the_command_cannot_forge_its_status_through_its_parents_descriptors(
+    tmp_path: Path,
+) -> None:
+    """Security review #5: writing a fake report (the old wrapper's ``gr_S=0;``, or a
+    record line) to every descriptor of its parent and of itself changes nothing: the
+    status is the one ``wait`` returned to the wrapper."""
+    command = (
+        "for f in /proc/$PPID/fd/* /proc/$$/fd/*; do "
+        "printf 'gr_S=0;\\ne 0 0 0\\n' >\"$f\"; done 2>/dev/null; exit 7"
+    )
+    parsed = sh_run(wrap_command(command, "sh", timeout=30, once=KEY), journal_env(tmp_path))
+    assert (parsed.exit_code, parsed.timed_out, parsed.completed) == (7, False, True)
+    recovered = sh_run(wrap_command(command, "sh", timeout=30, once=KEY, recover=True),
+                       journal_env(tmp_path))
+    assert (recovered.exit_code, recovered.journal) == (7, "record")
+
+
+@pytest.mark.skipif(shutil.which("setsid") is None or shutil.which("timeout") is None,
+                    reason="needs setsid(1) and timeout(1)")
+def test_a_child_that_calls_setsid_does_not_outlive_the_timeout(tmp_path: Path) -> None:
+    """Security review #8: timeout(1) signals its process group; a child in a session
+    of its own escaped it. On timeout the wrapper kills every process that carries the
+    run's tag in its environment (Linux)."""
+    seconds = str(50_000 + secrets.randbelow(40_000))
+    command = f"setsid sh -c 'sleep {seconds}' </dev/null >/dev/null 2>&1 & sleep {seconds}1"
+    environ = {**journal_env(tmp_path), MARK.split("=")[0]: MARK.split("=")[1]}
+    try:
+        parsed = sh_run(wrap_command(command, "sh", timeout=1, kill_after=1), environ)
+        assert parsed.timed_out
+        assert_no_process(["sleep", seconds])
+    finally:
+        kill_processes(["sleep", seconds])
+        kill_processes(["sleep", seconds + "1"])
+
+
+def test_journal_lines_need_the_exact_marker() -> None:
     wrapped = wrap_command("echo hi", "sh", timeout=5, once="a" * 16)
-    assert parse_result(wrapped, f"\nGR_AGAIN_{wrapped.marker}\n").again
-    assert parse_result(wrapped, f"GR_AGAIN_{wrapped.marker}").again
-    assert not parse_result(wrapped, f"\nGR_AGAIN_{'0' * 32}\n").again
-    assert not parse_result(wrapped, f"x GR_AGAIN_{wrapped.marker}\n").again
-    assert f"GR_AGAIN_{wrapped.marker}" not in wrapped.script
+    m = wrapped.marker
+    assert parse_result(wrapped, f"\nGR_GONE_{m}\n").journal == "gone"
+    assert parse_result(wrapped, f"GR_RUNNING_{m}").journal == "running"
+    assert parse_result(wrapped, f"\nGR_NOJOURNAL_{m} why\r\n").detail == "why"
+    assert parse_result(wrapped, f"\nGR_GONE_{'0' * 32}\n").journal == ""
+    assert parse_result(wrapped, f"x GR_GONE_{m}\n").journal == ""
+    # after BEGIN it is the command's output, not the journal's word
+    assert parse_result(wrapped, f"\nGR_BEGIN_{m}\nGR_GONE_{m}\n").journal == ""
+    for word in ("GONE", "RUNNING", "UNKNOWN", "RECORD", "NOJOURNAL"):
+        assert f"GR_{word}_{m}" not in wrapped.script
     with pytest.raises(ValueError, match="once"):
         wrap_command("echo hi", "sh", timeout=5, once="short")
-    assert wrapped.guarded
-    assert not wrap_command("echo hi", "sh", timeout=5).guarded
-    assert not wrap_command("echo hi", "cmd", timeout=5, once="a" * 16).guarded
+    with pytest.raises(ValueError, match="collect"):
+        wrap_command("echo hi", "sh", timeout=5, collect=("x;rm",))
+    assert wrapped.journal and wrapped.key == "a" * 16
+    assert not wrap_command("echo hi", "cmd", timeout=5, once="a" * 16).journal

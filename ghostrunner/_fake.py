@@ -20,7 +20,7 @@ Handler = Callable[[RunRequest, Device], Outcome | Awaitable[Outcome]]
 OutcomeUnknown or PermanentError; may be async (e.g. to add latency or hang)."""
 
 
-class ReplyLost(Exception):  # noqa: N818 (what happened, not an error of the caller)
+class ReplyLost(Exception):
     """Raised by a handler: the command ran to ``outcome`` on the device, but the reply
     never came back. With a journal the device keeps the outcome (the dispatch raises a
     recoverable ``OutcomeUnknown``); without one it is simply unknown."""

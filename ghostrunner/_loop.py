@@ -637,7 +637,8 @@ class Reconciler:
                 result = exc
             except TimeoutError:
                 result = OutcomeUnknown(
-                    f"no reply within {task.timeout + self.settings.dispatch_grace:.0f}s"
+                    f"no reply within {task.timeout + self.settings.dispatch_grace:.0f}s",
+                    recoverable=self.executor.recoverable(run.node_id),
                 )
             except Exception as exc:  # a bug in an executor must not kill the loop
                 log.exception("executor failed on %s", run.key)

@@ -127,7 +127,8 @@ class Agent:
         with open(self.log_path, "ab") as log:
             log.write(f"\n=== agent start {time.strftime('%Y-%m-%d %H:%M:%S')} ===\n".encode())
             log.flush()
-            # its commands' temporary files (and once-only guards) stay in its directory
+            # its commands' temporary files and GhostRunner's journal of what ran stay in
+            # its directory (one agent per machine would use /var/lib/ghostrunner)
             tmp = self._dir / "tmp"
             tmp.mkdir(exist_ok=True)
             self._adopted = None
@@ -137,12 +138,19 @@ class Agent:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**_clean_env(), "TMPDIR": str(tmp)},
+                env={**_clean_env(), "TMPDIR": str(tmp),
+                     "GHOSTRUNNER_JOURNAL": str(self.journal_path)},
                 start_new_session=True,
             )
         pid_file.write_text(f"{self._proc.pid}\n")
         if wait and self._node_id is None:
             self.wait_enrolled(timeout=timeout)
+
+    @property
+    def journal_path(self) -> Path:
+        """Where this agent's commands keep GhostRunner's journal (``GHOSTRUNNER_JOURNAL``
+        in its environment)."""
+        return self._dir / "journal"
 
     def stop(self, kill: bool = False, timeout: float = 10.0) -> None:
         """Stop the agent: SIGTERM (or SIGKILL with ``kill=True``) to its process group.

@@ -14,7 +14,10 @@ fails loudly, with the seed and the offending runs, if one of these breaks:
 * a ``succeeded`` or ``failed`` run executed, with the planned exit code and its own
   output (its label: a reply credited to the wrong run would show);
 * ``lost`` only as the delivery policy allows (at_least_once: all attempts used);
-  ``timed_out``, ``expired`` and ``cancelled`` never happen here.
+  ``timed_out``, ``expired`` and ``cancelled`` never happen here;
+* with ``reachable`` (the devices stayed up: only GhostRunner or MeshCentral failed),
+  the device's journal answers for every run: no ``lost`` run at all, and no
+  at_least_once run executed more than once.
 
 The seed is printed and recorded; ``GHOSTRUNNER_FAULT_SEED=<seed>`` replays the same
 plan and fault schedule (the timing of real processes still varies).
@@ -92,6 +95,7 @@ class Tally:
     lost_executed: int = 0
     lost_not_executed: int = 0
     at_most_once_twice: int = 0
+    recovered: int = 0  # runs whose outcome was read back from the device's journal
     undelivered: int = 0  # dispatches known not to have reached the device (retried)
     longest: float = 0.0  # seconds of the longest (last) dispatch: claimed -> settled
 
@@ -106,6 +110,7 @@ class Tally:
         figures.add(f"{prefix}: at_least_once runs", self.at_least_once)
         figures.add(f"{prefix}: at_least_once runs executed more than once", self.repeated)
         figures.add(f"{prefix}: at_most_once runs executed twice", self.at_most_once_twice)
+        figures.add(f"{prefix}: outcomes recovered from the device journal", self.recovered)
         figures.add(f"{prefix}: not-delivered dispatches (retried)", self.undelivered)
         figures.add(f"{prefix}: longest dispatch, claimed -> settled", self.longest, "s")
 
@@ -170,9 +175,11 @@ class Ledger:
         strays = [line for line in counts if line not in self.planned]
         return counts, strays
 
-    def check(self, recorded: Iterable[tuple[Task, Run]], **context: object) -> Tally:
-        """Check every invariant (module docstring); raise AssertionError listing every
-        violation, with the seed, the counts and ``context`` (what the faults were)."""
+    def check(self, recorded: Iterable[tuple[Task, Run]], *, reachable: bool = False,
+              **context: object) -> Tally:
+        """Check every invariant (module docstring; ``reachable``: the devices stayed
+        up); raise AssertionError listing every violation, with the seed, the counts and
+        ``context`` (what the faults were)."""
         ran, strays = self.executions()
         problems = [f"line {line!r} in the log is no planned run" for line in strays]
         runs: dict[str, Run] = {}
@@ -194,7 +201,7 @@ class Ledger:
         for label, run in sorted(runs.items()):
             planned = self.planned[label]
             problems += [f"{label}: {p} ({_describe(run, ran[label])})"
-                         for p in _violations(planned, run, ran[label])]
+                         for p in _violations(planned, run, ran[label], reachable)]
             _count(tally, planned, run, ran[label])
         if problems:
             shown = "\n  ".join(problems[:60])
@@ -208,9 +215,13 @@ class Ledger:
         return tally
 
 
-def _violations(planned: Planned, run: Run, ran: int) -> list[str]:
+def _violations(planned: Planned, run: Run, ran: int, reachable: bool) -> list[str]:
     out = []
     state = run.state
+    if reachable and state is RunState.LOST:
+        out.append("lost although its device stayed reachable (its journal had the answer)")
+    if reachable and ran > 1:
+        out.append("executed more than once although its device stayed reachable")
     if not state.terminal:
         out.append(f"not terminal: {state.value}")
     if planned.delivery is Delivery.AT_MOST_ONCE and (ran > 1 or run.attempts > 1):
@@ -237,6 +248,7 @@ def _violations(planned: Planned, run: Run, ran: int) -> list[str]:
 
 def _count(tally: Tally, planned: Planned, run: Run, ran: int) -> None:
     tally.states[run.state.value] += 1
+    tally.recovered += run.recovered
     tally.undelivered += run.undelivered
     if run.started_at is not None and run.finished_at is not None:
         tally.longest = max(tally.longest, (run.finished_at - run.started_at).total_seconds())

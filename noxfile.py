@@ -71,7 +71,8 @@ def demo(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks; each prints its figures and the targets they are held to."""
+    """Benchmarks; each prints its figures and the targets they are held to
+    (``bench_latency`` and ``bench_dispatch`` run the real MeshCentral lab)."""
     _install(session)
     scripts = sorted((HERE / "benchmarks").glob("bench_*.py"))
     wanted = set(session.posargs)

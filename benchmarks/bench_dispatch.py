@@ -25,8 +25,8 @@ Other modes:
   bare loop costs the agent). ``--wrapper module:function`` measures another wrapper
   (same signature as :func:`ghostrunner.meshcentral._wrappers.wrap_command`; it may
   return the script or an object with ``.script``); :func:`measure_wrapper` does the
-  same from Python. This module's :func:`wrap_minimal` and :func:`wrap_no_probe` are
-  two designs to compare against.
+  same from Python. This module's :func:`wrap_minimal` (a lower bound, not a
+  proposal) is a design to compare against.
 * ``--diagnose``: after the A/B rounds, instrumented GhostRunner rounds (methods of the
   store, the executor and the loop wrapped from the outside, this process only) give a
   per-run timeline of each device's command slot, the store calls per run and the CPU
@@ -103,21 +103,7 @@ def wrap_minimal(command: str, shell: str, *, timeout: float, marker: str | None
         "gr_e=$?\n"
         "printf '\\nGR_END_%s rc=%s timeout=0\\n' \"$gr_m\" \"$gr_e\"\n"
     )
-    return WrappedCommand(script=script, mesh_type=0, marker=marker, shell="sh",
-                          guarded=False)
-
-
-_PROBE = ("if command -v timeout >/dev/null \\\n"
-          "  && timeout --verbose --kill-after=1 5 true </dev/null >/dev/null; then")
-
-
-def wrap_no_probe(command: str, shell: str, **kwargs: Any) -> WrappedCommand:
-    """Today's wrapper without its per-run ``timeout --verbose ... true`` probe (as if
-    the answer were known in advance): what the probe costs."""
-    wrapped = wrap_command(command, shell, **kwargs)
-    assert _PROBE in wrapped.script, "the wrapper changed: update _PROBE"
-    script = wrapped.script.replace(_PROBE, "if command -v timeout >/dev/null; then")
-    return attrs.evolve(wrapped, script=script)
+    return WrappedCommand(script=script, mesh_type=0, marker=marker, shell="sh")
 
 
 def load_wrapper(spec: str) -> WrapFunc:
@@ -772,7 +758,6 @@ VARIANTS = (
     Variant(name="coalesce=0", coalesce=0.0),
     Variant(name="synchronous=NORMAL", store="sqlite-normal"),
     Variant(name="InMemoryStore", store="memory"),
-    Variant(name="wrapper without probe", wrapper=wrap_no_probe),
     Variant(name="minimal wrapper", wrapper=wrap_minimal),
     Variant(name="minimal wrapper, coalesce=0", coalesce=0.0, wrapper=wrap_minimal),
     Variant(name="minimal wrapper, InMemoryStore", store="memory", wrapper=wrap_minimal),

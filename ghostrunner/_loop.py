@@ -86,9 +86,10 @@ class LoopSettings:
             waiting for the executor and records the outcome as unknown.
         shutdown_grace: on a graceful stop, seconds to wait for commands in flight.
         output_limit: characters of output kept per run (head and tail).
-        coalesce: seconds a woken loop waits before its pass, so that a burst of
-            events (devices coming online, commands finishing) is handled by one pass
-            whose claims and results a batching store commits together.
+        coalesce: seconds a loop woken by a submit or device events waits before its
+            pass, so that a burst of them (devices coming online) is handled by one pass
+            whose claims a batching store commits together. A pass woken only by
+            finished dispatches starts at once: their devices wait for their next run.
         recover_within: seconds after a run was sent during which its device is asked
             for an outcome GhostRunner lost (a run with ``expires_at`` is asked until
             then instead); after that the outcome counts as unknown.
@@ -302,6 +303,7 @@ class Reconciler:
         self._idle = _IdleHint(self.settings.resync_interval)
         self._rollouts = _Rollouts()
         self._again = False  # a pass left work that another pass can start at once
+        self._burst = False  # woken by a submit or device events (not only finishes)
         self._flying_task: dict[str, str] = {}  # node id -> the task of its run in flight
         self._recovering: dict[str, _Recovery] = {}  # node id -> its run held in recovery
         # continuous tasks, and the device view they were last matched against
@@ -324,6 +326,7 @@ class Reconciler:
         ``node_ids``: devices that may have new work (a submitted task's targets);
         ``due``: when that work becomes ready, if later (its ``not_before``)."""
         self._idle.work_for(node_ids, due)
+        self._burst = True
         self._wake.set()
 
     def hold(self, task: Task) -> None:
@@ -494,6 +497,7 @@ class Reconciler:
                 pass
             while not stop.is_set():
                 self._wake.clear()
+                self._burst = False
                 await self._retrying(self.step)
                 if self._again:
                     continue
@@ -507,7 +511,9 @@ class Reconciler:
                 finally:
                     waker.cancel()
                     stopper.cancel()
-                if self._wake.is_set() and self.settings.coalesce > 0:
+                if self._wake.is_set() and self._burst and self.settings.coalesce > 0:
+                    # a submit or device events: let the rest of a burst come first; a
+                    # finished dispatch alone goes on at once (its device is waiting)
                     await asyncio.sleep(self.settings.coalesce)
         finally:
             watcher.cancel()
@@ -570,6 +576,7 @@ class Reconciler:
         while True:
             try:
                 async for _event in self.executor.events():
+                    self._burst = True
                     self._wake.set()
             except asyncio.CancelledError:
                 raise

@@ -25,7 +25,8 @@ import ghostrunner.testing
 # undocumented. (FakeExecutor and InMemoryStore are exported by ghostrunner.testing.)
 INTERNAL = {
     "ghostrunner._planner": {
-        "Decision", "abort_reason", "decide", "plan_dispatches", "recover", "rollout_budget",
+        "Decision", "abort_reason", "decide", "decide_recovery", "plan_dispatches", "recover",
+        "recovery_deadline", "rollout_budget",
     },
     "ghostrunner._types": {"new_id", "task_status", "utcnow", "TagsMode"},
     "ghostrunner._loop": {"Reconciler"},

@@ -94,6 +94,7 @@ class _Dispatch:
         factory=lambda: asyncio.get_running_loop().create_future()
     )
     console: str = ""
+    ended: bool = False  # the console showed the END line
     busy: bool = False
     gone: bool = False  # the device disconnected while we waited
 
@@ -462,8 +463,31 @@ class MeshCentralExecutor:
                 self._console_verified = True
                 dispatch.started.set()
                 dispatch.console = ""
+                self._nudge(dispatch)
             elif len(dispatch.console) > 65536:
                 dispatch.console = dispatch.console[-4096:]
+        elif not dispatch.ended and dispatch.wrapped.marker in value:
+            dispatch.ended = True  # the END line: the reply follows
+            self._nudge(dispatch)
+
+    def _nudge(self, dispatch: _Dispatch) -> None:
+        """Make MeshCentral write to the agent now, so that its TCP acknowledgement of
+        the console chunk just received goes with it.
+
+        The agent sends a console chunk and then, as soon as the command ends, its
+        reply; it does not disable Nagle's algorithm, so the reply waits until the
+        server acknowledges the chunk, and the server, having nothing to send, delays
+        that acknowledgement by 40 ms (Linux's minimum). Measured on the lab: 37% of
+        runs of ``true`` waited 42 ms for their reply. A message of a type the agent
+        ignores ("Unknown action, ignore it" in meshcore.js) ends the wait at once.
+        """
+        session = self._session
+        if session is None:
+            return
+        with contextlib.suppress(Exception):
+            session._message_queue.put_nowait(json.dumps(
+                {"action": "msg", "type": "ghostrunner-ack", "nodeid": dispatch.node_id}
+            ))
 
     def _device_event(self, event: Mapping[str, Any]) -> None:
         action = event["action"]

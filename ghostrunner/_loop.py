@@ -706,6 +706,7 @@ class Reconciler:
                 run=run, task=task, due=decision.available_at, deadline=deadline, asked=asked
             )
             self._idle.work_for((), min(decision.available_at, deadline))
+            self._on_change()
             return
         if decision.state is RunState.PENDING:
             assert decision.available_at is not None

@@ -302,6 +302,25 @@ async def test_finish_records_the_outcome(store: Any) -> None:
     assert (await store.get_task(task.id)).status is TaskStatus.FAILED
 
 
+async def test_a_recovered_outcome_is_marked_on_the_run_and_its_attempt(store: Any) -> None:
+    task = await add(store, "node//a")
+    await dispatch(store, task, "node//a", at(1))
+    key = RunKey(task.id, "node//a")
+    run = await store.finish(key, RunState.FAILED, at(5),
+                             outcome=Outcome(exit_code=2, output="x", recovered=True))
+    assert run.recovered
+    assert await run_of(store, task, "node//a") == run
+    assert [a.recovered for a in (await store.attempts(task.id))["node//a"]] == [True]
+    # an operator's retry starts afresh: the next attempt is not recovered
+    await store.retry(task.id, [RunState.FAILED], at(6))
+    assert not (await run_of(store, task, "node//a")).recovered
+    again = await dispatch(store, task, "node//a", at(7))
+    assert not again.recovered
+    run = await store.finish(key, RunState.FAILED, at(8), outcome=Outcome(exit_code=1))
+    assert not run.recovered
+    assert [a.recovered for a in (await store.attempts(task.id))["node//a"]] == [True, False]
+
+
 async def test_finish_without_outcome_times(store: Any) -> None:
     task = await add(store, "node//a")
     await dispatch(store, task, "node//a", at(1))

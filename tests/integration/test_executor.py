@@ -208,19 +208,24 @@ def test_agent_killed_mid_run(
             except TimeoutError:
                 raise AssertionError(f"never started: {await gr.runs(task.id)}") from None
             await stop(agent, kill=True)
+            # the device went away mid-run: the outcome is unknown until it can tell,
+            # so the run stays dispatched and its device is held
+            async def held() -> bool:
+                return agent.node_id in gr.loop.recovering
+
+            await gr.wait_until(held, 30)
+            assert (await gr.runs(task.id))[0].state is RunState.DISPATCHED
+            await start(agent)
+            (run,) = await gr.wait(task.id, timeout=60)
+            # its journal says it started and never recorded an end (the agent's
+            # shell died with it): unknown, so never run again under at_most_once
             if delivery is Delivery.AT_MOST_ONCE:
-                (run,) = await gr.wait(task.id, timeout=30)
                 assert run.state is RunState.LOST, run
+                assert run.error is not None and "recorded no outcome" in run.error, run
                 assert run.attempts == 1
-                await start(agent)
-                await until(lambda: executor_online(gr, agent))
                 await gr.run_until_idle()
                 assert lines(count) == ["x"]
-                assert (await gr.runs(task.id))[0].state is RunState.LOST
             else:
-                await gr.wait_until(lambda: run_state(gr, task.id, RunState.PENDING), 60)
-                await start(agent)
-                (run,) = await gr.wait(task.id, timeout=60)
                 assert run.state is RunState.SUCCEEDED, run
                 assert run.output == "second\n"
                 assert run.attempts == 2
@@ -371,8 +376,9 @@ def test_a_resent_attempt_never_runs_twice_on_the_device(
     mesh_lab: MeshLab, agent_factory: Callable[..., Agent], tmp_path: Path
 ) -> None:
     """A dispatch that the loop gave up on (start timeout) may still start late; its
-    resend carries the same once-only key, so the device runs the command at most once
-    per attempt. This sends one attempt twice, as a resend would after a late start."""
+    resend carries the same key, so the device runs the command at most once per
+    attempt and answers the resend (or a recovery request) with the first one's record.
+    This sends one attempt twice, as a resend would after a late start."""
     agent = agent_factory("once", start=True)
     log = tmp_path / "ran"
 
@@ -387,8 +393,9 @@ def test_a_resent_attempt_never_runs_twice_on_the_device(
                                  command=f"echo ran >> {log}; echo out", timeout=20)
             first = await executor.run(request)
             assert (first.exit_code, first.output) == (0, "out\n")
-            with pytest.raises(OutcomeUnknown, match="already started this attempt"):
-                await executor.run(request)
+            for recover in (False, True):
+                resent = await executor.run(attrs.evolve(request, recover=recover))
+                assert (resent.exit_code, resent.output, resent.recovered) == (0, "out\n", True)
             assert lines(log) == ["ran"]
             again = await executor.run(attrs.evolve(request, attempt=2))  # at_least_once
             assert (again.exit_code, again.output) == (0, "out\n")

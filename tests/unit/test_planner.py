@@ -10,7 +10,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ghostrunner import Delivery, Outcome, RetryPolicy, Run, RunState, Task
-from ghostrunner._planner import Decision, decide, plan_dispatches, recover
+from ghostrunner._planner import (
+    Decision,
+    decide,
+    decide_recovery,
+    plan_dispatches,
+    recover,
+    recovery_deadline,
+)
 from ghostrunner.errors import ExecutorError, NotDelivered, OutcomeUnknown, PermanentError
 
 NOW = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
@@ -393,3 +400,74 @@ def test_decide_properties(
     # at most once: a command that may have run is never sent again
     if delivery is Delivery.AT_MOST_ONCE and kind != "not_delivered":
         assert decision.state.terminal
+
+
+# --------------------------------------------------------------------------- outcome recovery
+
+
+@BOTH
+def test_a_recoverable_unknown_keeps_the_run_dispatched_and_asks_at_once(
+    delivery: Delivery,
+) -> None:
+    decision = d(dispatched(1), mktask(delivery), OutcomeUnknown("no reply", recoverable=True))
+    assert decision.state is RunState.DISPATCHED and decision.recovering
+    assert decision.available_at == NOW
+
+
+@BOTH
+def test_recover_before_the_deadline_asks_the_device(delivery: Delivery) -> None:
+    decision = recover(dispatched(1), mktask(delivery), now=NOW, deadline=at(1))
+    assert decision.recovering and decision.available_at == NOW
+    late = recover(dispatched(1), mktask(delivery), now=NOW, deadline=NOW)
+    assert not late.recovering
+
+
+def dr(result: Outcome | ExecutorError, delivery: Delivery = Delivery.AT_MOST_ONCE,
+       *, deadline: float = 60, asked: int = 1) -> Decision:
+    return decide_recovery(dispatched(1), mktask(delivery), result, now=NOW,
+                           deadline=at(deadline), asked=asked, retry=RetryPolicy(BASE, CAP))
+
+
+@BOTH
+def test_a_recovered_outcome_finishes_the_run(delivery: Delivery) -> None:
+    decision = dr(Outcome(exit_code=2, recovered=True), delivery)
+    assert decision.state is RunState.FAILED
+    assert decision.outcome is not None and decision.outcome.recovered
+
+
+@pytest.mark.parametrize("answer", [NotDelivered("busy"),
+                                    OutcomeUnknown("no reply", recoverable=True)])
+@pytest.mark.parametrize(("asked", "wait"), [(1, 2.0), (2, 4.0), (9, 30.0)])
+def test_no_answer_yet_asks_again_with_backoff(
+    answer: ExecutorError, asked: int, wait: float
+) -> None:
+    decision = dr(answer, asked=asked)
+    assert decision.recovering
+    assert decision.available_at == NOW + timedelta(seconds=wait)
+
+
+@pytest.mark.parametrize(("delivery", "state"), [(Delivery.AT_MOST_ONCE, RunState.LOST),
+                                                 (Delivery.AT_LEAST_ONCE, RunState.PENDING)])
+def test_no_answer_by_the_deadline_is_unknown(delivery: Delivery, state: RunState) -> None:
+    decision = dr(NotDelivered("device away"), delivery, deadline=0)
+    assert decision.state is state
+    assert decision.error is not None and "did not tell the outcome" in decision.error
+
+
+@pytest.mark.parametrize("answer", [OutcomeUnknown("journal gone"), PermanentError("no journal"),
+                                    ExecutorError("odd")])
+def test_a_device_that_cannot_tell_makes_the_outcome_unknown(answer: ExecutorError) -> None:
+    assert dr(answer).state is RunState.LOST
+    assert dr(answer, Delivery.AT_LEAST_ONCE).state is RunState.PENDING
+
+
+def test_recovery_deadline() -> None:
+    task = attrs.evolve(mktask(Delivery.AT_MOST_ONCE), timeout=300.0)
+    run = attrs.evolve(dispatched(1), started_at=NOW)
+    assert recovery_deadline(run, task, within=3600) == at(3600)
+    # never before the command could have finished
+    assert recovery_deadline(run, task, within=10) == at(300)
+    # a run with an expiry is asked until then
+    expiring = attrs.evolve(run, expires_at=at(7200))
+    assert recovery_deadline(expiring, task, within=3600) == at(7200)
+    assert recovery_deadline(attrs.evolve(run, expires_at=at(5)), task, within=3600) == at(300)

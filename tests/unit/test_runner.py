@@ -39,7 +39,7 @@ from ghostrunner.errors import (
     StoreError,
     ValidationError,
 )
-from ghostrunner.testing import FakeClock, FakeExecutor, InMemoryStore, crash
+from ghostrunner.testing import FakeClock, FakeExecutor, InMemoryStore, ReplyLost, crash
 
 T = TypeVar("T")
 LIMIT = 5.0  # seconds: a safety net on every wait, never reached when things work
@@ -1205,5 +1205,174 @@ def test_gate_helper_really_blocks() -> None:
         assert not pending.done()
         gate.release.set()
         assert (await asyncio.wait_for(pending, LIMIT)).exit_code == 0
+
+    run(main())
+
+
+# --------------------------------------------------------------------------- outcome recovery
+
+
+def journaled(handler: Any = None, devices: tuple[str, ...] = ("a", "b", "c")) -> FakeExecutor:
+    return FakeExecutor(handler, devices=devices, journal=True)
+
+
+@pytest.mark.parametrize("delivery", list(Delivery))
+def test_an_outcome_lost_in_a_crash_is_read_back_from_the_device(delivery: Delivery) -> None:
+    """The device finished the command after GhostRunner died: the next start asks it
+    and records the real outcome, marked recovered; nothing runs twice."""
+    gate = Gate()
+    env = Env(executor=journaled(gate))
+
+    async def main() -> None:
+        gr = await env.gr.__aenter__()
+        env.executor.set_online("a")
+        task = await gr.submit(command="x", targets=["a"], delivery=delivery)
+        await crash_mid_flight(gr, gate)  # the fake device finishes on its own
+        env2 = env.restart()
+        async with started(env2) as gr2:
+            (r,) = await gr2.runs(task.id)
+            assert r.state is RunState.DISPATCHED  # held: its device is asked first
+            assert gr2.loop.recovering == {"a"}
+            await gr2.run_until_idle()
+            (r,) = await gr2.runs(task.id)
+            # what the fake device records for a command its caller stopped waiting for
+            assert (r.state, r.output, r.recovered, r.attempts) == (
+                RunState.SUCCEEDED, "finished after the caller left", True, 1)
+            assert len(env.executor.executions) == 1
+            history = (await gr2.attempts(task.id))["a"]
+            assert [a.recovered for a in history] == [True]
+
+    run(main())
+
+
+def test_a_held_device_runs_nothing_else_until_its_device_answers() -> None:
+    """After the crash the device is offline: its run stays dispatched (the outcome is
+    not known), the device's next run waits, and both go on once it is back."""
+    gate = Gate()
+    env = Env(executor=journaled(gate))
+
+    async def main() -> None:
+        gr = await env.gr.__aenter__()
+        env.executor.set_online("a")
+        first = await gr.submit(command="x", targets=["a"])
+        await crash_mid_flight(gr, gate)
+        env.executor.set_online("a", False)
+        env2 = env.restart()
+        async with started(env2) as gr2:
+            second = await gr2.submit(command="y", targets=["a"])
+            env.clock.advance(3600)
+            await gr2.run_until_idle()
+            assert states(await gr2.runs(first.id)) == [RunState.DISPATCHED]
+            assert states(await gr2.runs(second.id)) == [RunState.PENDING]
+            assert env.executor.offline_calls == []
+            env.executor.set_online("a")
+            gate.release.set()
+            await gr2.run_until_idle()
+            (r1,) = await gr2.runs(first.id)
+            assert (r1.state, r1.recovered) == (RunState.SUCCEEDED, True)
+            assert states(await gr2.runs(second.id)) == [RunState.SUCCEEDED]
+            assert [r.command for r in env.executor.executions] == ["x", "y"]
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    ("delivery", "final"), [(Delivery.AT_MOST_ONCE, RunState.LOST),
+                            (Delivery.AT_LEAST_ONCE, RunState.SUCCEEDED)],
+)
+def test_a_device_that_never_answers_before_the_deadline_is_unknown(
+    delivery: Delivery, final: RunState
+) -> None:
+    gate = Gate()
+    env = Env(executor=journaled(gate), settings=LoopSettings(
+        retry=RetryPolicy(10.0, 80.0), recover_within=600.0))
+
+    async def main() -> None:
+        gr = await env.gr.__aenter__()
+        env.executor.set_online("a")
+        task = await gr.submit(command="x", targets=["a"], delivery=delivery, timeout=60)
+        await crash_mid_flight(gr, gate)
+        env.executor.set_online("a", False)
+        gate.release.set()
+        env2 = env.restart()
+        async with started(env2) as gr2:
+            env.clock.advance(599)
+            await gr2.run_until_idle()
+            assert states(await gr2.runs(task.id)) == [RunState.DISPATCHED]
+            env.clock.advance(2)
+            await gr2.run_until_idle()
+            (r,) = await gr2.runs(task.id)
+            assert r.error is not None and "did not tell the outcome" in r.error
+            env.executor.set_online("a")
+            env.clock.advance(3600)
+            await gr2.run_until_idle()
+            (r,) = await gr2.runs(task.id)
+            assert r.state is final
+            assert not r.recovered
+
+    run(main())
+
+
+def test_a_wiped_journal_is_unknown_never_a_second_run() -> None:
+    gate = Gate()
+    env = Env(executor=journaled(gate))
+
+    async def main() -> None:
+        gr = await env.gr.__aenter__()
+        env.executor.set_online("a")
+        task = await gr.submit(command="x", targets=["a"])
+        await crash_mid_flight(gr, gate)
+        env.executor.wipe_journal("a")
+        env2 = env.restart()
+        async with started(env2) as gr2:
+            await gr2.run_until_idle()
+            (r,) = await gr2.runs(task.id)
+            assert r.state is RunState.LOST
+            assert r.error is not None and "journal is gone" in r.error
+            assert len(env.executor.executions) == 1
+
+    run(main())
+
+
+def test_a_reply_lost_in_flight_is_asked_for_again() -> None:
+    """No crash: the reply itself is lost (the device went away, the session dropped).
+    The run stays dispatched and the device's record settles it."""
+    sent = []
+
+    def handler(request: RunRequest, device: Device) -> Outcome:
+        sent.append(request)
+        raise ReplyLost(Outcome(exit_code=0, output="it ran"))
+
+    env = Env(executor=journaled(handler))
+
+    async def main() -> None:
+        async with started(env) as gr:
+            env.executor.set_online("a")
+            task = await gr.submit(command="x", targets=["a"])
+            await gr.run_until_idle()
+            (r,) = await gr.runs(task.id)
+            assert (r.state, r.output, r.recovered) == (RunState.SUCCEEDED, "it ran", True)
+            assert len(sent) == 1
+            assert [c.recover for c in env.executor.calls] == [False, True]
+
+    run(main())
+
+
+def test_an_executor_without_records_settles_at_once() -> None:
+    """Nothing to ask (here: no journal): a run left dispatched is settled on start, by
+    its delivery policy, without waiting for its device."""
+    gate = Gate()
+    env = Env(handler=gate)
+
+    async def main() -> None:
+        gr = await env.gr.__aenter__()
+        env.executor.set_online("a")
+        task = await gr.submit(command="x", targets=["a"])
+        await crash_mid_flight(gr, gate)
+        env.executor.set_online("a", False)
+        env2 = env.restart()
+        async with started(env2) as gr2:
+            assert states(await gr2.runs(task.id)) == [RunState.LOST]
+            assert not gr2.loop.recovering
 
     run(main())

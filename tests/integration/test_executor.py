@@ -25,7 +25,6 @@ from ghostrunner import (
     RunState,
     Task,
 )
-from ghostrunner.errors import OutcomeUnknown
 from ghostrunner.lab import Agent, MeshLab
 from ghostrunner.meshcentral import MeshCentralExecutor
 from ghostrunner.sqlite import SQLiteStore

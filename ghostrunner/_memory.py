@@ -360,10 +360,14 @@ class InMemoryStore:
             self._record(attrs.evolve(run, finished_at=now), RunState.LOST, error)
         else:
             counts = {"attempts": run.attempts - 1, "undelivered": run.undelivered + 1}
-        return self._move(
+        run = self._move(
             key, RunState.PENDING, available_at=available_at, error=error, started_at=None,
             **counts,
         )
+        reason = self.aborted.get(key.task_id)
+        if reason is not None:  # aborted while it was out: it goes no further
+            run = self._move(key, RunState.CANCELLED, finished_at=now, error=reason)
+        return run
 
     async def cancel(
         self, task_id: str, node_ids: Collection[str] | None = None, *, now: datetime

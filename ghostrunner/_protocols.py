@@ -176,6 +176,8 @@ class Store(Protocol):
         attempt is given back (``attempts`` - 1, ``undelivered`` + 1).
         ``delivered=True``: an at-least-once retry; ``attempts`` stays, and the
         attempt goes to the history as ``lost`` with ``error``.
+        A run of a task aborted meanwhile is cancelled instead (the abort reason as
+        its error): it was out when the abort cancelled the task's pending runs.
         """
 
     async def expire_due(self, now: datetime) -> int:

@@ -301,7 +301,17 @@ class SQLiteStore:
         def op(db: sqlite_utils.Database) -> Run:
             if delivered:  # the attempt sent again goes to the history first
                 db.execute(q.RECORD_ATTEMPT_SQL + " AND state = 'dispatched'", lost)
-            return _update_dispatched(db, key, assignments, params)
+            run = _update_dispatched(db, key, assignments, params)
+            # a run of a task aborted while it was out goes no further
+            row = db.execute(
+                f"UPDATE runs SET state = 'cancelled', finished_at = :now, "
+                f"error = (SELECT aborted FROM tasks WHERE seq = task_seq) "
+                f"WHERE {q.KEY_WHERE} AND state = 'pending' AND "
+                f"(SELECT aborted FROM tasks WHERE seq = task_seq) IS NOT NULL "
+                f"RETURNING {q.RUN_COLS}",
+                {**_key_params(key), "now": ts(now)},
+            ).fetchone()
+            return run if row is None else q.run(key.task_id, key.node_id, row)
 
         return await self._write(op)
 

@@ -39,7 +39,7 @@ from ghostrunner._types import (
 )
 from ghostrunner.errors import IllegalTransition, NotFound, StoreError
 from ghostrunner.sqlite import SQLiteStore
-from tests.contract.test_store_contract import NOW, at, claim
+from tests.contract.test_store_contract import NOW, at, claim, run_of
 
 EVERYTHING = Selector(all=True)
 
@@ -1141,3 +1141,31 @@ async def test_rollout_tasks_are_the_limited_tasks_with_active_runs(store: Any) 
     await store.retry(capped.id, [RunState.CANCELLED], at(3))
     assert [t.id for t in await store.rollout_tasks()] == [capped.id]
     assert {plain.id, only_abort.id}.isdisjoint(t.id for t in await store.rollout_tasks())
+
+
+async def test_a_run_released_after_its_task_was_aborted_is_cancelled(store: Any) -> None:
+    """The abort cancelled the pending runs while this one was out; when it comes back
+    (not delivered, or an at_least_once resend) it must not start again."""
+    task = await add(store, "node//a", "node//b")
+    await dispatch(store, task, "node//a", at(1))
+    await store.abort(task.id, "aborted: too many failures", at(2))
+    for delivered in (False, True):
+        if delivered:
+            task = await add(store, "node//c")
+            await dispatch(store, task, "node//c", at(3))
+            await store.abort(task.id, "aborted: too many failures", at(4))
+        node = "node//c" if delivered else "node//a"
+        run = await store.release(RunKey(task.id, node), at(5), available_at=at(6),
+                                  error="not delivered", delivered=delivered)
+        assert (run.state, run.error) == (RunState.CANCELLED, "aborted: too many failures")
+        assert await run_of(store, task, node) == run
+        assert await store.next_pending([node], at(10), limit=5) == []
+
+
+async def test_a_run_still_out_at_an_abort_is_not_cancelled_by_it(store: Any) -> None:
+    """(The abort cancels pending runs only: a dispatched one finishes as it finishes.)"""
+    task = await add(store, "node//a")
+    await dispatch(store, task, "node//a", at(1))
+    assert await store.abort(task.id, "stop", at(2)) == []
+    run = await store.finish(RunKey(task.id, "node//a"), RunState.SUCCEEDED, at(3))
+    assert run.state is RunState.SUCCEEDED

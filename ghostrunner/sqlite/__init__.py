@@ -23,7 +23,8 @@ The parts, each in its module (a store on another database copies this shape):
 * :mod:`._queries`: the SQL of the verbs, and the row -> value builders;
 * :mod:`._values`: timestamps (integer microseconds, UTC) and JSON text;
 * :mod:`._worker`: the thread that owns the connection, batching and group commit
-  (:mod:`._lock`: the lock file);
+  (:mod:`._lock`: the lock file; :mod:`._files`: the files private to the user, 0600,
+  and the directories the store creates 0700);
 * :mod:`._store`: :class:`SQLiteStore`, the store's verbs.
 """
 

@@ -36,6 +36,7 @@ from typing import Any, Final, Literal, TypeVar
 import sqlite_utils
 
 from ..errors import Conflict, GhostRunnerError, StoreError
+from ._files import make_private
 from ._lock import lock_database, unlock
 from ._queries import ADD_TASKS_VIEW
 from ._schema import migrate
@@ -148,6 +149,7 @@ class Worker:
 
     def _open(self) -> sqlite_utils.Database:
         """Connect, take the file lock, set the connection up, migrate the schema."""
+        make_private(self.path)  # before SQLite creates anything with the umask's mode
         conn = sqlite3.connect(
             self.path,
             timeout=BUSY_TIMEOUT_MS / 1000,

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import stat
 from pathlib import Path
 
 import pytest
 
-from ghostrunner_http import ConfigError, FakeDevice, Settings, load_settings
+from ghostrunner_http import ConfigError, FakeDevice, Settings, create_app, load_settings
 from ghostrunner_http._logging import RedactingFormatter, configure_logging, redact
 from ghostrunner_http.config import KNOWN_KEYS, env_var, unknown_env
 
@@ -229,3 +231,23 @@ def test_formatter_ignores_empty_secrets() -> None:
     formatter = RedactingFormatter("%(message)s", ["", "x-secret"])
     record = logging.LogRecord("n", logging.INFO, __file__, 1, "a x-secret b", None, None)
     assert formatter.format(record) == "a [REDACTED] b"
+
+
+def test_the_default_store_creates_its_directory_and_files_private(tmp_path: Path) -> None:
+    """``serve``'s database directory, made under ``umask 000``, is 0700 and the files
+    0600 (they used to be 0777 and 0644: every local user read every command)."""
+    from tests.http.conftest import TestClient
+
+    path = tmp_path / "state" / "ghostrunner.db"
+    old = os.umask(0)
+    try:
+        app = create_app(Settings(executor="fake", database=path, admin_token="a" * 20),
+                         announce=lambda secret: None)
+        with TestClient(app) as client:
+            assert client.get("/").status_code == 200
+            modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode))
+                     for p in (path.parent, *path.parent.iterdir())}
+    finally:
+        os.umask(old)
+    assert modes == {"state": "0o700", "ghostrunner.db": "0o600", "ghostrunner.db-wal": "0o600",
+                     "ghostrunner.db-shm": "0o600", "ghostrunner.db.lock": "0o600"}

@@ -221,8 +221,22 @@ def _v2(db: sqlite_utils.Database) -> None:
         db.execute(sql)
 
 
+#: Version 3: ``staged_tasks`` lists the large tasks being written in several
+#: transactions (:mod:`._large`): their runs are in ``runs`` already, but every verb
+#: leaves them out, and a store that opens the database removes what is left of them.
+_V3: Final = (
+    "CREATE TABLE staged_tasks (task_seq INTEGER PRIMARY KEY REFERENCES tasks(seq))",
+)
+
+
+def _v3(db: sqlite_utils.Database) -> None:
+    """Large tasks written in chunks."""
+    for sql in _V3:
+        db.execute(sql)
+
+
 #: ``MIGRATIONS[n]`` brings a database from schema version n to n + 1. Append only.
-MIGRATIONS: Final[tuple[Callable[[sqlite_utils.Database], None], ...]] = (_v1, _v2)
+MIGRATIONS: Final[tuple[Callable[[sqlite_utils.Database], None], ...]] = (_v1, _v2, _v3)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 

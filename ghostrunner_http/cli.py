@@ -113,15 +113,16 @@ def serve(settings: Settings) -> int:
     """Run the server until SIGTERM or SIGINT. Returns the exit status."""
     import uvicorn
 
-    from ._logging import configure_logging
+    from ._logging import configure_logging, redact_url
     from .app import create_app
 
     configure_logging(settings.log_level, settings.secrets)
     for name in unknown_env(os.environ):
         log.warning("ignoring %s: no setting has this name", name)
-    log.info("database: %s", settings.database.expanduser().resolve())
+    log.info("database: %s", redact_url(str(settings.database.expanduser().resolve())))
     if settings.executor == "meshcentral":
-        log.info("MeshCentral: %s as %s%s", settings.meshcentral_url, settings.meshcentral_user,
+        log.info("MeshCentral: %s as %s%s", redact_url(settings.meshcentral_url or ""),
+                 settings.meshcentral_user,
                  " (certificate not verified)" if settings.meshcentral_ignore_ssl else "")
     else:
         log.info("executor: fake (%d simulated devices; no MeshCentral)",

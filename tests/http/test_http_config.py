@@ -11,7 +11,12 @@ from pathlib import Path
 import pytest
 
 from ghostrunner_http import ConfigError, FakeDevice, Settings, create_app, load_settings
-from ghostrunner_http._logging import RedactingFormatter, configure_logging, redact
+from ghostrunner_http._logging import (
+    RedactingFormatter,
+    configure_logging,
+    redact,
+    redact_url,
+)
 from ghostrunner_http.config import KNOWN_KEYS, env_var, unknown_env
 
 MESH = {
@@ -225,6 +230,50 @@ def test_configured_logging_redacts_everything(tmp_path: Path) -> None:
     assert "gr_0123456789abcdefghij" not in out
     assert out.count("[REDACTED]") >= 3
     assert "RuntimeError" in out
+
+
+URL_PASSWORD = "pass-in-the-url-77"
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    (f"wss://ghost:{URL_PASSWORD}@mesh.example.com:4443/x?y=1",
+     "wss://ghost:[REDACTED]@mesh.example.com:4443/x?y=1"),
+    (f"wss://ghost:p@ss{URL_PASSWORD}@mesh.example.com", "wss://ghost:[REDACTED]@mesh.example.com"),
+    (f"WSS://:{URL_PASSWORD}@h", "WSS://:[REDACTED]@h"),
+    (f"see http://a:{URL_PASSWORD}@b/ and https://c:{URL_PASSWORD}@d",
+     "see http://a:[REDACTED]@b/ and https://c:[REDACTED]@d"),
+    ("wss://mesh.example.com:443/path", "wss://mesh.example.com:443/path"),  # unchanged
+    ("wss://ghost@mesh.example.com", "wss://ghost@mesh.example.com"),
+    ("/var/lib/ghostrunner/ghostrunner.db", "/var/lib/ghostrunner/ghostrunner.db"),
+])
+def test_redact_url(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+def test_a_password_in_the_meshcentral_url_is_a_secret() -> None:
+    s = load_settings(None, {**MESH, "GHOSTRUNNER_MESHCENTRAL_URL":
+                             f"wss://ghost:{URL_PASSWORD}@mesh.example.com"})
+    assert URL_PASSWORD not in repr(s) + str(s)
+    assert "wss://ghost:[REDACTED]@mesh.example.com" in repr(s)
+    assert URL_PASSWORD in s.secrets
+
+
+def test_logged_urls_lose_their_password(tmp_path: Path) -> None:
+    """Whoever logs a URL (the MeshCentral executor, libmeshctrl, websockets): under
+    ``serve``'s logging its password is redacted, configured as a secret or not."""
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        configure_logging("info", [], stream=stream)
+        logging.getLogger("ghostrunner.meshcentral").info(
+            "connected to MeshCentral at %s as %s",
+            f"wss://ghost:{URL_PASSWORD}@mesh.example.com", "ghost")
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    assert URL_PASSWORD not in stream.getvalue()
+    assert "wss://ghost:[REDACTED]@mesh.example.com as ghost" in stream.getvalue()
 
 
 def test_formatter_ignores_empty_secrets() -> None:

@@ -63,8 +63,10 @@ class Store(Protocol):
     ) -> None:
         """Store ``task`` and one pending run per node of ``nodes`` (default: its
         targets; the facade passes the targets and the devices its selector matched),
-        as :meth:`Task.first_runs` makes them at ``now``, in one transaction. Read them
-        back with :meth:`get_runs`.
+        as :meth:`Task.first_runs` makes them at ``now``, atomically: no verb sees the
+        task or any of its runs before all of them are stored, and a crash leaves all
+        or nothing (one transaction; SQLiteStore writes a large task in several, each
+        invisible until the last). Read them back with :meth:`get_runs`.
 
         Raises ``Conflict`` if a task with this id exists.
         """

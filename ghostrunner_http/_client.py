@@ -2,6 +2,11 @@
 
 Standard library only (``urllib``), so the ``ghostrunner`` command needs nothing the
 server does not already need.
+
+Redirects are never followed: the token goes only to the URL the operator gave. (urllib
+follows them by default and sends the ``Authorization`` header along, to any origin.)
+GhostRunner's server never redirects; a proxy that does (http -> https, another host)
+is reported as an error naming where it points, for the operator to decide.
 """
 
 from __future__ import annotations
@@ -12,7 +17,10 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping
-from typing import Any
+from http.client import HTTPMessage
+from typing import IO, Any, NoReturn
+
+from ._logging import redact_url
 
 __all__ = ["ApiClient", "ApiFailure", "Unreachable"]
 
@@ -29,6 +37,22 @@ class ApiFailure(Exception):
 
 class Unreachable(Exception):
     """The server could not be reached (or did not answer in time)."""
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """Answers 301, 302, 303, 307 and 308 with :class:`ApiFailure`, following none."""
+
+    def redirect_request(
+        self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str,
+        headers: HTTPMessage, newurl: str,
+    ) -> NoReturn:
+        fp.close()
+        raise ApiFailure(
+            code,
+            f"the server redirected to {redact_url(newurl)}; not followed (the token goes "
+            f"only to the URL given): if that is the server, use --url or GHOSTRUNNER_URL "
+            f"to point at it",
+        )
 
 
 class ApiClient:
@@ -54,12 +78,17 @@ class ApiClient:
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
-        self._context: ssl.SSLContext | None = None
+        handlers: list[urllib.request.BaseHandler] = [_RefuseRedirects()]
         if self.url.startswith("https://"):
-            self._context = ssl.create_default_context(cafile=cafile)
+            context = ssl.create_default_context(cafile=cafile)
             if insecure:
-                self._context.check_hostname = False
-                self._context.verify_mode = ssl.CERT_NONE
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            handlers.append(urllib.request.HTTPSHandler(context=context))
+        self._opener = urllib.request.build_opener(*handlers)
+
+    def __repr__(self) -> str:
+        return f"ApiClient({redact_url(self.url)!r})"
 
     def call(
         self,
@@ -89,9 +118,7 @@ class ApiClient:
             headers["Authorization"] = f"Bearer {self.token}"
         request = urllib.request.Request(url, data=data, method=method, headers=headers)  # noqa: S310
         try:
-            with urllib.request.urlopen(  # noqa: S310 - the URL is the operator's
-                request, timeout=self.timeout, context=self._context
-            ) as response:
+            with self._opener.open(request, timeout=self.timeout) as response:
                 raw = response.read()
                 status = response.status
         except urllib.error.HTTPError as exc:
@@ -99,7 +126,9 @@ class ApiClient:
             status = exc.code
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise Unreachable(f"cannot reach GhostRunner at {self.url}: {reason}") from None
+            raise Unreachable(
+                f"cannot reach GhostRunner at {redact_url(self.url)}: {reason}"
+            ) from None
         try:
             answer = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):

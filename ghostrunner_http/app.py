@@ -344,7 +344,7 @@ def _executor_from(settings: Settings) -> Executor:
 
 
 def _store_from(settings: Settings) -> Store:
-    settings.database.expanduser().parent.mkdir(parents=True, exist_ok=True)
+    # the store creates the missing directories (0700) and files (0600) itself
     return SQLiteStore(settings.database.expanduser(), synchronous=settings.database_synchronous)
 
 

@@ -5,6 +5,12 @@ sandbox (see ``_lab_cmd``).
 Exit status: 0 success; 1 ``tasks wait``/``--wait``: a run did not succeed; 2 usage or
 configuration error; 3 the server answered with an error or could not be reached
 (``serve``: could not start); 124 ``wait`` timed out.
+
+What the server sends (task names, commands, device output, device names, error
+messages) is anyone's text: printed for a human, its control characters are shown
+(``\x1b``), never sent to the terminal, where an escape sequence could clear the screen,
+rewrite lines or set the window title (:func:`terminal_safe`). ``--json`` prints the
+data as it is, in JSON (which escapes them).
 """
 
 from __future__ import annotations
@@ -14,9 +20,11 @@ import gc
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -113,15 +121,16 @@ def serve(settings: Settings) -> int:
     """Run the server until SIGTERM or SIGINT. Returns the exit status."""
     import uvicorn
 
-    from ._logging import configure_logging
+    from ._logging import configure_logging, redact_url
     from .app import create_app
 
     configure_logging(settings.log_level, settings.secrets)
     for name in unknown_env(os.environ):
         log.warning("ignoring %s: no setting has this name", name)
-    log.info("database: %s", settings.database.expanduser().resolve())
+    log.info("database: %s", redact_url(str(settings.database.expanduser().resolve())))
     if settings.executor == "meshcentral":
-        log.info("MeshCentral: %s as %s%s", settings.meshcentral_url, settings.meshcentral_user,
+        log.info("MeshCentral: %s as %s%s", redact_url(settings.meshcentral_url or ""),
+                 settings.meshcentral_user,
                  " (certificate not verified)" if settings.meshcentral_ignore_ssl else "")
     else:
         log.info("executor: fake (%d simulated devices; no MeshCentral)",
@@ -157,6 +166,29 @@ def serve(settings: Settings) -> int:
 
 # --------------------------------------------------------------------------- output
 
+#: C0 controls but newline and tab, DEL, and C1 controls (U+0080-U+009F: a terminal
+#: may take U+009B as CSI, like ESC [).
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def terminal_safe(data: Any) -> Any:
+    """``data`` (an answer: dicts, lists, strings...) with each control character of
+    each string, but newline and tab, written as ``\\xNN``."""
+    if isinstance(data, str):
+        return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", data)
+    if isinstance(data, list):
+        return [terminal_safe(item) for item in data]
+    if isinstance(data, dict):
+        return {terminal_safe(key): terminal_safe(value) for key, value in data.items()}
+    return data
+
+
+class _TerminalClient(ApiClient):
+    """The client of human output: every answer comes back :func:`terminal_safe`."""
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        return terminal_safe(super().call(method, path, **kwargs))
+
 
 def _table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
     if not rows:
@@ -168,7 +200,9 @@ def _table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
 
 
 def _json(data: Any, out: TextIO) -> None:
-    print(json.dumps(data, indent=2, ensure_ascii=False), file=out)
+    # JSON escapes C0 controls; C1 ones and DEL too, here (still the same JSON value)
+    text = json.dumps(data, indent=2, ensure_ascii=False)
+    print(re.sub("[\x7f-\x9f]", lambda m: f"\\u{ord(m.group()):04x}", text), file=out)
 
 
 def _done(counts: Mapping[str, int]) -> int:
@@ -206,6 +240,12 @@ def _print_runs(runs: Sequence[Mapping[str, Any]], out: TextIO, *, output: bool)
 # --------------------------------------------------------------------------- client commands
 
 
+def _segment(text: str) -> str:
+    """``text`` as one path segment (a task id with a "/", a space or a control
+    character is still that id, and still a valid URL)."""
+    return urllib.parse.quote(text, safe="")
+
+
 def _client(args: argparse.Namespace) -> ApiClient:
     token = args.token or os.environ.get("GHOSTRUNNER_TOKEN")
     if args.token_file:
@@ -215,7 +255,7 @@ def _client(args: argparse.Namespace) -> ApiClient:
             raise ConfigError("token", f"cannot read {args.token_file}: {exc.strerror}") from None
     if not token:
         raise ConfigError("token", "no API token: pass --token-file, or set GHOSTRUNNER_TOKEN")
-    return ApiClient(
+    return (ApiClient if args.json else _TerminalClient)(
         args.url or os.environ.get("GHOSTRUNNER_URL") or DEFAULT_URL,
         token,
         cafile=args.cacert or os.environ.get("GHOSTRUNNER_CACERT"),
@@ -320,7 +360,7 @@ def cmd_tasks_list(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_tasks_show(args: argparse.Namespace, out: TextIO) -> int:
     params = {"output": "false"} if args.no_output else None
-    task = _client(args).call("GET", f"/tasks/{args.id}", params=params)
+    task = _client(args).call("GET", f"/tasks/{_segment(args.id)}", params=params)
     if args.json:
         _json(task, out)
         return EXIT_OK
@@ -405,7 +445,7 @@ def _hold(verb: str) -> Callable[[argparse.Namespace, TextIO], int]:
     """``tasks pause`` or ``tasks resume``: the route of that name, then the task."""
 
     def command(args: argparse.Namespace, out: TextIO) -> int:
-        task = _client(args).call("POST", f"/tasks/{args.id}/{verb}")
+        task = _client(args).call("POST", f"/tasks/{_segment(args.id)}/{verb}")
         if args.json:
             _json(task, out)
         else:
@@ -421,7 +461,7 @@ cmd_tasks_resume = _hold("resume")
 
 def cmd_tasks_retry(args: argparse.Namespace, out: TextIO) -> int:
     body = {"states": args.state} if args.state else {}
-    result = _client(args).call("POST", f"/tasks/{args.id}/retry", body=body)
+    result = _client(args).call("POST", f"/tasks/{_segment(args.id)}/retry", body=body)
     if args.json:
         _json(result, out)
     else:
@@ -432,7 +472,7 @@ def cmd_tasks_retry(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_tasks_abort(args: argparse.Namespace, out: TextIO) -> int:
     body = {"reason": args.reason} if args.reason is not None else {}
-    result = _client(args).call("POST", f"/tasks/{args.id}/abort", body=body)
+    result = _client(args).call("POST", f"/tasks/{_segment(args.id)}/abort", body=body)
     if args.json:
         _json(result, out)
     else:
@@ -444,7 +484,7 @@ def cmd_tasks_abort(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_tasks_cancel(args: argparse.Namespace, out: TextIO) -> int:
     body = {"nodeids": args.node} if args.node else {}
-    result = _client(args).call("POST", f"/tasks/{args.id}/cancel", body=body)
+    result = _client(args).call("POST", f"/tasks/{_segment(args.id)}/cancel", body=body)
     if args.json:
         _json(result, out)
     else:
@@ -455,7 +495,7 @@ def cmd_tasks_cancel(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_tasks_delete(args: argparse.Namespace, out: TextIO) -> int:
-    result = _client(args).call("DELETE", f"/tasks/{args.id}")
+    result = _client(args).call("DELETE", f"/tasks/{_segment(args.id)}")
     if args.json:
         _json(result, out)
         return EXIT_OK
@@ -487,7 +527,7 @@ def _wait(client: ApiClient, task_id: str, args: argparse.Namespace, out: TextIO
     live = sys.stderr.isatty()
     last = ""
     while True:
-        task = client.call("GET", f"/tasks/{task_id}", params={"output": "false"})
+        task = client.call("GET", f"/tasks/{_segment(task_id)}", params={"output": "false"})
         elapsed = time.monotonic() - start
         line = _progress(task, elapsed)
         finished = all(RunState(r["state"]).terminal for r in task["runs"])
@@ -509,7 +549,7 @@ def _wait(client: ApiClient, task_id: str, args: argparse.Namespace, out: TextIO
     if live:
         sys.stderr.write("\n")
     if args.json or args.output:
-        task = client.call("GET", f"/tasks/{task_id}")
+        task = client.call("GET", f"/tasks/{_segment(task_id)}")
     if args.json:
         _json(task, out)
     else:
@@ -807,13 +847,14 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     try:
         return handler(args, stream)
     except ConfigError as exc:
-        print(f"ghostrunner: {exc.message}", file=sys.stderr)
+        print(f"ghostrunner: {terminal_safe(exc.message)}", file=sys.stderr)
         return EXIT_USAGE
     except ApiFailure as exc:
-        print(f"ghostrunner: error {exc.status}: {exc.message}", file=sys.stderr)
+        print(f"ghostrunner: error {exc.status}: {terminal_safe(exc.message)}",
+              file=sys.stderr)
         return EXIT_API
     except Unreachable as exc:
-        print(f"ghostrunner: {exc}", file=sys.stderr)
+        print(f"ghostrunner: {terminal_safe(str(exc))}", file=sys.stderr)
         return EXIT_API
     except KeyboardInterrupt:
         print(file=sys.stderr)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +35,8 @@ from typing import Any, Literal
 import attrs
 
 from ghostrunner import LoopSettings, RetryPolicy
+
+from ._logging import redact_url
 
 __all__ = [
     "ENV_PREFIX",
@@ -120,7 +123,9 @@ class Settings:
     max_body_bytes: int = 1024 * 1024
     log_level: str = "info"
     access_log: bool = True
-    meshcentral_url: str | None = None
+    meshcentral_url: str | None = attrs.field(
+        default=None, repr=lambda url: repr(None if url is None else redact_url(url))
+    )
     meshcentral_user: str | None = None
     meshcentral_password: str | None = attrs.field(default=None, repr=False)
     meshcentral_ignore_ssl: bool = False
@@ -164,8 +169,10 @@ class Settings:
 
     @property
     def secrets(self) -> tuple[str, ...]:
-        """The secret values in these settings (for log redaction)."""
-        return tuple(s for s in (self.admin_token, self.meshcentral_password) if s)
+        """The secret values in these settings (for log redaction): the admin token, the
+        MeshCentral password, and a password written in the MeshCentral URL."""
+        in_url = urllib.parse.urlsplit(self.meshcentral_url or "").password
+        return tuple(s for s in (self.admin_token, self.meshcentral_password, in_url) if s)
 
     @property
     def scheme(self) -> str:

@@ -5,7 +5,8 @@ that opens the database, migrates the schema, then runs the store's jobs from a 
 the event loop never waits on SQLite (the model is datasette's single write thread).
 Jobs already queued run as one batch, in one transaction committed once (*group
 commit*), each write in a savepoint of its own; tasks added concurrently are written by
-one statement.
+one statement. A large task is written in steps, jobs of their own, so that no job
+holds the thread for long; it is invisible until the last step (:mod:`._large`).
 
 **Durability.** WAL journal, ``synchronous=FULL`` by default: a commit is on disk
 (WAL fsync'd) before its caller hears about it, so a power cut right after
@@ -23,7 +24,9 @@ The parts, each in its module (a store on another database copies this shape):
 * :mod:`._queries`: the SQL of the verbs, and the row -> value builders;
 * :mod:`._values`: timestamps (integer microseconds, UTC) and JSON text;
 * :mod:`._worker`: the thread that owns the connection, batching and group commit
-  (:mod:`._lock`: the lock file);
+  (:mod:`._lock`: the lock file; :mod:`._files`: the files private to the user, 0600,
+  and the directories the store creates 0700);
+* :mod:`._large`: large tasks, written in steps;
 * :mod:`._store`: :class:`SQLiteStore`, the store's verbs.
 """
 

@@ -16,15 +16,17 @@ except ImportError:  # Windows: no advisory lock (one process per database is on
     fcntl = None  # type: ignore[assignment]
 
 from ..errors import StoreError
+from ._files import FILE_MODE, on_disk, tighten
 
 
 def lock_database(path: str) -> int | None:
     """Take the exclusive lock of the database ``path`` (``<path>.lock``) and return its
     file descriptor: the lock lasts until :func:`unlock`. None for in-memory databases."""
-    if path == ":memory:" or path.startswith("file:") or fcntl is None:
+    if not on_disk(path) or fcntl is None:
         return None
     lock_path = f"{path}.lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+    tighten(fd, lock_path)  # one an earlier version made with the umask's mode
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:

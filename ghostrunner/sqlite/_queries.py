@@ -51,9 +51,13 @@ TASK_COLS: Final = (
 )
 _COUNTS_AT: Final = 17  # in a summary row, the per-state counts follow the task's columns
 TOKEN_COLS: Final = "name, secret_hash, scope, created_at, last_used, builtin"  # noqa: S105
+#: The tasks being written in several transactions (:mod:`._large`): every verb that
+#: reads ``tasks`` or ``runs`` other than through ``task_counts`` leaves them out.
+#: Uncorrelated, over a table that is empty but while a large task is being added.
+STAGED: Final = "(SELECT task_seq FROM staged_tasks)"
 #: The run of a RunKey (named parameters :task_id and :node_id).
 KEY_WHERE: Final = (
-    "task_seq = (SELECT seq FROM tasks WHERE id = :task_id) "
+    f"task_seq = (SELECT seq FROM tasks WHERE id = :task_id AND seq NOT IN {STAGED}) "
     "AND node = (SELECT nid FROM nodes WHERE node_id = :node_id)"
 )
 _SUMMARY_COLS: Final = (
@@ -65,11 +69,13 @@ SUMMARY_SELECT: Final = (
 
 # --------------------------------------------------------------------------- the loop's
 
-#: The tasks whose runs must not start: paused ones, and those of the JSON array :skip
-#: (at their rollout limits). Uncorrelated: SQLite evaluates it once per statement.
+#: The tasks whose runs must not start: paused ones, those of the JSON array :skip
+#: (at their rollout limits), and staged ones. Uncorrelated: SQLite evaluates it once
+#: per statement.
 _HELD: Final = (
     "(SELECT task_seq FROM task_counts WHERE paused UNION ALL "
-    "SELECT seq FROM tasks WHERE id IN (SELECT value FROM json_each(:skip)))"
+    "SELECT seq FROM tasks WHERE id IN (SELECT value FROM json_each(:skip)) UNION ALL "
+    "SELECT task_seq FROM staged_tasks)"
 )
 
 #: For each device in the JSON array :nodes, its first pending run in submission order
@@ -134,6 +140,7 @@ RETURNING position, (SELECT node_id FROM nodes WHERE nid = node), {RUN_COLS}
 OPEN_CONTINUOUS_SQL: Final = f"""
 SELECT {TASK_COLS} FROM tasks AS t INDEXED BY tasks_open_continuous
 WHERE t.continuous AND NOT t.closed AND (t.expires_at IS NULL OR t.expires_at > :now)
+  AND t.seq NOT IN {STAGED}
 ORDER BY t.seq
 """
 
@@ -155,17 +162,19 @@ CROSS JOIN attempts AS a ON a.task_seq = t.seq
 WHERE t.per_minute IS NOT NULL AND a.started_at > :since
 """
 
-EXPIRE_SQL: Final = """
+EXPIRE_SQL: Final = f"""
 UPDATE runs SET state = 'expired', finished_at = :now,
     error = 'expired before it could start'
-WHERE state = 'pending' AND expires_at <= :now
+WHERE state = 'pending' AND expires_at <= :now AND task_seq NOT IN {STAGED}
 """
 
-NEXT_WAKEUP_SQL: Final = """
+NEXT_WAKEUP_SQL: Final = f"""
 SELECT min(x) FROM (
     SELECT min(available_at) AS x FROM runs WHERE state = 'pending' AND available_at > :now
+      AND task_seq NOT IN {STAGED}
     UNION ALL
     SELECT min(expires_at) FROM runs WHERE state = 'pending' AND expires_at > :now
+      AND task_seq NOT IN {STAGED}
 )
 """
 

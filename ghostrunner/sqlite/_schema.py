@@ -221,22 +221,38 @@ def _v2(db: sqlite_utils.Database) -> None:
         db.execute(sql)
 
 
-#: Version 3: outcome recovery. ``recovered`` marks a run (and an attempt) whose
-#: outcome came from the device's journal after GhostRunner had lost the reply.
+#: Version 3: ``staged_tasks`` lists the large tasks being written in several
+#: transactions (:mod:`._large`): their runs are in ``runs`` already, but every verb
+#: leaves them out, and a store that opens the database removes what is left of them.
 _V3: Final = (
+    "CREATE TABLE staged_tasks (task_seq INTEGER PRIMARY KEY REFERENCES tasks(seq))",
+)
+
+
+def _v3(db: sqlite_utils.Database) -> None:
+    """Large tasks written in chunks."""
+    for sql in _V3:
+        db.execute(sql)
+
+
+#: Version 4: outcome recovery. ``recovered`` marks a run (and an attempt) whose
+#: outcome came from the device's journal after GhostRunner had lost the reply.
+_V4: Final = (
     "ALTER TABLE runs ADD COLUMN recovered INTEGER NOT NULL DEFAULT 0",
     "ALTER TABLE attempts ADD COLUMN recovered INTEGER NOT NULL DEFAULT 0",
 )
 
 
-def _v3(db: sqlite_utils.Database) -> None:
+def _v4(db: sqlite_utils.Database) -> None:
     """Outcomes recovered from the device's journal."""
-    for sql in _V3:
+    for sql in _V4:
         db.execute(sql)
 
 
 #: ``MIGRATIONS[n]`` brings a database from schema version n to n + 1. Append only.
-MIGRATIONS: Final[tuple[Callable[[sqlite_utils.Database], None], ...]] = (_v1, _v2, _v3)
+MIGRATIONS: Final[tuple[Callable[[sqlite_utils.Database], None], ...]] = (
+    _v1, _v2, _v3, _v4,
+)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import sqlite3
 import weakref
@@ -38,6 +39,7 @@ from .._types import (
 )
 from ..errors import Conflict, IllegalTransition, NotFound, StoreError
 from ..tokens import Token
+from . import _large
 from . import _queries as q
 from ._values import JSON, dt, dto, json_list, storable, ts, tso
 from ._worker import Bulk, Job, Kind, Worker
@@ -69,6 +71,7 @@ class SQLiteStore:
         self.path = os.fspath(path)
         self.synchronous = synchronous
         self._worker: Worker | None = None
+        self._discards: set[asyncio.Task[None]] = set()  # of large tasks that failed
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
@@ -90,6 +93,8 @@ class SQLiteStore:
             raise
 
     async def close(self) -> None:
+        if self._discards:  # what is not discarded now is at the next open
+            await asyncio.gather(*self._discards, return_exceptions=True)
         worker, self._worker = self._worker, None
         if worker is not None:
             await worker.stop()
@@ -116,10 +121,50 @@ class SQLiteStore:
         self, task: Task, now: datetime, *, nodes: Sequence[str] | None = None
     ) -> None:
         row = q.task_row(task, ts(now), nodes)
+        if len(row[16]) > _large.STAGED_RUNS:
+            await self._add_large(row)
+            return
         # tasks added concurrently are written with one statement (their jobs share the
         # bulk function): per-statement costs and the worker's hold on the GIL are paid
         # once per batch, not once per task
         await self._call(lambda db: _add_tasks(db, [row]), "write", bulk=(_add_tasks, row))
+
+    async def _add_large(self, row: tuple[Any, ...]) -> None:
+        """:meth:`add_task` of a task with many runs, in steps the store's thread
+        interleaves with its other jobs; visible at the last one (see :mod:`._large`)."""
+        seq = await self._write(lambda db: _large.stage(db, row))
+        nodes: Sequence[str] = row[16]
+        size = _large.CHUNK_RUNS
+        try:
+            # Each step writes a slice of the index keys (node ids for nodes, nids for
+            # runs), not a bit of every page of the index: steps commit one by one,
+            # and a page written by each of them would be written to the WAL each time.
+            known = sorted(nodes)
+            nids: dict[str, int] = {}
+            for start in range(0, len(known), size):
+                part = known[start : start + size]
+                got = await self._write(functools.partial(_large.intern, nodes=part))
+                nids.update(zip(part, got, strict=True))
+            runs = sorted((nids[node], position) for position, node in enumerate(nodes))
+            del nids, known
+            for start in range(0, len(runs), size):
+                await self._write(functools.partial(
+                    _large.write_runs, seq=seq, runs=runs[start : start + size], queued=row[12]
+                ))
+            await self._write(lambda db: _large.publish(db, seq, len(nodes)))
+        except BaseException:  # failed or cancelled: take back what was written
+            discard = asyncio.ensure_future(self._discard(seq))
+            self._discards.add(discard)
+            discard.add_done_callback(self._discards.discard)
+            raise
+
+    async def _discard(self, seq: int) -> None:
+        """Delete the staged task ``seq`` in steps, like it was written."""
+        with contextlib.suppress(StoreError):  # closed: discarded at the next open
+            while not await self._write(
+                lambda db: _large.discard(db, seq, _large.CHUNK_RUNS)
+            ):
+                pass
 
     async def bulk_add_tasks(
         self, tasks: Iterable[Task], now: datetime, *, chunk_runs: int = 50_000
@@ -346,7 +391,8 @@ class SQLiteStore:
         def op(db: sqlite_utils.Database) -> list[Run]:
             row = db.execute(
                 "SELECT seq, closed, (SELECT coalesce(max(position), -1) + 1 FROM runs "
-                "WHERE task_seq = seq) FROM tasks WHERE id = ?", (task_id,)
+                f"WHERE task_seq = seq) FROM tasks WHERE id = ? AND seq NOT IN {q.STAGED}",
+                (task_id,),
             ).fetchone()
             if row is None:
                 raise NotFound(f"no task {task_id}")
@@ -630,7 +676,9 @@ def _summary(db: sqlite_utils.Database, task_id: str) -> TaskSummary:
 
 
 def _task_seq(db: sqlite_utils.Database, task_id: str) -> int:
-    row = db.execute("SELECT seq FROM tasks WHERE id = ?", (task_id,)).fetchone()
+    row = db.execute(
+        f"SELECT seq FROM tasks WHERE id = ? AND seq NOT IN {q.STAGED}", (task_id,)
+    ).fetchone()
     if row is None:
         raise NotFound(f"no task {task_id}")
     return cast(int, row[0])

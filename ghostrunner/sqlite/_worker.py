@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import queue
 import sqlite3
 import threading
@@ -36,11 +37,14 @@ from typing import Any, Final, Literal, TypeVar
 import sqlite_utils
 
 from ..errors import Conflict, GhostRunnerError, StoreError
+from ._files import make_private
+from ._large import discard_all
 from ._lock import lock_database, unlock
 from ._queries import ADD_TASKS_VIEW
 from ._schema import migrate
 
 _T = TypeVar("_T")
+log = logging.getLogger("ghostrunner.sqlite")
 
 BUSY_TIMEOUT_MS: Final = 5000
 MAX_BATCH: Final = 256
@@ -148,6 +152,7 @@ class Worker:
 
     def _open(self) -> sqlite_utils.Database:
         """Connect, take the file lock, set the connection up, migrate the schema."""
+        make_private(self.path)  # before SQLite creates anything with the umask's mode
         conn = sqlite3.connect(
             self.path,
             timeout=BUSY_TIMEOUT_MS / 1000,
@@ -165,6 +170,7 @@ class Worker:
             db.execute("PRAGMA cache_size = -65536")  # KiB: 64 MiB
             db.execute("PRAGMA temp_store = MEMORY")
             migrate(db)
+            _discard_staged(db)
             for sql in ADD_TASKS_VIEW:
                 db.execute(sql)
         except BaseException:
@@ -319,6 +325,20 @@ class Worker:
         for loop, items in by_loop.items():
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting
                 loop.call_soon_threadsafe(_deliver, items)
+
+
+def _discard_staged(db: sqlite_utils.Database) -> None:
+    """Remove the large tasks a crash left half-written (see :mod:`._large`)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        found = discard_all(db)
+        db.execute("COMMIT")
+    except BaseException:
+        _rollback(db)
+        raise
+    if found:
+        log.warning("discarded %d task(s) left half-written by a crash (never "
+                    "acknowledged to their submitters)", found)
 
 
 def _bulk_group(jobs: list[Job], start: int) -> list[Job]:

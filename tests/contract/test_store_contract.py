@@ -1511,6 +1511,8 @@ async def test_sqlite_query_plans_use_indexes(sqlite_store: SQLiteStore) -> None
                 and "INDEX task_counts_paused" not in ln
                 and "INDEX tasks_open_continuous" not in ln
                 and "INDEX tasks_rate_limited" not in ln
+                # the large tasks being written: empty but while one is (see _large)
+                and ln != "SCAN staged_tasks"
             ]
             assert not scans, (name, lines)
             assert any("runs" in ln or " r " in ln or " p " in ln or "tasks" in ln

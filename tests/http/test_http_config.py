@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import stat
 from pathlib import Path
 
 import pytest
 
-from ghostrunner_http import ConfigError, FakeDevice, Settings, load_settings
-from ghostrunner_http._logging import RedactingFormatter, configure_logging, redact
+from ghostrunner_http import ConfigError, FakeDevice, Settings, create_app, load_settings
+from ghostrunner_http._logging import (
+    RedactingFormatter,
+    configure_logging,
+    redact,
+    redact_url,
+)
 from ghostrunner_http.config import KNOWN_KEYS, env_var, unknown_env
 
 MESH = {
@@ -225,7 +232,71 @@ def test_configured_logging_redacts_everything(tmp_path: Path) -> None:
     assert "RuntimeError" in out
 
 
+URL_PASSWORD = "pass-in-the-url-77"
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    (f"wss://ghost:{URL_PASSWORD}@mesh.example.com:4443/x?y=1",
+     "wss://ghost:[REDACTED]@mesh.example.com:4443/x?y=1"),
+    (f"wss://ghost:p@ss{URL_PASSWORD}@mesh.example.com", "wss://ghost:[REDACTED]@mesh.example.com"),
+    (f"WSS://:{URL_PASSWORD}@h", "WSS://:[REDACTED]@h"),
+    (f"see http://a:{URL_PASSWORD}@b/ and https://c:{URL_PASSWORD}@d",
+     "see http://a:[REDACTED]@b/ and https://c:[REDACTED]@d"),
+    ("wss://mesh.example.com:443/path", "wss://mesh.example.com:443/path"),  # unchanged
+    ("wss://ghost@mesh.example.com", "wss://ghost@mesh.example.com"),
+    ("/var/lib/ghostrunner/ghostrunner.db", "/var/lib/ghostrunner/ghostrunner.db"),
+])
+def test_redact_url(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+def test_a_password_in_the_meshcentral_url_is_a_secret() -> None:
+    s = load_settings(None, {**MESH, "GHOSTRUNNER_MESHCENTRAL_URL":
+                             f"wss://ghost:{URL_PASSWORD}@mesh.example.com"})
+    assert URL_PASSWORD not in repr(s) + str(s)
+    assert "wss://ghost:[REDACTED]@mesh.example.com" in repr(s)
+    assert URL_PASSWORD in s.secrets
+
+
+def test_logged_urls_lose_their_password(tmp_path: Path) -> None:
+    """Whoever logs a URL (the MeshCentral executor, libmeshctrl, websockets): under
+    ``serve``'s logging its password is redacted, configured as a secret or not."""
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        configure_logging("info", [], stream=stream)
+        logging.getLogger("ghostrunner.meshcentral").info(
+            "connected to MeshCentral at %s as %s",
+            f"wss://ghost:{URL_PASSWORD}@mesh.example.com", "ghost")
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    assert URL_PASSWORD not in stream.getvalue()
+    assert "wss://ghost:[REDACTED]@mesh.example.com as ghost" in stream.getvalue()
+
+
 def test_formatter_ignores_empty_secrets() -> None:
     formatter = RedactingFormatter("%(message)s", ["", "x-secret"])
     record = logging.LogRecord("n", logging.INFO, __file__, 1, "a x-secret b", None, None)
     assert formatter.format(record) == "a [REDACTED] b"
+
+
+def test_the_default_store_creates_its_directory_and_files_private(tmp_path: Path) -> None:
+    """``serve``'s database directory, made under ``umask 000``, is 0700 and the files
+    0600 (they used to be 0777 and 0644: every local user read every command)."""
+    from tests.http.conftest import TestClient
+
+    path = tmp_path / "state" / "ghostrunner.db"
+    old = os.umask(0)
+    try:
+        app = create_app(Settings(executor="fake", database=path, admin_token="a" * 20),
+                         announce=lambda secret: None)
+        with TestClient(app) as client:
+            assert client.get("/").status_code == 200
+            modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode))
+                     for p in (path.parent, *path.parent.iterdir())}
+    finally:
+        os.umask(old)
+    assert modes == {"state": "0o700", "ghostrunner.db": "0o600", "ghostrunner.db-wal": "0o600",
+                     "ghostrunner.db-shm": "0o600", "ghostrunner.db.lock": "0o600"}

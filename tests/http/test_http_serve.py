@@ -137,6 +137,33 @@ def test_serve_starts_and_queues_when_meshcentral_refuses_connections(
     assert MESH_PASSWORD.encode() not in server.files_bytes()
 
 
+def test_a_password_in_the_meshcentral_url_is_never_logged(
+    server_factory: ServerFactory,
+) -> None:
+    """``wss://user:password@host`` works as a MeshCentral URL; the password is in no
+    line of the log (the start-up line, the executor's retries), the rest of the URL
+    is."""
+    in_url = "url-password-never-logged-17"
+    server = server_factory(
+        config='executor = "meshcentral"\n',
+        env={
+            "GHOSTRUNNER_ADMIN_TOKEN": ADMIN_SECRET,
+            "GHOSTRUNNER_MESHCENTRAL_URL": f"wss://ghostrunner:{in_url}@127.0.0.1:1",
+            "GHOSTRUNNER_MESHCENTRAL_USER": "ghostrunner",
+            "GHOSTRUNNER_MESHCENTRAL_PASSWORD": MESH_PASSWORD,
+            "GHOSTRUNNER_SERVER_LOG_LEVEL": "debug",
+        },
+    ).start()
+    deadline = time.monotonic() + 30
+    while "unavailable" not in server.log() and "Connect call failed" not in server.log():
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.1)
+    assert server.stop() == 0
+    log = server.log()
+    assert in_url not in log
+    assert "wss://ghostrunner:[REDACTED]@127.0.0.1:1" in log
+
+
 def test_serve_generates_the_admin_token_and_prints_it_once(
     server_factory: ServerFactory,
 ) -> None:

@@ -6,6 +6,7 @@ wrote it (``details.nodeids[1]``, ``limit``), which the app answers with 422.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -18,6 +19,7 @@ from ghostrunner.errors import ValidationError
 from ghostrunner.tokens import Scope
 
 from ._convert import structure
+from .openapi import NODE_ID_BODY
 
 __all__ = [
     "DeleteSelector",
@@ -235,7 +237,12 @@ class _DeleteBody:
     details: _DeleteDetails
 
 
+_NODE_ID = re.compile(NODE_ID_BODY)
+
+
 def _nodeids(field: str, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """The node ids of a cancel or a delete: the rule of a task's targets (and of the
+    OpenAPI document's pattern), so that what no task can target is a 422 here too."""
     if value is None:
         return None
     if not value:
@@ -243,6 +250,10 @@ def _nodeids(field: str, value: tuple[str, ...] | None) -> tuple[str, ...] | Non
     for i, node in enumerate(value):
         if not node.strip():
             raise ValidationError(f"{field}[{i}]", "must be a non-empty node id")
+        if len(node) > Task.MAX_NODE_ID or _NODE_ID.fullmatch(node) is None:
+            raise ValidationError(f"{field}[{i}]", "is not a node id (at most "
+                                  f"{Task.MAX_NODE_ID} characters, no control characters, "
+                                  "no whitespace at either end)")
     return value
 
 

@@ -43,6 +43,13 @@ def _space_class() -> str:
 _NOT_SPACE = "[^\\u0000" + _space_class() + "]"
 _TEXT = "^[^\\u0000]*" + _NOT_SPACE + "[^\\u0000]*$"
 _NO_NUL = "^[^\\u0000]+$"
+# a node id: no control character (C0, DEL, C1) anywhere, no whitespace at either end.
+# No lookarounds, so that generators (Schemathesis) can draw from it; the tests check it
+# against the library's rule (Task targets).
+_CONTROL_RANGE = "\\u0000-\\u001f\\u007f-\\u009f"
+_NODE_END = "[^" + _CONTROL_RANGE + _space_class() + "]"
+NODE_ID_BODY = _NODE_END + "(?:[^" + _CONTROL_RANGE + "]*" + _NODE_END + ")?"
+NODE_ID_PATTERN = "^" + NODE_ID_BODY + "$"
 # a path segment other than "." and ".." (which clients resolve away)
 _SEGMENT = "^(?!\\.{1,2}$)[^/]+$"
 
@@ -87,7 +94,10 @@ _NODEIDS: Schema = {
     "minItems": 1,
     "maxItems": MAX_TARGETS,
     "uniqueItems": True,
-    "items": _text(MAX_NODE_ID),
+    "items": {"type": "string", "minLength": 1, "maxLength": MAX_NODE_ID,
+              "pattern": NODE_ID_PATTERN,
+              "description": "A MeshCentral node id: no control characters, no whitespace "
+                             "at either end."},
     "description": "MeshCentral node ids (node//...), one run each.",
 }
 #: the states POST /tasks/{id}/retry accepts (a run that succeeded is done)

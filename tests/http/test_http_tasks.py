@@ -159,6 +159,31 @@ def test_create_refuses_invalid_fields_naming_them(api: Api, body: Any, field: s
     assert api.store.runs == {}
 
 
+#: node ids no device can have: their runs would wait forever (#12)
+BAD_NODE_IDS = ["node-001 ", " node-001", "node-001\n", "node\t001", "node-001\x1b[0m",
+                "node-001\x7f", "\u00a0node-001", "node-001\u2028", "node\x85001"]
+
+
+@pytest.mark.parametrize("node", BAD_NODE_IDS, ids=[repr(n) for n in BAD_NODE_IDS])
+def test_node_ids_no_device_can_have_are_422_everywhere(api: Api, node: str) -> None:
+    r = api.post("/task/create", json={"details": {**GOOD, "nodeids": ["node-002", node]}})
+    assert r.status_code == 422, r.text
+    assert r.json()["data"] == {"error": "invalid_field", "field": "details.nodeids[1]"}
+    assert ("whitespace" in r.json()["message"]) != ("control" in r.json()["message"])
+    assert api.store.tasks == {}
+    task_id = api.create(["node-001"])["id"]
+    for method, path, body, field in (
+        ("POST", f"/tasks/{task_id}/cancel", {"nodeids": [node]}, "nodeids[0]"),
+        ("DELETE", "/task/delete", {"details": {"name": "t", "nodeids": [node]}},
+         "details.nodeids[0]"),
+    ):
+        r = api.request(method, path, json=body)
+        assert r.status_code == 422, (path, r.text)
+        assert r.json()["data"]["field"] == field
+        assert "not a node id" in r.json()["message"], r.text
+    assert api.show(task_id)["counts"]["pending"] == 1
+
+
 def test_create_answers_the_id_and_the_task_reads_back(api: Api) -> None:
     r = api.post("/task/create", json={"details": {**GOOD, "nodeids": ["node-002", "node-001"],
                                                    "name": "deploy"}})

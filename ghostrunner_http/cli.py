@@ -113,6 +113,14 @@ def serve(settings: Settings) -> int:
     """Run the server until SIGTERM or SIGINT. Returns the exit status."""
     import uvicorn
 
+    from ._guard import (
+        FD_RESERVE,
+        ConnectionGuard,
+        GuardedListener,
+        connection_limit,
+        fd_soft_limit,
+        guarded_protocol,
+    )
     from ._logging import configure_logging
     from .app import create_app
 
@@ -126,10 +134,24 @@ def serve(settings: Settings) -> int:
     else:
         log.info("executor: fake (%d simulated devices; no MeshCentral)",
                  len(settings.fake_devices))
+    guard = ConnectionGuard(
+        header_timeout=settings.header_timeout,
+        body_timeout=settings.body_timeout,
+        max_connections=connection_limit(settings.max_connections, fd_soft_limit()),
+    )
+    if guard.max_connections < settings.max_connections:
+        log.warning("at most %d client connections at once (server.max_connections is %d): "
+                    "the file descriptor limit is %s (ulimit -n), and %d are kept for the "
+                    "database and MeshCentral", guard.max_connections,
+                    settings.max_connections, fd_soft_limit(), FD_RESERVE)
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
+        # uvicorn's HTTP/1.1 protocol, with time limits on reading a request and a cap
+        # on connections (see _guard); no WebSocket upgrades (the API has none)
+        http=guarded_protocol(guard),
+        ws="none",
         ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
         ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
         log_config=None,
@@ -139,6 +161,10 @@ def serve(settings: Settings) -> int:
         timeout_graceful_shutdown=int(settings.loop.shutdown_grace) + 5,
     )
     server = uvicorn.Server(config)
+    # bound here (uvicorn's way: it logs where it listens, or why it cannot and exits 3)
+    # so that the guard's listener accepts the connections (see _guard)
+    listener = GuardedListener.adopt(config.bind_socket(), guard)
+    listener.set_inheritable(False)
     # Everything imported so far lives as long as the process: keep it out of the
     # cyclic collector's scans, and collect the young generation less often (a request
     # allocates a few hundred tracked objects; almost none form cycles). Measured on
@@ -147,7 +173,7 @@ def serve(settings: Settings) -> int:
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
     _install_quiet_signal_handlers()
-    server.run()
+    server.run(sockets=[listener])
     if not server.started:
         log.error("GhostRunner could not start (see above)")
         return EXIT_API

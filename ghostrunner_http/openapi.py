@@ -481,7 +481,7 @@ _ERRORS = {
     409: "Conflict: the name is taken, or the token is the builtin admin token.",
     413: "The body is over the size limit (1 MiB by default).",
     422: "An invalid field or query parameter, named in data.field and the message.",
-    503: "The database is unavailable; retry.",
+    503: "The database is unavailable, or too many connections are open; retry.",
 }
 
 
@@ -720,7 +720,10 @@ def _document() -> dict[str, Any]:
             "version": ghostrunner.__version__,
             "description": "Queue shell commands for MeshCentral devices that are offline; "
                            "they run when each device comes online. Every answer is the "
-                           "envelope {status, message, data}. See docs/http-api.md.",
+                           "envelope {status, message, data}. Any route may also "
+                           "answer 408 (request_timeout: the request's headers or body "
+                           "came too slowly) or 503 (too many connections), and close the "
+                           "connection. See docs/http-api.md.",
         },
         "paths": _paths(),
         "components": {

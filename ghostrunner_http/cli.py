@@ -344,9 +344,22 @@ def cmd_tasks_list(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _fetch_task(client: ApiClient, task_id: str, *, output: bool) -> dict[str, Any]:
+    """``GET /tasks/{id}`` with every run: its pages followed (1,000 runs a page), with
+    the runs' output if ``output``."""
+    params = {"limit": 1000, "output": "true" if output else "false"}
+    task: dict[str, Any] = client.call("GET", f"/tasks/{task_id}", params=params)
+    runs = list(task["runs"])
+    cursor = task["runs_next_cursor"]
+    while cursor is not None:
+        page = client.call("GET", f"/tasks/{task_id}", params={**params, "cursor": cursor})
+        runs.extend(page["runs"])
+        cursor = page["runs_next_cursor"]
+    return {**task, "runs": runs, "runs_next_cursor": None}
+
+
 def cmd_tasks_show(args: argparse.Namespace, out: TextIO) -> int:
-    params = {"output": "false"} if args.no_output else None
-    task = _client(args).call("GET", f"/tasks/{args.id}", params=params)
+    task = _fetch_task(_client(args), args.id, output=not args.no_output)
     if args.json:
         _json(task, out)
         return EXIT_OK
@@ -513,10 +526,11 @@ def _wait(client: ApiClient, task_id: str, args: argparse.Namespace, out: TextIO
     live = sys.stderr.isatty()
     last = ""
     while True:
-        task = client.call("GET", f"/tasks/{task_id}", params={"output": "false"})
+        # the counts say it all: one run is the smallest page
+        task = client.call("GET", f"/tasks/{task_id}", params={"limit": 1})
         elapsed = time.monotonic() - start
         line = _progress(task, elapsed)
-        finished = all(RunState(r["state"]).terminal for r in task["runs"])
+        finished = _done(task["counts"]) == sum(task["counts"].values())
         if live:
             sys.stderr.write("\r\x1b[2K" + line)
             sys.stderr.flush()
@@ -534,8 +548,7 @@ def _wait(client: ApiClient, task_id: str, args: argparse.Namespace, out: TextIO
         time.sleep(args.interval)
     if live:
         sys.stderr.write("\n")
-    if args.json or args.output:
-        task = client.call("GET", f"/tasks/{task_id}")
+    task = _fetch_task(client, task_id, output=args.json or args.output)
     if args.json:
         _json(task, out)
     else:

@@ -239,7 +239,15 @@ SCHEMAS: dict[str, Schema] = {
             "id": {"type": "string"},
             "name": {"type": "string"},
             "command": {"type": "string"},
-            "nodeids": {"type": "array", "items": {"type": "string"}},
+            "nodeids": {"type": "array", "items": {"type": "string"},
+                        "description": "The explicit node ids; in GET /task/list only the "
+                                       "first 100 (nodes_truncated)."},
+            "node_count": {"type": "integer", "minimum": 0,
+                           "description": "How many explicit node ids the task has."},
+            "nodes_truncated": {"type": "boolean",
+                                "description": "nodeids holds only the first ones (GET "
+                                               "/task/list shows 100): GET /tasks/{id} "
+                                               "has them all."},
             "creation": _DATETIME,
             "status": {"type": "string", "enum": [s.value for s in TaskStatus]},
             "shell": {"type": "string", "enum": [s.value for s in Shell]},
@@ -261,7 +269,8 @@ SCHEMAS: dict[str, Schema] = {
                                                  "not."}),
             "counts": _ref("Counts"),
         },
-        ["id", "name", "command", "nodeids", "creation", "status", "shell", "run_as_user",
+        ["id", "name", "command", "nodeids", "node_count", "nodes_truncated", "creation",
+         "status", "shell", "run_as_user",
          "timeout", "not_before", "expires_at", "max_attempts", "delivery", "select",
          "continuous", "rollout", "success_exit_codes", "paused", "aborted", "counts"],
         description="The seed's TaskData (name, command, nodeids, creation, status) and "
@@ -304,8 +313,8 @@ SCHEMAS: dict[str, Schema] = {
         ["number", "state", "started_at", "finished_at", "exit_code", "output_truncated",
          "error"],
         description="One time a run's command was handed to its device, and what came of "
-                    "it (lost: its outcome is unknown). output is left out with "
-                    "?output=false.",
+                    "it (lost: its outcome is unknown). output is there only with "
+                    "?output=true.",
     ),
     "Run": _obj(
         {
@@ -329,7 +338,7 @@ SCHEMAS: dict[str, Schema] = {
         ["nodeid", "state", "attempts", "undelivered", "queued_at", "available_at",
          "expires_at", "started_at", "finished_at", "exit_code", "output_truncated",
          "error", "history"],
-        description="One (task, device) run. output is left out with ?output=false.",
+        description="One (task, device) run. output is there only with ?output=true.",
     ),
     "TaskPage": _obj(
         {"tasks": {"type": "array", "items": _ref("Task")},
@@ -627,13 +636,27 @@ def _paths() -> dict[str, Any]:
                         "with a run still in flight is kept (counted in kept): flush again "
                         "once it finishes. " + _AUTH_ONLY)},
         "/tasks/{task_id}": {
-            "get": _op("A task and all its runs", Scope.READ,
-                       _ok(_ref("TaskWithRuns"), "The task, with every run's state, "
-                                                "attempts, times, exit code and output."),
-                       errors=(404,), params=[_TASK_ID, _query(
-                           "output", {"type": "string", "enum": ["true", "false"],
-                                      "default": "true"},
-                           "false: leave the runs' output out (when polling).")]),
+            "get": _op("A task and a page of its runs", Scope.READ,
+                       _ok(_ref("TaskWithRuns"), "The task, with a page of its runs: "
+                                                "state, attempts, times, exit code (and "
+                                                "output if asked for)."),
+                       description="Runs come a page at a time (limit, default 100; "
+                                   "follow runs_next_cursor). Their output (and their "
+                                   "attempts') is left out unless output=true; with it, a "
+                                   "page also ends once its output passes 1,000,000 "
+                                   "characters. " + _AUTH_ONLY,
+                       errors=(404,), params=[
+                           _TASK_ID,
+                           _query("output", {"type": "string",
+                                             "enum": ["true", "false", "1", "0"],
+                                             "default": "false"},
+                                  "true: include the runs' output."),
+                           _query("limit", {"type": "integer", "minimum": 1,
+                                            "maximum": 1000, "default": 100},
+                                  "Runs per page."),
+                           _query("cursor", {"type": "string", "pattern": "^[0-9]{1,9}$"},
+                                  "runs_next_cursor of the previous page."),
+                       ]),
             "delete": _op("Delete a task", Scope.WRITE,
                           _ok(_ref("DeleteResult"), "What was done."),
                           description="Cancels its pending runs and removes it; kept "
@@ -699,8 +722,14 @@ def _extend(base: str, properties: dict[str, Schema], description: str) -> Schem
 
 
 SCHEMAS["TaskWithRuns"] = _extend(
-    "Task", {"runs": {"type": "array", "items": _ref("Run")}},
-    "A task and every one of its runs, in the order of its nodeids.",
+    "Task", {"runs": {"type": "array", "items": _ref("Run"),
+                      "description": "One page of the task's runs, in target order."},
+             "runs_next_cursor": _nullable({"type": "string",
+                                            "description": "Pass as ?cursor= for the next "
+                                                           "page of runs; null on the "
+                                                           "last."})},
+    "A task and one page of its runs, in the order of its nodeids (then the devices its "
+    "selector chose).",
 )
 SCHEMAS["NewToken"] = _extend(
     "Token",

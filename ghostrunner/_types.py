@@ -230,15 +230,36 @@ def _targets(value: Iterable[str]) -> tuple[str, ...]:
     return tuple(value)
 
 
+# C0 controls, DEL and C1 controls: in no MeshCentral node id, and invisible in logs
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def _node_id_problem(node: str) -> str | None:
+    """Why ``node`` cannot be a node id, or None. A node id that no device can have
+    (``"node-1 "``, ``"node-1\\n"``) would leave its run pending forever."""
+    stripped = node.strip()
+    if not stripped:
+        return "must be a non-empty node id"
+    if len(node) > MAX_NODE_ID or not _encodable(node):
+        return "is not a valid node id"
+    if stripped != node:
+        return f"must not start or end with whitespace ({node!r})"
+    found = _CONTROL.search(node)
+    if found is not None:
+        return f"must not contain control characters ({found.group()!r} at {found.start()})"
+    return None
+
+
 def _check_targets(inst: object, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
     if len(value) > MAX_TARGETS:
         raise ValidationError(attribute.name, f"must name at most {MAX_TARGETS} devices")
     seen: set[str] = set()
     for i, node in enumerate(value):
-        if not isinstance(node, str) or not node.strip():
+        if not isinstance(node, str):
             raise ValidationError(f"{attribute.name}[{i}]", "must be a non-empty node id")
-        if len(node) > MAX_NODE_ID or "\x00" in node or not _encodable(node):
-            raise ValidationError(f"{attribute.name}[{i}]", "is not a valid node id")
+        problem = _node_id_problem(node)
+        if problem is not None:
+            raise ValidationError(f"{attribute.name}[{i}]", problem)
         if node in seen:
             raise ValidationError(f"{attribute.name}[{i}]", f"duplicate node id {node!r}")
         seen.add(node)
@@ -490,7 +511,8 @@ class Task:
     Args:
         name: a label for operators (not unique).
         command: the shell command, run as is by ``shell`` on each device.
-        targets: MeshCentral node ids (full ``node//...`` form); one run each.
+        targets: MeshCentral node ids (full ``node//...`` form); one run each. Up to
+            256 characters each, without control characters or whitespace at either end.
         shell: ``auto`` picks ``sh`` or ``cmd`` from the device's agent.
         run_as_user: run in the logged-in user's session instead of as the agent.
         timeout: seconds the command may run on the device before it is killed.

@@ -6,6 +6,7 @@ wrote it (``details.nodeids[1]``, ``limit``), which the app answers with 422.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -18,14 +19,16 @@ from ghostrunner.errors import ValidationError
 from ghostrunner.tokens import Scope
 
 from ._convert import structure
+from .openapi import NODE_ID_BODY
 
 __all__ = [
     "DeleteSelector",
+    "RunPage",
     "parse_abort",
     "parse_cancel",
     "parse_delete",
-    "parse_output_flag",
     "parse_retry",
+    "parse_run_page",
     "parse_task",
     "parse_task_query",
     "parse_time",
@@ -235,7 +238,12 @@ class _DeleteBody:
     details: _DeleteDetails
 
 
+_NODE_ID = re.compile(NODE_ID_BODY)
+
+
 def _nodeids(field: str, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """The node ids of a cancel or a delete: the rule of a task's targets (and of the
+    OpenAPI document's pattern), so that what no task can target is a 422 here too."""
     if value is None:
         return None
     if not value:
@@ -243,6 +251,10 @@ def _nodeids(field: str, value: tuple[str, ...] | None) -> tuple[str, ...] | Non
     for i, node in enumerate(value):
         if not node.strip():
             raise ValidationError(f"{field}[{i}]", "must be a non-empty node id")
+        if len(node) > Task.MAX_NODE_ID or _NODE_ID.fullmatch(node) is None:
+            raise ValidationError(f"{field}[{i}]", "is not a node id (at most "
+                                  f"{Task.MAX_NODE_ID} characters, no control characters, "
+                                  "no whitespace at either end)")
     return value
 
 
@@ -391,16 +403,49 @@ def parse_task_query(params: QueryParams) -> TaskQuery:
     return TaskQuery(**fields)
 
 
-def parse_output_flag(params: QueryParams) -> bool:
-    """``GET /tasks/{id}?output=false`` leaves the runs' output out (for polling)."""
+#: runs per page of ``GET /tasks/{id}``: by default, and at most
+RUNS_PAGE = 100
+MAX_RUNS_PAGE = 1000
+_RUN_QUERY_KEYS = ("output", "limit", "cursor")
+_FLAGS = {"true": True, "1": True, "false": False, "0": False}
+
+
+@attrs.frozen(kw_only=True)
+class RunPage:
+    """Which runs ``GET /tasks/{id}`` answers with: ``limit`` runs from the ``cursor``-th
+    (in target order), with their output or not."""
+
+    output: bool = False
+    limit: int = RUNS_PAGE
+    cursor: int = 0
+
+
+def parse_run_page(params: QueryParams) -> RunPage:
+    """``GET /tasks/{id}?output=true&limit=100&cursor=100``: output is left out unless
+    asked for (``true`` or ``1``); ``cursor`` is the ``runs_next_cursor`` of the previous
+    page."""
+    values: dict[str, str] = {}
     for key in params:
-        if key != "output":
-            raise ValidationError(key, "unknown query parameter (known: output)")
-    values = params.getlist("output")
-    if not values:
-        return True
-    if len(values) > 1:
-        raise ValidationError("output", "given more than once")
-    if values[0] not in ("true", "false"):
-        raise ValidationError("output", "must be true or false")
-    return values[0] == "true"
+        if key not in _RUN_QUERY_KEYS:
+            raise ValidationError(key, "unknown query parameter (known: "
+                                  + ", ".join(_RUN_QUERY_KEYS) + ")")
+        got = params.getlist(key)
+        if len(got) > 1:
+            raise ValidationError(key, "given more than once")
+        values[key] = got[0]
+    fields: dict[str, Any] = {}
+    if "output" in values:
+        if values["output"] not in _FLAGS:
+            raise ValidationError("output", "must be true or false (or 1 or 0)")
+        fields["output"] = _FLAGS[values["output"]]
+    if "limit" in values:
+        text = values["limit"].strip()
+        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_RUNS_PAGE:
+            raise ValidationError("limit", f"must be an integer between 1 and {MAX_RUNS_PAGE}")
+        fields["limit"] = int(text)
+    if "cursor" in values:
+        text = values["cursor"]
+        if not (text.isascii() and text.isdigit()) or len(text) > 9:
+            raise ValidationError("cursor", "must be the runs_next_cursor of a previous page")
+        fields["cursor"] = int(text)
+    return RunPage(**fields)

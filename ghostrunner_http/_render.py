@@ -25,6 +25,7 @@ __all__ = [
     "render_devices",
     "render_run",
     "render_task",
+    "render_task_with_runs",
     "render_token",
     "timestamp",
 ]
@@ -105,15 +106,27 @@ def render_rollout(rollout: Rollout) -> dict[str, Any]:
     }
 
 
+#: node ids a row of ``GET /task/list`` shows (the rest: ``GET /tasks/{id}``)
+LIST_NODES = 100
+#: output (characters, runs' and their attempts') after which a page of runs ends early
+OUTPUT_PER_PAGE = 1_000_000
+
+
 def render_task(task: Task, counts: Mapping[RunState, int], status: str, *,
-                paused: bool = False, aborted: str | None = None) -> dict[str, Any]:
+                paused: bool = False, aborted: str | None = None,
+                max_nodes: int | None = None) -> dict[str, Any]:
     """A task: the seed's TaskData fields, then GhostRunner's. ``nodeids`` are its
-    explicit targets; the devices its selector chose have runs (and counts) too."""
+    explicit targets (the first ``max_nodes`` of them, if given: ``node_count`` says how
+    many there are); the devices its selector chose have runs (and counts) too."""
+    targets = task.targets
+    truncated = max_nodes is not None and len(targets) > max_nodes
     return {
         "id": task.id,
         "name": task.name,
         "command": task.command,
-        "nodeids": list(task.targets),
+        "nodeids": list(targets[:max_nodes] if truncated else targets),
+        "node_count": len(targets),
+        "nodes_truncated": truncated,
         "creation": timestamp(task.created_at),
         "status": status,
         "shell": task.shell.value,
@@ -133,13 +146,13 @@ def render_task(task: Task, counts: Mapping[RunState, int], status: str, *,
     }
 
 
-def render_summary(summary: TaskSummary) -> dict[str, Any]:
+def render_summary(summary: TaskSummary, *, max_nodes: int | None = None) -> dict[str, Any]:
     """A task from the store, with its overall status and run counts."""
     return render_task(summary.task, summary.counts, summary.status.value,
-                       paused=summary.paused, aborted=summary.aborted)
+                       paused=summary.paused, aborted=summary.aborted, max_nodes=max_nodes)
 
 
-def render_attempt(attempt: Attempt, *, output: bool = True) -> dict[str, Any]:
+def render_attempt(attempt: Attempt, *, output: bool = False) -> dict[str, Any]:
     """One attempt of a run (``output=False``: but its output)."""
     out = {
         "number": attempt.number,
@@ -156,7 +169,7 @@ def render_attempt(attempt: Attempt, *, output: bool = True) -> dict[str, Any]:
     return out
 
 
-def render_run(run: Run, *, output: bool = True,
+def render_run(run: Run, *, output: bool = False,
                history: Sequence[Attempt] | None = None) -> dict[str, Any]:
     """One (task, device) run and everything known about it (``output=False``: but
     its output). ``history``: its attempts, oldest first, added as ``history``."""
@@ -182,17 +195,29 @@ def render_run(run: Run, *, output: bool = True,
     return out
 
 
-def render_task_with_runs(summary: TaskSummary, runs: Sequence[Run], *, output: bool = True,
-                          attempts: Mapping[str, Sequence[Attempt]] | None = None
-                          ) -> dict[str, Any]:
-    """A task and every one of its runs, each with its attempt history when
-    ``attempts`` (node id -> attempts) is given."""
-    if attempts is None:
-        rendered = [render_run(r, output=output) for r in runs]
-    else:
-        rendered = [render_run(r, output=output, history=attempts.get(r.node_id, ()))
-                    for r in runs]
-    return {**render_summary(summary), "runs": rendered}
+def render_task_with_runs(summary: TaskSummary, runs: Sequence[Run], *, output: bool = False,
+                          attempts: Mapping[str, Sequence[Attempt]] | None = None,
+                          start: int = 0, limit: int | None = None) -> dict[str, Any]:
+    """A task and a page of its runs: up to ``limit`` (None: all) from the ``start``-th,
+    each with its attempt history when ``attempts`` (node id -> attempts) is given. With
+    ``output``, a page also ends once its runs' output passes ``OUTPUT_PER_PAGE``
+    characters (after one run at least). ``runs_next_cursor`` continues it (None: the
+    last page)."""
+    end = len(runs) if limit is None else min(len(runs), start + limit)
+    rendered = []
+    size = 0
+    index = start
+    while index < end:
+        run = runs[index]
+        history = None if attempts is None else attempts.get(run.node_id, ())
+        rendered.append(render_run(run, output=output, history=history))
+        index += 1
+        if output:
+            size += len(run.output) + sum(len(a.output) for a in history or ())
+            if size >= OUTPUT_PER_PAGE:
+                break
+    return {**render_summary(summary), "runs": rendered,
+            "runs_next_cursor": str(index) if index < len(runs) else None}
 
 
 def render_token(token: Token) -> dict[str, Any]:

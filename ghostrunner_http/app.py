@@ -32,14 +32,15 @@ from ._parse import (
     parse_abort,
     parse_cancel,
     parse_delete,
-    parse_output_flag,
     parse_retry,
+    parse_run_page,
     parse_task,
     parse_task_query,
     parse_token_create,
     parse_token_name,
 )
 from ._render import (
+    LIST_NODES,
     envelope,
     render_devices,
     render_summary,
@@ -149,7 +150,8 @@ async def task_list(request: Request) -> Response:
     await authorize(request, Scope.READ)
     page = await services(request).runner.list(parse_task_query(request.query_params))
     return envelope({
-        "tasks": [render_summary(s) for s in page.items],
+        # a row shows the first LIST_NODES node ids, node_count says how many there are
+        "tasks": [render_summary(s, max_nodes=LIST_NODES) for s in page.items],
         "next_cursor": page.next_cursor,
     })
 
@@ -163,7 +165,7 @@ async def task_flush(request: Request) -> Response:
 
 async def task_get(request: Request) -> Response:
     await authorize(request, Scope.READ)
-    with_output = parse_output_flag(request.query_params)
+    page = parse_run_page(request.query_params)
     runner = services(request).runner
     task_id = request.path_params["task_id"]
     stored = await runner.get(task_id)
@@ -172,8 +174,9 @@ async def task_get(request: Request) -> Response:
     # counts from the runs read, so the two always agree
     summary = TaskSummary(task=stored.task, counts=dict(Counter(r.state for r in runs)),
                           paused=stored.paused, aborted=stored.aborted, closed=stored.closed)
-    return envelope(render_task_with_runs(summary, runs, output=with_output,
-                                          attempts=attempts))
+    return envelope(render_task_with_runs(summary, runs, output=page.output,
+                                          attempts=attempts, start=page.cursor,
+                                          limit=page.limit))
 
 
 async def task_remove(request: Request) -> Response:

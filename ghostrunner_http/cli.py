@@ -121,6 +121,14 @@ def serve(settings: Settings) -> int:
     """Run the server until SIGTERM or SIGINT. Returns the exit status."""
     import uvicorn
 
+    from ._guard import (
+        FD_RESERVE,
+        ConnectionGuard,
+        GuardedListener,
+        connection_limit,
+        fd_soft_limit,
+        guarded_protocol,
+    )
     from ._logging import configure_logging, redact_url
     from .app import create_app
 
@@ -135,10 +143,24 @@ def serve(settings: Settings) -> int:
     else:
         log.info("executor: fake (%d simulated devices; no MeshCentral)",
                  len(settings.fake_devices))
+    guard = ConnectionGuard(
+        header_timeout=settings.header_timeout,
+        body_timeout=settings.body_timeout,
+        max_connections=connection_limit(settings.max_connections, fd_soft_limit()),
+    )
+    if guard.max_connections < settings.max_connections:
+        log.warning("at most %d client connections at once (server.max_connections is %d): "
+                    "the file descriptor limit is %s (ulimit -n), and %d are kept for the "
+                    "database and MeshCentral", guard.max_connections,
+                    settings.max_connections, fd_soft_limit(), FD_RESERVE)
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
+        # uvicorn's HTTP/1.1 protocol, with time limits on reading a request and a cap
+        # on connections (see _guard); no WebSocket upgrades (the API has none)
+        http=guarded_protocol(guard),
+        ws="none",
         ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
         ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
         log_config=None,
@@ -148,6 +170,10 @@ def serve(settings: Settings) -> int:
         timeout_graceful_shutdown=int(settings.loop.shutdown_grace) + 5,
     )
     server = uvicorn.Server(config)
+    # bound here (uvicorn's way: it logs where it listens, or why it cannot and exits 3)
+    # so that the guard's listener accepts the connections (see _guard)
+    listener = GuardedListener.adopt(config.bind_socket(), guard)
+    listener.set_inheritable(False)
     # Everything imported so far lives as long as the process: keep it out of the
     # cyclic collector's scans, and collect the young generation less often (a request
     # allocates a few hundred tracked objects; almost none form cycles). Measured on
@@ -156,7 +182,7 @@ def serve(settings: Settings) -> int:
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
     _install_quiet_signal_handlers()
-    server.run()
+    server.run(sockets=[listener])
     if not server.started:
         log.error("GhostRunner could not start (see above)")
         return EXIT_API
@@ -358,9 +384,23 @@ def cmd_tasks_list(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _fetch_task(client: ApiClient, task_id: str, *, output: bool) -> dict[str, Any]:
+    """``GET /tasks/{id}`` with every run: its pages followed (1,000 runs a page), with
+    the runs' output if ``output``."""
+    params = {"limit": 1000, "output": "true" if output else "false"}
+    path = f"/tasks/{_segment(task_id)}"
+    task: dict[str, Any] = client.call("GET", path, params=params)
+    runs = list(task["runs"])
+    cursor = task["runs_next_cursor"]
+    while cursor is not None:
+        page = client.call("GET", path, params={**params, "cursor": cursor})
+        runs.extend(page["runs"])
+        cursor = page["runs_next_cursor"]
+    return {**task, "runs": runs, "runs_next_cursor": None}
+
+
 def cmd_tasks_show(args: argparse.Namespace, out: TextIO) -> int:
-    params = {"output": "false"} if args.no_output else None
-    task = _client(args).call("GET", f"/tasks/{_segment(args.id)}", params=params)
+    task = _fetch_task(_client(args), args.id, output=not args.no_output)
     if args.json:
         _json(task, out)
         return EXIT_OK
@@ -527,10 +567,11 @@ def _wait(client: ApiClient, task_id: str, args: argparse.Namespace, out: TextIO
     live = sys.stderr.isatty()
     last = ""
     while True:
-        task = client.call("GET", f"/tasks/{_segment(task_id)}", params={"output": "false"})
+        # the counts say it all: one run is the smallest page
+        task = client.call("GET", f"/tasks/{_segment(task_id)}", params={"limit": 1})
         elapsed = time.monotonic() - start
         line = _progress(task, elapsed)
-        finished = all(RunState(r["state"]).terminal for r in task["runs"])
+        finished = _done(task["counts"]) == sum(task["counts"].values())
         if live:
             sys.stderr.write("\r\x1b[2K" + line)
             sys.stderr.flush()
@@ -548,8 +589,7 @@ def _wait(client: ApiClient, task_id: str, args: argparse.Namespace, out: TextIO
         time.sleep(args.interval)
     if live:
         sys.stderr.write("\n")
-    if args.json or args.output:
-        task = client.call("GET", f"/tasks/{_segment(task_id)}")
+    task = _fetch_task(client, task_id, output=args.json or args.output)
     if args.json:
         _json(task, out)
     else:

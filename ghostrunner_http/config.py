@@ -101,6 +101,15 @@ class Settings:
         host, port: where the server listens.
         tls_cert, tls_key: PEM files; both or neither. With them the server speaks HTTPS.
         max_body_bytes: the largest request body accepted (larger: 413).
+        header_timeout: seconds a client may take to send a request's line and headers
+            (from when it connects, or from the previous answer); then the connection is
+            closed (408 if part of a request came).
+        body_timeout: seconds a client may take to send a request's body, after its
+            head, however it trickles in; then 408 and the connection is closed.
+        max_connections: client connections open at once; lowered to leave 32 file
+            descriptors free under the process's limit (``ulimit -n``). Over it, the
+            oldest connection waiting for a request is closed to make room (or the new
+            one is refused with a 503 when every connection has a request in progress).
         log_level: ``debug``, ``info``, ``warning`` or ``error``.
         access_log: log one line per request.
         meshcentral_url: ``wss://host[:port]`` of the MeshCentral server.
@@ -121,6 +130,9 @@ class Settings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     max_body_bytes: int = 1024 * 1024
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    max_connections: int = 1000
     log_level: str = "info"
     access_log: bool = True
     meshcentral_url: str | None = attrs.field(
@@ -148,6 +160,12 @@ class Settings:
             raise ConfigError("server.tls_cert", "tls_cert and tls_key go together")
         if self.max_body_bytes < 1024:
             raise ConfigError("server.max_body_bytes", "must be at least 1024")
+        for key, seconds in (("server.header_timeout", self.header_timeout),
+                             ("server.body_timeout", self.body_timeout)):
+            if not 0 < seconds <= 3600:  # also refuses NaN
+                raise ConfigError(key, "must be a number of seconds > 0 and <= 3600")
+        if not 1 <= self.max_connections <= 1_000_000:
+            raise ConfigError("server.max_connections", "must be between 1 and 1000000")
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
             raise ConfigError("server.log_level", "must be debug, info, warning or error")
         if self.executor == "meshcentral":
@@ -314,6 +332,9 @@ _KEYS: dict[str, tuple[str, _Parser]] = {
     "server.tls_cert": ("tls_cert", _path),
     "server.tls_key": ("tls_key", _path),
     "server.max_body_bytes": ("max_body_bytes", _int),
+    "server.header_timeout": ("header_timeout", _float),
+    "server.body_timeout": ("body_timeout", _float),
+    "server.max_connections": ("max_connections", _int),
     "server.log_level": ("log_level", _log_level),
     "server.access_log": ("access_log", _bool),
     "meshcentral.url": ("meshcentral_url", _opt_str),

@@ -43,6 +43,13 @@ def _space_class() -> str:
 _NOT_SPACE = "[^\\u0000" + _space_class() + "]"
 _TEXT = "^[^\\u0000]*" + _NOT_SPACE + "[^\\u0000]*$"
 _NO_NUL = "^[^\\u0000]+$"
+# a node id: no control character (C0, DEL, C1) anywhere, no whitespace at either end.
+# No lookarounds, so that generators (Schemathesis) can draw from it; the tests check it
+# against the library's rule (Task targets).
+_CONTROL_RANGE = "\\u0000-\\u001f\\u007f-\\u009f"
+_NODE_END = "[^" + _CONTROL_RANGE + _space_class() + "]"
+NODE_ID_BODY = _NODE_END + "(?:[^" + _CONTROL_RANGE + "]*" + _NODE_END + ")?"
+NODE_ID_PATTERN = "^" + NODE_ID_BODY + "$"
 # a path segment other than "." and ".." (which clients resolve away)
 _SEGMENT = "^(?!\\.{1,2}$)[^/]+$"
 
@@ -87,7 +94,10 @@ _NODEIDS: Schema = {
     "minItems": 1,
     "maxItems": MAX_TARGETS,
     "uniqueItems": True,
-    "items": _text(MAX_NODE_ID),
+    "items": {"type": "string", "minLength": 1, "maxLength": MAX_NODE_ID,
+              "pattern": NODE_ID_PATTERN,
+              "description": "A MeshCentral node id: no control characters, no whitespace "
+                             "at either end."},
     "description": "MeshCentral node ids (node//...), one run each.",
 }
 #: the states POST /tasks/{id}/retry accepts (a run that succeeded is done)
@@ -229,7 +239,15 @@ SCHEMAS: dict[str, Schema] = {
             "id": {"type": "string"},
             "name": {"type": "string"},
             "command": {"type": "string"},
-            "nodeids": {"type": "array", "items": {"type": "string"}},
+            "nodeids": {"type": "array", "items": {"type": "string"},
+                        "description": "The explicit node ids; in GET /task/list only the "
+                                       "first 100 (nodes_truncated)."},
+            "node_count": {"type": "integer", "minimum": 0,
+                           "description": "How many explicit node ids the task has."},
+            "nodes_truncated": {"type": "boolean",
+                                "description": "nodeids holds only the first ones (GET "
+                                               "/task/list shows 100): GET /tasks/{id} "
+                                               "has them all."},
             "creation": _DATETIME,
             "status": {"type": "string", "enum": [s.value for s in TaskStatus]},
             "shell": {"type": "string", "enum": [s.value for s in Shell]},
@@ -251,7 +269,8 @@ SCHEMAS: dict[str, Schema] = {
                                                  "not."}),
             "counts": _ref("Counts"),
         },
-        ["id", "name", "command", "nodeids", "creation", "status", "shell", "run_as_user",
+        ["id", "name", "command", "nodeids", "node_count", "nodes_truncated", "creation",
+         "status", "shell", "run_as_user",
          "timeout", "not_before", "expires_at", "max_attempts", "delivery", "select",
          "continuous", "rollout", "success_exit_codes", "paused", "aborted", "counts"],
         description="The seed's TaskData (name, command, nodeids, creation, status) and "
@@ -294,8 +313,8 @@ SCHEMAS: dict[str, Schema] = {
         ["number", "state", "started_at", "finished_at", "exit_code", "output_truncated",
          "error"],
         description="One time a run's command was handed to its device, and what came of "
-                    "it (lost: its outcome is unknown). output is left out with "
-                    "?output=false.",
+                    "it (lost: its outcome is unknown). output is there only with "
+                    "?output=true.",
     ),
     "Run": _obj(
         {
@@ -319,7 +338,7 @@ SCHEMAS: dict[str, Schema] = {
         ["nodeid", "state", "attempts", "undelivered", "queued_at", "available_at",
          "expires_at", "started_at", "finished_at", "exit_code", "output_truncated",
          "error", "history"],
-        description="One (task, device) run. output is left out with ?output=false.",
+        description="One (task, device) run. output is there only with ?output=true.",
     ),
     "TaskPage": _obj(
         {"tasks": {"type": "array", "items": _ref("Task")},
@@ -471,7 +490,7 @@ _ERRORS = {
     409: "Conflict: the name is taken, or the token is the builtin admin token.",
     413: "The body is over the size limit (1 MiB by default).",
     422: "An invalid field or query parameter, named in data.field and the message.",
-    503: "The database is unavailable; retry.",
+    503: "The database is unavailable, or too many connections are open; retry.",
 }
 
 
@@ -617,13 +636,27 @@ def _paths() -> dict[str, Any]:
                         "with a run still in flight is kept (counted in kept): flush again "
                         "once it finishes. " + _AUTH_ONLY)},
         "/tasks/{task_id}": {
-            "get": _op("A task and all its runs", Scope.READ,
-                       _ok(_ref("TaskWithRuns"), "The task, with every run's state, "
-                                                "attempts, times, exit code and output."),
-                       errors=(404,), params=[_TASK_ID, _query(
-                           "output", {"type": "string", "enum": ["true", "false"],
-                                      "default": "true"},
-                           "false: leave the runs' output out (when polling).")]),
+            "get": _op("A task and a page of its runs", Scope.READ,
+                       _ok(_ref("TaskWithRuns"), "The task, with a page of its runs: "
+                                                "state, attempts, times, exit code (and "
+                                                "output if asked for)."),
+                       description="Runs come a page at a time (limit, default 100; "
+                                   "follow runs_next_cursor). Their output (and their "
+                                   "attempts') is left out unless output=true; with it, a "
+                                   "page also ends once its output passes 1,000,000 "
+                                   "characters. " + _AUTH_ONLY,
+                       errors=(404,), params=[
+                           _TASK_ID,
+                           _query("output", {"type": "string",
+                                             "enum": ["true", "false", "1", "0"],
+                                             "default": "false"},
+                                  "true: include the runs' output."),
+                           _query("limit", {"type": "integer", "minimum": 1,
+                                            "maximum": 1000, "default": 100},
+                                  "Runs per page."),
+                           _query("cursor", {"type": "string", "pattern": "^[0-9]{1,9}$"},
+                                  "runs_next_cursor of the previous page."),
+                       ]),
             "delete": _op("Delete a task", Scope.WRITE,
                           _ok(_ref("DeleteResult"), "What was done."),
                           description="Cancels its pending runs and removes it; kept "
@@ -689,8 +722,14 @@ def _extend(base: str, properties: dict[str, Schema], description: str) -> Schem
 
 
 SCHEMAS["TaskWithRuns"] = _extend(
-    "Task", {"runs": {"type": "array", "items": _ref("Run")}},
-    "A task and every one of its runs, in the order of its nodeids.",
+    "Task", {"runs": {"type": "array", "items": _ref("Run"),
+                      "description": "One page of the task's runs, in target order."},
+             "runs_next_cursor": _nullable({"type": "string",
+                                            "description": "Pass as ?cursor= for the next "
+                                                           "page of runs; null on the "
+                                                           "last."})},
+    "A task and one page of its runs, in the order of its nodeids (then the devices its "
+    "selector chose).",
 )
 SCHEMAS["NewToken"] = _extend(
     "Token",
@@ -710,7 +749,10 @@ def _document() -> dict[str, Any]:
             "version": ghostrunner.__version__,
             "description": "Queue shell commands for MeshCentral devices that are offline; "
                            "they run when each device comes online. Every answer is the "
-                           "envelope {status, message, data}. See docs/http-api.md.",
+                           "envelope {status, message, data}. Any route may also "
+                           "answer 408 (request_timeout: the request's headers or body "
+                           "came too slowly) or 503 (too many connections), and close the "
+                           "connection. See docs/http-api.md.",
         },
         "paths": _paths(),
         "components": {

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +57,16 @@ class ServerProcess:
         }
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, *, timeout: float = 30.0, verify: Any = True) -> ServerProcess:
+    def start(self, *, timeout: float = 30.0, verify: Any = True,
+              preexec_fn: Callable[[], Any] | None = None) -> ServerProcess:
+        """Start it and wait until ``GET /`` answers. ``preexec_fn`` runs in the child
+        before the server (e.g. to lower its file descriptor limit)."""
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "ghostrunner_http.cli", "serve", "--config",
                  str(self.config)],
                 cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                preexec_fn=preexec_fn,
             )
         deadline = time.monotonic() + timeout
         while True:

@@ -690,6 +690,10 @@ aware = st.builds(
 )
 text = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"))
 line = text.filter(lambda s: bool(s.strip()))
+# node ids as a Task takes them: up to 256 characters, no control characters, no
+# whitespace at either end
+node_id = st.text(st.characters(exclude_categories=["Cs", "Cc"])).map(
+    lambda s: s[:256].strip()).filter(bool)
 
 
 @st.composite
@@ -702,7 +706,7 @@ def tasks(draw: st.DrawFn) -> Task:
         id=uuid.uuid4().hex,
         name=draw(line.map(lambda s: s[:200])),
         command=draw(line),
-        targets=draw(st.lists(line.map(lambda s: s[:256]), min_size=1, max_size=8, unique=True)),
+        targets=draw(st.lists(node_id, min_size=1, max_size=8, unique=True)),
         created_at=draw(aware),
         shell=draw(st.sampled_from(Shell)),
         run_as_user=draw(st.booleans()),

@@ -199,9 +199,16 @@ class Api:
         return data
 
     def show(self, task_id: str) -> dict[str, Any]:
-        r = self.get(f"/tasks/{task_id}")
+        """``GET /tasks/{id}`` with the runs' output, every page of runs followed."""
+        params: dict[str, Any] = {"output": "true", "limit": 1000}
+        r = self.get(f"/tasks/{task_id}", params=params)
         assert r.status_code == 200, r.text
         data: dict[str, Any] = r.json()["data"]
+        while data["runs_next_cursor"] is not None:
+            r = self.get(f"/tasks/{task_id}",
+                         params={**params, "cursor": data["runs_next_cursor"]})
+            assert r.status_code == 200, r.text
+            data = {**r.json()["data"], "runs": data["runs"] + r.json()["data"]["runs"]}
         return data
 
     def wait_for(self, task_id: str, predicate: Callable[[dict[str, Any]], bool],

@@ -69,6 +69,23 @@ def test_tasks_add_wait_show(env: ServerProcess, capsys: pytest.CaptureFixture[s
     assert json.loads(out)["id"] == task_id
 
 
+def test_tasks_show_follows_every_page_of_runs(env: ServerProcess) -> None:
+    """The API answers runs 100 (or 1,000) at a time; ``tasks show`` shows them all."""
+    nodes = [f"node//many-{i:04d}" for i in range(1205)]
+    body = {"details": {"name": "many", "command": "c", "nodeids": nodes}}
+    r = env.call("POST", "/task/create", ADMIN_SECRET, json=body)
+    assert r.status_code == 200, r.text
+    task_id = r.json()["data"]["id"]
+    code, out = run("tasks", "show", task_id)
+    assert code == 0
+    shown = [line.split()[0] for line in out.splitlines() if line.startswith("node//many-")]
+    assert shown == nodes
+    code, out = run("tasks", "show", task_id, "--json")
+    task = json.loads(out)
+    assert [r["nodeid"] for r in task["runs"]] == nodes
+    assert task["runs_next_cursor"] is None
+
+
 def test_tasks_add_prints_the_id(env: ServerProcess) -> None:
     code, out = run("tasks", "add", "uptime", "-n", "node-009")
     assert code == 0

@@ -37,6 +37,7 @@ def test_defaults() -> None:
     assert s.database == Path("ghostrunner.db")
     assert (s.host, s.port) == ("127.0.0.1", 8080)
     assert s.max_body_bytes == 1024 * 1024
+    assert (s.header_timeout, s.body_timeout, s.max_connections) == (10.0, 60.0, 1000)
     assert [d.nodeid for d in s.fake_devices] == ["node-001", "node-002", "node-003"]
     assert all(d.online for d in s.fake_devices)
 
@@ -146,6 +147,12 @@ def test_every_key_has_an_environment_variable() -> None:
         ('executor = "fake"\n[server]\nport = "http"', {}, "server.port"),
         ('executor = "fake"\n[server]\nport = 70000', {}, "server.port"),
         ('executor = "fake"\n[server]\nmax_body_bytes = 10', {}, "server.max_body_bytes"),
+        ('executor = "fake"\n[server]\nheader_timeout = 0', {}, "server.header_timeout"),
+        ('executor = "fake"\n[server]\nbody_timeout = 1e9', {}, "server.body_timeout"),
+        ('executor = "fake"\n[server]\nbody_timeout = "soon"', {}, "server.body_timeout"),
+        ('executor = "fake"\n[server]\nmax_connections = 0', {}, "server.max_connections"),
+        ('executor = "fake"', {"GHOSTRUNNER_SERVER_HEADER_TIMEOUT": "nan"},
+         "server.header_timeout"),
         ('executor = "fake"\n[server]\ntls_cert = "c.pem"', {}, "server.tls_cert"),
         ('executor = "fake"\n[server]\nlog_level = "loud"', {}, "server.log_level"),
         ('executor = "fake"\n[server]\naccess_log = "maybe"', {}, "server.access_log"),
@@ -300,3 +307,20 @@ def test_the_default_store_creates_its_directory_and_files_private(tmp_path: Pat
         os.umask(old)
     assert modes == {"state": "0o700", "ghostrunner.db": "0o600", "ghostrunner.db-wal": "0o600",
                      "ghostrunner.db-shm": "0o600", "ghostrunner.db.lock": "0o600"}
+
+
+def test_connection_limits_from_the_file_and_the_environment(tmp_path: Path) -> None:
+    path = _toml(tmp_path, 'executor = "fake"\n[server]\nheader_timeout = 5\n'
+                           "max_connections = 200\n")
+    s = load_settings(path, {"GHOSTRUNNER_SERVER_BODY_TIMEOUT": "30.5"})
+    assert (s.header_timeout, s.body_timeout, s.max_connections) == (5.0, 30.5, 200)
+
+
+def test_the_connection_cap_leaves_descriptors_free() -> None:
+    from ghostrunner_http._guard import FD_RESERVE, connection_limit
+
+    assert connection_limit(1000, None) == 1000
+    assert connection_limit(1000, 1024) == 1024 - FD_RESERVE
+    assert connection_limit(1000, 64) == 64 - FD_RESERVE
+    assert connection_limit(10, 64) == 10
+    assert connection_limit(1000, 8) == 1  # hopeless, but still serves

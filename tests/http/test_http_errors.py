@@ -100,6 +100,56 @@ def test_lone_surrogates_are_422(api: Api, details: dict[str, Any], field: str) 
     assert api.store.tasks == {}
 
 
+_TASK = '"name": "n", "command": "c", "nodeids": ["a"]'
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ('{"details": {"name": "a", ' + _TASK + "}}", "details.name"),
+        ('{"details": {' + _TASK + '}, "details": {' + _TASK + "}}", "details"),
+        ('{"details": {' + _TASK + ', "select": {"group": "g", "group": "h"}}}',
+         "details.select.group"),
+        ('{"details": {' + _TASK + ', "rollout": {"per_minute": 1, "per_minute": 9}}}',
+         "details.rollout.per_minute"),
+        ('{"details": {"name": "n", "command": "c", "nodeids": [{"x": 1, "x": 2}]}}',
+         "details.nodeids[0].x"),
+        # the token itself: which of the two would count is a guess
+        ('{"authtoken": "' + ADMIN + '", "authtoken": "wrong", "details": {' + _TASK
+         + "}}", "authtoken"),
+        ('{"details": {"nodeids": ["a"], "name": "n", "command": "c", "nodeids": ["b"]}}',
+         "details.nodeids"),
+    ],
+    ids=["name", "details", "select.group", "rollout.per_minute", "in-a-list", "authtoken",
+         "nodeids-apart"],
+)
+def test_a_key_given_twice_is_422_naming_it(api: Api, body: str, field: str) -> None:
+    r = api.post("/task/create", content=body.encode(), token=None)
+    assert r.status_code == 422, r.text
+    data = r.json()["data"]
+    assert data == {"error": "invalid_field", "field": field}
+    key = field.rsplit(".", 1)[-1]
+    assert f"duplicate key {key!r}" in r.json()["message"]
+    assert api.store.tasks == {}
+
+
+def test_a_key_given_twice_is_422_on_every_body_route(api: Api) -> None:
+    for method, path in BODY_ROUTES:
+        r = api.request(method, path, content=b'{"details": {}, "details": {}}')
+        assert r.status_code == 422, (method, path, r.text)
+        assert r.json()["data"]["field"] == "details"
+
+
+def test_text_that_looks_like_keys_is_not_a_duplicate(api: Api) -> None:
+    """Strings may hold anything, quotes and colons included; keys of different objects
+    may be equal."""
+    body = ('{"details": {"name": "name", "command": "echo \\"name\\": \\"x\\" ", '
+            '"nodeids": ["name", "command"], "select": {"name": "*", "os": "name"}}}')
+    r = api.post("/task/create", content=body.encode())
+    assert r.status_code == 200, r.text
+    assert r.json()["data"]["command"] == 'echo "name": "x" '
+
+
 def test_non_ascii_text_round_trips(api: Api) -> None:
     details = {"name": "déploiement 🚀", "command": "echo 'ünïcödé' ✓",
                "nodeids": ["node//ñ"]}

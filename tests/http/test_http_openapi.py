@@ -8,8 +8,12 @@ import json
 import re
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from starlette.routing import Route
 
+from ghostrunner import Task
+from ghostrunner.errors import ValidationError
 from ghostrunner_http.app import ROUTES
 from ghostrunner_http.openapi import openapi_document
 from tests.http.conftest import (
@@ -108,3 +112,40 @@ def test_text_pattern_agrees_with_the_library() -> None:
 
     for text in ("a", " ", "\x1c", " a ", "\ufeff", "a\x00b", "\u3000", "\u3000x", ""):
         assert bool(re.match(_TEXT, text)) == (bool(text.strip()) and "\x00" not in text), text
+
+
+def _library_takes(node: str) -> bool:
+    try:
+        Task(name="n", command="c", targets=[node])
+    except ValidationError:
+        return False
+    return True
+
+
+_NODE_CHARS = st.sampled_from(["a", "/", " ", "\t", "\n", "\x00", "\x1b", "\x7f", "\x85",
+                               "\x9f", "\xa0", "\u2028", "\u3000", "\ufeff", "é", "✓"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(node=st.text(_NODE_CHARS, min_size=1, max_size=6) | st.text(min_size=1, max_size=8))
+def test_node_id_pattern_agrees_with_the_library(node: str) -> None:
+    """The document's node id pattern says what a Task takes (and the HTTP layer checks
+    cancel and delete node ids with it): the same node ids, length aside."""
+    from ghostrunner_http.openapi import NODE_ID_BODY, NODE_ID_PATTERN
+
+    assert f"^{NODE_ID_BODY}$" == NODE_ID_PATTERN
+    for lookaround in ("(?=", "(?!", "(?<=", "(?<!"):
+        assert lookaround not in NODE_ID_PATTERN  # generators cannot draw from those
+    if any("\ud800" <= c <= "\udfff" for c in node):
+        return  # lone surrogates: refused before any field is read
+    assert bool(re.fullmatch(NODE_ID_BODY, node)) == _library_takes(node), repr(node)
+
+
+def test_every_nodeids_list_in_the_document_has_the_node_id_pattern() -> None:
+    from ghostrunner_http.openapi import NODE_ID_PATTERN
+
+    schemas = openapi_document()["components"]["schemas"]
+    for name, holder in (("TaskDetails", schemas["TaskDetails"]),
+                         ("DeleteDetails", schemas["DeleteDetails"]),
+                         ("CancelBody", schemas["CancelBody"])):
+        assert holder["properties"]["nodeids"]["items"]["pattern"] == NODE_ID_PATTERN, name

@@ -30,7 +30,7 @@ MESH_PASSWORD = "mesh-password-never-logged-42"
 def _wait_succeeded(server: ServerProcess, token: str, task_id: str) -> dict[str, object]:
     deadline = time.monotonic() + 15
     while True:
-        task = server.call("GET", f"/tasks/{task_id}", token).json()["data"]
+        task = server.call("GET", f"/tasks/{task_id}?output=true", token).json()["data"]
         if task["status"] == "succeeded":
             return dict(task)
         assert time.monotonic() < deadline, task

@@ -159,6 +159,31 @@ def test_create_refuses_invalid_fields_naming_them(api: Api, body: Any, field: s
     assert api.store.runs == {}
 
 
+#: node ids no device can have: their runs would wait forever (#12)
+BAD_NODE_IDS = ["node-001 ", " node-001", "node-001\n", "node\t001", "node-001\x1b[0m",
+                "node-001\x7f", "\u00a0node-001", "node-001\u2028", "node\x85001"]
+
+
+@pytest.mark.parametrize("node", BAD_NODE_IDS, ids=[repr(n) for n in BAD_NODE_IDS])
+def test_node_ids_no_device_can_have_are_422_everywhere(api: Api, node: str) -> None:
+    r = api.post("/task/create", json={"details": {**GOOD, "nodeids": ["node-002", node]}})
+    assert r.status_code == 422, r.text
+    assert r.json()["data"] == {"error": "invalid_field", "field": "details.nodeids[1]"}
+    assert ("whitespace" in r.json()["message"]) != ("control" in r.json()["message"])
+    assert api.store.tasks == {}
+    task_id = api.create(["node-001"])["id"]
+    for method, path, body, field in (
+        ("POST", f"/tasks/{task_id}/cancel", {"nodeids": [node]}, "nodeids[0]"),
+        ("DELETE", "/task/delete", {"details": {"name": "t", "nodeids": [node]}},
+         "details.nodeids[0]"),
+    ):
+        r = api.request(method, path, json=body)
+        assert r.status_code == 422, (path, r.text)
+        assert r.json()["data"]["field"] == field
+        assert "not a node id" in r.json()["message"], r.text
+    assert api.show(task_id)["counts"]["pending"] == 1
+
+
 def test_create_answers_the_id_and_the_task_reads_back(api: Api) -> None:
     r = api.post("/task/create", json={"details": {**GOOD, "nodeids": ["node-002", "node-001"],
                                                    "name": "deploy"}})
@@ -215,19 +240,101 @@ def test_show_has_every_run_with_outcome(api_factory: ApiFactory) -> None:
     assert {r["state"] for r in task["runs"]} == {"succeeded", "failed"}
 
 
-def test_show_without_output(api_factory: ApiFactory) -> None:
+def test_show_leaves_output_out_unless_asked(api_factory: ApiFactory) -> None:
     api = api_factory(online=("node-001",))
     task_id = api.create(["node-001"])["id"]
     api.wait_done(task_id)
-    run = api.get(f"/tasks/{task_id}", params={"output": "false"}).json()["data"]["runs"][0]
-    assert "output" not in run
-    assert run["exit_code"] == 0
-    run = api.get(f"/tasks/{task_id}", params={"output": "true"}).json()["data"]["runs"][0]
-    assert run["output"] == "echo hi\n"
-    for query in ("output=no", "output=true&output=false", "other=1"):
+    for query in ({}, {"output": "false"}, {"output": "0"}):
+        run = api.get(f"/tasks/{task_id}", params=query).json()["data"]["runs"][0]
+        assert "output" not in run, query
+        assert all("output" not in a for a in run["history"])
+        assert run["exit_code"] == 0
+    for query in ({"output": "true"}, {"output": "1"}):
+        run = api.get(f"/tasks/{task_id}", params=query).json()["data"]["runs"][0]
+        assert run["output"] == "echo hi\n"
+        assert run["history"][0]["output"] == "echo hi\n"
+    for query in ("output=no", "output=true&output=false", "other=1", "limit=0",
+                  "limit=1001", "limit=x", "cursor=-1", "cursor=abc", "cursor=1234567890"):
         r = api.get(f"/tasks/{task_id}?{query}")
         assert r.status_code == 422, query
-        assert r.json()["data"]["field"] in ("output", "other")
+        assert r.json()["data"]["field"] == query.split("=")[0], query
+
+
+def _node_ids(count: int) -> list[str]:
+    return [f"node//{i:04d}" for i in range(count)]
+
+
+def test_show_answers_runs_a_page_at_a_time(api: Api) -> None:
+    task_id = api.create(_node_ids(250))["id"]
+    first = api.get(f"/tasks/{task_id}").json()["data"]
+    assert [r["nodeid"] for r in first["runs"]] == _node_ids(100)
+    assert first["runs_next_cursor"] == "100"
+    assert first["counts"]["pending"] == 250  # counts are the whole task's
+    assert len(first["nodeids"]) == first["node_count"] == 250
+    seen = list(first["runs"])
+    cursor = first["runs_next_cursor"]
+    while cursor is not None:
+        page = api.get(f"/tasks/{task_id}", params={"cursor": cursor, "limit": 60}).json()[
+            "data"]
+        assert len(page["runs"]) <= 60
+        seen += page["runs"]
+        cursor = page["runs_next_cursor"]
+    assert [r["nodeid"] for r in seen] == _node_ids(250)
+    whole = api.get(f"/tasks/{task_id}", params={"limit": 1000}).json()["data"]
+    assert (len(whole["runs"]), whole["runs_next_cursor"]) == (250, None)
+    past = api.get(f"/tasks/{task_id}", params={"cursor": "999"}).json()["data"]
+    assert (past["runs"], past["runs_next_cursor"]) == ([], None)
+
+
+def test_a_page_with_output_ends_once_its_output_is_large(
+        api_factory: ApiFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ghostrunner_http._render
+
+    monkeypatch.setattr(ghostrunner_http._render, "OUTPUT_PER_PAGE", 50)
+    api = api_factory(online=("node-001", "node-002", "node-003"))
+    task_id = api.create(["node-001", "node-002", "node-003"], command="x" * 20)["id"]
+    api.wait_done(task_id)
+    # each run's output is 21 characters (the fake device echoes the command), and its
+    # one attempt's the same: past 50 after two runs
+    page = api.get(f"/tasks/{task_id}", params={"output": "true"}).json()["data"]
+    assert [r["nodeid"] for r in page["runs"]] == ["node-001", "node-002"]
+    assert page["runs_next_cursor"] == "2"
+    page = api.get(f"/tasks/{task_id}", params={"output": "true", "cursor": "2"}).json()[
+        "data"]
+    assert ([r["nodeid"] for r in page["runs"]], page["runs_next_cursor"]) == (
+        ["node-003"], None)
+    # without output, no such limit
+    page = api.get(f"/tasks/{task_id}").json()["data"]
+    assert (len(page["runs"]), page["runs_next_cursor"]) == (3, None)
+
+
+def test_a_big_task_answers_a_bounded_page(api_factory: ApiFactory, figures: Any) -> None:
+    """1,000 runs with 60 KB of output each (#12): 60 MB in one answer before runs were
+    paged and output left out by default."""
+    big = "y" * 60_000
+
+    def handler(request: RunRequest, device: Device) -> Outcome:
+        return Outcome(exit_code=0, output=big)
+
+    nodes = _node_ids(1000)
+    api = api_factory(executor=FakeExecutor(handler, devices=nodes),
+                      online=())
+    for node in nodes:
+        api.executor.set_online(node)
+    task_id = api.create(nodes)["id"]
+    api.wait_for(task_id, lambda t: t["counts"]["succeeded"] == 1000, timeout=60)
+    default = api.get(f"/tasks/{task_id}")
+    everything = api.get(f"/tasks/{task_id}", params={"output": "true", "limit": 1000})
+    figures.add("GET /tasks/{id}, 1,000 runs x 60 KB: answer by default",
+                len(default.content) / 1024, "KiB")
+    figures.add("GET /tasks/{id}, 1,000 runs x 60 KB: answer with output, limit 1000",
+                len(everything.content) / 1024, "KiB")
+    assert len(default.content) < 200_000
+    assert len(default.json()["data"]["runs"]) == 100
+    # with output: a page stops past 1,000,000 characters (plus one run's worth)
+    data = everything.json()["data"]
+    assert len(everything.content) < 1_000_000 + 2 * 2 * 60_000 + 200_000
+    assert data["runs_next_cursor"] == str(len(data["runs"]))
 
 
 def test_show_unknown_task_is_404(api: Api) -> None:
@@ -256,6 +363,21 @@ def test_list_pages_newest_first(api: Api) -> None:
             break
     assert pages == 3
     assert seen == list(reversed(ids))
+
+
+def test_list_rows_show_the_first_100_node_ids(api: Api) -> None:
+    """A page of 1,000 tasks of 10,000 node ids each would be ten million node ids
+    (#12): a row shows the first 100, and says how many there are."""
+    big = api.create(_node_ids(150))["id"]
+    small = api.create(["node-001", "node-002"])["id"]
+    rows = {t["id"]: t for t in api.get("/task/list").json()["data"]["tasks"]}
+    assert rows[big]["nodeids"] == _node_ids(100)
+    assert (rows[big]["node_count"], rows[big]["nodes_truncated"]) == (150, True)
+    assert rows[small]["nodeids"] == ["node-001", "node-002"]
+    assert (rows[small]["node_count"], rows[small]["nodes_truncated"]) == (2, False)
+    # the task itself has them all
+    shown = api.get(f"/tasks/{big}").json()["data"]
+    assert (shown["nodeids"], shown["nodes_truncated"]) == (_node_ids(150), False)
 
 
 def test_list_default_page_is_50(api: Api) -> None:

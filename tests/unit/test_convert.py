@@ -43,7 +43,9 @@ _aware = st.datetimes(
 # any non-NUL text that is not blank; includes non-ASCII, emoji, control characters
 _char = st.characters(exclude_characters="\x00", codec="utf-8")
 _text = st.text(_char, min_size=1, max_size=40).filter(lambda s: s.strip())
-_node = st.text(_char, min_size=1, max_size=30).filter(lambda s: s.strip())
+# node ids as a Task takes them: no control characters, no whitespace at either end
+_node = st.text(st.characters(exclude_categories=["Cc"], codec="utf-8"), min_size=1,
+                max_size=30).map(str.strip).filter(bool)
 
 
 @st.composite

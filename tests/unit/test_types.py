@@ -144,6 +144,33 @@ def test_rejects_bad_node_ids(targets: list[Any], field: str) -> None:
     rejects(field, targets=targets)
 
 
+@pytest.mark.parametrize(
+    ("node", "says"),
+    [
+        ("node//a ", "whitespace"),
+        (" node//a", "whitespace"),
+        ("node//a\n", "whitespace"),
+        ("\u00a0node//a", "whitespace"),
+        ("node//a\u3000", "whitespace"),
+        ("node//\x1ba", "control characters ('\\x1b' at 6)"),
+        ("node//a\tb", "control characters"),
+        ("node//a\x7fb", "control characters"),
+        ("node//a\x85b", "control characters"),
+        ("a\x00b", "control characters"),
+    ],
+)
+def test_node_ids_no_device_can_have_are_refused(node: str, says: str) -> None:
+    """A run for such a node id would stay pending forever (#12)."""
+    err = rejects("targets[1]", targets=["node//ok", node])
+    assert says in err.message, err.message
+
+
+@pytest.mark.parametrize("node", ["node//a b", "node//ñé-✓", "x", "node//" + "a" * 250,
+                                  "node//a\u200bb"])
+def test_node_ids_with_inner_spaces_and_any_letters_are_fine(node: str) -> None:
+    assert task(targets=[node]).targets == (node,)
+
+
 def test_target_count_limit() -> None:
     assert len(task(targets=[f"n{i}" for i in range(MAX_TARGETS)]).targets) == MAX_TARGETS
     rejects("targets", targets=[f"n{i}" for i in range(MAX_TARGETS + 1)])

@@ -163,6 +163,7 @@ def render_attempt(attempt: Attempt, *, output: bool = False) -> dict[str, Any]:
         "output": attempt.output,
         "output_truncated": attempt.output_truncated,
         "error": attempt.error,
+        "recovered": attempt.recovered,
     }
     if not output:
         del out["output"]
@@ -187,6 +188,7 @@ def render_run(run: Run, *, output: bool = False,
         "output": run.output,
         "output_truncated": run.output_truncated,
         "error": run.error,
+        "recovered": run.recovered,
     }
     if not output:
         del out["output"]

@@ -249,8 +249,10 @@ def _progress(task: Mapping[str, Any], elapsed: float) -> str:
 def _print_runs(runs: Sequence[Mapping[str, Any]], out: TextIO, *, output: bool) -> None:
     rows = [["NODE", "STATE", "EXIT", "ATTEMPTS", "FINISHED", "ERROR"]]
     for run in runs:
+        # a recovered outcome says so where the state is read
+        state = run["state"] + (" (recovered)" if run.get("recovered") else "")
         rows.append([
-            run["nodeid"], run["state"],
+            run["nodeid"], state,
             "" if run["exit_code"] is None else str(run["exit_code"]),
             str(run["attempts"]), run["finished_at"] or "", run["error"] or "",
         ])

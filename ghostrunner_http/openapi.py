@@ -82,6 +82,11 @@ def _obj(properties: dict[str, Schema], required: list[str] | None = None,
 
 
 _DATETIME: Schema = {"type": "string", "format": "date-time"}
+_RECOVERED: Schema = {
+    "type": "boolean",
+    "description": "The outcome was read back from the device's journal after GhostRunner "
+                   "had lost the reply (a crash, an outage): the command ran once.",
+}
 # what requests may send: RFC 3339 without leap seconds (no ":60"), in years 1 to 9999
 # once converted to UTC
 _DATETIME_IN: Schema = {
@@ -309,9 +314,10 @@ SCHEMAS: dict[str, Schema] = {
             "output": {"type": "string"},
             "output_truncated": {"type": "boolean"},
             "error": _nullable({"type": "string"}),
+            "recovered": _RECOVERED,
         },
         ["number", "state", "started_at", "finished_at", "exit_code", "output_truncated",
-         "error"],
+         "error", "recovered"],
         description="One time a run's command was handed to its device, and what came of "
                     "it (lost: its outcome is unknown). output is there only with "
                     "?output=true.",
@@ -331,13 +337,14 @@ SCHEMAS: dict[str, Schema] = {
             "output": {"type": "string"},
             "output_truncated": {"type": "boolean"},
             "error": _nullable({"type": "string"}),
+            "recovered": _RECOVERED,
             "history": {"type": "array", "items": _ref("Attempt"),
                         "description": "Every attempt of the run, oldest first (a retry "
                                        "adds one; the run's own fields are its latest)."},
         },
         ["nodeid", "state", "attempts", "undelivered", "queued_at", "available_at",
          "expires_at", "started_at", "finished_at", "exit_code", "output_truncated",
-         "error", "history"],
+         "error", "recovered", "history"],
         description="One (task, device) run. output is there only with ?output=true.",
     ),
     "TaskPage": _obj(

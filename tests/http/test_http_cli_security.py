@@ -226,3 +226,26 @@ def test_error_messages_print_control_characters_escaped(
     err = capsys.readouterr().err
     assert_safe(err)
     assert f"error 404: no task no{SHOWN}such" in err  # the server's message, with the id
+
+
+def test_a_recovered_run_says_so_in_the_api_and_the_cli() -> None:
+    """A run whose outcome came from the device's journal is marked in ``GET /tasks/{id}``
+    (``recovered``, on the run and its attempt) and in ``tasks show``."""
+    import io
+
+    import attrs
+
+    from ghostrunner import Attempt, Run, RunState
+    from ghostrunner_http._render import render_run
+    from ghostrunner_http.cli import _print_runs
+
+    run = Run(task_id="t", node_id="node//a", state=RunState.SUCCEEDED, attempts=1,
+              exit_code=0, recovered=True)
+    rendered = render_run(run, history=[Attempt(number=1, state=RunState.SUCCEEDED,
+                                                 exit_code=0, recovered=True)])
+    assert rendered["recovered"] is True
+    assert rendered["history"][0]["recovered"] is True
+    out = io.StringIO()
+    _print_runs([rendered], out, output=False)
+    assert "succeeded (recovered)" in out.getvalue()
+    assert render_run(attrs.evolve(run, recovered=False))["recovered"] is False

@@ -321,11 +321,15 @@ class Reconciler:
 
     # ---------------------------------------------------------------- public
 
-    def wake(self, node_ids: Collection[str] = (), due: datetime | None = None) -> None:
+    def wake(self, node_ids: Collection[str] = (), due: datetime | None = None,
+             expires: datetime | None = None) -> None:
         """Ask for a pass soon (a task was submitted, a device came online...).
         ``node_ids``: devices that may have new work (a submitted task's targets);
-        ``due``: when that work becomes ready, if later (its ``not_before``)."""
+        ``due``: when that work becomes ready, if later (its ``not_before``);
+        ``expires``: when it expires (a pass then moves what is left to expired)."""
         self._idle.work_for(node_ids, due)
+        if expires is not None:
+            self._idle.work_for((), expires)
         self._burst = True
         self._wake.set()
 
@@ -396,7 +400,10 @@ class Reconciler:
         self.passes += 1
         self._again = False
         now = self.clock()
-        if await self.store.expire_due(now):
+        # something is due (a backoff ends, a run expires) only once the idle hint's
+        # time has come, or its ttl has run out: a pass woken by a finished dispatch
+        # alone saves the store a write (the planner skips expired runs anyway)
+        if self._idle.stale(now) and await self.store.expire_due(now):
             self._on_change()
         if self._stopping:
             return 0
@@ -804,5 +811,7 @@ class Reconciler:
             self._matched[task.id].update(new)
             if added:
                 self._idle.work_for([r.node_id for r in added], task.not_before)
+                if task.expires_at is not None:
+                    self._idle.work_for((), task.expires_at)
                 self._on_change()
                 log.info("continuous task %s: %d new devices matched", task.id, len(added))

@@ -139,7 +139,7 @@ class GhostRunner:
             raise ValidationError("select", f"matches no device ({task.select})")
         await self.store.add_task(task, self.clock(), nodes=nodes)
         self.loop.follow(task, nodes)
-        self.loop.wake(nodes, due=task.not_before)
+        self.loop.wake(nodes, due=task.not_before, expires=task.expires_at)
         self._notify()
         return task
 

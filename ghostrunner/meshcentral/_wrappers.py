@@ -625,14 +625,30 @@ def wrap_command(
                           shell=name, journal=True, key=key)
 
 
-def _begin_re(marker: str) -> re.Pattern[str]:
-    return re.compile(r"(?:\A|\n)" + _BEGIN + re.escape(marker) + r"(\r?\n)")
+# The report lines, for any marker (compiled once: a pattern per run's marker would be
+# compiled anew for every run); callers keep the matches that carry theirs.  The line
+# ends are looked at, not consumed, so that a line right after another still starts
+# after a newline.
+_BEGIN_RE: Final = re.compile(r"(?:\A|\n)GR_BEGIN_([0-9A-Za-z]{16,128})(?=(\r?\n))")
+_END_RE: Final = re.compile(
+    r"\nGR_END_([0-9A-Za-z]{16,128}) rc=(-?[0-9]{1,10}) timeout=([01])"
+    r"(?: cut=([0-9]{1,20}))?(?=\r?\n|\Z)"
+)
+_JOURNAL_RE: Final = re.compile(
+    r"(?:\A|\n)GR_(RECORD|RUNNING|UNKNOWN|GONE|NOJOURNAL)_([0-9A-Za-z]{16,128})"
+    r"(?: ([^\r\n]*))?(?=\r?\n|\Z)"
+)
+
+
+def _begin(marker: str, text: str) -> re.Match[str] | None:
+    """The first BEGIN line with ``marker``, complete with its line end."""
+    return next((m for m in _BEGIN_RE.finditer(text) if m.group(1) == marker), None)
 
 
 def has_started(wrapped: WrappedCommand, text: str) -> bool:
     """True once ``text`` (the reply, or console chunks accumulated so far) holds the
     wrapper's BEGIN line, complete with its line end: the command has been launched."""
-    return _begin_re(wrapped.marker).search(text) is not None
+    return wrapped.marker in text and _begin(wrapped.marker, text) is not None
 
 
 def parse_result(wrapped: WrappedCommand, raw: str) -> ParsedResult:
@@ -641,35 +657,33 @@ def parse_result(wrapped: WrappedCommand, raw: str) -> ParsedResult:
     Output is the text between the first valid BEGIN line and the newline the wrapper
     printed before the last valid END line, byte-exact.  See the module docstring.
     """
-    begin = _begin_re(wrapped.marker).search(raw)
-    journal, detail = _journal_line(wrapped.marker, raw, begin.start() if begin else len(raw))
+    marker = wrapped.marker
+    begin = _begin(marker, raw)
+    journal, detail = _journal_line(marker, raw, begin.start() if begin else len(raw))
     if begin is None:
         return ParsedResult(
             started=False, completed=False, exit_code=None, timed_out=False, output=raw,
             journal=journal, detail=detail,
         )
-    body = raw[begin.end() :]
-    end_re = re.compile(
-        re.escape(begin.group(1))
-        + _END
-        + re.escape(wrapped.marker)
-        + r" rc=(-?[0-9]{1,10}) timeout=([01])(?: cut=([0-9]{1,20}))?(?=\r?\n|\Z)"
-    )
-    ends = list(end_re.finditer(body))
-    if not ends:
+    newline = begin.group(2)  # the transport's line end, as the BEGIN line has it
+    body = raw[begin.end() + len(newline) :]
+    last = None
+    for m in _END_RE.finditer(body):
+        if m.group(1) == marker and (newline == "\n" or body[m.start() - 1 : m.start()] == "\r"):
+            last = m
+    if last is None:
         return ParsedResult(
             started=True, completed=False, exit_code=None, timed_out=False, output=body,
             journal=journal,
         )
-    last = ends[-1]
-    timed_out = last.group(2) == "1"
+    timed_out = last.group(3) == "1"
     return ParsedResult(
         started=True,
         completed=True,
-        exit_code=None if timed_out else int(last.group(1)),
+        exit_code=None if timed_out else int(last.group(2)),
         timed_out=timed_out,
-        output=body[: last.start()],
-        truncated=int(last.group(3) or 0) > 0,
+        output=body[: last.start() - (len(newline) - 1)],
+        truncated=int(last.group(4) or 0) > 0,
         journal=journal,
     )
 
@@ -683,11 +697,7 @@ _JOURNAL_WORDS: Final[dict[str, Journal]] = {
 def _journal_line(marker: str, raw: str, before: int) -> tuple[Journal, str]:
     """The journal's report line (with this run's marker, on a line of its own, before
     the BEGIN line), if any, and the text that follows it on that line."""
-    found = re.search(
-        r"(?:\A|\n)GR_(RECORD|RUNNING|UNKNOWN|GONE|NOJOURNAL)_" + re.escape(marker)
-        + r"(?: ([^\r\n]*))?\r?(?:\n|\Z)",
-        raw[:before],
-    )
-    if found is None:
-        return "", ""
-    return _JOURNAL_WORDS[found.group(1)], found.group(2) or ""
+    for found in _JOURNAL_RE.finditer(raw, 0, before):
+        if found.group(2) == marker:
+            return _JOURNAL_WORDS[found.group(1)], found.group(3) or ""
+    return "", ""

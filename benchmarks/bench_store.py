@@ -237,7 +237,8 @@ async def measure(
     print(f"expire_due (mass expiry): {expired:,} runs in {ms(time.perf_counter() - t0)}")
     counts = await store.counts()
     print("counts:", {str(k): v for k, v in sorted(counts.items())})
-    await large_creates(store, nodes, rng, args.large_tries)
+    if args.large_tries:
+        await large_creates(store, nodes, rng, args.large_tries)
 
 
 async def large_creates(

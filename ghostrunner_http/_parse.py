@@ -7,7 +7,7 @@ wrote it (``details.nodeids[1]``, ``limit``), which the app answers with 422.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -370,17 +370,23 @@ def parse_token_name(body: Mapping[str, Any]) -> str:
 _QUERY_KEYS = ("limit", "cursor", "state", "status", "nodeid", "name")
 
 
-def parse_task_query(params: QueryParams) -> TaskQuery:
-    """The filters and page of ``GET /task/list``."""
+def _single_values(params: QueryParams, known: Sequence[str]) -> dict[str, str]:
+    """The query's parameters, each of ``known`` and given at most once (else 422)."""
     values: dict[str, str] = {}
     for key in params:
-        if key not in _QUERY_KEYS:
+        if key not in known:
             raise ValidationError(key, "unknown query parameter (known: "
-                                  + ", ".join(_QUERY_KEYS) + ")")
+                                  + ", ".join(known) + ")")
         got = params.getlist(key)
         if len(got) > 1:
             raise ValidationError(key, "given more than once")
         values[key] = got[0]
+    return values
+
+
+def parse_task_query(params: QueryParams) -> TaskQuery:
+    """The filters and page of ``GET /task/list``."""
+    values = _single_values(params, _QUERY_KEYS)
     fields: dict[str, Any] = {}
     if "limit" in values:
         text = values["limit"].strip()
@@ -424,15 +430,7 @@ def parse_run_page(params: QueryParams) -> RunPage:
     """``GET /tasks/{id}?output=true&limit=100&cursor=100``: output is left out unless
     asked for (``true`` or ``1``); ``cursor`` is the ``runs_next_cursor`` of the previous
     page."""
-    values: dict[str, str] = {}
-    for key in params:
-        if key not in _RUN_QUERY_KEYS:
-            raise ValidationError(key, "unknown query parameter (known: "
-                                  + ", ".join(_RUN_QUERY_KEYS) + ")")
-        got = params.getlist(key)
-        if len(got) > 1:
-            raise ValidationError(key, "given more than once")
-        values[key] = got[0]
+    values = _single_values(params, _RUN_QUERY_KEYS)
     fields: dict[str, Any] = {}
     if "output" in values:
         if values["output"] not in _FLAGS:

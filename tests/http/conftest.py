@@ -7,6 +7,7 @@ OpenAPI document is tested by every test, not only by its own.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 import warnings
@@ -295,3 +296,21 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     yield make
     for server in made:
         server.kill()
+
+
+@contextlib.contextmanager
+def served(folder: Path, config: str, admin: str) -> Iterator[ServerProcess]:
+    """A started ``ghostrunner serve`` with ``config`` and the admin token ``admin``,
+    stopped cleanly (exit 0) at the end: the CLI modules' shared server."""
+    proc = ServerProcess(folder, config, {"GHOSTRUNNER_ADMIN_TOKEN": admin})
+    proc.start()
+    yield proc
+    assert proc.stop() == 0
+
+
+def as_operator(monkeypatch: pytest.MonkeyPatch, server: ServerProcess,
+                token: str) -> ServerProcess:
+    """Point the CLI at ``server`` with ``token``, as an operator's environment would."""
+    monkeypatch.setenv("GHOSTRUNNER_URL", server.url)
+    monkeypatch.setenv("GHOSTRUNNER_TOKEN", token)
+    return server

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ghostrunner_http.cli import main
-from tests.http.conftest import ServerProcess
+from tests.http.conftest import ServerProcess, as_operator, served
 
 ADMIN_SECRET = "cli-admin-secret-0123456789"
 CONFIG = """executor = "fake"
@@ -21,18 +21,13 @@ devices = ["node-001", "node-002", {nodeid = "node-009", name = "Sleeper", onlin
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = ServerProcess(tmp_path_factory.mktemp("cli"), CONFIG,
-                         {"GHOSTRUNNER_ADMIN_TOKEN": ADMIN_SECRET})
-    proc.start()
-    yield proc
-    assert proc.stop() == 0
+    with served(tmp_path_factory.mktemp("cli"), CONFIG, ADMIN_SECRET) as proc:
+        yield proc
 
 
 @pytest.fixture
 def env(server: ServerProcess, monkeypatch: pytest.MonkeyPatch) -> ServerProcess:
-    monkeypatch.setenv("GHOSTRUNNER_URL", server.url)
-    monkeypatch.setenv("GHOSTRUNNER_TOKEN", ADMIN_SECRET)
-    return server
+    return as_operator(monkeypatch, server, ADMIN_SECRET)
 
 
 def run(*args: str) -> tuple[int, str]:

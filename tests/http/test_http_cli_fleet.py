@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from ghostrunner_http.cli import main
-from tests.http.conftest import ServerProcess
+from tests.http.conftest import ServerProcess, as_operator, served
 from tests.http.test_http_cli import run
 
 ADMIN_SECRET = "cli-fleet-admin-secret-0123456789"
@@ -45,18 +45,13 @@ os = "Windows 11 Pro"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = ServerProcess(tmp_path_factory.mktemp("cli-fleet"), CONFIG,
-                         {"GHOSTRUNNER_ADMIN_TOKEN": ADMIN_SECRET})
-    proc.start()
-    yield proc
-    assert proc.stop() == 0
+    with served(tmp_path_factory.mktemp("cli-fleet"), CONFIG, ADMIN_SECRET) as proc:
+        yield proc
 
 
 @pytest.fixture
 def env(server: ServerProcess, monkeypatch: pytest.MonkeyPatch) -> ServerProcess:
-    monkeypatch.setenv("GHOSTRUNNER_URL", server.url)
-    monkeypatch.setenv("GHOSTRUNNER_TOKEN", ADMIN_SECRET)
-    return server
+    return as_operator(monkeypatch, server, ADMIN_SECRET)
 
 
 def shown(server: ServerProcess, task_id: str) -> dict[str, Any]:

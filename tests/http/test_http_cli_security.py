@@ -15,7 +15,7 @@ import pytest
 
 from ghostrunner_http._client import ApiClient, ApiFailure, Unreachable
 from ghostrunner_http.cli import main
-from tests.http.conftest import ServerProcess
+from tests.http.conftest import ServerProcess, as_operator, served
 from tests.http.test_http_cli import run
 
 TOKEN = "cli-security-token-0123456789"
@@ -140,18 +140,13 @@ os = "Linux\\u009b31m"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = ServerProcess(tmp_path_factory.mktemp("cli-security"), CONFIG,
-                         {"GHOSTRUNNER_ADMIN_TOKEN": TOKEN})
-    proc.start()
-    yield proc
-    assert proc.stop() == 0
+    with served(tmp_path_factory.mktemp("cli-security"), CONFIG, TOKEN) as proc:
+        yield proc
 
 
 @pytest.fixture
 def env(server: ServerProcess, monkeypatch: pytest.MonkeyPatch) -> ServerProcess:
-    monkeypatch.setenv("GHOSTRUNNER_URL", server.url)
-    monkeypatch.setenv("GHOSTRUNNER_TOKEN", TOKEN)
-    return server
+    return as_operator(monkeypatch, server, TOKEN)
 
 
 @pytest.fixture

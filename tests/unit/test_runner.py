@@ -1216,6 +1216,16 @@ def journaled(handler: Any = None, devices: tuple[str, ...] = ("a", "b", "c")) -
     return FakeExecutor(handler, devices=devices, journal=True)
 
 
+async def crashed_in_flight(env: Env, gate: Gate, **fields: Any) -> Task:
+    """Start ``env``'s GhostRunner, submit a command for device "a" (online), and crash
+    while the gate holds it in flight; returns the task."""
+    gr = await env.gr.__aenter__()
+    env.executor.set_online("a")
+    task = await gr.submit(command="x", targets=["a"], **fields)
+    await crash_mid_flight(gr, gate)
+    return task
+
+
 @pytest.mark.parametrize("delivery", list(Delivery))
 def test_an_outcome_lost_in_a_crash_is_read_back_from_the_device(delivery: Delivery) -> None:
     """The device finished the command after GhostRunner died: the next start asks it
@@ -1224,10 +1234,8 @@ def test_an_outcome_lost_in_a_crash_is_read_back_from_the_device(delivery: Deliv
     env = Env(executor=journaled(gate))
 
     async def main() -> None:
-        gr = await env.gr.__aenter__()
-        env.executor.set_online("a")
-        task = await gr.submit(command="x", targets=["a"], delivery=delivery)
-        await crash_mid_flight(gr, gate)  # the fake device finishes on its own
+        # the fake device finishes the command on its own after the crash
+        task = await crashed_in_flight(env, gate, delivery=delivery)
         env2 = env.restart()
         async with started(env2) as gr2:
             (r,) = await gr2.runs(task.id)
@@ -1252,10 +1260,7 @@ def test_a_held_device_runs_nothing_else_until_its_device_answers() -> None:
     env = Env(executor=journaled(gate))
 
     async def main() -> None:
-        gr = await env.gr.__aenter__()
-        env.executor.set_online("a")
-        first = await gr.submit(command="x", targets=["a"])
-        await crash_mid_flight(gr, gate)
+        first = await crashed_in_flight(env, gate)
         env.executor.set_online("a", False)
         env2 = env.restart()
         async with started(env2) as gr2:
@@ -1288,10 +1293,7 @@ def test_a_device_that_never_answers_before_the_deadline_is_unknown(
         retry=RetryPolicy(10.0, 80.0), recover_within=600.0))
 
     async def main() -> None:
-        gr = await env.gr.__aenter__()
-        env.executor.set_online("a")
-        task = await gr.submit(command="x", targets=["a"], delivery=delivery, timeout=60)
-        await crash_mid_flight(gr, gate)
+        task = await crashed_in_flight(env, gate, delivery=delivery, timeout=60)
         env.executor.set_online("a", False)
         gate.release.set()
         env2 = env.restart()
@@ -1318,10 +1320,7 @@ def test_a_wiped_journal_is_unknown_never_a_second_run() -> None:
     env = Env(executor=journaled(gate))
 
     async def main() -> None:
-        gr = await env.gr.__aenter__()
-        env.executor.set_online("a")
-        task = await gr.submit(command="x", targets=["a"])
-        await crash_mid_flight(gr, gate)
+        task = await crashed_in_flight(env, gate)
         env.executor.wipe_journal("a")
         env2 = env.restart()
         async with started(env2) as gr2:
@@ -1365,10 +1364,7 @@ def test_an_executor_without_records_settles_at_once() -> None:
     env = Env(handler=gate)
 
     async def main() -> None:
-        gr = await env.gr.__aenter__()
-        env.executor.set_online("a")
-        task = await gr.submit(command="x", targets=["a"])
-        await crash_mid_flight(gr, gate)
+        task = await crashed_in_flight(env, gate)
         env.executor.set_online("a", False)
         env2 = env.restart()
         async with started(env2) as gr2:

@@ -611,7 +611,9 @@ class MeshCentralExecutor:
         key = once_key(request)
         collect: tuple[str, ...] = ()
         replied = self._collect.get(request.node_id)
-        if shell is Shell.SH and replied and len(replied) >= self.collect_batch:
+        # never with a recovery request: it must find the journal as it was
+        if (shell is Shell.SH and replied and len(replied) >= self.collect_batch
+                and not request.recover):
             collect = tuple(k for k in replied if k != key)
             replied[:] = [k for k in replied if k == key]
         wrapped = wrap_command(

@@ -37,16 +37,24 @@ two halves are joined at run time), so an echo of the script, a forged
 ``GR_END_...`` line, or a copy of an earlier run's output (another marker) cannot
 change the result.
 
-Once only (``sh``, with ``once=<key>``): before BEGIN, the wrapper creates the
-directory ``$TMPDIR/.ghostrunner-once-<uid>/<key>`` (``mkdir`` is atomic). If it exists
-already, an earlier copy of this dispatch got there first (an agent that started a
-command late, after GhostRunner had given up on it and sent it again): the wrapper
-prints ``GR_AGAIN_<marker>`` instead of BEGIN and runs nothing, and
-:class:`ParsedResult` reports ``again=True``. GhostRunner derives the key from the
-task, the device and the attempt, so a resend of the same attempt can never run the
-command a second time on that device, while a new attempt (``at_least_once``) can. If
-the guard directory cannot be created or is not the user's own, the command runs
-unguarded. Guards older than 30 days are removed now and then.
+The journal (``sh``): every dispatch of one attempt carries the attempt's *key*
+(``once``; GhostRunner derives it from the task, the device and the attempt number).
+In the journal directory (``$GHOSTRUNNER_JOURNAL``, else ``/var/lib/ghostrunner`` when
+``/var/lib`` is writable, else ``$HOME/.ghostrunner``; made with ``mkdir -m 700``, never
+``-p``, and used only if it is a real directory, not a link, owned by the agent's user)
+the wrapper creates the record ``<key>`` with ``O_EXCL`` (``set -C``) before BEGIN:
+``s <pid>``; when the command is over it appends ``e <status> <timed out> <bytes
+cut>``; the output is ``<key>.o``.  A dispatch whose key already has a record runs
+nothing and reports instead: ``GR_RECORD_<marker>`` and the recorded BEGIN / output /
+END (:class:`ParsedResult` ``journal="record"``), ``GR_RUNNING_<marker>`` (the first
+copy's shell is alive), or ``GR_UNKNOWN_<marker>`` (it started, and its shell died
+without recording an end).  With ``recover`` (GhostRunner lost the reply and asks), a
+missing journal, or one without its ``id`` file, is ``GR_GONE_<marker>``: it was wiped,
+and nothing proves the attempt never started; a recovery request never creates one.
+No usable journal at all: ``GR_NOJOURNAL_<marker> <why>``, and nothing runs.
+``collect`` keys are removed (with every record older than two days) by one ``find``
+before the command.  So a resend of an attempt can never run the command a second time
+on a device, and its outcome survives GhostRunner, MeshCentral and agent restarts.
 
 ``rc`` is the command's own exit status.  ``timeout=1`` means the device-side timeout
 fired and the command was killed; :class:`ParsedResult` then reports ``timed_out=True``
@@ -63,19 +71,18 @@ ash) after removing every ``\\r`` from it.  The script:
   ``\\r`` stripping cannot alter it).  Quotes, newlines, ``$``, ``%``, backticks,
   backslashes, non-ASCII text and very long commands pass through unchanged.  NUL
   characters cannot be passed to a shell and are rejected.
-* pipes the command text (with the ``printf`` builtin, so there is no argv size limit:
-  a 200 KB command works although Linux limits one argument to 128 KiB) into a fresh
-  ``/bin/sh`` (the *runner*), which reads it, points its stdin at ``/dev/null`` and
-  runs it with ``eval`` at its top level.  So the command behaves like ``/bin/sh -c
-  COMMAND </dev/null``: ``$$`` is its own shell, ``exit`` and ``trap ... EXIT`` work as
-  usual, ``$0`` is ``sh``, there are no positional parameters, and ``read x`` or
-  ``cat`` sees EOF at once instead of eating the script or hanging the agent.  The
-  runner's parent (the *reporter*) writes ``gr_S=<status>;`` on a private pipe (a
-  file descriptor the command does not get) when the runner exits, unless the
-  SIGTERM of a timeout reached it first (it catches that signal, so it outlives the
-  command).
-  Wrapper shells never wait for a child with the real stderr as their own stderr, so
-  "Terminated"/"Killed" job reports of the wrapper never reach the output.
+* runs it as ``sh -c COMMAND sh </dev/null``, evaluated at the top level of a fresh
+  ``/bin/sh`` (the text comes in the environment variable ``GR_C``, unset before the
+  command runs; a command over 100 KB, more than Linux allows in one argument, is
+  written to ``<key>.c`` and read from there).  So ``$$`` is its own shell, ``exit``
+  and ``trap ... EXIT`` work as usual, ``$0`` is ``sh``, there are no positional
+  parameters, and ``read x`` or ``cat`` sees EOF at once instead of eating the script
+  or hanging the agent.  Its stdout and stderr go to ``<key>.o`` (one open file
+  description); the wrapper caps that file on the device (head and tail kept) and
+  prints it between BEGIN and END when the command is over.  The exit status is the
+  one ``wait`` gave the wrapper: no descriptor the command or its parent holds carries
+  it.  The wrapper's own stderr is ``/dev/null``, so job reports ("Killed") never
+  reach the output.
 * enforces the timeout on the device, rounded up to whole seconds:
 
   - with ``timeout`` when ``command -v timeout`` finds one that accepts ``--verbose``
@@ -83,9 +90,12 @@ ash) after removing every ``\\r`` from it.  The script:
     ``--verbose``): ``timeout --verbose --kill-after=K T``.  It signals every process
     of the command (GNU: its process group; FreeBSD: all descendants), so
     grandchildren such as ``sh -c 'sleep 100'`` die too: SIGTERM first, SIGKILL
-    ``kill_after`` seconds later.  Its own stderr (not the command's) goes to the
-    report pipe, where ``--verbose`` says ``timeout: sending signal ...`` exactly when
-    it fires.
+    ``kill_after`` seconds later.  Its own stderr (not the command's) goes to
+    ``<key>.t``, where ``--verbose`` says ``timeout: sending signal ...`` exactly when
+    it fires.  Whether it works is probed once per journal (``timeout.ok`` /
+    ``timeout.no``).  On Linux, a timeout also kills every process whose environment
+    carries the run's random ``GHOSTRUNNER_RUN`` tag: a child that called ``setsid``
+    left the process group but not that.
   - otherwise (macOS, busybox, an older ``timeout``) a watchdog: the command runs as
     a background job in its own process group (``setsid`` if it exists, else ``set
     -m`` job control), and a background ``sleep T`` fires SIGTERM, then
@@ -95,14 +105,15 @@ ash) after removing every ``\\r`` from it.  The script:
     Each process gets each signal once.  The watchdog and its ``sleep`` are killed as
     soon as the command finishes.
 
-  ``timed_out`` does not rely on exit status 124: a status reported by the reporter
-  always wins (a command that itself exits 124 is exit 124, not a timeout).  Without
-  one, the run timed out if and only if the watchdog fired or ``timeout`` said it
-  sent a signal (and exited 124 or 137).
+  ``timed_out`` does not rely on exit status 124 alone: the run timed out if and only
+  if the watchdog fired, or ``timeout`` said it sent a signal and exited 124 or 137 (a
+  command that itself exits 124 is exit 124).  A command that writes a
+  ``timeout: ...`` line to its parent's stderr and exits 124 can make itself read as
+  timed out; never as succeeded.
 
 Processes that the command leaves running in the background (``nohup x &``) are not
-killed when the command finishes; if they keep stdout open, the agent may wait for
-them.  SIGPIPE or other signals the agent ignores stay ignored for the command (a
+killed when the command finishes (their output goes on into ``<key>.o``, which no one
+reads any more; the agent does not wait for them).  SIGPIPE or other signals the agent ignores stay ignored for the command (a
 shell cannot undo that).  Commands run with ``runAsUser`` (a pty) are not supported:
 the pty echoes the script and mangles line endings and long lines.
 
@@ -443,8 +454,11 @@ _SH_BIG: Final = (
 )
 _ARG_BYTES_MAX: Final = 100_000
 
-# Removes the records GhostRunner has collected, and any older than 30 days.
-_SH_COLLECT: Final = """find "$gr_d" -type f ! -name id \\( @NAMES@ -mtime +30 \\) \\
+# Removes the records GhostRunner has collected, and any older than two days: a record
+# is needed only until GhostRunner has its outcome, and it asks a device for a lost one
+# before it sends that device anything else, so a record left this long was never
+# going to be collected (its key was forgotten in a restart).
+_SH_COLLECT: Final = """find "$gr_d" -type f ! -name id ! -name "$gr_k*" \\( @NAMES@ -mtime +1 \\) \\
   -exec rm -f {} + </dev/null >/dev/null
 """
 
@@ -589,7 +603,7 @@ def wrap_command(
     this attempt may have reached the device before: report its record, run it only
     if the journal proves it never started, and never create a journal.  ``collect``:
     keys whose records GhostRunner has stored, to remove (with any record older than
-    30 days).  ``_sh_path`` (tests only) is the shell that runs the command; the agent
+    two days).  ``_sh_path`` (tests only) is the shell that runs the command; the agent
     uses ``/bin/sh``.
 
     Raises ``ValueError`` for an unknown shell (``"auto"`` must be resolved first), a

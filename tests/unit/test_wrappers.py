@@ -1133,15 +1133,25 @@ def test_collect_removes_the_named_records_and_old_ones_only(tmp_path: Path) -> 
     for key in keys:
         assert sh_run(wrap_command("echo hi", "sh", timeout=30, once=key), environ).exit_code == 0
     old = journal / keys[3]
-    stamp = time.time() - 31 * 86400
+    stamp = time.time() - 3 * 86400
     os.utime(old, (stamp, stamp))
-    parsed = sh_run(wrap_command("true", "sh", timeout=30, once="e" * 16,
+    # this dispatch's own key, even with an old record, is never removed
+    os.utime(journal / keys[2], (stamp, stamp))
+    parsed = sh_run(wrap_command("echo again", "sh", timeout=30, once=keys[2],
                                  collect=(keys[0], keys[1])), environ)
+    assert (parsed.journal, parsed.output) == ("record", "hi\n")
+    parsed = sh_run(wrap_command("true", "sh", timeout=30, once="e" * 16), environ)
     assert parsed.exit_code == 0
     left = sorted(p.name for p in journal.iterdir())
     assert left == sorted(["id", "timeout.ok", keys[2], keys[2] + ".o", keys[2] + ".t",
                            keys[3] + ".o", keys[3] + ".t", "e" * 16, "e" * 16 + ".o",
                            "e" * 16 + ".t"])
+    # a two-day-old record of another key goes with the next collection
+    parsed = sh_run(wrap_command("true", "sh", timeout=30, once="f" * 16,
+                                 collect=("e" * 16,)), environ)
+    assert parsed.exit_code == 0
+    left = sorted(p.name for p in journal.iterdir())
+    assert keys[2] not in left  # (its .o and .t go when they are as old)
 
 
 def test_a_planted_symlink_is_refused_and_its_target_untouched(tmp_path: Path) -> None:

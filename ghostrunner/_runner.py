@@ -207,7 +207,14 @@ class GhostRunner:
         if not wanted:
             raise ValidationError("states", "must name at least one state")
         runs = list(await self.store.retry(task_id, wanted, self.clock()))
-        self.loop.hold((await self.store.get_task(task_id)).task)
+        summary = await self.store.get_task(task_id)
+        if summary.task.continuous and not summary.closed:
+            # a retry re-opens a cancelled or aborted continuous task: devices that came
+            # to match it meanwhile get their run too
+            nodes = [r.node_id for r in await self.store.get_runs(task_id)]
+            self.loop.follow(summary.task, nodes)
+        else:
+            self.loop.hold(summary.task)
         self.loop.wake([r.node_id for r in runs])
         self._notify()
         return runs

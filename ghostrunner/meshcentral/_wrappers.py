@@ -113,8 +113,8 @@ ash) after removing every ``\\r`` from it.  The script:
 
 Processes that the command leaves running in the background (``nohup x &``) are not
 killed when the command finishes (their output goes on into ``<key>.o``, which no one
-reads any more; the agent does not wait for them).  SIGPIPE or other signals the agent ignores stay ignored for the command (a
-shell cannot undo that).  Commands run with ``runAsUser`` (a pty) are not supported:
+reads any more; the agent does not wait for them).  SIGPIPE or other signals the
+agent ignores stay ignored for the command (a shell cannot undo that).  Commands run with ``runAsUser`` (a pty) are not supported:
 the pty echoes the script and mangles line endings and long lines.
 
 cmd and powershell (Windows agents; ``mesh_type`` 2)
@@ -458,8 +458,8 @@ _ARG_BYTES_MAX: Final = 100_000
 # is needed only until GhostRunner has its outcome, and it asks a device for a lost one
 # before it sends that device anything else, so a record left this long was never
 # going to be collected (its key was forgotten in a restart).
-_SH_COLLECT: Final = """find "$gr_d" -type f ! -name id ! -name "$gr_k*" \\( @NAMES@ -mtime +1 \\) \\
-  -exec rm -f {} + </dev/null >/dev/null
+_SH_COLLECT: Final = """find "$gr_d" -type f ! -name id ! -name "$gr_k*" \\
+  \\( @NAMES@ -mtime +1 \\) -exec rm -f {} + </dev/null >/dev/null
 """
 
 

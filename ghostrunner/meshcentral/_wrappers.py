@@ -114,8 +114,9 @@ ash) after removing every ``\\r`` from it.  The script:
 Processes that the command leaves running in the background (``nohup x &``) are not
 killed when the command finishes (their output goes on into ``<key>.o``, which no one
 reads any more; the agent does not wait for them).  SIGPIPE or other signals the
-agent ignores stay ignored for the command (a shell cannot undo that).  Commands run with ``runAsUser`` (a pty) are not supported:
-the pty echoes the script and mangles line endings and long lines.
+agent ignores stay ignored for the command (a shell cannot undo that).  Commands run
+with ``runAsUser`` (a pty) are not supported: the pty echoes the script and mangles
+line endings and long lines.
 
 cmd and powershell (Windows agents; ``mesh_type`` 2)
 ----------------------------------------------------

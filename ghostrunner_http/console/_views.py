@@ -54,7 +54,9 @@ HEADERS = {
     ),
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    # not no-referrer: with it, a browser sends "Origin: null" on the console's own form
+    # posts, and the Origin check of writes (_same_origin) could not tell them apart
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
 

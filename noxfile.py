@@ -9,6 +9,7 @@ Python 3.11+ (and Node 20 with npm for the MeshCentral lab).
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -37,11 +38,33 @@ nox.options.reuse_venv = "yes"
 nox.options.error_on_missing_interpreters = True
 
 PACKAGES = ["ghostrunner", "ghostrunner_http"]
+#: the browser tests (tests/browser) drive the OS's Chromium: Playwright's own browser
+#: download is not reachable from the project's machines
+CHROMIUM = Path(os.environ.get("GHOSTRUNNER_CHROMIUM", "/usr/bin/chromium"))
 
 
 def _install(session: nox.Session, extras: str = "dev") -> None:
     session.install("--quiet", "--upgrade", "pip")
     session.install("--quiet", "-e", f".[{extras}]")
+
+
+def _ensure_chromium(session: nox.Session) -> None:
+    """Chromium for the browser tests: Debian's package, installed when missing and we
+    are root (as in CI); otherwise stop, saying what to install."""
+    if CHROMIUM.exists():
+        return
+    if hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
+        session.log(f"{CHROMIUM} is missing: installing Debian's chromium package")
+        env = {"DEBIAN_FRONTEND": "noninteractive"}
+        session.run("apt-get", "update", "-qq", external=True, env=env)
+        session.run("apt-get", "install", "-y", "-qq", "chromium", external=True, env=env)
+        if CHROMIUM.exists():
+            return
+    session.error(
+        f"the browser tests (tests/browser) need Chromium at {CHROMIUM}: install it "
+        "(Debian/Ubuntu: sudo apt-get install -y chromium), or set GHOSTRUNNER_CHROMIUM "
+        "to a Chromium executable"
+    )
 
 
 @nox.session
@@ -56,8 +79,10 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """The whole test suite, including the real-MeshCentral integration tests (the
-    lab installs MeshCentral from npm into ~/.cache/ghostrunner on first use)."""
+    lab installs MeshCentral from npm into ~/.cache/ghostrunner on first use) and the
+    console's browser tests (Debian's Chromium, installed here when missing)."""
     _install(session)
+    _ensure_chromium(session)
     session.run("pytest", *(session.posargs or ["-q"]))
 
 

@@ -51,6 +51,7 @@ from ._render import (
 from ._request import Authenticator, Services, authorize, services
 from ._tokens import TokenStore, new_token, verify_secret
 from .config import Settings
+from .console import Console, console_routes
 from .openapi import openapi_json
 
 __all__ = ["ADMIN_TOKEN_NAME", "bootstrap_admin", "create_app"]
@@ -268,7 +269,8 @@ def announce_admin_token(secret: str) -> None:
     bar = "=" * 72
     print(
         f"\n{bar}\nGhostRunner generated the admin token. It is shown only this once:\n\n"
-        f"    {secret}\n\nKeep it safe. To replace it, set GHOSTRUNNER_ADMIN_TOKEN (or "
+        f"    {secret}\n\nSign in to the operator console (/ui/) with it, or use it with the "
+        f"API and the CLI. Keep it safe. To replace it, set GHOSTRUNNER_ADMIN_TOKEN (or "
         f"admin_token in the config file) and restart.\n{bar}\n",
         file=sys.stderr,
         flush=True,
@@ -407,7 +409,9 @@ def create_app(
             yield {"services": svc}
             log.info("shutting down: stopping the reconcile loop")
 
-    app = Starlette(routes=ROUTES, exception_handlers=exception_handlers, lifespan=lifespan)
+    app = Starlette(routes=[*ROUTES, *console_routes()], exception_handlers=exception_handlers,
+                    lifespan=lifespan)
+    app.state.console = Console()  # the operator console under /ui: its sessions
     # "/task/list/" is a 404 in the envelope, not a bodiless redirect to "/task/list"
     app.router.redirect_slashes = False
     return app

@@ -117,6 +117,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(settings)
 
 
+def _base_url(settings: Settings, bound: Any) -> str:
+    """Where a browser on this machine reaches the server: its scheme, host and port
+    (a wildcard address is shown as the loopback one)."""
+    scheme = "https" if settings.tls_cert else "http"
+    host, port = bound[0], bound[1]
+    if host in ("0.0.0.0", "::"):  # noqa: S104 - a comparison, not a bind
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"  # noqa: S104
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{port}"
+
+
 def serve(settings: Settings) -> int:
     """Run the server until SIGTERM or SIGINT. Returns the exit status."""
     import uvicorn
@@ -174,6 +186,8 @@ def serve(settings: Settings) -> int:
     # so that the guard's listener accepts the connections (see _guard)
     listener = GuardedListener.adopt(config.bind_socket(), guard)
     listener.set_inheritable(False)
+    log.info("operator console: %s/ui/ (sign in with an API token)",
+             _base_url(settings, listener.getsockname()))
     # Everything imported so far lives as long as the process: keep it out of the
     # cyclic collector's scans, and collect the young generation less often (a request
     # allocates a few hundred tracked objects; almost none form cycles). Measured on

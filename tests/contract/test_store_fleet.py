@@ -749,19 +749,21 @@ async def test_next_pending_skips_the_tasks_asked(store: Any) -> None:
 
 async def test_list_tasks_status_agrees_with_the_summaries(store: Any) -> None:
     async def task_in(name: str, *steps: Callable[[Task], Any], n: int = 2) -> Task:
-        task = await add(store, *(f"node//{i}" for i in range(n)), name=name)
+        # its first device its own (the one the steps dispatch to: a device has one
+        # dispatched run at most), the second one shared by every task of two runs
+        task = await add(store, *[f"node//{name}", "node//shared"][:n], name=name)
         for step in steps:
             await step(task)
         return task
 
     async def start(task: Task) -> None:
-        await dispatch(store, task, "node//0")
+        await dispatch(store, task, task.targets[0])
 
     async def succeed(task: Task) -> None:
-        await finish(store, task, "node//0", RunState.SUCCEEDED, at(1))
+        await finish(store, task, task.targets[0], RunState.SUCCEEDED, at(1))
 
     async def fail(task: Task) -> None:
-        await finish(store, task, "node//0", RunState.FAILED, at(1))
+        await finish(store, task, task.targets[0], RunState.FAILED, at(1))
 
     async def cancel(task: Task) -> None:
         await store.cancel(task.id, now=at(1))
@@ -776,7 +778,7 @@ async def test_list_tasks_status_agrees_with_the_summaries(store: Any) -> None:
         await store.retry(task.id, [RunState.CANCELLED, RunState.FAILED], at(2))
 
     await task_in("pending")
-    await task_in("partly cancelled", lambda t: store.cancel(t.id, ["node//0"], now=NOW))
+    await task_in("partly cancelled", lambda t: store.cancel(t.id, t.targets[:1], now=NOW))
     await task_in("running", start)
     await task_in("paused", pause)
     await task_in("paused in flight", start, pause)
@@ -823,12 +825,18 @@ async def test_list_tasks_status_agrees_with_the_summaries(store: Any) -> None:
         assert [s.task.id for s in got.items] == expected, wanted
         assert all(s.status is wanted for s in got.items)
         # the other listing paths (by device, by name) read status the same way
-        by_node = await store.list_tasks(TaskQuery(status=wanted, node_id="node//0"))
+        by_node = await store.list_tasks(TaskQuery(status=wanted, node_id="node//shared"))
         assert [s.task.id for s in by_node.items] == [
             s.task.id for s in everything
-            if s.status is wanted and s.task.name not in ("empty", "paused empty")
+            if s.status is wanted and len(s.task.targets) == 2
         ], wanted
         for summary in everything:
+            if summary.task.targets:
+                own = await store.list_tasks(
+                    TaskQuery(status=wanted, node_id=summary.task.targets[0]))
+                assert [s.task.id for s in own.items] == (
+                    [summary.task.id] if summary.status is wanted else []
+                )
             by_name = await store.list_tasks(TaskQuery(status=wanted, name=summary.task.name))
             assert [s.task.id for s in by_name.items] == (
                 [summary.task.id] if summary.status is wanted else []
@@ -858,8 +866,8 @@ FLEET_TASKS = [
 
 
 async def test_fleet_fields_round_trip(store: Any) -> None:
-    for task in FLEET_TASKS:
-        await store.add_task(task, NOW, nodes=["node//a", "node//b"])
+    for i, task in enumerate(FLEET_TASKS):  # devices of its own: one dispatched run each
+        await store.add_task(task, NOW, nodes=[f"node//a{i}", f"node//b{i}"])
     for task in FLEET_TASKS:
         got = (await store.get_task(task.id)).task
         assert got == task
@@ -868,7 +876,7 @@ async def test_fleet_fields_round_trip(store: Any) -> None:
         )
     listed = (await store.list_tasks(TaskQuery())).items
     assert [s.task for s in listed] == FLEET_TASKS[::-1]
-    keys = [RunKey(task.id, "node//a") for task in FLEET_TASKS]
+    keys = [RunKey(task.id, f"node//a{i}") for i, task in enumerate(FLEET_TASKS)]
     claimed = await store.claim_many(keys, at(1))
     assert [task for _, task in claimed] == FLEET_TASKS
     assert list(await store.open_continuous(NOW)) == [FLEET_TASKS[0]]

@@ -57,12 +57,12 @@ def _device_journal(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 
 @pytest.fixture(scope="session")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
+def postgres() -> Iterator[PgServer]:
     """A real PostgreSQL (pgserver) for the session, started on first use and stopped
     (its data deleted) at the end; ``postgres.database()`` makes a fresh database."""
     from tests.pg import PgServer
 
-    server = PgServer(tmp_path_factory.mktemp("postgres"))
+    server = PgServer()
     try:
         yield server
     finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -23,14 +24,17 @@ import psycopg
 class PgServer:
     """A running PostgreSQL, and the databases the tests made on it."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self) -> None:
+        # Not under pytest's tmp_path: as root, pgserver runs PostgreSQL as the user
+        # "pgserver", which must be able to reach the data directory, and every pytest
+        # session on the machine (other checkouts' too) makes /tmp/pytest-of-root
+        # private again (0700): the server would lose its own files mid-run.
+        self.root = Path(tempfile.mkdtemp(prefix="ghostrunner-pg-"))
         with warnings.catch_warnings():  # platformdirs warns without XDG_RUNTIME_DIR
             warnings.simplefilter("ignore")
             import pgserver
 
-            self._server: Any = pgserver.get_server(
-                tempfile.mkdtemp(prefix="pgdata-", dir=root), cleanup_mode="delete"
-            )
+            self._server: Any = pgserver.get_server(self.root / "data", cleanup_mode="delete")
         self.uri: str = self._server.get_uri()
         self.pid: int | None = self._server.get_pid()
         self._names = itertools.count()
@@ -77,4 +81,8 @@ class PgServer:
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
     def stop(self) -> None:
-        self._server.cleanup()
+        """Stop the server (pg_ctl stop) and delete its files."""
+        try:
+            self._server.cleanup()
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -46,6 +47,8 @@ _FINISHED_STATES: Final = TRANSITIONS[RunState.DISPATCHED] & TERMINAL_STATES
 #: A transaction that lost a race (a deadlock, a serialization failure, a device's
 #: dispatched run committed by another process meanwhile) is run again, this often.
 _TRIES: Final = 5
+#: Tasks claim_many keeps (see PostgresStore._tasks).
+_TASK_CACHE: Final = 1024
 
 
 def redact(dsn: str) -> str:
@@ -93,6 +96,16 @@ class PostgresStore:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self._pool: AsyncConnectionPool[Conn] | None = None
+        # Task values by seq, for claim_many: a task's row never changes, and a seq is
+        # never reused, so they never go stale (a task of 10,000 targets takes ~10 ms
+        # to read and build)
+        self._tasks: OrderedDict[int, Task] = OrderedDict()
+
+    def _remember(self, seq: int, task: Task) -> Task:
+        self._tasks[seq] = task
+        while len(self._tasks) > _TASK_CACHE:
+            self._tasks.popitem(last=False)
+        return task
 
     def __repr__(self) -> str:
         return f"PostgresStore({self.dsn!r})"
@@ -286,11 +299,14 @@ class PostgresStore:
                         raise NotFound(f"no run {part[missing[0] - 1][1]}")
             if not claimed:
                 return []
-            seqs = list({seq for _, seq, _ in claimed})
-            cur = await conn.execute(q.TASKS_BY_SEQ_SQL, {"seqs": seqs})
-            tasks = {row[0]: q.task(row) for row in await cur.fetchall()}
+            tasks = {seq: self._tasks.get(seq) for _, seq, _ in claimed}
+            unknown = [seq for seq, task in tasks.items() if task is None]
+            if unknown:
+                cur = await conn.execute(q.TASKS_BY_SEQ_SQL, {"seqs": unknown})
+                for row in await cur.fetchall():
+                    tasks[row[0]] = self._remember(row[0], q.task(row))
             claimed.sort(key=lambda c: c[0])
-            return [(run, tasks[seq]) for _, seq, run in claimed]
+            return [(run, _known(tasks[seq])) for _, seq, run in claimed]
 
         return await self._tx(op)
 
@@ -639,6 +655,11 @@ def _translate(exc: BaseException, dsn: str) -> GhostRunnerError:
     if isinstance(exc, UnicodeError | OverflowError):
         return StoreError(f"value cannot be stored: {exc}")
     return StoreError(f"PostgreSQL error: {type(exc).__name__}")
+
+
+def _known(task: Task | None) -> Task:
+    assert task is not None  # a claimed run's task exists (same transaction)
+    return task
 
 
 def _key_params(key: RunKey) -> dict[str, Any]:

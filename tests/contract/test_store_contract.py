@@ -1,7 +1,8 @@
 """The Store contract (ghostrunner._protocols.Store), run against every store.
 
 ``InMemoryStore`` is the reference: every test that takes the ``store`` fixture runs on
-it and on ``SQLiteStore`` (a file in tmp_path). The tests at the end are SQLite only:
+it, on ``SQLiteStore`` (a file in tmp_path) and on ``PostgresStore`` (a fresh database
+of the session's PostgreSQL, tests/pg.py). The tests at the end are SQLite only:
 persistence across reopen, schema migrations, the batching machinery, query plans.
 """
 

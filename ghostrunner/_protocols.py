@@ -146,7 +146,10 @@ class Store(Protocol):
         (``attempts`` + 1, ``started_at`` = now), in one store operation; return every
         run that was claimed, with its task. Runs no longer pending (cancelled in the
         meantime...) or whose task is paused are left out and left alone; an unknown run
-        raises ``NotFound``."""
+        raises ``NotFound``. A device has one command at a time: the loop never asks for
+        a run of a device that has one dispatched, and a store shared by several
+        processes (PostgresStore) leaves such a run out too, whoever dispatched the
+        other one (the in-process stores need not check)."""
 
     async def finish(
         self,

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.pg import PgServer
 
 
 class Figures:
@@ -49,6 +54,19 @@ def _device_journal(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ.setdefault(
         "GHOSTRUNNER_JOURNAL", str(tmp_path_factory.mktemp("device") / "journal")
     )
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PgServer]:
+    """A real PostgreSQL (pgserver) for the session, started on first use and stopped
+    (its data deleted) at the end; ``postgres.database()`` makes a fresh database."""
+    from tests.pg import PgServer
+
+    server = PgServer()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

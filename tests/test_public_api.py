@@ -44,6 +44,7 @@ PUBLIC_MODULES = [
     "ghostrunner.tokens",
     "ghostrunner.testing",
     "ghostrunner.sqlite",
+    "ghostrunner.postgres",
     "ghostrunner.meshcentral",
     "ghostrunner.lab",
 ]
@@ -127,6 +128,7 @@ def test_the_public_api_stays_small() -> None:
         "ghostrunner.errors",
         "ghostrunner.tokens",
         "ghostrunner.sqlite",
+        "ghostrunner.postgres",
         "ghostrunner.meshcentral",
         "ghostrunner.lab",
     ],
@@ -178,10 +180,12 @@ def test_unknown_attribute_raises_attribute_error() -> None:
 
 
 def test_importing_ghostrunner_stays_light() -> None:
-    # the MeshCentral client and the HTTP layer load only when asked for
+    # the MeshCentral client, the PostgreSQL driver and the HTTP layer load only when
+    # asked for
     code = (
         "import sys, ghostrunner, ghostrunner.testing; "
-        "heavy = ('meshctrl', 'starlette', 'uvicorn', 'ghostrunner_http'); "
+        "heavy = ('meshctrl', 'psycopg', 'psycopg_pool', 'starlette', 'uvicorn', "
+        "'ghostrunner_http'); "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(ghostrunner.__file__)))

@@ -17,9 +17,11 @@ import pytest
 
 from ghostrunner._memory import InMemoryStore
 from ghostrunner._protocols import Store
+from ghostrunner.postgres import PostgresStore
 from ghostrunner.sqlite import SQLiteStore
+from tests.pg import PgServer
 
-STORES = ["memory", "sqlite"]
+STORES = ["memory", "sqlite", "postgres"]
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -40,19 +42,38 @@ def runner() -> Iterator[asyncio.Runner]:
         yield r
 
 
-def make_store(kind: str, path: Path) -> Store:
+def make_store(kind: str, path: Path, request: pytest.FixtureRequest | None = None) -> Store:
+    """A store of ``kind``: on a file in ``path`` (SQLite), or on a fresh database of
+    the session's PostgreSQL (which ``request`` starts on first use)."""
     if kind == "memory":
         return InMemoryStore()
+    if kind == "postgres":
+        assert request is not None
+        server: PgServer = request.getfixturevalue("postgres")
+        dsn = server.database()
+        request.addfinalizer(lambda: server.drop(dsn))
+        return PostgresStore(dsn, max_size=4)
     return SQLiteStore(path / "ghostrunner.db")
 
 
 @pytest.fixture(params=STORES)
 def store(request: pytest.FixtureRequest, tmp_path: Path, runner: asyncio.Runner) -> Iterator[Any]:
     """An open store of each kind; closed after the test."""
-    s = make_store(request.param, tmp_path)
+    s = make_store(request.param, tmp_path, request)
     runner.run(s.open())
     yield s
     runner.run(s.close())
+
+
+@pytest.fixture
+def pg_store(postgres: PgServer, runner: asyncio.Runner) -> Iterator[PostgresStore]:
+    """An open PostgresStore on a fresh database, for the PostgreSQL-only tests."""
+    dsn = postgres.database()
+    s = PostgresStore(dsn, max_size=4)
+    runner.run(s.open())
+    yield s
+    runner.run(s.close())
+    postgres.drop(dsn)
 
 
 @pytest.fixture

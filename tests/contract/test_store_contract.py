@@ -1,7 +1,8 @@
 """The Store contract (ghostrunner._protocols.Store), run against every store.
 
 ``InMemoryStore`` is the reference: every test that takes the ``store`` fixture runs on
-it and on ``SQLiteStore`` (a file in tmp_path). The tests at the end are SQLite only:
+it, on ``SQLiteStore`` (a file in tmp_path) and on ``PostgresStore`` (a fresh database
+of the session's PostgreSQL, tests/pg.py). The tests at the end are SQLite only:
 persistence across reopen, schema migrations, the batching machinery, query plans.
 """
 
@@ -468,9 +469,9 @@ async def test_expire_due(store: Any) -> None:
 
 async def test_dispatched_lists_every_dispatched_run(store: Any) -> None:
     t1 = await add(store, "node//a", "node//b", "node//c")
-    t2 = await add(store, "node//a")
+    t2 = await add(store, "node//d")  # (a device has one dispatched run at most)
     assert await store.dispatched() == []
-    await dispatch(store, t2, "node//a")
+    await dispatch(store, t2, "node//d")
     await dispatch(store, t1, "node//c")
     await dispatch(store, t1, "node//a")
     await dispatch(store, t1, "node//b")
@@ -479,7 +480,7 @@ async def test_dispatched_lists_every_dispatched_run(store: Any) -> None:
     assert [(r.task_id, r.node_id) for r in got] == [
         (t1.id, "node//a"),
         (t1.id, "node//c"),
-        (t2.id, "node//a"),
+        (t2.id, "node//d"),
     ]
     assert all(r.state is RunState.DISPATCHED for r in got)
     assert got[0] == await run_of(store, t1, "node//a")
@@ -599,8 +600,8 @@ async def test_list_tasks_filters(store: Any) -> None:
     await dispatch(store, a, "node//a")  # a: running
     await dispatch(store, c, "node//c")
     await store.finish(RunKey(c.id, "node//c"), RunState.SUCCEEDED, NOW)  # c: succeeded
-    await dispatch(store, d, "node//a")
-    await store.finish(RunKey(d.id, "node//a"), RunState.FAILED, NOW)
+    await dispatch(store, d, "node//c")  # (node//a is busy with a's run)
+    await store.finish(RunKey(d.id, "node//c"), RunState.FAILED, NOW)
     await store.cancel(d.id, now=NOW)  # d: failed (failed + cancelled)
     await store.cancel(e.id, now=NOW)  # e: cancelled; b: pending
     assert await walk(store, name="deploy") == [e.id, d.id, b.id, a.id]

@@ -3,8 +3,9 @@
 The verbs fleet tasks brought (``add_task(..., nodes=)``, ``add_runs``, ``pause``,
 ``abort``, ``retry``, ``attempts``, ``open_continuous``, ``recent_starts``,
 ``next_pending(skip_tasks=)``) and what ``TaskSummary`` says about them. Every test that
-takes the ``store`` fixture runs on ``InMemoryStore`` (the reference) and on
-``SQLiteStore``; the Hypothesis test at the end drives both side by side.
+takes the ``store`` fixture runs on ``InMemoryStore`` (the reference), ``SQLiteStore``
+and ``PostgresStore``; the Hypothesis test at the end drives the reference and each of
+the others side by side.
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ from ghostrunner._types import (
     TaskSummary,
 )
 from ghostrunner.errors import IllegalTransition, NotFound, StoreError
+from ghostrunner.postgres import PostgresStore
 from ghostrunner.sqlite import SQLiteStore
 from tests.contract.test_store_contract import NOW, at, claim, run_of
+from tests.pg import PgServer
 
 EVERYTHING = Selector(all=True)
 
@@ -749,19 +752,21 @@ async def test_next_pending_skips_the_tasks_asked(store: Any) -> None:
 
 async def test_list_tasks_status_agrees_with_the_summaries(store: Any) -> None:
     async def task_in(name: str, *steps: Callable[[Task], Any], n: int = 2) -> Task:
-        task = await add(store, *(f"node//{i}" for i in range(n)), name=name)
+        # its first device its own (the one the steps dispatch to: a device has one
+        # dispatched run at most), the second one shared by every task of two runs
+        task = await add(store, *[f"node//{name}", "node//shared"][:n], name=name)
         for step in steps:
             await step(task)
         return task
 
     async def start(task: Task) -> None:
-        await dispatch(store, task, "node//0")
+        await dispatch(store, task, task.targets[0])
 
     async def succeed(task: Task) -> None:
-        await finish(store, task, "node//0", RunState.SUCCEEDED, at(1))
+        await finish(store, task, task.targets[0], RunState.SUCCEEDED, at(1))
 
     async def fail(task: Task) -> None:
-        await finish(store, task, "node//0", RunState.FAILED, at(1))
+        await finish(store, task, task.targets[0], RunState.FAILED, at(1))
 
     async def cancel(task: Task) -> None:
         await store.cancel(task.id, now=at(1))
@@ -776,7 +781,7 @@ async def test_list_tasks_status_agrees_with_the_summaries(store: Any) -> None:
         await store.retry(task.id, [RunState.CANCELLED, RunState.FAILED], at(2))
 
     await task_in("pending")
-    await task_in("partly cancelled", lambda t: store.cancel(t.id, ["node//0"], now=NOW))
+    await task_in("partly cancelled", lambda t: store.cancel(t.id, t.targets[:1], now=NOW))
     await task_in("running", start)
     await task_in("paused", pause)
     await task_in("paused in flight", start, pause)
@@ -823,12 +828,18 @@ async def test_list_tasks_status_agrees_with_the_summaries(store: Any) -> None:
         assert [s.task.id for s in got.items] == expected, wanted
         assert all(s.status is wanted for s in got.items)
         # the other listing paths (by device, by name) read status the same way
-        by_node = await store.list_tasks(TaskQuery(status=wanted, node_id="node//0"))
+        by_node = await store.list_tasks(TaskQuery(status=wanted, node_id="node//shared"))
         assert [s.task.id for s in by_node.items] == [
             s.task.id for s in everything
-            if s.status is wanted and s.task.name not in ("empty", "paused empty")
+            if s.status is wanted and len(s.task.targets) == 2
         ], wanted
         for summary in everything:
+            if summary.task.targets:
+                own = await store.list_tasks(
+                    TaskQuery(status=wanted, node_id=summary.task.targets[0]))
+                assert [s.task.id for s in own.items] == (
+                    [summary.task.id] if summary.status is wanted else []
+                )
             by_name = await store.list_tasks(TaskQuery(status=wanted, name=summary.task.name))
             assert [s.task.id for s in by_name.items] == (
                 [summary.task.id] if summary.status is wanted else []
@@ -858,8 +869,8 @@ FLEET_TASKS = [
 
 
 async def test_fleet_fields_round_trip(store: Any) -> None:
-    for task in FLEET_TASKS:
-        await store.add_task(task, NOW, nodes=["node//a", "node//b"])
+    for i, task in enumerate(FLEET_TASKS):  # devices of its own: one dispatched run each
+        await store.add_task(task, NOW, nodes=[f"node//a{i}", f"node//b{i}"])
     for task in FLEET_TASKS:
         got = (await store.get_task(task.id)).task
         assert got == task
@@ -868,7 +879,7 @@ async def test_fleet_fields_round_trip(store: Any) -> None:
         )
     listed = (await store.list_tasks(TaskQuery())).items
     assert [s.task for s in listed] == FLEET_TASKS[::-1]
-    keys = [RunKey(task.id, "node//a") for task in FLEET_TASKS]
+    keys = [RunKey(task.id, f"node//a{i}") for i, task in enumerate(FLEET_TASKS)]
     claimed = await store.claim_many(keys, at(1))
     assert [task for _, task in claimed] == FLEET_TASKS
     assert list(await store.open_continuous(NOW)) == [FLEET_TASKS[0]]
@@ -977,17 +988,27 @@ def normal(method: str, value: Any) -> Any:
     ],
 )
 @given(data=st.data())
-def test_stores_agree_on_the_fleet_verbs(runner: asyncio.Runner, data: st.DataObject) -> None:
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_stores_agree_on_the_fleet_verbs(
+    runner: asyncio.Runner, data: st.DataObject, kind: str, request: pytest.FixtureRequest
+) -> None:
     """A random sequence of the fleet verbs (and the loop's) gives the same answers and
-    leaves the same state (runs, summaries, attempt histories) in both stores."""
+    leaves the same state (runs, summaries, attempt histories) in both stores (the
+    reference and SQLiteStore, or the reference and PostgresStore)."""
     reference = InMemoryStore()
-    sqlite = SQLiteStore(":memory:")
+    dsn = None
+    if kind == "postgres":
+        server: PgServer = request.getfixturevalue("postgres")
+        dsn = server.database()
+        other: Any = PostgresStore(dsn, max_size=2)
+    else:
+        other = SQLiteStore(":memory:")
     task_ids: list[str] = []
     clock = NOW
 
     async def both(method: str, *args: Any, **kwargs: Any) -> Any:
         answers = []
-        for s in (reference, sqlite):
+        for s in (reference, other):
             try:
                 answers.append(("ok", normal(method, await getattr(s, method)(*args, **kwargs))))
             except StoreError as exc:
@@ -1013,8 +1034,10 @@ def test_stores_agree_on_the_fleet_verbs(runner: asyncio.Runner, data: st.DataOb
     def a_task() -> str:  # now and then one that does not exist
         return data.draw(st.sampled_from(task_ids)) if task_ids and not rarely() else "nope"
 
-    def a_key(*states: RunState) -> RunKey:  # mostly a run in one of `states`
-        keys = sorted(k for k, r in reference.runs.items() if not states or r.state in states)
+    def a_key(*states: RunState, free: bool = False) -> RunKey:  # mostly one in `states`
+        busy = {r.node_id for r in reference.runs.values() if r.state is RunState.DISPATCHED}
+        keys = sorted(k for k, r in reference.runs.items() if (not states or r.state in states)
+                      and not (free and k.node_id in busy))
         if keys and not rarely():
             return data.draw(st.sampled_from(keys))
         return RunKey(a_task(), data.draw(st.sampled_from(NODES)))
@@ -1068,7 +1091,14 @@ def test_stores_agree_on_the_fleet_verbs(runner: asyncio.Runner, data: st.DataOb
             await both("next_pending", some_nodes(min_size=1, max_size=5), clock, limit=limit,
                        skip_tasks=skip)
         elif op == "claim_many":
-            keys = [a_key(RunState.PENDING) for _ in range(data.draw(st.integers(1, 3)))]
+            # as the loop claims: a device at most once, and not while it has a run
+            # dispatched (PostgresStore refuses that; the others do not check)
+            keys = [a_key(RunState.PENDING, free=True)
+                    for _ in range(data.draw(st.integers(1, 3)))]
+            busy = {r.node_id for r in reference.runs.values()
+                    if r.state is RunState.DISPATCHED}
+            keys = list({k.node_id: k for k in reversed(keys)}.values())[::-1]
+            keys = [k for k in keys if k.node_id not in busy]
             await both("claim_many", keys, clock)
         elif op == "finish":
             legal = [RunState.SUCCEEDED, RunState.FAILED, RunState.TIMED_OUT, RunState.LOST]
@@ -1098,16 +1128,20 @@ def test_stores_agree_on_the_fleet_verbs(runner: asyncio.Runner, data: st.DataOb
         await same_state()
 
     async def body() -> None:
-        await sqlite.open()
+        await other.open()
         try:
             for _ in range(data.draw(st.integers(5, 40))):
                 await step()
             for status in TaskStatus:
                 await both("list_tasks", TaskQuery(status=status, limit=1000))
         finally:
-            await sqlite.close()
+            await other.close()
 
-    runner.run(body())
+    try:
+        runner.run(body())
+    finally:
+        if dsn is not None:
+            server.drop(dsn)
 
 
 

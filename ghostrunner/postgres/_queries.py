@@ -1,0 +1,464 @@
+"""The SQL text of the store's verbs, values <-> PostgreSQL values, and row -> value
+builders.
+
+Parameters are psycopg's ``%(name)s`` placeholders; lists go in as arrays and are
+``unnest``-ed (``WITH ORDINALITY`` where order matters), so a verb on 10,000 devices is
+one statement with one parameter, not 10,000.
+"""
+
+# ruff: noqa: S608
+# (SQL is assembled only from this module's constants and enum-derived identifiers;
+# every value is a bound parameter.)
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import attrs
+
+from .._types import (
+    Attempt,
+    Delivery,
+    Rollout,
+    Run,
+    RunState,
+    Selector,
+    Shell,
+    Task,
+    TaskQuery,
+    TaskStatus,
+    TaskSummary,
+    trusted,
+)
+from ..errors import StoreError
+from ..tokens import Scope, Token
+
+STATES: Final = tuple(RunState)  # the state names double as task_counts column names
+_MAX_SEQ: Final = (1 << 63) - 1
+
+# --------------------------------------------------------------------------- values
+
+
+def ts(value: datetime) -> datetime:
+    """An aware datetime, as stored (``timestamptz``, microseconds: like SQLiteStore)."""
+    if not isinstance(value, datetime) or value.tzinfo is None or value.utcoffset() is None:
+        raise StoreError(f"datetime {value!r} is not timezone-aware")
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise StoreError(f"datetime {value!r} is outside the years 1-9999 in UTC") from None
+
+
+def tso(value: datetime | None) -> datetime | None:
+    return None if value is None else ts(value)
+
+
+_SURROGATES: Final = re.compile("[\ud800-\udfff]")
+
+
+def text(value: str | None) -> str | None:
+    """Text as a ``text`` column takes it: lone surrogates (undecodable bytes kept by
+    ``errors="surrogateescape"``) become U+FFFD, as in SQLiteStore, and so do NUL
+    characters, which PostgreSQL's text cannot hold (error messages only: output is
+    stored as bytes, NULs and all)."""
+    if value is None:
+        return None
+    return _SURROGATES.sub("\ufffd", value).replace("\x00", "\ufffd")
+
+
+def blob(value: str) -> bytes:
+    """Output as stored: UTF-8, lone surrogates as U+FFFD (like SQLiteStore)."""
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATES.sub("\ufffd", value).encode("utf-8")
+
+
+def unblob(value: bytes) -> str:
+    return bytes(value).decode("utf-8")
+
+
+# --------------------------------------------------------------------------- columns
+
+RUN_COLS: Final = (
+    "state, attempts, undelivered, queued_at, available_at, expires_at, started_at, "
+    "finished_at, exit_code, output, output_truncated, error, recovered"
+)
+R_RUN_COLS: Final = ", ".join(f"r.{c}" for c in RUN_COLS.split(", "))
+TASK_COLS: Final = (
+    "t.seq, t.id, t.name, t.command, t.targets, t.created_at, t.shell, t.run_as_user, "
+    "t.timeout, t.not_before, t.expires_at, t.max_attempts, t.delivery, t.fleet"
+)
+_COUNTS_AT: Final = 17  # in a summary row, the per-state counts follow the task's columns
+TOKEN_COLS: Final = "name, secret_hash, scope, created_at, last_used, builtin"  # noqa: S105
+#: The seq of the task :task_id.
+TASK_SEQ: Final = "(SELECT seq FROM tasks WHERE id = %(task_id)s)"
+#: The run of a RunKey (parameters task_id and node_id).
+KEY_WHERE: Final = f"task_seq = {TASK_SEQ} AND node = %(node_id)s"
+_SUMMARY_COLS: Final = (
+    f"{TASK_COLS}, c.paused, t.aborted, t.closed, {', '.join(f'c.{s.value}' for s in STATES)}"
+)
+SUMMARY_SELECT: Final = (
+    f"SELECT {_SUMMARY_COLS} FROM tasks AS t JOIN task_counts AS c ON c.task_seq = t.seq"
+)
+
+# --------------------------------------------------------------------------- tasks
+
+ADD_TASK_SQL: Final = """
+INSERT INTO tasks(id, name, command, targets, created_at, shell, run_as_user, timeout,
+                  not_before, expires_at, max_attempts, delivery, fleet, continuous,
+                  per_minute, max_concurrent)
+VALUES (%(id)s, %(name)s, %(command)s, %(targets)s, %(created_at)s, %(shell)s,
+        %(run_as_user)s, %(timeout)s, %(not_before)s, %(expires_at)s, %(max_attempts)s,
+        %(delivery)s, %(fleet)s, %(continuous)s, %(per_minute)s, %(max_concurrent)s)
+ON CONFLICT (id) DO NOTHING
+RETURNING seq
+"""
+
+ADD_COUNTS_SQL: Final = """
+INSERT INTO task_counts(task_seq, total, pending) VALUES (%(seq)s, %(n)s, %(n)s)
+"""
+
+#: The pending runs of a new task: one statement for all its nodes (an array).
+ADD_RUNS_OF_NEW_TASK_SQL: Final = """
+INSERT INTO runs(task_seq, node, position, state, queued_at, available_at, expires_at)
+SELECT %(seq)s, u.node, u.ord - 1, 'pending', %(now)s,
+       coalesce(%(not_before)s, %(now)s), %(expires_at)s
+FROM unnest(%(nodes)s::text[]) WITH ORDINALITY AS u(node, ord)
+"""
+
+#: New runs of a task (seq) for the nodes of the array nodes that have none, after its
+#: other runs.
+ADD_RUNS_SQL: Final = f"""
+INSERT INTO runs(task_seq, node, position, state, queued_at, available_at, expires_at)
+SELECT t.seq, u.node, %(start)s + u.ord - 1, 'pending', %(now)s,
+       coalesce(t.not_before, %(now)s), t.expires_at
+FROM unnest(%(nodes)s::text[]) WITH ORDINALITY AS u(node, ord)
+JOIN tasks AS t ON t.seq = %(seq)s
+WHERE NOT EXISTS (SELECT 1 FROM runs AS r WHERE r.task_seq = t.seq AND r.node = u.node)
+ORDER BY u.ord
+RETURNING position, node, {RUN_COLS}
+"""
+
+# --------------------------------------------------------------------------- the loop's
+
+#: For each device of the array nodes, its first pending run in submission order that
+#: is available, not expired, and whose task is neither paused nor one of skip: one
+#: index search per device (runs_pending_node), then the run by its primary key.
+NEXT_PENDING_SQL: Final = f"""
+WITH held AS MATERIALIZED (
+    SELECT coalesce(array_agg(seq), '{{}}') AS seqs FROM (
+        SELECT task_seq AS seq FROM task_counts WHERE paused
+        UNION ALL
+        SELECT seq FROM tasks WHERE id = ANY(%(skip)s::text[])) AS h
+)
+SELECT t.id, r.node, {R_RUN_COLS}
+FROM unnest(%(nodes)s::text[]) WITH ORDINALITY AS j(node, ord)
+CROSS JOIN held
+CROSS JOIN LATERAL (
+    SELECT p.task_seq FROM runs AS p
+    WHERE p.node = j.node AND p.state = 'pending' AND p.available_at <= %(now)s
+      AND (p.expires_at IS NULL OR p.expires_at > %(now)s)
+      AND p.task_seq <> ALL(held.seqs)
+    ORDER BY p.task_seq LIMIT 1) AS f
+JOIN runs AS r ON r.task_seq = f.task_seq AND r.node = j.node
+JOIN tasks AS t ON t.seq = r.task_seq
+ORDER BY j.ord
+LIMIT %(limit)s
+"""
+
+#: Claim the runs of the arrays task_ids/node_ids (no device twice): pending, task not
+#: paused, device without a dispatched run. Rows another transaction holds are
+#: skipped (SKIP LOCKED), not waited for.
+CLAIM_SQL: Final = f"""
+WITH wanted AS (
+    SELECT r.task_seq, r.node, k.ord
+    FROM unnest(%(task_ids)s::text[], %(node_ids)s::text[]) WITH ORDINALITY
+         AS k(task_id, node, ord)
+    JOIN tasks AS t ON t.id = k.task_id
+    JOIN runs AS r ON r.task_seq = t.seq AND r.node = k.node
+    WHERE r.state = 'pending'
+      AND NOT EXISTS (SELECT 1 FROM task_counts AS c WHERE c.task_seq = r.task_seq AND c.paused)
+      AND NOT EXISTS (SELECT 1 FROM runs AS d WHERE d.node = r.node AND d.state = 'dispatched')
+    ORDER BY r.task_seq, r.node
+    FOR NO KEY UPDATE OF r SKIP LOCKED
+)
+UPDATE runs AS r SET state = 'dispatched', attempts = r.attempts + 1,
+                     started_at = %(now)s, recovered = false
+FROM wanted AS w
+WHERE r.task_seq = w.task_seq AND r.node = w.node
+RETURNING w.ord, r.task_seq, r.node, {R_RUN_COLS}
+"""
+
+#: The keys of the arrays task_ids/node_ids that name no run (their ordinal).
+MISSING_SQL: Final = """
+SELECT k.ord FROM unnest(%(task_ids)s::text[], %(node_ids)s::text[]) WITH ORDINALITY
+    AS k(task_id, node, ord)
+WHERE NOT EXISTS (SELECT 1 FROM tasks AS t JOIN runs AS r ON r.task_seq = t.seq
+                  WHERE t.id = k.task_id AND r.node = k.node)
+ORDER BY k.ord LIMIT 1
+"""
+
+TASKS_BY_SEQ_SQL: Final = f"SELECT {TASK_COLS} FROM tasks AS t WHERE t.seq = ANY(%(seqs)s)"
+
+#: The attempt a dispatched run just finished (after the UPDATE that finished it), or,
+#: with state 'lost', the one a release sends again (before the UPDATE).
+RECORD_ATTEMPT_SQL: Final = f"""
+INSERT INTO attempts(task_seq, node, number, state, started_at, finished_at, exit_code,
+                     output, output_truncated, error, recovered)
+SELECT task_seq, node, attempts, coalesce(%(state)s, state), started_at,
+       coalesce(%(finished)s, finished_at), exit_code, output, output_truncated,
+       coalesce(%(error)s, error), recovered
+FROM runs WHERE {KEY_WHERE} AND state = %(when)s
+ON CONFLICT (task_seq, node, number) DO UPDATE SET
+    state = excluded.state, started_at = excluded.started_at,
+    finished_at = excluded.finished_at, exit_code = excluded.exit_code,
+    output = excluded.output, output_truncated = excluded.output_truncated,
+    error = excluded.error, recovered = excluded.recovered
+"""
+
+ATTEMPTS_SQL: Final = """
+SELECT a.node, a.number, a.state, a.started_at, a.finished_at, a.exit_code, a.output,
+       a.output_truncated, a.error, a.recovered
+FROM attempts AS a
+JOIN runs AS r ON r.task_seq = a.task_seq AND r.node = a.node
+WHERE a.task_seq = %(seq)s ORDER BY r.position, a.number
+"""
+
+OPEN_CONTINUOUS_SQL: Final = f"""
+SELECT {TASK_COLS} FROM tasks AS t
+WHERE t.continuous AND NOT t.closed AND (t.expires_at IS NULL OR t.expires_at > %(now)s)
+ORDER BY t.seq
+"""
+
+ROLLOUT_TASKS_SQL: Final = f"""
+SELECT {TASK_COLS} FROM tasks AS t JOIN task_counts AS c ON c.task_seq = t.seq
+WHERE (t.per_minute IS NOT NULL OR t.max_concurrent IS NOT NULL)
+  AND c.pending + c.dispatched > 0
+ORDER BY t.seq
+"""
+
+RECENT_STARTS_SQL: Final = """
+SELECT t.id, r.started_at FROM tasks AS t JOIN runs AS r ON r.task_seq = t.seq
+WHERE t.per_minute IS NOT NULL AND r.state = 'dispatched' AND r.started_at > %(since)s
+UNION ALL
+SELECT t.id, a.started_at FROM tasks AS t JOIN attempts AS a ON a.task_seq = t.seq
+WHERE t.per_minute IS NOT NULL AND a.started_at > %(since)s
+"""
+
+EXPIRE_SQL: Final = """
+UPDATE runs SET state = 'expired', finished_at = %(now)s,
+    error = 'expired before it could start'
+WHERE state = 'pending' AND expires_at <= %(now)s
+"""
+
+NEXT_WAKEUP_SQL: Final = """
+SELECT least(
+    (SELECT min(available_at) FROM runs WHERE state = 'pending' AND available_at > %(now)s),
+    (SELECT min(expires_at) FROM runs WHERE state = 'pending' AND expires_at > %(now)s))
+"""
+
+DISPATCHED_SQL: Final = f"""
+SELECT t.id, r.node, {R_RUN_COLS} FROM runs AS r JOIN tasks AS t ON t.seq = r.task_seq
+WHERE r.state = 'dispatched' ORDER BY r.task_seq, r.position
+"""
+
+COUNTS_SQL: Final = (
+    f"SELECT {', '.join(f'coalesce(sum({s.value}), 0)' for s in STATES)} FROM task_counts"
+)
+
+
+def task_params(task: Task, now: datetime) -> dict[str, Any]:
+    """The ``tasks`` columns of ``task``, and the time its runs are queued at."""
+    return {
+        "id": task.id,
+        "name": task.name,
+        "command": task.command,
+        "targets": list(task.targets),
+        "created_at": ts(task.created_at),
+        "shell": task.shell.value,
+        "run_as_user": task.run_as_user,
+        "timeout": float(task.timeout),
+        "not_before": tso(task.not_before),
+        "expires_at": tso(task.expires_at),
+        "max_attempts": task.max_attempts,
+        "delivery": task.delivery.value,
+        "fleet": fleet_json(task),
+        "continuous": task.continuous,
+        "per_minute": task.rollout.per_minute,
+        "max_concurrent": task.rollout.max_concurrent,
+        "now": ts(now),
+    }
+
+
+_PLAIN_ROLLOUT: Final = Rollout()
+
+
+def fleet_json(task: Task) -> str | None:
+    """A task's selector, rollout and success exit codes as JSON; None for a plain task.
+    (The same document SQLiteStore keeps: a database moved between them reads alike.)"""
+    if (
+        task.select is None and not task.continuous and task.rollout == _PLAIN_ROLLOUT
+        and task.success_exit_codes == (0,)
+    ):
+        return None
+    select = None if task.select is None else {
+        "group": task.select.group, "tags": list(task.select.tags),
+        "tags_mode": task.select.tags_mode.value, "os": task.select.os,
+        "name": task.select.name, "all": task.select.all,
+    }
+    return json.dumps({
+        "select": select,
+        "continuous": task.continuous,
+        "rollout": attrs.asdict(task.rollout),
+        "success_exit_codes": list(task.success_exit_codes),
+    }, separators=(",", ":"))
+
+
+def _fleet(doc_text: str | None) -> dict[str, Any]:
+    if doc_text is None:
+        return {"select": None, "continuous": False, "rollout": _PLAIN_ROLLOUT,
+                "success_exit_codes": (0,)}
+    doc = json.loads(doc_text)
+    return {
+        "select": None if doc["select"] is None else Selector(**doc["select"]),
+        "continuous": doc["continuous"],
+        "rollout": Rollout(**doc["rollout"]),
+        "success_exit_codes": tuple(doc["success_exit_codes"]),
+    }
+
+
+# --------------------------------------------------------------------------- listing
+
+# How each TaskStatus reads on a task_counts row; mirrors
+# ghostrunner._types.task_status, in the same order of tests (tests/contract checks it).
+_ACTIVE = "c.pending + c.dispatched > 0"
+_LIVE = "NOT c.aborted"
+_NOT_PAUSED = f"NOT (c.paused AND ({_ACTIVE} OR c.total = 0))"
+_WAITING = "(c.total = 0 OR (c.pending > 0 AND c.pending + c.cancelled = c.total))"
+_SETTLED = f"{_LIVE} AND {_NOT_PAUSED} AND NOT {_WAITING} AND NOT ({_ACTIVE})"
+STATUS_SQL: Final[Mapping[TaskStatus, str]] = {
+    TaskStatus.ABORTED: "c.aborted",
+    TaskStatus.PAUSED: f"{_LIVE} AND NOT {_NOT_PAUSED}",
+    TaskStatus.PENDING: f"{_LIVE} AND {_NOT_PAUSED} AND {_WAITING}",
+    TaskStatus.RUNNING: f"{_LIVE} AND {_NOT_PAUSED} AND NOT {_WAITING} AND {_ACTIVE}",
+    TaskStatus.SUCCEEDED: f"{_SETTLED} AND c.succeeded = c.total",
+    TaskStatus.CANCELLED: f"{_SETTLED} AND c.succeeded <> c.total AND c.cancelled = c.total",
+    TaskStatus.FAILED: f"{_SETTLED} AND c.succeeded <> c.total AND c.cancelled <> c.total",
+}
+
+
+def list_sql(query: TaskQuery) -> tuple[str, dict[str, Any]]:
+    """The statement listing ``query``'s page (plus one row, to know if more follow),
+    newest first: by device along ``runs_node``, by name along ``tasks_name``, else
+    along ``task_counts``' primary key. The cursor is the page's last task's ``seq``."""
+    start = _MAX_SEQ
+    if query.cursor is not None:
+        try:
+            start = min(max(int(query.cursor), 0), _MAX_SEQ)
+        except ValueError:
+            start = 0  # like the reference store: an unknown cursor ends the listing
+    params: dict[str, Any] = {"start": start, "limit": query.limit + 1}
+    where = []
+    if query.node_id is not None:
+        source = (
+            "runs AS r JOIN tasks AS t ON t.seq = r.task_seq"
+            " JOIN task_counts AS c ON c.task_seq = r.task_seq"
+        )
+        where.append("r.node = %(node_id)s")
+        order = "r.task_seq"
+        params["node_id"] = query.node_id
+    else:
+        source = "task_counts AS c JOIN tasks AS t ON t.seq = c.task_seq"
+        order = "t.seq" if query.name is not None else "c.task_seq"
+    where.append(f"{order} < %(start)s")
+    if query.name is not None:
+        where.append("t.name = %(name)s")
+        params["name"] = query.name
+    if query.state is not None:
+        where.append(f"c.{RunState(query.state).value} > 0")
+    if query.status is not None:
+        where.append(f"({STATUS_SQL[TaskStatus(query.status)]})")
+    sql = (
+        f"SELECT {_SUMMARY_COLS} FROM {source} WHERE {' AND '.join(where)} "
+        f"ORDER BY {order} DESC LIMIT %(limit)s"
+    )
+    return sql, params
+
+
+# --------------------------------------------------------------------------- rows -> values
+
+
+def run(task_id: str, node_id: str, row: Sequence[Any]) -> Run:
+    """A Run from ``row``: the columns of :data:`RUN_COLS`."""
+    return trusted(
+        Run,
+        task_id=task_id,
+        node_id=node_id,
+        state=RunState(row[0]),
+        attempts=row[1],
+        undelivered=row[2],
+        queued_at=row[3],
+        available_at=row[4],
+        expires_at=row[5],
+        started_at=row[6],
+        finished_at=row[7],
+        exit_code=row[8],
+        output=unblob(row[9]),
+        output_truncated=row[10],
+        error=row[11],
+        recovered=row[12],
+    )
+
+
+def task(row: Sequence[Any]) -> Task:
+    """A Task from ``row``: the columns of :data:`TASK_COLS` (seq first)."""
+    return trusted(
+        Task,
+        id=row[1],
+        name=row[2],
+        command=row[3],
+        targets=tuple(row[4]),
+        created_at=row[5],
+        shell=Shell(row[6]),
+        run_as_user=row[7],
+        timeout=row[8],
+        not_before=row[9],
+        expires_at=row[10],
+        max_attempts=row[11],
+        delivery=Delivery(row[12]),
+        **_fleet(row[13]),
+    )
+
+
+def summary(row: Sequence[Any]) -> TaskSummary:
+    """A TaskSummary from a :data:`SUMMARY_SELECT` row."""
+    counts = {s: n for s, n in zip(STATES, row[_COUNTS_AT:], strict=True) if n}
+    return TaskSummary(
+        task=task(row), counts=counts, paused=row[14], aborted=row[15], closed=row[16],
+    )
+
+
+def attempt(row: Sequence[Any]) -> Attempt:
+    """An Attempt from an :data:`ATTEMPTS_SQL` row (after the node id)."""
+    return trusted(
+        Attempt, number=row[0], state=RunState(row[1]), started_at=row[2],
+        finished_at=row[3], exit_code=row[4], output=unblob(row[5]),
+        output_truncated=row[6], error=row[7], recovered=row[8],
+    )
+
+
+def token(row: Sequence[Any]) -> Token:
+    """A Token from ``row``: the columns of :data:`TOKEN_COLS`."""
+    return Token(
+        name=row[0],
+        secret_hash=row[1],
+        scope=Scope(row[2]),
+        created_at=row[3],
+        last_used=row[4],
+        builtin=row[5],
+    )

@@ -1,0 +1,258 @@
+"""The schema, its version, and the migrations that bring a database up to it.
+
+Version 1 (what SQLite's versions 1 to 4 built, in one step):
+
+* ``tasks``: ``seq`` (an identity column) is the submission order and the listing
+  cursor; ``id`` is unique; ``targets`` a ``text[]``; ``fleet`` the selector, rollout and
+  success exit codes as JSON text (NULL for a plain task); ``aborted`` (the reason) and
+  ``closed`` (takes no more runs) are what operators and the abort rule did.
+* ``runs``: one row per (task, device), ``PRIMARY KEY (task_seq, node)``, with
+  ``position`` (target order) and every :class:`~ghostrunner.Run` field. ``output`` is
+  ``bytea`` (UTF-8): PostgreSQL's ``text`` cannot hold NUL characters, and command
+  output may have them.
+* ``attempts``: every attempt of every run (the run row holds the latest).
+* ``task_counts``: runs per state, per task, and the ``paused``/``aborted`` flags the
+  listing's status filters read. Kept by statement-level triggers on ``runs`` updates
+  and deletes (transition tables: one UPDATE per statement, rows locked in ``task_seq``
+  order so that concurrent statements cannot deadlock on them); runs are only ever
+  *inserted* pending, by the store, which adds them to the counts itself.
+* ``tokens``: ``name`` and ``secret_hash`` unique. Secrets are never stored.
+
+Indexes: ``runs_pending_node (node, task_seq) INCLUDE (available_at, expires_at) WHERE
+state = 'pending'`` serves ``next_pending`` (the first pending run of a device in
+submission order, from the index alone); ``runs_one_dispatched UNIQUE (node) WHERE state
+= 'dispatched'``: **at most one dispatched run per device**, enforced by the database
+for every process sharing it (``claim_many`` skips a device that has one); it also
+serves ``dispatched()``. ``runs_pending_available`` and ``runs_pending_expiry``
+(partial) serve ``next_wakeup`` and ``expire_due``; ``runs_node`` the listing by
+device; ``tasks_name`` the listing by name.
+
+``ghostrunner_schema`` holds the schema version (one row). :func:`migrate` runs in one
+transaction under an advisory lock, so that processes starting together do not race:
+the first migrates, the others wait and find the schema current. A database newer than
+this code is refused with a ``StoreError``, and so is one that has GhostRunner's table
+names but no version row (not GhostRunner's). Never edit a migration: add one.
+"""
+
+# ruff: noqa: S608
+# (SQL built from this module's constants only; every value is a bound parameter.)
+
+from __future__ import annotations
+
+from typing import Final
+
+import psycopg
+
+from .._types import RunState
+from ..errors import StoreError
+
+#: The advisory lock the migrations run under ("GRst").
+MIGRATION_LOCK: Final = 0x47527374
+
+V1_STATES: Final = (
+    "pending", "dispatched", "succeeded", "failed", "timed_out", "expired", "cancelled", "lost"
+)
+assert tuple(s.value for s in RunState) == V1_STATES, "a new run state needs a migration"
+
+_STATE_LIST: Final = ", ".join(f"'{s}'" for s in V1_STATES)
+
+
+def _delta(new: str, old: str | None) -> str:
+    """The task_counts assignments for a change from ``old`` rows to ``new`` rows."""
+    parts = []
+    for s in V1_STATES:
+        minus = f" - count(*) FILTER (WHERE {old}.state = '{s}')" if old else ""
+        plus = f"count(*) FILTER (WHERE {new}.state = '{s}')" if new else "0"
+        parts.append(f"{plus}{minus} AS {s}")
+    return ", ".join(parts)
+
+
+_V1: Final = (
+    """
+    CREATE TABLE ghostrunner_schema (
+        one     boolean PRIMARY KEY DEFAULT true CHECK (one),
+        version integer NOT NULL
+    )""",
+    """
+    CREATE TABLE tasks (
+        seq            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        id             text NOT NULL UNIQUE,
+        name           text NOT NULL,
+        command        text NOT NULL,
+        targets        text[] NOT NULL,
+        created_at     timestamptz NOT NULL,
+        shell          text NOT NULL,
+        run_as_user    boolean NOT NULL,
+        timeout        double precision NOT NULL,
+        not_before     timestamptz,
+        expires_at     timestamptz,
+        max_attempts   integer NOT NULL,
+        delivery       text NOT NULL,
+        fleet          text,
+        continuous     boolean NOT NULL DEFAULT false,
+        per_minute     integer,
+        max_concurrent integer,
+        aborted        text,
+        closed         boolean NOT NULL DEFAULT false
+    )""",
+    "CREATE INDEX tasks_name ON tasks(name, seq)",
+    "CREATE INDEX tasks_open_continuous ON tasks(seq) WHERE continuous AND NOT closed",
+    "CREATE INDEX tasks_rate_limited ON tasks(seq) WHERE per_minute IS NOT NULL",
+    """CREATE INDEX tasks_limited ON tasks(seq)
+        WHERE per_minute IS NOT NULL OR max_concurrent IS NOT NULL""",
+    f"""
+    CREATE TABLE runs (
+        task_seq         bigint NOT NULL REFERENCES tasks(seq) ON DELETE CASCADE,
+        node             text NOT NULL,
+        position         integer NOT NULL,
+        state            text NOT NULL CHECK (state IN ({_STATE_LIST})),
+        attempts         integer NOT NULL DEFAULT 0,
+        undelivered      integer NOT NULL DEFAULT 0,
+        queued_at        timestamptz NOT NULL,
+        available_at     timestamptz NOT NULL,
+        expires_at       timestamptz,
+        started_at       timestamptz,
+        finished_at      timestamptz,
+        exit_code        bigint,
+        output           bytea NOT NULL DEFAULT '',
+        output_truncated boolean NOT NULL DEFAULT false,
+        error            text,
+        recovered        boolean NOT NULL DEFAULT false,
+        PRIMARY KEY (task_seq, node)
+    )""",
+    """CREATE INDEX runs_pending_node ON runs(node, task_seq)
+        INCLUDE (available_at, expires_at) WHERE state = 'pending'""",
+    "CREATE UNIQUE INDEX runs_one_dispatched ON runs(node) WHERE state = 'dispatched'",
+    "CREATE INDEX runs_pending_available ON runs(available_at) WHERE state = 'pending'",
+    """CREATE INDEX runs_pending_expiry ON runs(expires_at)
+        WHERE state = 'pending' AND expires_at IS NOT NULL""",
+    "CREATE INDEX runs_node ON runs(node, task_seq)",
+    """
+    CREATE TABLE attempts (
+        task_seq         bigint NOT NULL,
+        node             text NOT NULL,
+        number           integer NOT NULL,
+        state            text NOT NULL,
+        started_at       timestamptz,
+        finished_at      timestamptz,
+        exit_code        bigint,
+        output           bytea NOT NULL DEFAULT '',
+        output_truncated boolean NOT NULL DEFAULT false,
+        error            text,
+        recovered        boolean NOT NULL DEFAULT false,
+        PRIMARY KEY (task_seq, node, number),
+        FOREIGN KEY (task_seq, node) REFERENCES runs ON DELETE CASCADE
+    )""",
+    "CREATE INDEX attempts_started ON attempts(started_at)",
+    """
+    CREATE TABLE task_counts (
+        task_seq bigint PRIMARY KEY REFERENCES tasks(seq) ON DELETE CASCADE,
+        total    integer NOT NULL DEFAULT 0,
+        paused   boolean NOT NULL DEFAULT false,
+        aborted  boolean NOT NULL DEFAULT false,
+        """ + ",\n        ".join(f"{s} integer NOT NULL DEFAULT 0" for s in V1_STATES) + """
+    )""",
+    "CREATE INDEX task_counts_paused ON task_counts(task_seq) WHERE paused",
+    # task_counts follows every change of state and every delete of runs: one UPDATE
+    # per statement, its rows locked in task_seq order first (no deadlock between two
+    # statements that change runs of the same tasks)
+    f"""
+    CREATE FUNCTION ghostrunner_runs_updated() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM 1 FROM task_counts WHERE task_seq IN (
+            SELECT n.task_seq FROM new_runs AS n JOIN old_runs AS o USING (task_seq, node)
+            WHERE n.state <> o.state)
+        ORDER BY task_seq FOR NO KEY UPDATE;
+        UPDATE task_counts AS c SET
+            {", ".join(f"{s} = c.{s} + d.{s}" for s in V1_STATES)}
+        FROM (SELECT n.task_seq, {_delta("n", "o")}
+              FROM new_runs AS n JOIN old_runs AS o USING (task_seq, node)
+              WHERE n.state <> o.state GROUP BY n.task_seq) AS d
+        WHERE c.task_seq = d.task_seq;
+        RETURN NULL;
+    END $$""",
+    """
+    CREATE TRIGGER runs_updated AFTER UPDATE ON runs
+        REFERENCING OLD TABLE AS old_runs NEW TABLE AS new_runs
+        FOR EACH STATEMENT EXECUTE FUNCTION ghostrunner_runs_updated()""",
+    f"""
+    CREATE FUNCTION ghostrunner_runs_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM 1 FROM task_counts WHERE task_seq IN (SELECT task_seq FROM old_runs)
+        ORDER BY task_seq FOR NO KEY UPDATE;
+        UPDATE task_counts AS c SET total = c.total - d.total,
+            {", ".join(f"{s} = c.{s} + d.{s}" for s in V1_STATES)}
+        FROM (SELECT o.task_seq, count(*) AS total, {_delta("", "o")}
+              FROM old_runs AS o GROUP BY o.task_seq) AS d
+        WHERE c.task_seq = d.task_seq;
+        RETURN NULL;
+    END $$""",
+    """
+    CREATE TRIGGER runs_deleted AFTER DELETE ON runs
+        REFERENCING OLD TABLE AS old_runs
+        FOR EACH STATEMENT EXECUTE FUNCTION ghostrunner_runs_deleted()""",
+    """
+    CREATE TABLE tokens (
+        id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        name        text NOT NULL UNIQUE,
+        secret_hash text NOT NULL UNIQUE,
+        scope       text NOT NULL,
+        created_at  timestamptz NOT NULL,
+        last_used   timestamptz,
+        builtin     boolean NOT NULL DEFAULT false
+    )""",
+)
+
+#: ``MIGRATIONS[n]`` brings a database from schema version n to n + 1. Append only.
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1,)
+SCHEMA_VERSION: Final = len(MIGRATIONS)
+
+#: GhostRunner's tables: a database that has one of them but no version is not ours.
+_TABLES: Final = ("tasks", "runs", "attempts", "task_counts", "tokens")
+
+
+async def schema_version(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> int:
+    """The database's schema version (0: none yet). Refuses a foreign database."""
+    cur = await conn.execute("SELECT to_regclass('ghostrunner_schema') IS NOT NULL")
+    row = await cur.fetchone()
+    if row is not None and row[0]:
+        cur = await conn.execute("SELECT version FROM ghostrunner_schema")
+        found = await cur.fetchone()
+        if found is None:
+            raise StoreError("the database has a ghostrunner_schema table without a version")
+        version = found[0]
+        assert isinstance(version, int)
+        return version
+    cur = await conn.execute(
+        "SELECT count(*) FROM unnest(%s::text[]) AS t(name) WHERE to_regclass(t.name) IS NOT NULL",
+        (list(_TABLES),),
+    )
+    row = await cur.fetchone()
+    if row is not None and row[0]:
+        raise StoreError(
+            "the database has tables named like GhostRunner's but is not a GhostRunner "
+            "database (no ghostrunner_schema table): use another database or schema"
+        )
+    return 0
+
+
+async def migrate(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> int:
+    """Bring the database up to :data:`SCHEMA_VERSION`, in one transaction under an
+    advisory lock. Returns the version found before."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        version = await schema_version(conn)
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"the database schema is version {version}, newer than this GhostRunner "
+                f"understands ({SCHEMA_VERSION}): upgrade GhostRunner"
+            )
+        for step in range(version, SCHEMA_VERSION):
+            for sql in MIGRATIONS[step]:
+                await conn.execute(sql)
+        if version == 0:
+            await conn.execute("INSERT INTO ghostrunner_schema(version) VALUES (%s)",
+                               (SCHEMA_VERSION,))
+        elif version < SCHEMA_VERSION:
+            await conn.execute("UPDATE ghostrunner_schema SET version = %s", (SCHEMA_VERSION,))
+    return version

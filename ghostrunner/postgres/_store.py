@@ -1,0 +1,720 @@
+"""``PostgresStore``: the store's verbs, each one transaction on a pooled connection."""
+
+# ruff: noqa: S608
+# (SQL is assembled only from the constants of ._queries and enum-derived identifiers;
+# every value is a bound parameter.)
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any, Final, TypeVar
+
+import psycopg
+import psycopg.errors
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from .._types import (
+    TERMINAL_STATES,
+    TRANSITIONS,
+    Attempt,
+    Outcome,
+    Page,
+    Run,
+    RunKey,
+    RunState,
+    Task,
+    TaskQuery,
+    TaskSummary,
+    retryable,
+)
+from ..errors import Conflict, GhostRunnerError, IllegalTransition, NotFound, StoreError
+from ..tokens import Token
+from . import _queries as q
+from ._schema import SCHEMA_VERSION, migrate
+
+_T = TypeVar("_T")
+log = logging.getLogger("ghostrunner.postgres")
+
+Conn = psycopg.AsyncConnection[tuple[Any, ...]]
+
+#: The terminal states a dispatched run may move to (what finish() accepts).
+_FINISHED_STATES: Final = TRANSITIONS[RunState.DISPATCHED] & TERMINAL_STATES
+#: A transaction that lost a race (a deadlock, a serialization failure, a device's
+#: dispatched run committed by another process meanwhile) is run again, this often.
+_TRIES: Final = 5
+#: Tasks claim_many keeps (see PostgresStore._tasks).
+_TASK_CACHE: Final = 1024
+
+
+def redact(dsn: str) -> str:
+    """``dsn`` without its password (for reprs, logs and errors)."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.Error:
+        return "<unparsable DSN>"
+    if "password" in params:
+        params["password"] = "***"  # noqa: S105
+    return make_conninfo("", **params)
+
+
+class PostgresStore:
+    """A :class:`~ghostrunner.Store` (and an HTTP ``TokenStore``) in PostgreSQL.
+
+    psycopg 3, asynchronous, through a connection pool: every verb is one transaction
+    on a connection of the pool, so several verbs run at once (no single writer), and
+    several processes may share the database (see :mod:`ghostrunner.postgres`).
+
+    Args:
+        dsn: a libpq connection string or URI (``postgresql://user:pw@host/db``).
+            Its password never appears in reprs, logs or errors.
+        min_size: connections the pool keeps open.
+        max_size: connections the pool may open under load.
+        timeout: seconds a verb waits for a pooled connection before ``StoreError``.
+        connect_timeout: seconds :meth:`open` waits for the first connections.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        timeout: float = 30.0,
+        connect_timeout: float = 30.0,
+    ) -> None:
+        if not 0 <= min_size <= max_size or max_size < 1:
+            raise ValueError("need 0 <= min_size <= max_size and max_size >= 1")
+        self._dsn = dsn
+        self.dsn = redact(dsn)
+        self.min_size = min_size
+        self.max_size = max_size
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._pool: AsyncConnectionPool[Conn] | None = None
+        # Task values by seq, for claim_many: a task's row never changes, and a seq is
+        # never reused, so they never go stale (a task of 10,000 targets takes ~10 ms
+        # to read and build)
+        self._tasks: OrderedDict[int, Task] = OrderedDict()
+
+    def _remember(self, seq: int, task: Task) -> Task:
+        self._tasks[seq] = task
+        while len(self._tasks) > _TASK_CACHE:
+            self._tasks.popitem(last=False)
+        return task
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({self.dsn!r})"
+
+    # ---------------------------------------------------------------- plumbing
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
+            self._dsn,
+            min_size=self.min_size,
+            max_size=self.max_size,
+            timeout=self.timeout,
+            open=False,
+            configure=_configure,
+            name="ghostrunner",
+        )
+        try:
+            await pool.open(wait=True, timeout=self.connect_timeout)
+            async with pool.connection() as conn:
+                found = await migrate(conn)
+        except BaseException as exc:
+            await pool.close()
+            if isinstance(exc, GhostRunnerError | psycopg.Error | PoolTimeout):
+                raise _translate(exc, self.dsn) from None
+            raise
+        if found < SCHEMA_VERSION:
+            log.info("schema of %s migrated from version %d to %d", self.dsn, found,
+                     SCHEMA_VERSION)
+        self._pool = pool
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    async def _tx(self, fn: Callable[[Conn], Awaitable[_T]]) -> _T:
+        """``fn(conn)`` in one transaction, the backend's errors turned into
+        GhostRunner's; run again if it lost a race with another transaction."""
+        pool = self._pool
+        if pool is None:
+            raise StoreError("the store is not open")
+        for attempt in range(_TRIES):
+            try:
+                async with pool.connection() as conn, conn.transaction():
+                    return await fn(conn)
+            except (
+                psycopg.errors.DeadlockDetected,
+                psycopg.errors.SerializationFailure,
+                _Retry,
+            ) as exc:
+                if attempt == _TRIES - 1:
+                    raise _translate(exc, self.dsn) from exc
+                log.debug("transaction retried after %s", type(exc).__name__)
+            except GhostRunnerError:
+                raise
+            except (psycopg.Error, PoolTimeout, UnicodeError, OverflowError) as exc:
+                raise _translate(exc, self.dsn) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # ---------------------------------------------------------------- tasks
+
+    async def add_task(
+        self, task: Task, now: datetime, *, nodes: Sequence[str] | None = None
+    ) -> None:
+        params = q.task_params(task, now)
+        params["nodes"] = list(task.targets if nodes is None else nodes)
+        params["n"] = len(params["nodes"])
+
+        async def op(conn: Conn) -> None:
+            row = await (await conn.execute(q.ADD_TASK_SQL, params)).fetchone()
+            if row is None:
+                raise Conflict(f"task {task.id} exists")
+            params["seq"] = row[0]
+            await conn.execute(q.ADD_COUNTS_SQL, params)
+            if params["n"]:
+                await conn.execute(q.ADD_RUNS_OF_NEW_TASK_SQL, params)
+
+        await self._tx(op)
+
+    async def get_task(self, task_id: str) -> TaskSummary:
+        return await self._tx(lambda conn: _summary(conn, task_id))
+
+    async def get_runs(self, task_id: str) -> Sequence[Run]:
+        async def op(conn: Conn) -> list[Run]:
+            seq = await _task_seq(conn, task_id, lock=False)
+            cur = await conn.execute(
+                f"SELECT node, {q.RUN_COLS} FROM runs WHERE task_seq = %s ORDER BY position",
+                (seq,),
+            )
+            return [q.run(task_id, row[0], row[1:]) for row in await cur.fetchall()]
+
+        return await self._tx(op)
+
+    async def list_tasks(self, query: TaskQuery) -> Page:
+        sql, params = q.list_sql(query)
+
+        async def op(conn: Conn) -> Page:
+            rows = await (await conn.execute(sql, params)).fetchall()
+            more = len(rows) > query.limit
+            rows = rows[: query.limit]
+            items = tuple(q.summary(row) for row in rows)
+            return Page(items=items, next_cursor=str(rows[-1][0]) if more else None)
+
+        return await self._tx(op)
+
+    async def delete_task(self, task_id: str) -> None:
+        async def op(conn: Conn) -> None:
+            seq = await _task_seq(conn, task_id, lock=True)
+            cur = await conn.execute(
+                "SELECT pending + dispatched FROM task_counts WHERE task_seq = %s", (seq,)
+            )
+            active = await cur.fetchone()
+            if active is not None and active[0]:
+                raise IllegalTransition(f"task {task_id} still has active runs")
+            await conn.execute("DELETE FROM attempts WHERE task_seq = %s", (seq,))
+            await conn.execute("DELETE FROM runs WHERE task_seq = %s", (seq,))
+            await conn.execute("DELETE FROM task_counts WHERE task_seq = %s", (seq,))
+            await conn.execute("DELETE FROM tasks WHERE seq = %s", (seq,))
+
+        await self._tx(op)
+
+    # ---------------------------------------------------------------- the loop's verbs
+
+    async def next_pending(
+        self,
+        node_ids: Collection[str],
+        now: datetime,
+        *,
+        limit: int | None = None,
+        skip_tasks: Collection[str] = (),
+    ) -> Sequence[Run]:
+        if not node_ids or limit == 0:
+            return []
+        params = {
+            "nodes": list(dict.fromkeys(node_ids)),
+            "now": q.ts(now),
+            "limit": limit,
+            "skip": list(skip_tasks),
+        }
+
+        async def op(conn: Conn) -> list[Run]:
+            rows = await (await conn.execute(q.NEXT_PENDING_SQL, params)).fetchall()
+            return [q.run(row[0], row[1], row[2:]) for row in rows]
+
+        return await self._tx(op)
+
+    async def claim_many(
+        self, keys: Sequence[RunKey], now: datetime
+    ) -> Sequence[tuple[Run, Task]]:
+        if not keys:
+            return []
+        stamp = q.ts(now)
+        # a device at most once per statement (the index allows it one dispatched run):
+        # a later key of a device already named goes in a later round, which finds the
+        # device busy if the earlier one was claimed
+        rounds: list[list[tuple[int, RunKey]]] = []
+        depth: dict[str, int] = {}
+        for i, key in enumerate(keys):
+            level = depth.get(key.node_id, 0)
+            depth[key.node_id] = level + 1
+            if level == len(rounds):
+                rounds.append([])
+            rounds[level].append((i, key))
+
+        async def op(conn: Conn) -> list[tuple[Run, Task]]:
+            claimed: list[tuple[int, int, Run]] = []
+            for part in rounds:
+                params = {
+                    "task_ids": [k.task_id for _, k in part],
+                    "node_ids": [k.node_id for _, k in part],
+                    "now": stamp,
+                }
+                try:
+                    async with conn.transaction():  # a savepoint
+                        rows = await (await conn.execute(q.CLAIM_SQL, params)).fetchall()
+                except psycopg.errors.UniqueViolation as exc:
+                    # another process dispatched to one of these devices meanwhile: the
+                    # whole claim again, which now sees it
+                    raise _Retry from exc
+                claimed += [
+                    (part[row[0] - 1][0], row[1], q.run(part[row[0] - 1][1].task_id, row[2],
+                                                        row[3:]))
+                    for row in rows
+                ]
+                if len(rows) < len(part):
+                    cur = await conn.execute(q.MISSING_SQL, params)
+                    missing = await cur.fetchone()
+                    if missing is not None:
+                        raise NotFound(f"no run {part[missing[0] - 1][1]}")
+            if not claimed:
+                return []
+            tasks = {seq: self._tasks.get(seq) for _, seq, _ in claimed}
+            unknown = [seq for seq, task in tasks.items() if task is None]
+            if unknown:
+                cur = await conn.execute(q.TASKS_BY_SEQ_SQL, {"seqs": unknown})
+                for row in await cur.fetchall():
+                    tasks[row[0]] = self._remember(row[0], q.task(row))
+            claimed.sort(key=lambda c: c[0])
+            return [(run, _known(tasks[seq])) for _, seq, run in claimed]
+
+        return await self._tx(op)
+
+    async def finish(
+        self,
+        key: RunKey,
+        state: RunState,
+        now: datetime,
+        *,
+        outcome: Outcome | None = None,
+        error: str | None = None,
+    ) -> Run:
+        if state not in TERMINAL_STATES:
+            raise IllegalTransition(f"finish needs a terminal state, not {state}")
+        if state not in _FINISHED_STATES:  # e.g. cancelled: only a pending run can be
+
+            async def refuse(conn: Conn) -> Run:
+                await _must_exist(conn, key)
+                raise IllegalTransition(f"run {key}: dispatched -> {state} is not allowed")
+
+            return await self._tx(refuse)
+        params: dict[str, Any] = {"state": RunState(state).value, "error": q.text(error)}
+        sets = ["state = %(state)s", "finished_at = %(finished)s", "error = %(error)s"]
+        finished = now
+        if outcome is not None:
+            sets += ["exit_code = %(exit_code)s", "output = %(output)s",
+                     "output_truncated = %(trunc)s", "recovered = %(recovered)s"]
+            params.update(
+                exit_code=outcome.exit_code,
+                output=q.blob(outcome.output),
+                trunc=outcome.output_truncated,
+                recovered=outcome.recovered,
+            )
+            if outcome.finished_at is not None:
+                finished = outcome.finished_at
+            if outcome.started_at is not None:
+                sets.append("started_at = %(started)s")
+                params["started"] = q.ts(outcome.started_at)
+        params["finished"] = q.ts(finished)
+        assignments = ", ".join(sets)
+        record = {**_key_params(key), "state": None, "finished": None, "error": None,
+                  "when": params["state"]}
+
+        async def op(conn: Conn) -> Run:
+            run = await _update_dispatched(conn, key, assignments, params)
+            await conn.execute(q.RECORD_ATTEMPT_SQL, record)
+            return run
+
+        return await self._tx(op)
+
+    async def release(
+        self,
+        key: RunKey,
+        now: datetime,
+        *,
+        available_at: datetime,
+        error: str,
+        delivered: bool,
+    ) -> Run:
+        assignments = (
+            "state = 'pending', available_at = %(available)s, error = %(error)s, "
+            "started_at = NULL"
+        )
+        if not delivered:
+            assignments += ", attempts = attempts - 1, undelivered = undelivered + 1"
+        params = {"available": q.ts(available_at), "error": q.text(error)}
+        stamp = q.ts(now)
+        lost = {**_key_params(key), "state": RunState.LOST.value, "finished": stamp,
+                "error": q.text(error), "when": RunState.DISPATCHED.value}
+
+        async def op(conn: Conn) -> Run:
+            if delivered:  # the attempt sent again goes to the history first
+                await conn.execute(q.RECORD_ATTEMPT_SQL, lost)
+            run = await _update_dispatched(conn, key, assignments, params)
+            # a run of a task aborted while it was out goes no further
+            cur = await conn.execute(
+                "UPDATE runs AS r SET state = 'cancelled', finished_at = %(now)s, "
+                "error = t.aborted FROM tasks AS t "
+                "WHERE t.id = %(task_id)s AND r.task_seq = t.seq AND r.node = %(node_id)s "
+                f"AND r.state = 'pending' AND t.aborted IS NOT NULL RETURNING {q.R_RUN_COLS}",
+                {**_key_params(key), "now": stamp},
+            )
+            row = await cur.fetchone()
+            return run if row is None else q.run(key.task_id, key.node_id, row)
+
+        return await self._tx(op)
+
+    async def cancel(
+        self, task_id: str, node_ids: Collection[str] | None = None, *, now: datetime
+    ) -> Sequence[Run]:
+        params: dict[str, Any] = {"now": q.ts(now)}
+        only = ""
+        if node_ids is not None:
+            params["nodes"] = list(dict.fromkeys(node_ids))
+            only = " AND node = ANY(%(nodes)s::text[])"
+
+        async def op(conn: Conn) -> list[Run]:
+            params["seq"] = await _task_seq(conn, task_id, lock=True)
+            if node_ids is None:  # the whole task: a continuous one takes no more runs
+                await conn.execute("UPDATE tasks SET closed = true WHERE seq = %(seq)s", params)
+            return await _update_runs(
+                conn, task_id, "state = 'cancelled', finished_at = %(now)s",
+                f"state = 'pending'{only}", params,
+            )
+
+        return await self._tx(op)
+
+    async def add_runs(
+        self, task_id: str, node_ids: Sequence[str], now: datetime
+    ) -> Sequence[Run]:
+        params: dict[str, Any] = {"nodes": list(dict.fromkeys(node_ids)), "now": q.ts(now)}
+
+        async def op(conn: Conn) -> list[Run]:
+            cur = await conn.execute(
+                "SELECT seq, closed, (SELECT coalesce(max(position), -1) + 1 FROM runs "
+                "WHERE task_seq = seq) FROM tasks WHERE id = %s FOR NO KEY UPDATE",
+                (task_id,),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                raise NotFound(f"no task {task_id}")
+            if row[1] or not node_ids:
+                return []
+            params.update(seq=row[0], start=row[2])
+            rows = await (await conn.execute(q.ADD_RUNS_SQL, params)).fetchall()
+            if rows:  # runs are inserted pending: the counts are ours to keep (see _schema)
+                await conn.execute(
+                    "UPDATE task_counts SET total = total + %(n)s, pending = pending + %(n)s "
+                    "WHERE task_seq = %(seq)s", {"n": len(rows), "seq": row[0]},
+                )
+            rows.sort(key=lambda r: int(r[0]))
+            return [q.run(task_id, r[1], r[2:]) for r in rows]
+
+        return await self._tx(op)
+
+    async def pause(self, task_id: str, paused: bool) -> TaskSummary:
+        async def op(conn: Conn) -> TaskSummary:
+            seq = await _task_seq(conn, task_id, lock=True)
+            await conn.execute("UPDATE task_counts SET paused = %s WHERE task_seq = %s",
+                               (paused, seq))
+            return await _summary(conn, task_id)
+
+        return await self._tx(op)
+
+    async def abort(self, task_id: str, reason: str, now: datetime) -> Sequence[Run]:
+        params: dict[str, Any] = {"now": q.ts(now), "reason": q.text(reason)}
+
+        async def op(conn: Conn) -> list[Run]:
+            params["seq"] = await _task_seq(conn, task_id, lock=True)
+            await conn.execute(
+                "UPDATE tasks SET aborted = %(reason)s, closed = true WHERE seq = %(seq)s",
+                params)
+            await conn.execute(
+                "UPDATE task_counts SET aborted = true WHERE task_seq = %(seq)s", params)
+            return await _update_runs(
+                conn, task_id,
+                "state = 'cancelled', finished_at = %(now)s, error = %(reason)s",
+                "state = 'pending'", params,
+            )
+
+        return await self._tx(op)
+
+    async def retry(
+        self, task_id: str, states: Collection[RunState], now: datetime
+    ) -> Sequence[Run]:
+        wanted = retryable(states)
+        params: dict[str, Any] = {"now": q.ts(now), "states": sorted(s.value for s in wanted)}
+
+        async def op(conn: Conn) -> list[Run]:
+            params["seq"] = await _task_seq(conn, task_id, lock=True)
+            await conn.execute(
+                "UPDATE tasks SET aborted = NULL, closed = false WHERE seq = %(seq)s", params)
+            await conn.execute(
+                "UPDATE task_counts SET aborted = false WHERE task_seq = %(seq)s", params)
+            return await _update_runs(
+                conn, task_id,
+                "state = 'pending', available_at = %(now)s, started_at = NULL, "
+                "expires_at = NULL, finished_at = NULL, exit_code = NULL, output = '', "
+                "output_truncated = false, error = NULL, recovered = false",
+                "state = ANY(%(states)s::text[])", params,
+            )
+
+        return await self._tx(op)
+
+    async def attempts(self, task_id: str) -> Mapping[str, Sequence[Attempt]]:
+        async def op(conn: Conn) -> dict[str, list[Attempt]]:
+            seq = await _task_seq(conn, task_id, lock=False)
+            out: dict[str, list[Attempt]] = {}
+            for row in await (await conn.execute(q.ATTEMPTS_SQL, {"seq": seq})).fetchall():
+                out.setdefault(row[0], []).append(q.attempt(row[1:]))
+            return out
+
+        return await self._tx(op)
+
+    async def open_continuous(self, now: datetime) -> Sequence[Task]:
+        params = {"now": q.ts(now)}
+
+        async def op(conn: Conn) -> list[Task]:
+            rows = await (await conn.execute(q.OPEN_CONTINUOUS_SQL, params)).fetchall()
+            return [q.task(row) for row in rows]
+
+        return await self._tx(op)
+
+    async def rollout_tasks(self) -> Sequence[Task]:
+        async def op(conn: Conn) -> list[Task]:
+            rows = await (await conn.execute(q.ROLLOUT_TASKS_SQL)).fetchall()
+            return [q.task(row) for row in rows]
+
+        return await self._tx(op)
+
+    async def recent_starts(self, since: datetime) -> Sequence[tuple[str, datetime]]:
+        params = {"since": q.ts(since)}
+
+        async def op(conn: Conn) -> list[tuple[str, datetime]]:
+            rows = await (await conn.execute(q.RECENT_STARTS_SQL, params)).fetchall()
+            return [(task_id, started) for task_id, started in rows]
+
+        return await self._tx(op)
+
+    async def expire_due(self, now: datetime) -> int:
+        params = {"now": q.ts(now)}
+
+        async def op(conn: Conn) -> int:
+            return (await conn.execute(q.EXPIRE_SQL, params)).rowcount
+
+        return await self._tx(op)
+
+    async def dispatched(self) -> Sequence[Run]:
+        async def op(conn: Conn) -> list[Run]:
+            rows = await (await conn.execute(q.DISPATCHED_SQL)).fetchall()
+            return [q.run(r[0], r[1], r[2:]) for r in rows]
+
+        return await self._tx(op)
+
+    async def next_wakeup(self, now: datetime) -> datetime | None:
+        params = {"now": q.ts(now)}
+
+        async def op(conn: Conn) -> datetime | None:
+            row = await (await conn.execute(q.NEXT_WAKEUP_SQL, params)).fetchone()
+            return None if row is None else row[0]
+
+        return await self._tx(op)
+
+    async def counts(self) -> Mapping[RunState, int]:
+        async def op(conn: Conn) -> dict[RunState, int]:
+            row = await (await conn.execute(q.COUNTS_SQL)).fetchone()
+            assert row is not None
+            return {s: int(n) for s, n in zip(q.STATES, row, strict=True) if n}
+
+        return await self._tx(op)
+
+    # ---------------------------------------------------------------- tokens
+
+    async def add_token(self, token: Token) -> None:
+        params = {
+            "name": token.name, "secret_hash": token.secret_hash, "scope": token.scope.value,
+            "created_at": q.ts(token.created_at), "last_used": q.tso(token.last_used),
+            "builtin": token.builtin,
+        }
+
+        async def op(conn: Conn) -> None:
+            try:
+                async with conn.transaction():
+                    await conn.execute(
+                        f"INSERT INTO tokens({q.TOKEN_COLS}) VALUES (%(name)s, "
+                        "%(secret_hash)s, %(scope)s, %(created_at)s, %(last_used)s, %(builtin)s)",
+                        params,
+                    )
+            except psycopg.errors.UniqueViolation as exc:
+                constraint = exc.diag.constraint_name or ""
+                if "name" in constraint:
+                    raise Conflict(f"a token named {token.name!r} exists") from None
+                raise Conflict("a token with this secret exists") from None
+
+        await self._tx(op)
+
+    async def token_by_hash(self, secret_hash: str) -> Token | None:
+        async def op(conn: Conn) -> Token | None:
+            cur = await conn.execute(
+                f"SELECT {q.TOKEN_COLS} FROM tokens WHERE secret_hash = %s", (secret_hash,)
+            )
+            row = await cur.fetchone()
+            return None if row is None else q.token(row)
+
+        return await self._tx(op)
+
+    async def list_tokens(self) -> Sequence[Token]:
+        async def op(conn: Conn) -> list[Token]:
+            cur = await conn.execute(f"SELECT {q.TOKEN_COLS} FROM tokens ORDER BY created_at, id")
+            return [q.token(row) for row in await cur.fetchall()]
+
+        return await self._tx(op)
+
+    async def delete_token(self, name: str) -> None:
+        async def op(conn: Conn) -> None:
+            cur = await conn.execute("DELETE FROM tokens WHERE name = %s", (name,))
+            if cur.rowcount == 0:
+                raise NotFound(f"no token named {name!r}")
+
+        await self._tx(op)
+
+    async def touch_token(self, name: str, now: datetime) -> None:
+        params = (q.ts(now), name)
+
+        async def op(conn: Conn) -> None:
+            await conn.execute("UPDATE tokens SET last_used = %s WHERE name = %s", params)
+
+        await self._tx(op)
+
+    # ---------------------------------------------------------------- for tests and tools
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Conn]:
+        """A pooled connection, for tests and tools that read the tables themselves."""
+        if self._pool is None:
+            raise StoreError("the store is not open")
+        async with self._pool.connection() as conn:
+            yield conn
+
+
+# --------------------------------------------------------------------------- helpers
+
+class _Retry(Exception):
+    """The transaction lost a race: run it again."""
+
+
+async def _configure(conn: Conn) -> None:
+    """Every pooled connection: timestamps come back in UTC."""
+    await conn.execute("SET TIME ZONE 'UTC'")
+    await conn.commit()
+
+
+def _translate(exc: BaseException, dsn: str) -> GhostRunnerError:
+    """A GhostRunner error for the backend's ``exc`` (messages never carry the
+    password: libpq's do not, and the DSN is shown redacted)."""
+    if isinstance(exc, GhostRunnerError):
+        return exc
+    if isinstance(exc, psycopg.errors.UniqueViolation):
+        return Conflict(f"already exists ({exc.diag.message_primary})")
+    if isinstance(exc, PoolTimeout):
+        return StoreError(f"PostgreSQL at {dsn}: no connection available ({exc})")
+    if isinstance(exc, psycopg.OperationalError):
+        return StoreError(f"PostgreSQL at {dsn}: {exc}")
+    if isinstance(exc, psycopg.Error):
+        return StoreError(f"PostgreSQL error: {exc}")
+    if isinstance(exc, UnicodeError | OverflowError):
+        return StoreError(f"value cannot be stored: {exc}")
+    return StoreError(f"PostgreSQL error: {type(exc).__name__}")
+
+
+def _known(task: Task | None) -> Task:
+    assert task is not None  # a claimed run's task exists (same transaction)
+    return task
+
+
+def _key_params(key: RunKey) -> dict[str, Any]:
+    return {"task_id": key.task_id, "node_id": key.node_id}
+
+
+async def _task_seq(conn: Conn, task_id: str, *, lock: bool) -> int:
+    """The task's seq; ``lock``: its row is held until the transaction ends (the verbs
+    that change a task as a whole, one at a time)."""
+    sql = "SELECT seq FROM tasks WHERE id = %s" + (" FOR NO KEY UPDATE" if lock else "")
+    row = await (await conn.execute(sql, (task_id,))).fetchone()
+    if row is None:
+        raise NotFound(f"no task {task_id}")
+    return int(row[0])
+
+
+async def _summary(conn: Conn, task_id: str) -> TaskSummary:
+    row = await (await conn.execute(f"{q.SUMMARY_SELECT} WHERE t.id = %s", (task_id,))).fetchone()
+    if row is None:
+        raise NotFound(f"no task {task_id}")
+    return q.summary(row)
+
+
+async def _must_exist(conn: Conn, key: RunKey) -> None:
+    cur = await conn.execute(f"SELECT 1 FROM runs WHERE {q.KEY_WHERE}", _key_params(key))
+    if await cur.fetchone() is None:
+        raise NotFound(f"no run {key}")
+
+
+async def _update_runs(
+    conn: Conn, task_id: str, sets: str, where: str, params: dict[str, Any]
+) -> list[Run]:
+    """``UPDATE runs SET sets`` for the task's runs (``seq``) matching ``where``; the
+    runs changed, in target order."""
+    cur = await conn.execute(
+        f"UPDATE runs SET {sets} WHERE task_seq = %(seq)s AND {where} "
+        f"RETURNING position, node, {q.RUN_COLS}",
+        params,
+    )
+    rows = await cur.fetchall()
+    rows.sort(key=lambda row: int(row[0]))
+    return [q.run(task_id, row[1], row[2:]) for row in rows]
+
+
+async def _update_dispatched(
+    conn: Conn, key: RunKey, assignments: str, params: dict[str, Any]
+) -> Run:
+    """Apply ``assignments`` to the run ``key`` if it is dispatched, else raise."""
+    cur = await conn.execute(
+        f"UPDATE runs SET {assignments} WHERE {q.KEY_WHERE} AND state = 'dispatched' "
+        f"RETURNING {q.RUN_COLS}",
+        {**params, **_key_params(key)},
+    )
+    row = await cur.fetchone()
+    if row is None:
+        await _must_exist(conn, key)
+        raise IllegalTransition(f"run {key} is not dispatched")
+    return q.run(key.task_id, key.node_id, row)

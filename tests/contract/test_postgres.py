@@ -1,0 +1,216 @@
+"""PostgresStore only: the schema and its migrations, what the database enforces (one
+dispatched run per device, claims that skip locked rows), the DSN's password, text
+PostgreSQL cannot hold, large creates. (The contract suite runs on it as well.)"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import Counter
+from typing import Any
+
+import psycopg
+import pytest
+
+from ghostrunner._types import Outcome, RunKey, RunState, TaskStatus, task_status
+from ghostrunner.errors import StoreError
+from ghostrunner.postgres import PostgresStore, _schema
+from ghostrunner.postgres import _queries as pq
+from tests.contract.test_store_contract import NOW, add, at, claim, dispatch, make_task, run_of
+from tests.pg import PgServer
+
+
+async def test_open_creates_the_schema_in_an_empty_database(postgres: PgServer) -> None:
+    dsn = postgres.database(schema=False)
+    store = PostgresStore(dsn)
+    await store.open()
+    try:
+        task = await add(store, "node//a")
+        assert (await store.get_task(task.id)).task == task
+        async with store.connection() as conn:
+            cur = await conn.execute("SELECT version FROM ghostrunner_schema")
+            assert await cur.fetchone() == (_schema.SCHEMA_VERSION,)
+    finally:
+        await store.close()
+        postgres.drop(dsn)
+
+
+async def test_processes_starting_together_migrate_once(postgres: PgServer) -> None:
+    dsn = postgres.database(schema=False)
+    stores = [PostgresStore(dsn) for _ in range(4)]
+    try:
+        await asyncio.gather(*(s.open() for s in stores))  # the advisory lock serialises
+        task = await add(stores[0], "node//a")
+        assert (await stores[3].get_task(task.id)).task == task
+    finally:
+        for s in stores:
+            await s.close()
+        postgres.drop(dsn)
+
+
+async def test_refuses_a_newer_database(pg_store: PostgresStore) -> None:
+    async with pg_store.connection() as conn:
+        await conn.execute("UPDATE ghostrunner_schema SET version = version + 1")
+    again = PostgresStore(pg_store._dsn)
+    with pytest.raises(StoreError, match="newer"):
+        await again.open()
+
+
+async def test_refuses_a_foreign_database(postgres: PgServer) -> None:
+    dsn = postgres.database(schema=False)
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("CREATE TABLE tasks (x int)")
+        with pytest.raises(StoreError, match="not a GhostRunner database"):
+            await PostgresStore(dsn).open()
+    finally:
+        postgres.drop(dsn)
+
+
+async def test_the_password_never_shows(postgres: PgServer, caplog: Any) -> None:
+    secret = "s3cret-Pa55"
+    store = PostgresStore(
+        f"postgresql://nobody:{secret}@127.0.0.1:1/nowhere?connect_timeout=1",
+        connect_timeout=0.5,
+    )
+    assert secret not in repr(store) and secret not in store.dsn
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(StoreError) as info:
+        await store.open()
+    assert secret not in str(info.value)
+    assert secret not in caplog.text
+    closed = PostgresStore(postgres.uri)
+    with pytest.raises(StoreError, match="not open"):
+        await closed.counts()
+
+
+async def test_a_device_has_one_dispatched_run_at_most(pg_store: PostgresStore) -> None:
+    one = await add(pg_store, "node//a", "node//b")
+    two = await add(pg_store, "node//a")
+    await dispatch(pg_store, one, "node//a")
+    # another task's run on the same device waits: left out, left pending
+    assert await claim(pg_store, RunKey(two.id, "node//a"), at(1)) is None
+    assert (await run_of(pg_store, two, "node//a")).state is RunState.PENDING
+    # both in one call: the first is claimed, the second left out
+    three = await add(pg_store, "node//c")
+    four = await add(pg_store, "node//c")
+    got = await pg_store.claim_many(
+        [RunKey(three.id, "node//c"), RunKey(four.id, "node//c"), RunKey(one.id, "node//b")],
+        at(1),
+    )
+    assert [run.key for run, _ in got] == [RunKey(three.id, "node//c"), RunKey(one.id, "node//b")]
+    # once it finishes, the device takes the next one
+    await pg_store.finish(RunKey(one.id, "node//a"), RunState.SUCCEEDED, at(2))
+    assert await claim(pg_store, RunKey(two.id, "node//a"), at(3)) is not None
+
+
+async def test_two_stores_on_one_database_never_dispatch_a_device_twice(
+    pg_store: PostgresStore,
+) -> None:
+    """Two processes' worth of stores claim the same devices at once: each run is
+    claimed once, and each device has one dispatched run."""
+    nodes = [f"node//{i}" for i in range(20)]
+    tasks = [await add(pg_store, *nodes) for _ in range(3)]
+    other = PostgresStore(pg_store._dsn, max_size=4)
+    await other.open()
+    try:
+        keys = [RunKey(t.id, n) for t in tasks for n in nodes]
+        results = await asyncio.gather(*(
+            s.claim_many(keys[i::4], NOW) for i, s in zip(range(8), itertools.cycle(
+                [pg_store, other]), strict=False)
+        ))
+        claimed = [run for result in results for run, _ in result]
+        assert len({r.key for r in claimed}) == len(claimed)
+        assert Counter(r.node_id for r in claimed) == Counter(nodes)
+        assert len(await pg_store.dispatched()) == len(nodes)
+    finally:
+        await other.close()
+
+
+async def test_output_keeps_nul_and_replaces_lone_surrogates(pg_store: PostgresStore) -> None:
+    task = await add(pg_store, "node//a")
+    await dispatch(pg_store, task, "node//a")
+    raw = b"ok \xff\x00 end".decode("utf-8", "surrogateescape")
+    run = await pg_store.finish(
+        RunKey(task.id, "node//a"), RunState.FAILED, at(1),
+        outcome=Outcome(exit_code=1, output=raw), error="bad \udcff\x00 error",
+    )
+    assert run.output == "ok \ufffd\x00 end"
+    assert run.error == "bad \ufffd\ufffd error"
+    assert await run_of(pg_store, task, "node//a") == run
+    assert (await pg_store.attempts(task.id))["node//a"][0].output == "ok \ufffd\x00 end"
+
+
+async def test_naive_datetimes_are_refused(pg_store: PostgresStore) -> None:
+    from datetime import datetime
+
+    with pytest.raises(StoreError, match="timezone"):
+        await pg_store.next_pending(["node//a"], datetime(2025, 1, 1))
+
+
+async def test_a_large_create_is_one_fast_statement(
+    pg_store: PostgresStore, figures: Any
+) -> None:
+    nodes = [f"node//{i:064x}" for i in range(10_000)]
+    task = make_task(*nodes)
+    start = time.perf_counter()
+    await pg_store.add_task(task, NOW)
+    took = time.perf_counter() - start
+    figures.add("PostgresStore: add_task of 10,000 devices", round(took * 1000, 1), "ms")
+    assert took < 1.0  # (about 0.1-0.2 s here; generous for a loaded CI machine)
+    assert dict(await pg_store.counts()) == {RunState.PENDING: 10_000}
+    runs = await pg_store.get_runs(task.id)
+    assert [r.node_id for r in runs] == nodes
+    start = time.perf_counter()
+    for i in range(50):
+        await claim(pg_store, RunKey(task.id, nodes[i]), at(1))
+    figures.add("PostgresStore: claim_many of one run", round((time.perf_counter() - start)
+                                                             / 50 * 1000, 2), "ms")
+
+
+async def test_trigger_kept_counts_agree_with_the_runs(pg_store: PostgresStore) -> None:
+    task = await add(pg_store, "node//a", "node//b", "node//c")
+    other = await add(pg_store, "node//b", "node//d", expires_at=at(5))
+    await dispatch(pg_store, task, "node//a")
+    await pg_store.finish(RunKey(task.id, "node//a"), RunState.FAILED, at(1))
+    await pg_store.cancel(task.id, ["node//b"], now=at(1))
+    await pg_store.expire_due(at(10))
+    await pg_store.retry(task.id, [RunState.FAILED, RunState.CANCELLED], at(11))
+    await pg_store.abort(other.id, "why", at(12))
+    cols = ", ".join(s.value for s in RunState)
+    async with pg_store.connection() as conn:
+        kept = {row[0]: row[1:] for row in await (await conn.execute(
+            f"SELECT task_seq, total, {cols} FROM task_counts")).fetchall()}
+        real: dict[int, list[int]] = {seq: [0] * (len(RunState) + 1) for seq in kept}
+        for seq, state, n in await (await conn.execute(
+                "SELECT task_seq, state, count(*) FROM runs GROUP BY 1, 2")).fetchall():
+            real[seq][0] += n
+            real[seq][1 + list(RunState).index(RunState(state))] = n
+    assert {seq: list(v) for seq, v in kept.items()} == real
+
+
+def test_status_sql_matches_task_status(postgres: PgServer) -> None:
+    """The SQL reading of TaskStatus agrees with task_status on every small case."""
+    cols = [s.value for s in RunState]
+    with psycopg.connect(postgres.uri, autocommit=True) as conn:
+        conn.execute(
+            f"CREATE TEMP TABLE c (total int, {', '.join(f'{c} int' for c in cols)}, "
+            "paused boolean, aborted boolean)")
+        for total in range(4):
+            for combo in itertools.combinations_with_replacement(list(RunState), total):
+                counts = Counter(combo)
+                for paused, aborted in itertools.product((False, True), (False, True)):
+                    conn.execute("DELETE FROM c")
+                    conn.execute(
+                        f"INSERT INTO c VALUES ({', '.join(['%s'] * (len(cols) + 3))})",
+                        (total, *(counts.get(s, 0) for s in RunState), paused, aborted),
+                    )
+                    matched = [
+                        status for status, sql in pq.STATUS_SQL.items()
+                        if conn.execute(f"SELECT count(*) FROM c WHERE {sql}").fetchone()
+                        == (1,)
+                    ]
+                    assert matched == [task_status(counts, paused=paused, aborted=aborted)]
+    assert set(pq.STATUS_SQL) == set(TaskStatus)

@@ -67,9 +67,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.browser)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def chromium() -> Iterator[object]:
-    """A headless Chromium (the OS's), for the whole session."""
+    """A headless Chromium (the OS's), for the browser tests (this package only).
+
+    Playwright's sync API keeps an asyncio event loop running in the thread while it is
+    open, so every ``asyncio.run`` after it would fail: it must be closed before the
+    rest of the suite runs, not at the end of the session."""
     if not CHROMIUM.exists():
         pytest.fail(
             f"the browser tests need Chromium at {CHROMIUM}: install Debian's package "

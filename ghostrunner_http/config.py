@@ -56,7 +56,8 @@ DEFAULT_FAKE_DEVICES: tuple[str, ...] = ("node-001", "node-002", "node-003")
 
 #: Environment variables read by the operator commands, not by the server.
 CLIENT_ENV = frozenset({"GHOSTRUNNER_URL", "GHOSTRUNNER_TOKEN", "GHOSTRUNNER_CONFIG",
-                        "GHOSTRUNNER_CACERT", "GHOSTRUNNER_INSECURE"})
+                        "GHOSTRUNNER_CACERT", "GHOSTRUNNER_INSECURE",
+                        "GHOSTRUNNER_MIGRATE_FROM", "GHOSTRUNNER_MIGRATE_TO"})
 
 
 class ConfigError(ValueError):

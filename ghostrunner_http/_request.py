@@ -109,6 +109,8 @@ class Services:
     executor_kind: str
     connected: Callable[[], bool | None]
     """Whether the executor is connected to its server (None: it cannot say)."""
+    store_kind: str = "custom"
+    """Where the tasks are kept: postgresql, sqlite, memory or custom."""
 
 
 def services(request: Request) -> Services:

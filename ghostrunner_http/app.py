@@ -72,6 +72,7 @@ async def info(request: Request) -> Response:
         "version": ghostrunner.__version__,
         "executor": svc.executor_kind,
         "executor_connected": svc.connected(),
+        "store": svc.store_kind,
         "openapi": "/openapi.json",
     })
 
@@ -349,8 +350,23 @@ def _executor_from(settings: Settings) -> Executor:
 
 
 def _store_from(settings: Settings) -> Store:
+    if settings.database_url is not None:
+        from ghostrunner.postgres import PostgresStore  # psycopg only when asked for
+
+        return PostgresStore(settings.database_url, min_size=settings.database_pool_min,
+                             max_size=settings.database_pool_max)
     # the store creates the missing directories (0700) and files (0600) itself
     return SQLiteStore(settings.database.expanduser(), synchronous=settings.database_synchronous)
+
+
+def _store_kind(store: Store) -> str:
+    """``GET /``'s ``store``: postgresql, sqlite, memory, or custom."""
+    module = type(store).__module__
+    for prefix, kind in (("ghostrunner.postgres", "postgresql"), ("ghostrunner.sqlite", "sqlite"),
+                         ("ghostrunner._memory", "memory")):
+        if module.startswith(prefix):
+            return kind
+    return "custom"
 
 
 def _connected(executor: Executor, kind: str) -> Callable[[], bool | None]:
@@ -379,7 +395,8 @@ def create_app(
 
     Args:
         settings: defaults to ``Settings(executor="fake")``.
-        store: the store; default ``SQLiteStore(settings.database)``. It keeps the API
+        store: the store; default ``PostgresStore(settings.database_url)`` if set, else
+            ``SQLiteStore(settings.database)``. It keeps the API
             tokens too, so it must also implement :class:`TokenStore`.
         executor: the executor; default from ``settings.executor``.
         clock: the current time, for the runner and token times.
@@ -404,6 +421,7 @@ def create_app(
                 max_body_bytes=cfg.max_body_bytes,
                 executor_kind=kind,
                 connected=_connected(runs_on, kind),
+                store_kind=_store_kind(queue),
             )
             app.state.services = svc
             yield {"services": svc}

@@ -1,6 +1,7 @@
 """The ``ghostrunner`` command: ``serve`` runs the server; ``tasks``, ``tokens`` and
 ``devices`` are an operator's client of its HTTP API; ``lab`` runs a local MeshCentral
-sandbox (see ``_lab_cmd``).
+sandbox (see ``_lab_cmd``); ``db migrate`` copies a SQLite database into PostgreSQL (see
+``_db_cmd``).
 
 Exit status: 0 success; 1 ``tasks wait``/``--wait``: a run did not succeed; 2 usage or
 configuration error; 3 the server answered with an error or could not be reached
@@ -33,6 +34,7 @@ from ghostrunner import Delivery, RunState, Shell, TaskStatus
 from ghostrunner.tokens import Scope
 
 from ._client import ApiClient, ApiFailure, Unreachable
+from ._db_cmd import add_db_parser
 from ._lab_cmd import add_lab_parser
 from .config import KNOWN_KEYS, ConfigError, Settings, env_var, load_settings, unknown_env
 
@@ -48,7 +50,9 @@ Run the GhostRunner HTTP API server (uvicorn) with its reconcile loop.
 
 Configuration comes from a TOML file (--config, or GHOSTRUNNER_CONFIG) and GHOSTRUNNER_*
 environment variables, which win over the file; the flags below win over both. Tasks
-are kept in an embedded SQLite database (database = "ghostrunner.db" by default).
+are kept in an embedded SQLite database (database = "ghostrunner.db" by default), or in
+PostgreSQL with database = "postgresql://user:password@host/db" (the password is never
+logged; 'ghostrunner db migrate' copies a SQLite database there).
 
 Point it at your MeshCentral server (executor = "meshcentral", the default):
 
@@ -147,7 +151,12 @@ def serve(settings: Settings) -> int:
     configure_logging(settings.log_level, settings.secrets)
     for name in unknown_env(os.environ):
         log.warning("ignoring %s: no setting has this name", name)
-    log.info("database: %s", redact_url(str(settings.database.expanduser().resolve())))
+    if settings.database_url is not None:
+        log.info("database: PostgreSQL %s (pool %d-%d connections)",
+                 redact_url(settings.database_url), settings.database_pool_min,
+                 settings.database_pool_max)
+    else:
+        log.info("database: %s", redact_url(str(settings.database.expanduser().resolve())))
     if settings.executor == "meshcentral":
         log.info("MeshCentral: %s as %s%s", redact_url(settings.meshcentral_url or ""),
                  settings.meshcentral_user,
@@ -715,8 +724,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", "-c", help="TOML configuration file (env GHOSTRUNNER_CONFIG)")
     s.add_argument("--host", help="listen address (server.host; default 127.0.0.1)")
     s.add_argument("--port", type=int, help="listen port (server.port; default 8080)")
-    s.add_argument("--database", help="SQLite database file (database; default "
-                                      "ghostrunner.db)")
+    s.add_argument("--database", help="SQLite database file (or sqlite:///path), or a "
+                                      "postgresql://user:password@host/db URL (database; "
+                                      "default ghostrunner.db)")
     s.add_argument("--executor", choices=["meshcentral", "fake"],
                    help="meshcentral (default) or fake (try the API without MeshCentral)")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
@@ -877,6 +887,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_devices)
 
     add_lab_parser(sub)
+    add_db_parser(sub)
     return parser
 
 

@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -44,7 +45,9 @@ __all__ = [
     "FakeDevice",
     "Settings",
     "env_var",
+    "is_postgres_url",
     "load_settings",
+    "sqlite_path",
 ]
 
 ENV_PREFIX = "GHOSTRUNNER_"
@@ -53,7 +56,8 @@ DEFAULT_FAKE_DEVICES: tuple[str, ...] = ("node-001", "node-002", "node-003")
 
 #: Environment variables read by the operator commands, not by the server.
 CLIENT_ENV = frozenset({"GHOSTRUNNER_URL", "GHOSTRUNNER_TOKEN", "GHOSTRUNNER_CONFIG",
-                        "GHOSTRUNNER_CACERT", "GHOSTRUNNER_INSECURE"})
+                        "GHOSTRUNNER_CACERT", "GHOSTRUNNER_INSECURE",
+                        "GHOSTRUNNER_MIGRATE_FROM", "GHOSTRUNNER_MIGRATE_TO"})
 
 
 class ConfigError(ValueError):
@@ -88,10 +92,19 @@ class Settings:
     Secrets (``admin_token``, ``meshcentral_password``) never appear in the repr.
 
     Args:
-        database: the SQLite database file (created on first start).
-        database_synchronous: ``FULL`` (default: a finished request survives a power
-            loss) or ``NORMAL`` (faster writes; survives a crash of the process, but a
-            power loss may lose the last moments, and a command could then run twice).
+        database: the SQLite database file (created on first start). Unused when
+            ``database_url`` is set.
+        database_url: a PostgreSQL URL (``postgresql://user:password@host/db``): the
+            tasks are kept there (:class:`ghostrunner.postgres.PostgresStore`) instead of
+            in SQLite. The TOML key ``database`` (``GHOSTRUNNER_DATABASE``, ``--database``)
+            sets this field when its value is such a URL, else ``database``. Its password
+            never appears in the repr or the log.
+        database_synchronous: SQLite only. ``FULL`` (default: a finished request survives
+            a power loss) or ``NORMAL`` (faster writes; survives a crash of the process,
+            but a power loss may lose the last moments, and a command could then run
+            twice). PostgreSQL's durability is the server's (``synchronous_commit``).
+        database_pool_min, database_pool_max: PostgreSQL only: the connections the pool
+            keeps open, and the most it opens under load.
         executor: ``meshcentral`` (default), or ``fake`` to try the API without a
             MeshCentral server: simulated devices, always online, whose commands just
             echo themselves and exit 0.
@@ -122,7 +135,12 @@ class Settings:
     """
 
     database: Path = Path("ghostrunner.db")
+    database_url: str | None = attrs.field(
+        default=None, repr=lambda url: repr(None if url is None else redact_url(url))
+    )
     database_synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    database_pool_min: int = 1
+    database_pool_max: int = 10
     executor: Executor = "meshcentral"
     admin_token: str | None = attrs.field(default=None, repr=False)
     host: str = "127.0.0.1"
@@ -150,6 +168,14 @@ class Settings:
     def __attrs_post_init__(self) -> None:
         if self.database_synchronous not in ("FULL", "NORMAL"):
             raise ConfigError("database_synchronous", "must be FULL or NORMAL")
+        if self.database_url is not None and not is_postgres_url(self.database_url):
+            raise ConfigError("database", "must be a postgresql:// URL or a file path")
+        if not 0 <= self.database_pool_min <= 1000:
+            raise ConfigError("database_pool_min", "must be between 0 and 1000")
+        if not 1 <= self.database_pool_max <= 1000:
+            raise ConfigError("database_pool_max", "must be between 1 and 1000")
+        if self.database_pool_min > self.database_pool_max:
+            raise ConfigError("database_pool_min", "must not be over database_pool_max")
         if self.executor not in ("meshcentral", "fake"):
             raise ConfigError("executor", f"must be 'meshcentral' or 'fake', not {self.executor!r}")
         if self.admin_token is not None and len(self.admin_token) < MIN_ADMIN_TOKEN:
@@ -188,14 +214,59 @@ class Settings:
     @property
     def secrets(self) -> tuple[str, ...]:
         """The secret values in these settings (for log redaction): the admin token, the
-        MeshCentral password, and a password written in the MeshCentral URL."""
+        MeshCentral password, and the passwords written in the MeshCentral and
+        PostgreSQL URLs."""
         in_url = urllib.parse.urlsplit(self.meshcentral_url or "").password
-        return tuple(s for s in (self.admin_token, self.meshcentral_password, in_url) if s)
+        in_db = _url_password(self.database_url or "")
+        return tuple(
+            s for s in (self.admin_token, self.meshcentral_password, in_url, *in_db) if s
+        )
+
+    @property
+    def store_kind(self) -> Literal["postgresql", "sqlite"]:
+        """Where the tasks are kept: ``postgresql`` or ``sqlite``."""
+        return "postgresql" if self.database_url else "sqlite"
 
     @property
     def scheme(self) -> str:
         """``https`` with TLS, else ``http``."""
         return "https" if self.tls_cert else "http"
+
+
+# --------------------------------------------------------------------------- databases
+
+_POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_postgres_url(text: str) -> bool:
+    """Whether ``text`` names a PostgreSQL database (``postgresql://`` or
+    ``postgres://``)."""
+    return text.strip().lower().startswith(_POSTGRES_SCHEMES)
+
+
+def sqlite_path(text: str) -> Path:
+    """The file of a SQLite database given as a path or a ``sqlite:///path`` URL (the
+    path after ``sqlite://`` is absolute, as in a ``file:`` URL; the four-slash form
+    ``sqlite:////abs/path`` is taken alike)."""
+    if text[:9].lower() == "sqlite://":
+        rest = urllib.parse.unquote(text[9:])
+        if not rest.startswith("/") or rest == "/":
+            raise ValueError("a sqlite URL is sqlite:///path/to/file.db")
+        return Path("/" + rest.lstrip("/"))
+    return Path(text).expanduser()
+
+
+def _url_password(url: str) -> tuple[str, ...]:
+    """The password of a PostgreSQL URL, as written and decoded (both may be logged by
+    something that prints the URL or the connection's parameters)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        raw = parts.netloc.rpartition("@")[0].partition(":")[2] if "@" in parts.netloc else ""
+        query = urllib.parse.parse_qs(parts.query)
+    except ValueError:
+        return ()
+    found = [raw, urllib.parse.unquote(raw), *query.get("password", [])]
+    return tuple(dict.fromkeys(p for p in found if p))
 
 
 # --------------------------------------------------------------------------- loading
@@ -302,6 +373,24 @@ def _devices(key: str, value: Any) -> tuple[FakeDevice, ...]:
     return tuple(out)
 
 
+def _database(key: str, value: Any) -> Path | str:
+    """A PostgreSQL URL (kept as text), or a SQLite file (a path or sqlite:///path)."""
+    text = _str(key, value).strip()
+    if not text:
+        raise ConfigError(key, "must not be empty")
+    if is_postgres_url(text):
+        return text
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.\-]*)://", text)
+    if scheme is not None and scheme.group(1).lower() != "sqlite":
+        # the scheme only: the rest may hold a password
+        raise ConfigError(key, f"must be a postgresql:// URL, a sqlite:/// URL or a file "
+                               f"path (not a {scheme.group(1)!r} URL)")
+    try:
+        return sqlite_path(text)
+    except ValueError as exc:
+        raise ConfigError(key, str(exc)) from None
+
+
 def _executor(key: str, value: Any) -> str:
     text = _str(key, value).strip().lower()
     if text not in ("meshcentral", "fake"):
@@ -323,8 +412,10 @@ def _log_level(key: str, value: Any) -> str:
 # TOML key -> (Settings field, parser). ``*_file`` keys read a secret from a file.
 _Parser = Callable[[str, Any], Any]
 _KEYS: dict[str, tuple[str, _Parser]] = {
-    "database": ("database", _path),
+    "database": ("database", _database),
     "database_synchronous": ("database_synchronous", _synchronous),
+    "database_pool_min": ("database_pool_min", _int),
+    "database_pool_max": ("database_pool_max", _int),
     "executor": ("executor", _executor),
     "admin_token": ("admin_token", _opt_str),
     "server.host": ("host", _str),
@@ -432,6 +523,8 @@ def load_settings(
     for key, (field, parse) in _KEYS.items():
         if key in raw:
             fields[field] = parse(key, raw[key])
+    if isinstance(fields.get("database"), str):  # a PostgreSQL URL
+        fields["database_url"] = fields.pop("database")
     loop: dict[str, Any] = {}
     for key, parse in _LOOP_KEYS.items():
         if key in raw:

@@ -461,9 +461,14 @@ SCHEMAS: dict[str, Schema] = {
             "version": {"type": "string"},
             "executor": {"type": "string"},
             "executor_connected": _nullable({"type": "boolean"}),
+            "store": {
+                "type": "string",
+                "enum": ["postgresql", "sqlite", "memory", "custom"],
+                "description": "Where the tasks are kept.",
+            },
             "openapi": {"type": "string"},
         },
-        ["name", "version", "executor", "executor_connected", "openapi"],
+        ["name", "version", "executor", "executor_connected", "store", "openapi"],
     ),
     "ErrorData": _obj(
         {

@@ -17,12 +17,15 @@ The parts, each in its module (the shape of :mod:`ghostrunner.sqlite`):
   migrations (one transaction, under an advisory lock);
 * :mod:`._queries`: the SQL of the verbs, values <-> PostgreSQL values, and the
   row -> value builders;
-* :mod:`._store`: :class:`PostgresStore`, the store's verbs.
+* :mod:`._store`: :class:`PostgresStore`, the store's verbs;
+* :mod:`._import`: the bulk import into an empty database (``ghostrunner db migrate``:
+  :meth:`PostgresStore.import_all`, :class:`TaskRecord`, :class:`ImportReport`).
 
 Importing :mod:`ghostrunner` never imports psycopg: only this package does.
 """
 
 try:
+    from ._import import ImportReport, TaskRecord
     from ._store import PostgresStore
 except ModuleNotFoundError as exc:  # pragma: no cover - without the extra
     if exc.name not in ("psycopg", "psycopg_pool"):
@@ -32,4 +35,4 @@ except ModuleNotFoundError as exc:  # pragma: no cover - without the extra
         name=exc.name,
     ) from exc
 
-__all__ = ["PostgresStore"]
+__all__ = ["ImportReport", "PostgresStore", "TaskRecord"]

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any, Final, TypeVar
@@ -35,6 +43,7 @@ from .._types import (
 from ..errors import Conflict, GhostRunnerError, IllegalTransition, NotFound, StoreError
 from ..tokens import Token
 from . import _queries as q
+from ._import import ImportReport, TaskRecord, import_into
 from ._schema import SCHEMA_VERSION, migrate
 
 _T = TypeVar("_T")
@@ -615,6 +624,44 @@ class PostgresStore:
             await conn.execute("UPDATE tokens SET last_used = %s WHERE name = %s", params)
 
         await self._tx(op)
+
+    # ---------------------------------------------------------------- bulk import
+
+    async def import_all(
+        self,
+        records: AsyncIterable[TaskRecord],
+        tokens: Sequence[Token],
+        *,
+        dry_run: bool = False,
+    ) -> ImportReport:
+        """Copy another store's contents into this **empty** database (``ghostrunner db
+        migrate``): tasks with their flags (paused, aborted, closed), runs with every
+        field and state (``dispatched`` ones stay dispatched: the next start recovers
+        their outcome), attempt histories, and tokens with their hashes and scopes.
+
+        ``records`` in submission order (oldest first). One transaction on a
+        connection of its own (the store need not be open): the schema is created if
+        missing, the database checked empty, the rows written and counted back per task
+        and per state; any difference or error rolls it all back. ``dry_run``: the
+        same, always rolled back. Not part of the :class:`~ghostrunner.Store` protocol.
+
+        Raises:
+            Conflict: the database has tasks or tokens already.
+            StoreError: the database failed, or the rows read back differ.
+        """
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                self._dsn, connect_timeout=max(1, int(self.connect_timeout)))
+        except psycopg.Error as exc:
+            raise _translate(exc, self.dsn) from None
+        try:
+            return await import_into(conn, records, tokens, dry_run=dry_run)
+        except GhostRunnerError:
+            raise
+        except (psycopg.Error, UnicodeError, OverflowError) as exc:
+            raise _translate(exc, self.dsn) from None
+        finally:
+            await conn.close()
 
     # ---------------------------------------------------------------- for tests and tools
 

@@ -1,0 +1,216 @@
+"""A bulk import into an empty GhostRunner database on PostgreSQL (``ghostrunner db
+migrate``): tasks with their runs, attempts and flags, and API tokens, exactly as another
+store holds them. Not part of the :class:`~ghostrunner.Store` protocol: a tool's door.
+
+Everything goes in **one transaction** on one connection of its own: the schema is
+created if missing, the target is checked empty (no task, no token), every row is
+written, then the runs per task and per state are counted back and compared with what
+was given. Any difference, or any error, rolls everything back. Runs keep their state as
+given, ``dispatched`` included (the next start of a runner asks their devices what
+became of them: outcome recovery).
+"""
+
+# ruff: noqa: S608
+# (SQL built from this module's constants only; every value is a bound parameter.)
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import AsyncIterable, Mapping, Sequence
+from typing import Any, Final
+
+import attrs
+import psycopg
+
+from .._types import Attempt, Run, RunState, TaskSummary
+from ..errors import Conflict, StoreError
+from ..tokens import Token
+from . import _queries as q
+from ._schema import migrate
+
+
+@attrs.frozen(kw_only=True)
+class TaskRecord:
+    """One task as a store holds it: its summary (task, flags), its runs in target
+    order, and the attempt history of each run (by node id)."""
+
+    summary: TaskSummary
+    runs: Sequence[Run]
+    attempts: Mapping[str, Sequence[Attempt]] = attrs.field(factory=dict)
+
+
+@attrs.frozen(kw_only=True)
+class ImportReport:
+    """What an import wrote (or, dry, would have written)."""
+
+    tasks: int
+    runs: int
+    attempts: int
+    tokens: int
+    states: Mapping[RunState, int]
+    """Runs per state."""
+    dry_run: bool = False
+
+
+_RUN_INSERT: Final = """
+INSERT INTO runs(task_seq, node, position, state, attempts, undelivered, queued_at,
+                 available_at, expires_at, started_at, finished_at, exit_code, output,
+                 output_truncated, error, recovered)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+"""
+_ATTEMPT_INSERT: Final = """
+INSERT INTO attempts(task_seq, node, number, state, started_at, finished_at, exit_code,
+                     output, output_truncated, error, recovered)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+"""
+_TOKEN_INSERT: Final = f"""
+INSERT INTO tokens({q.TOKEN_COLS}) VALUES (%s, %s, %s, %s, %s, %s)
+"""
+_TABLES: Final = "tasks, runs, attempts, task_counts, tokens"
+
+
+class _DryRun(Exception):
+    """Rolls the dry run's transaction back."""
+
+
+async def import_into(
+    conn: psycopg.AsyncConnection[Any],
+    records: AsyncIterable[TaskRecord],
+    tokens: Sequence[Token],
+    *,
+    dry_run: bool = False,
+) -> ImportReport:
+    """Write ``records`` (in submission order, oldest first) and ``tokens`` into the
+    empty database of ``conn``, in one transaction (rolled back if ``dry_run``).
+
+    Raises:
+        Conflict: the database already has tasks or tokens.
+        StoreError: the counts read back differ from what was given (nothing written).
+    """
+    report: ImportReport | None = None
+    try:
+        async with conn.transaction():
+            report = await _import(conn, records, tokens, dry_run=dry_run)
+            if dry_run:
+                raise _DryRun
+    except _DryRun:
+        pass
+    assert report is not None
+    return report
+
+
+async def _import(
+    conn: psycopg.AsyncConnection[Any],
+    records: AsyncIterable[TaskRecord],
+    tokens: Sequence[Token],
+    *,
+    dry_run: bool,
+) -> ImportReport:
+    await conn.execute("SET LOCAL TIME ZONE 'UTC'")
+    await migrate(conn)  # a savepoint: the schema commits with the rows, or not at all
+    # nobody writes meanwhile (a runner started on the target would wait for us)
+    await conn.execute(f"LOCK TABLE {_TABLES} IN SHARE ROW EXCLUSIVE MODE")
+    cur = await conn.execute("SELECT (SELECT count(*) FROM tasks), (SELECT count(*) FROM tokens)")
+    found = await cur.fetchone()
+    assert found is not None
+    if found[0] or found[1]:
+        raise Conflict(
+            f"the target database is not empty ({found[0]} tasks, {found[1]} tokens): "
+            "migrate into an empty database"
+        )
+    expected: dict[int, Counter[str]] = {}
+    states: Counter[RunState] = Counter()
+    n_tasks = n_runs = n_attempts = 0
+    async for record in records:
+        seq = await _add_task(conn, record)
+        counts = Counter(run.state.value for run in record.runs)
+        expected[seq] = counts
+        states.update(run.state for run in record.runs)
+        n_tasks += 1
+        n_runs += len(record.runs)
+        n_attempts += await _add_runs(conn, seq, record)
+    if tokens:
+        async with conn.cursor() as tcur:
+            await tcur.executemany(_TOKEN_INSERT, [
+                (t.name, t.secret_hash, t.scope.value, q.ts(t.created_at), q.tso(t.last_used),
+                 t.builtin) for t in tokens
+            ])
+    await _verify(conn, expected, n_attempts, len(tokens))
+    return ImportReport(tasks=n_tasks, runs=n_runs, attempts=n_attempts, tokens=len(tokens),
+                        states=dict(states), dry_run=dry_run)
+
+
+async def _add_task(conn: psycopg.AsyncConnection[Any], record: TaskRecord) -> int:
+    summary = record.summary
+    task = summary.task
+    params = q.task_params(task, task.created_at)
+    row = await (await conn.execute(q.ADD_TASK_SQL, params)).fetchone()
+    if row is None:
+        raise Conflict(f"task {task.id} given twice")
+    seq = int(row[0])
+    await conn.execute(
+        "UPDATE tasks SET aborted = %s, closed = %s WHERE seq = %s",
+        (q.text(summary.aborted), summary.closed, seq),
+    )
+    counts = Counter(run.state.value for run in record.runs)
+    columns = ", ".join(q.STATES)
+    await conn.execute(
+        f"INSERT INTO task_counts(task_seq, total, paused, aborted, {columns}) "
+        f"VALUES (%s, %s, %s, %s, {', '.join(['%s'] * len(q.STATES))})",
+        (seq, len(record.runs), summary.paused, summary.aborted is not None,
+         *(counts.get(s.value, 0) for s in q.STATES)),
+    )
+    return seq
+
+
+async def _add_runs(conn: psycopg.AsyncConnection[Any], seq: int, record: TaskRecord) -> int:
+    """The record's runs and attempts; the number of attempts."""
+    nodes = {run.node_id for run in record.runs}
+    unknown = set(record.attempts) - nodes
+    if unknown:
+        raise StoreError(f"task {record.summary.task.id}: attempts of no run "
+                         f"({sorted(unknown)[0]!r})")
+    async with conn.cursor() as cur:
+        await cur.executemany(_RUN_INSERT, [
+            (seq, r.node_id, i, r.state.value, r.attempts, r.undelivered, q.ts(r.queued_at),
+             q.ts(r.available_at), q.tso(r.expires_at), q.tso(r.started_at),
+             q.tso(r.finished_at), r.exit_code, q.blob(r.output), r.output_truncated,
+             q.text(r.error), r.recovered)
+            for i, r in enumerate(record.runs)
+        ])
+        rows = [
+            (seq, node, a.number, a.state.value, q.tso(a.started_at), q.tso(a.finished_at),
+             a.exit_code, q.blob(a.output), a.output_truncated, q.text(a.error), a.recovered)
+            for node, history in record.attempts.items() for a in history
+        ]
+        if rows:
+            await cur.executemany(_ATTEMPT_INSERT, rows)
+    return len(rows)
+
+
+async def _verify(
+    conn: psycopg.AsyncConnection[Any],
+    expected: Mapping[int, Counter[str]],
+    attempts: int,
+    tokens: int,
+) -> None:
+    """The rows counted back, per task and state, against what was written."""
+    found: dict[int, Counter[str]] = {seq: Counter() for seq in expected}
+    cur = await conn.execute("SELECT task_seq, state, count(*) FROM runs GROUP BY 1, 2")
+    for seq, state, n in await cur.fetchall():
+        found.setdefault(seq, Counter())[state] = n
+    if found != {seq: +c for seq, c in expected.items()}:
+        raise StoreError("the runs read back differ from the runs written: nothing imported")
+    columns = ", ".join(f"sum({s.value})" for s in q.STATES)
+    cur = await conn.execute(f"SELECT {columns} FROM task_counts")
+    row = await cur.fetchone()
+    total: Counter[str] = sum(expected.values(), Counter())
+    if row is not None and any((n or 0) != total.get(s.value, 0)
+                               for s, n in zip(q.STATES, row, strict=True)):
+        raise StoreError("the task counts differ from the runs written: nothing imported")
+    cur = await conn.execute("SELECT (SELECT count(*) FROM attempts), "
+                             "(SELECT count(*) FROM tokens)")
+    counted = await cur.fetchone()
+    if counted is None or (counted[0], counted[1]) != (attempts, tokens):
+        raise StoreError("the attempts or tokens read back differ from those written: "
+                         "nothing imported")

@@ -25,7 +25,8 @@ from ._types import (
     TaskSummary,
     retryable,
 )
-from .errors import Conflict, IllegalTransition, NotFound
+from .audit import AuditEntry, AuditPage, AuditQuery
+from .errors import Conflict, IllegalTransition, NotFound, ValidationError
 from .tokens import Token
 
 __all__ = ["InMemoryStore"]
@@ -52,6 +53,8 @@ class InMemoryStore:
         self.closed_tasks: set[str] = set()  # cancelled as a whole, or aborted
         self.history: dict[RunKey, list[Attempt]] = {}
         self.tokens: dict[str, Token] = {}
+        self.audit: list[AuditEntry] = []
+        self._audit_seq = 0
         self._order: dict[str, int] = {}  # task id -> submission sequence
         self._by_node: dict[str, list[RunKey]] = {}  # submission order, pruned lazily
         self._seq = 0
@@ -436,3 +439,31 @@ class InMemoryStore:
         token = self.tokens.get(name)
         if token is not None:
             self.tokens[name] = attrs.evolve(token, last_used=now)
+
+    # ---------------------------------------------------------------- audit log
+
+    async def record_audit(self, entry: AuditEntry) -> None:
+        self._audit_seq += 1
+        self.audit.append(attrs.evolve(entry, id=self._audit_seq))
+
+    async def query_audit(self, query: AuditQuery) -> AuditPage:
+        try:
+            before = query.before_id()
+        except ValueError:
+            raise ValidationError("cursor", "is not a cursor this server gave") from None
+        found: list[AuditEntry] = []
+        for entry in reversed(self.audit):
+            assert entry.id is not None
+            if (before is None or entry.id < before) and query.matches(entry):
+                found.append(entry)
+                if len(found) > query.limit:
+                    break
+        items = found[:query.limit]
+        more = len(found) > query.limit and items
+        return AuditPage(items, str(items[-1].id) if more else None)
+
+    async def prune_audit(self, before: datetime) -> int:
+        kept = [e for e in self.audit if e.at >= before]
+        pruned = len(self.audit) - len(kept)
+        self.audit = kept
+        return pruned

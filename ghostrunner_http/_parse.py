@@ -15,6 +15,7 @@ import attrs
 from starlette.datastructures import QueryParams
 
 from ghostrunner import Rollout, RunState, Selector, Task, TaskQuery, TaskStatus
+from ghostrunner.audit import AuditQuery
 from ghostrunner.errors import ValidationError
 from ghostrunner.tokens import Scope
 
@@ -25,6 +26,7 @@ __all__ = [
     "DeleteSelector",
     "RunPage",
     "parse_abort",
+    "parse_audit_query",
     "parse_cancel",
     "parse_delete",
     "parse_retry",
@@ -407,6 +409,48 @@ def parse_task_query(params: QueryParams) -> TaskQuery:
                 raise ValidationError(key, "must be 1 to 1024 characters, without NUL")
             fields[field] = text
     return TaskQuery(**fields)
+
+
+_AUDIT_KEYS = ("limit", "cursor", "token", "route", "task_id", "since", "until", "status")
+_STATUS_CLASSES = {f"{n}xx": n for n in range(1, 6)}
+
+
+def parse_audit_query(params: QueryParams) -> AuditQuery:
+    """The filters and page of ``GET /audit`` (and of the console's audit page)."""
+    values = _single_values(params, _AUDIT_KEYS)
+    fields: dict[str, Any] = {}
+    if "limit" in values:
+        text = values["limit"].strip()
+        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 1000:
+            raise ValidationError("limit", "must be an integer between 1 and 1000")
+        fields["limit"] = int(text)
+    if "cursor" in values:
+        text = values["cursor"]
+        if not (text.isascii() and text.isdigit()) or len(text) > 19:
+            raise ValidationError("cursor", "is not a cursor this server gave")
+        fields["cursor"] = text
+    for key in ("token", "route", "task_id"):
+        if key in values:
+            text = values[key]
+            if not text or len(text) > 1024 or "\x00" in text:
+                raise ValidationError(key, "must be 1 to 1024 characters, without NUL")
+            fields[key] = text
+    for key in ("since", "until"):
+        if key in values:
+            try:
+                when = datetime.fromisoformat(values[key].strip())
+            except ValueError:
+                when = None
+            if when is None or when.tzinfo is None:
+                raise ValidationError(key, "must be an ISO 8601 time with a timezone "
+                                      "(2024-05-01T12:00:00Z)")
+            fields[key] = when
+    if "status" in values:
+        status = _STATUS_CLASSES.get(values["status"].strip().lower())
+        if status is None:
+            raise ValidationError("status", "must be one of: " + ", ".join(_STATUS_CLASSES))
+        fields["status_class"] = status
+    return AuditQuery(**fields)
 
 
 #: runs per page of ``GET /tasks/{id}``: by default, and at most

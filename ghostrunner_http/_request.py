@@ -25,6 +25,7 @@ from ghostrunner import GhostRunner
 from ghostrunner.errors import StoreError, ValidationError
 from ghostrunner.tokens import Scope, Token
 
+from ._audit import AuditStore, note
 from ._errors import BadRequest, Forbidden, PayloadTooLarge, Unauthorized
 from ._tokens import TokenStore, hash_secret
 
@@ -111,6 +112,8 @@ class Services:
     """Whether the executor is connected to its server (None: it cannot say)."""
     store_kind: str = "custom"
     """Where the tasks are kept: postgresql, sqlite, memory or custom."""
+    audit: AuditStore | None = None
+    """Where the audit log goes (None: a store that keeps none)."""
 
 
 def services(request: Request) -> Services:
@@ -280,6 +283,7 @@ async def authorize(request: Request, needed: Scope, *, fields: Iterable[str] = 
     svc = services(request)
     body = parse_json(await read_body(request, svc.max_body_bytes))
     token = await svc.auth.check(_secret(request, body))
+    note(request).token = token.name  # known from here on, for the audit log
     if not token.scope.allows(needed):
         raise Forbidden(
             f"this needs a token with scope {needed.value} (or higher); "

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -26,10 +27,12 @@ from ghostrunner import Executor, GhostRunner, RunState, SQLiteStore, Store, Tas
 from ghostrunner.errors import Conflict, NotFound, ValidationError
 from ghostrunner.tokens import Scope, Token
 
+from ._audit import AuditLog, AuditStore, note, pruning, render_entry
 from ._errors import ConflictError, exception_handlers
 from ._ops import delete_matching, delete_task
 from ._parse import (
     parse_abort,
+    parse_audit_query,
     parse_cancel,
     parse_delete,
     parse_retry,
@@ -119,6 +122,17 @@ async def token_delete(request: Request) -> Response:
     return envelope({"name": name, "deleted": True})
 
 
+async def audit_list(request: Request) -> Response:
+    """``GET /audit``: the audit log, newest first (admin)."""
+    await authorize(request, Scope.ADMIN)
+    store = services(request).audit
+    if store is None:
+        raise NotFound("this server's store keeps no audit log")
+    page = await store.query_audit(parse_audit_query(request.query_params))
+    return envelope({"entries": [render_entry(e) for e in page.items],
+                     "next_cursor": page.next_cursor})
+
+
 async def token_list(request: Request) -> Response:
     await authorize(request, Scope.ADMIN)
     tokens = await services(request).tokens.list_tokens()
@@ -129,6 +143,9 @@ async def task_create(request: Request) -> Response:
     call = await authorize(request, Scope.WRITE, fields=("details",))
     runner = call.services.runner
     task = parse_task(call.body, runner.clock)
+    audit = note(request)
+    audit.task_id = task.id
+    audit.counts["nodeids"] = len(task.targets)
     if task.select is None:
         # the seed's path: every target has a pending run, nothing more to read
         await runner.submit(task)
@@ -145,7 +162,11 @@ async def task_create(request: Request) -> Response:
 
 async def task_delete(request: Request) -> Response:
     call = await authorize(request, Scope.WRITE, fields=("details",))
-    return envelope(await delete_matching(services(request).runner, parse_delete(call.body)))
+    result = await delete_matching(services(request).runner, parse_delete(call.body))
+    tasks = result.get("tasks", [])
+    note(request).counts.update(tasks=len(tasks),
+                                deleted=sum(1 for t in tasks if t.get("deleted")))
+    return envelope(result)
 
 
 async def task_list(request: Request) -> Response:
@@ -161,6 +182,8 @@ async def task_list(request: Request) -> Response:
 async def task_flush(request: Request) -> Response:
     await authorize(request, Scope.WRITE)
     result = await services(request).runner.flush()
+    note(request).counts.update(cancelled=result.cancelled, deleted=result.deleted,
+                                kept=result.kept)
     return envelope({"cancelled": result.cancelled, "deleted": result.deleted,
                      "kept": result.kept})
 
@@ -201,6 +224,7 @@ async def task_cancel(request: Request) -> Response:
             if node not in targets:
                 raise ValidationError(f"nodeids[{i}]", f"{node!r} is not a target of this task")
     cancelled = await runner.cancel(task_id, nodeids)
+    note(request).counts["runs"] = len(cancelled)
     return envelope({"id": task_id, "cancelled": [r.node_id for r in cancelled]})
 
 
@@ -223,6 +247,7 @@ async def task_retry(request: Request) -> Response:
     task_id = request.path_params["task_id"]
     await runner.get(task_id)  # 404 before the states are checked, as cancel does
     retried = await runner.retry(task_id, states)
+    note(request).counts["runs"] = len(retried)
     return envelope({"id": task_id, "retried": [r.node_id for r in retried]})
 
 
@@ -231,6 +256,7 @@ async def task_abort(request: Request) -> Response:
     reason = parse_abort(call.body)
     task_id = request.path_params["task_id"]
     cancelled = await services(request).runner.abort(task_id, reason)
+    note(request).counts["runs"] = len(cancelled)
     return envelope({"id": task_id, "cancelled": [r.node_id for r in cancelled]})
 
 
@@ -259,6 +285,7 @@ ROUTES = [
     Route("/tasks/{task_id}/retry", task_retry, methods=["POST"], name="task_retry"),
     Route("/tasks/{task_id}/abort", task_abort, methods=["POST"], name="task_abort"),
     Route("/devices", devices, methods=["GET"], name="devices"),
+    Route("/audit", audit_list, methods=["GET"], name="audit"),
 ]
 
 
@@ -410,6 +437,10 @@ def create_app(
         queue = store if store is not None else _store_from(cfg)
         if not isinstance(queue, TokenStore):
             raise TypeError(f"{queue!r} does not keep API tokens (see TokenStore)")
+        audit_store = queue if isinstance(queue, AuditStore) else None
+        if audit_store is None:
+            log.warning("%r keeps no audit log (see AuditStore): writes are not recorded",
+                        queue)
         runs_on = executor if executor is not None else _executor_from(cfg)
         runner = GhostRunner(store=queue, executor=runs_on, settings=cfg.loop, clock=clock)
         async with runner:
@@ -422,13 +453,20 @@ def create_app(
                 executor_kind=kind,
                 connected=_connected(runs_on, kind),
                 store_kind=_store_kind(queue),
+                audit=audit_store,
             )
             app.state.services = svc
-            yield {"services": svc}
-            log.info("shutting down: stopping the reconcile loop")
+            async with contextlib.AsyncExitStack() as background:
+                if audit_store is not None:
+                    await background.enter_async_context(
+                        pruning(audit_store, cfg.audit_retention_days, clock))
+                yield {"services": svc}
+                log.info("shutting down: stopping the reconcile loop")
 
-    app = Starlette(routes=[*ROUTES, *console_routes()], exception_handlers=exception_handlers,
-                    lifespan=lifespan)
+    routes = [*ROUTES, *console_routes()]
+    app = Starlette(routes=routes, exception_handlers=exception_handlers, lifespan=lifespan,
+                    # every write, whatever route answers it, is recorded (_audit)
+                    middleware=[Middleware(AuditLog, routes=routes, clock=clock)])
     app.state.console = Console()  # the operator console under /ui: its sessions
     # "/task/list/" is a 404 in the envelope, not a bodiless redirect to "/task/list"
     app.router.redirect_slashes = False

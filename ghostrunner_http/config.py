@@ -132,6 +132,8 @@ class Settings:
         meshcentral_group_id: only manage the devices of this group (``mesh//...``).
         fake_devices: the ``fake`` executor's devices.
         loop: tuning of the reconcile loop (:class:`ghostrunner.LoopSettings`).
+        audit_retention_days: audit log entries older than this are pruned (at start,
+            then every 6 hours).
     """
 
     database: Path = Path("ghostrunner.db")
@@ -164,6 +166,7 @@ class Settings:
         FakeDevice(nodeid=n, name=n) for n in DEFAULT_FAKE_DEVICES
     )
     loop: LoopSettings = attrs.field(factory=LoopSettings)
+    audit_retention_days: int = 90
 
     def __attrs_post_init__(self) -> None:
         if self.database_synchronous not in ("FULL", "NORMAL"):
@@ -192,6 +195,8 @@ class Settings:
                 raise ConfigError(key, "must be a number of seconds > 0 and <= 3600")
         if not 1 <= self.max_connections <= 1_000_000:
             raise ConfigError("server.max_connections", "must be between 1 and 1000000")
+        if not 1 <= self.audit_retention_days <= 100_000:
+            raise ConfigError("audit.retention_days", "must be between 1 and 100000")
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
             raise ConfigError("server.log_level", "must be debug, info, warning or error")
         if self.executor == "meshcentral":
@@ -434,6 +439,7 @@ _KEYS: dict[str, tuple[str, _Parser]] = {
     "meshcentral.ignore_ssl": ("meshcentral_ignore_ssl", _bool),
     "meshcentral.group_id": ("meshcentral_group_id", _opt_str),
     "fake.devices": ("fake_devices", _devices),
+    "audit.retention_days": ("audit_retention_days", _int),
 }
 _SECRET_FILES: dict[str, str] = {
     "admin_token_file": "admin_token",

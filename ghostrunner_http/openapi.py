@@ -431,6 +431,28 @@ SCHEMAS: dict[str, Schema] = {
         ["name", "scope", "created_at", "last_used", "builtin"],
     ),
     "TokenList": _obj({"tokens": {"type": "array", "items": _ref("Token")}}, ["tokens"]),
+    "AuditEntry": _obj(
+        {
+            "id": {"type": "integer", "description": "Increasing: the newest is highest."},
+            "at": {"type": "string", "format": "date-time"},
+            "token": _nullable({"type": "string", "description": "The token's name (never "
+                                "its secret); null when no valid token was given."}),
+            "address": _nullable({"type": "string", "description": "The client's address "
+                                  "as the server sees it."}),
+            "method": {"type": "string"},
+            "route": {"type": "string", "description": "The route's template, e.g. "
+                      "/tasks/{task_id}/retry."},
+            "task_id": _nullable({"type": "string"}),
+            "status": {"type": "integer", "description": "The answer's HTTP status."},
+            "counts": {"type": "object", "additionalProperties": {"type": "integer"},
+                       "description": "What the write touched: runs, nodeids, tasks, "
+                       "deleted, cancelled, kept."},
+        },
+        ["id", "at", "token", "address", "method", "route", "task_id", "status", "counts"],
+    ),
+    "AuditPage": _obj({"entries": {"type": "array", "items": _ref("AuditEntry")},
+                       "next_cursor": _nullable({"type": "string"})},
+                      ["entries", "next_cursor"]),
     "TokenDeleted": _obj({"name": {"type": "string"}, "deleted": {"const": True}},
                          ["name", "deleted"]),
     "Device": _obj(
@@ -707,6 +729,29 @@ def _paths() -> dict[str, Any]:
             description="As its rollout's abort rule would: every run not yet started is "
                         "cancelled, no device is added any more, and the task shows "
                         "aborted with the reason. Runs in flight finish."),
+        "/audit": {"get": _op(
+            "The audit log", Scope.ADMIN, _ok(_ref("AuditPage"), "One page of entries."),
+            description="Every write answered by this server (API, console, CLI), "
+                        "refused ones too, newest first. " + _AUTH_ONLY,
+            params=[
+                _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000,
+                                 "default": 100}, "Page size."),
+                _query("cursor", {"type": "string", "pattern": "^[0-9]{1,19}$"},
+                       "next_cursor of the previous page."),
+                _query("token", {"type": "string", "minLength": 1, "maxLength": 1024},
+                       "Only the writes of the token with this name."),
+                _query("route", {"type": "string", "minLength": 1, "maxLength": 1024},
+                       "Only this route template, e.g. /tasks/{task_id}/retry."),
+                _query("task_id", {"type": "string", "minLength": 1, "maxLength": 1024},
+                       "Only the writes about this task."),
+                _query("since", {"type": "string", "format": "date-time"},
+                       "Only entries at or after this time."),
+                _query("until", {"type": "string", "format": "date-time"},
+                       "Only entries before this time."),
+                _query("status", {"type": "string",
+                                  "enum": ["1xx", "2xx", "3xx", "4xx", "5xx"]},
+                       "Only answers of this status class."),
+            ], tag="audit")},
         "/devices": {"get": _op(
             "Devices, online and offline", Scope.READ,
             _ok(_ref("PyOnlineDevices"), "The executor's current view."),

@@ -203,12 +203,32 @@ _V1: Final = (
     )""",
 )
 
+#: Version 2: the HTTP server's audit log (``ghostrunner_http``'s ``AuditStore``): one
+#: row per write it answered; ``id`` orders it (newest first) and is its cursor.
+_V2: Final = (
+    """
+    CREATE TABLE audit (
+        id       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        at       timestamptz NOT NULL,
+        token    text,
+        address  text,
+        method   text NOT NULL,
+        route    text NOT NULL,
+        task_id  text,
+        status   integer NOT NULL,
+        counts   jsonb NOT NULL DEFAULT '{}'
+    )""",
+    "CREATE INDEX audit_at ON audit(at)",
+    "CREATE INDEX audit_token ON audit(token, id)",
+    "CREATE INDEX audit_task ON audit(task_id, id) WHERE task_id IS NOT NULL",
+)
+
 #: ``MIGRATIONS[n]`` brings a database from schema version n to n + 1. Append only.
-MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1,)
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 #: GhostRunner's tables: a database that has one of them but no version is not ours.
-_TABLES: Final = ("tasks", "runs", "attempts", "task_counts", "tokens")
+_TABLES: Final = ("tasks", "runs", "attempts", "task_counts", "tokens", "audit")
 
 
 async def schema_version(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> int:

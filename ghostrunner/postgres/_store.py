@@ -24,6 +24,7 @@ from typing import Any, Final, TypeVar
 import psycopg
 import psycopg.errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .._types import (
@@ -40,7 +41,15 @@ from .._types import (
     TaskSummary,
     retryable,
 )
-from ..errors import Conflict, GhostRunnerError, IllegalTransition, NotFound, StoreError
+from ..audit import AuditEntry, AuditPage, AuditQuery
+from ..errors import (
+    Conflict,
+    GhostRunnerError,
+    IllegalTransition,
+    NotFound,
+    StoreError,
+    ValidationError,
+)
 from ..tokens import Token
 from . import _queries as q
 from ._import import ImportReport, TaskRecord, import_into
@@ -662,6 +671,68 @@ class PostgresStore:
             raise _translate(exc, self.dsn) from None
         finally:
             await conn.close()
+
+    # ---------------------------------------------------------------- audit log
+
+    async def record_audit(self, entry: AuditEntry) -> None:
+        params = (q.ts(entry.at), entry.token, entry.address, entry.method, entry.route,
+                  entry.task_id, entry.status, Jsonb(dict(entry.counts)))
+
+        async def op(conn: Conn) -> None:
+            await conn.execute(
+                "INSERT INTO audit(at, token, address, method, route, task_id, status, counts) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)", params)
+
+        await self._tx(op)
+
+    async def query_audit(self, query: AuditQuery) -> AuditPage:
+        try:
+            before = query.before_id()
+        except ValueError:
+            raise ValidationError("cursor", "is not a cursor this server gave") from None
+        terms: list[str] = []
+        params: list[Any] = []
+        for column, value in (("token", query.token), ("route", query.route),
+                              ("task_id", query.task_id)):
+            if value is not None:
+                terms.append(f"{column} = %s")
+                params.append(value)
+        if query.since is not None:
+            terms.append("at >= %s")
+            params.append(q.ts(query.since))
+        if query.until is not None:
+            terms.append("at < %s")
+            params.append(q.ts(query.until))
+        if query.status_class is not None:
+            terms.append("status >= %s AND status < %s")
+            params += [query.status_class * 100, query.status_class * 100 + 100]
+        if before is not None:
+            terms.append("id < %s")
+            params.append(min(before, (1 << 63) - 1))
+        where = "WHERE " + " AND ".join(terms) if terms else ""
+        params.append(query.limit + 1)
+        sql = (f"SELECT id, at, token, address, method, route, task_id, status, counts "
+               f"FROM audit {where} ORDER BY id DESC LIMIT %s")
+
+        async def op(conn: Conn) -> AuditPage:
+            cur = await conn.execute(sql, params)
+            rows = await cur.fetchall()
+            items = [AuditEntry(id=r[0], at=r[1], token=r[2], address=r[3], method=r[4],
+                                route=r[5], task_id=r[6], status=r[7], counts=r[8])
+                     for r in rows[:query.limit]]
+            more = len(rows) > query.limit and items
+            return AuditPage(items, str(items[-1].id) if more else None)
+
+        return await self._tx(op)
+
+    async def prune_audit(self, before: datetime) -> int:
+        cutoff = q.ts(before)
+
+        async def op(conn: Conn) -> int:
+            cur = await conn.execute("DELETE FROM audit WHERE at < %s", (cutoff,))
+            return cur.rowcount
+
+        return await self._tx(op)
 
     # ---------------------------------------------------------------- for tests and tools
 

@@ -249,9 +249,36 @@ def _v4(db: sqlite_utils.Database) -> None:
         db.execute(sql)
 
 
+#: Version 5: the HTTP server's audit log (``ghostrunner_http``'s ``AuditStore``): one
+#: row per write it answered. ``id`` orders the log (newest first) and is its cursor;
+#: ``at`` (microseconds, UTC) is what retention prunes by.
+_V5: Final = (
+    """CREATE TABLE audit (
+        id       INTEGER PRIMARY KEY AUTOINCREMENT,
+        at       INTEGER NOT NULL,
+        token    TEXT,
+        address  TEXT,
+        method   TEXT    NOT NULL,
+        route    TEXT    NOT NULL,
+        task_id  TEXT,
+        status   INTEGER NOT NULL,
+        counts   TEXT    NOT NULL DEFAULT '{}'
+    )""",
+    "CREATE INDEX audit_at ON audit(at)",
+    "CREATE INDEX audit_token ON audit(token, id)",
+    "CREATE INDEX audit_task ON audit(task_id, id) WHERE task_id IS NOT NULL",
+)
+
+
+def _v5(db: sqlite_utils.Database) -> None:
+    """The audit log."""
+    for sql in _V5:
+        db.execute(sql)
+
+
 #: ``MIGRATIONS[n]`` brings a database from schema version n to n + 1. Append only.
 MIGRATIONS: Final[tuple[Callable[[sqlite_utils.Database], None], ...]] = (
-    _v1, _v2, _v3, _v4,
+    _v1, _v2, _v3, _v4, _v5,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import os
 import sqlite3
 import weakref
@@ -37,7 +38,8 @@ from .._types import (
     TaskSummary,
     retryable,
 )
-from ..errors import Conflict, IllegalTransition, NotFound, StoreError
+from ..audit import AuditEntry, AuditPage, AuditQuery
+from ..errors import Conflict, IllegalTransition, NotFound, StoreError, ValidationError
 from ..tokens import Token
 from . import _large
 from . import _queries as q
@@ -569,6 +571,36 @@ class SQLiteStore:
         )
 
 
+    # ---------------------------------------------------------------- audit log
+
+    async def record_audit(self, entry: AuditEntry) -> None:
+        row = (ts(entry.at), entry.token, entry.address, entry.method, entry.route,
+               entry.task_id, entry.status, json.dumps(dict(entry.counts)))
+        # a write job like any other: it joins the batch (one commit) of the writes
+        # queued with it
+        await self._write(lambda db: db.execute(
+            "INSERT INTO audit(at, token, address, method, route, task_id, status, counts) "
+            "VALUES (?,?,?,?,?,?,?,?)", row))
+
+    async def query_audit(self, query: AuditQuery) -> AuditPage:
+        where, params = _audit_where(query)
+        sql = (f"SELECT {_AUDIT_COLS} FROM audit {where} ORDER BY id DESC LIMIT ?")
+        params.append(query.limit + 1)
+
+        def op(db: sqlite_utils.Database) -> AuditPage:
+            rows = db.execute(sql, params).fetchall()
+            items = [_audit_entry(r) for r in rows[:query.limit]]
+            more = len(rows) > query.limit and items
+            return AuditPage(items, str(items[-1].id) if more else None)
+
+        return await self._read(op)
+
+    async def prune_audit(self, before: datetime) -> int:
+        cutoff = ts(before)
+        return await self._write(
+            lambda db: db.execute("DELETE FROM audit WHERE at < ?", (cutoff,)).rowcount)
+
+
 # --------------------------------------------------------------------------- on the thread
 
 
@@ -715,3 +747,39 @@ def _update_dispatched(
             raise NotFound(f"no run {key}")
         raise IllegalTransition(f"run {key} is not dispatched")
     return q.run(key.task_id, key.node_id, rows[0])
+
+
+_AUDIT_COLS: Final = "id, at, token, address, method, route, task_id, status, counts"
+
+
+def _audit_where(query: AuditQuery) -> tuple[str, list[Any]]:
+    """The WHERE clause (and its parameters) of an audit query's filters and cursor."""
+    try:
+        before = query.before_id()
+    except ValueError:
+        raise ValidationError("cursor", "is not a cursor this server gave") from None
+    terms: list[str] = []
+    params: list[Any] = []
+    for column, value in (("token", query.token), ("route", query.route),
+                          ("task_id", query.task_id)):
+        if value is not None:
+            terms.append(f"{column} = ?")
+            params.append(value)
+    if query.since is not None:
+        terms.append("at >= ?")
+        params.append(ts(query.since))
+    if query.until is not None:
+        terms.append("at < ?")
+        params.append(ts(query.until))
+    if query.status_class is not None:
+        terms.append("status >= ? AND status < ?")
+        params += [query.status_class * 100, query.status_class * 100 + 100]
+    if before is not None:
+        terms.append("id < ?")
+        params.append(before)
+    return ("WHERE " + " AND ".join(terms) if terms else ""), params
+
+
+def _audit_entry(row: Sequence[Any]) -> AuditEntry:
+    return AuditEntry(id=row[0], at=dt(row[1]), token=row[2], address=row[3], method=row[4],
+                      route=row[5], task_id=row[6], status=row[7], counts=json.loads(row[8]))

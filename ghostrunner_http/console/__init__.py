@@ -66,5 +66,6 @@ def console_routes() -> list[BaseRoute]:
         Route("/ui/tokens", v.tokens, methods=["GET"], name="ui_tokens"),
         Route("/ui/tokens", v.token_create, methods=["POST"]),
         Route("/ui/tokens/revoke", v.token_revoke, methods=["POST"]),
+        Route("/ui/audit", v.audit_page, methods=["GET"], name="ui_audit"),
         Mount("/ui/static", app=static, name="ui_static"),
     ]

@@ -30,12 +30,14 @@ from starlette.templating import Jinja2Templates
 
 import ghostrunner
 from ghostrunner import Device, Run, RunState, TaskQuery, TaskStatus, TaskSummary
+from ghostrunner.audit import AuditEntry
 from ghostrunner.errors import Conflict, NotFound, ValidationError
 from ghostrunner.tokens import Scope, Token
 
+from .._audit import note
 from .._errors import ApiError
 from .._ops import delete_task
-from .._parse import parse_task, parse_task_query
+from .._parse import parse_audit_query, parse_task, parse_task_query
 from .._request import Services, read_body, services
 from .._tokens import hash_secret, new_token
 from ._sessions import COOKIE, Session, Sessions
@@ -65,6 +67,8 @@ TASKS_PAGE = 50
 RUNS_PAGE = 100
 #: tasks per page of a device's timeline
 DEVICE_TASKS_PAGE = 20
+#: the filters of the audit page (as ``GET /audit`` names them)
+AUDIT_FILTERS = ("token", "route", "task_id", "since", "until", "status", "limit")
 #: how many fields a form may have (the queue form's device picker: one per device)
 MAX_FIELDS = 100_000
 
@@ -218,6 +222,8 @@ def page(needed: Scope = Scope.READ, *, write: bool = False, json: bool = False
                 token = await svc.tokens.token_by_hash(session.token_hash)
                 if token is None:  # revoked: the session ends with it
                     console.sessions.end(session.id)
+            if token is not None:
+                note(request).token = token.name  # for the audit log
             if session is None or token is None:
                 if json:
                     return JSONResponse({"error": "signed out"}, status_code=401,
@@ -304,6 +310,7 @@ async def login(request: Request) -> Response:
     old = request.cookies.get(COOKIE)
     if old:
         console.sessions.end(old)  # a new id at every sign-in (no session fixation)
+    note(request).token = token.name
     session = console.sessions.create(hash_secret(secret), token.name)
     log.info("console: %r signed in (scope %s)", token.name, token.scope.value)
     response = RedirectResponse("/ui/", status_code=303, headers=HEADERS)
@@ -600,6 +607,9 @@ async def queue(ctx: Ctx) -> Response:
     runner = ctx.svc.runner
     try:
         task = parse_task({"details": _task_details(ctx)}, runner.clock)
+        audit = note(ctx.request)
+        audit.task_id = task.id
+        audit.counts["nodeids"] = len(task.targets)
         await runner.submit(task)
     except ValidationError as exc:
         field = exc.field.removeprefix("details.")
@@ -627,6 +637,7 @@ async def cancel(ctx: Ctx) -> Response:
     runner = ctx.svc.runner
     await runner.get(task_id)
     cancelled = await runner.cancel(task_id, _runs_of(ctx))
+    note(ctx.request).counts["runs"] = len(cancelled)
     return ctx.redirect(_back(task_id), f"Cancelled {len(cancelled)} pending run(s).")
 
 
@@ -650,6 +661,7 @@ async def retry(ctx: Ctx) -> Response:
         retried = await runner.retry(task_id, states)
     except ValidationError as exc:
         return ctx.redirect(_back(task_id), exc.message, "error")
+    note(ctx.request).counts["runs"] = len(retried)
     return ctx.redirect(_back(task_id), f"Sent {len(retried)} run(s) again.")
 
 
@@ -705,6 +717,8 @@ async def flush_confirm(ctx: Ctx) -> Response:
 async def flush(ctx: Ctx) -> Response:
     """``POST /ui/flush``: cancel every pending run, remove every finished task."""
     result = await ctx.svc.runner.flush()
+    note(ctx.request).counts.update(cancelled=result.cancelled, deleted=result.deleted,
+                                    kept=result.kept)
     log.info("console: flush by %r", ctx.token.name)
     return ctx.redirect("/ui/tasks", f"Cancelled {result.cancelled} run(s), removed "
                         f"{result.deleted} task(s), kept {result.kept} with runs in flight.")
@@ -762,3 +776,35 @@ async def token_revoke(ctx: Ctx) -> Response:
         return response
     return ctx.redirect("/ui/tokens", f"Revoked token {name!r}.")
 
+
+# --------------------------------------------------------------------------- audit log
+
+
+@page(Scope.ADMIN)
+async def audit_page(ctx: Ctx) -> Response:
+    """``GET /ui/audit``: the audit log, newest first, with ``GET /audit``'s filters."""
+    params = ctx.request.query_params
+    # the form sends every field, the empty ones too: an empty field is no filter
+    given = {k: v for k, v in params.multi_items() if v.strip()}
+    values = {k: params.get(k, "") for k in AUDIT_FILTERS}
+    store = ctx.svc.audit
+    error = None
+    entries: Sequence[AuditEntry] = []
+    next_url = None
+    if store is None:
+        error = "This server's store keeps no audit log."
+    else:
+        try:
+            page_ = await store.query_audit(
+                parse_audit_query(QueryParams(list(given.items()))))
+        except ValidationError as exc:
+            error = f"{exc.field}: {exc.message}"
+        else:
+            entries = page_.items
+            if page_.next_cursor is not None:
+                next_url = "/ui/audit?" + urllib.parse.urlencode(
+                    {**{k: v for k, v in given.items() if k != "cursor"},
+                     "cursor": page_.next_cursor})
+    return ctx.render("audit.html", 422 if error and store is not None else 200,
+                      title="Audit log", entries=entries, values=values, error=error,
+                      next_url=next_url)

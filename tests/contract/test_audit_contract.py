@@ -1,0 +1,102 @@
+"""The ``AuditStore`` contract (``ghostrunner_http._audit``), on every store: entries
+kept as given, newest first, the filters, cursors, pruning."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from ghostrunner.audit import AuditEntry, AuditQuery
+from ghostrunner.errors import ValidationError
+from ghostrunner_http._audit import AuditStore
+
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+
+
+def entry(i: int, **kw: Any) -> AuditEntry:
+    fields: dict[str, Any] = {
+        "at": T0 + timedelta(minutes=i), "method": "POST", "route": "/task/create",
+        "status": 200, "token": "ops", "address": "10.0.0.1", "task_id": f"task-{i}",
+        "counts": {"nodeids": i},
+    }
+    return AuditEntry(**{**fields, **kw})
+
+
+async def test_every_store_keeps_an_audit_log(store: Any) -> None:
+    assert isinstance(store, AuditStore)
+
+
+async def test_entries_come_back_as_recorded_newest_first(store: Any) -> None:
+    for i in range(3):
+        await store.record_audit(entry(i))
+    await store.record_audit(entry(3, token=None, address=None, task_id=None, counts={},
+                                   status=401, method="DELETE", route="/tasks/{task_id}"))
+    page = await store.query_audit(AuditQuery())
+    assert page.next_cursor is None
+    assert [e.task_id for e in page.items] == [None, "task-2", "task-1", "task-0"]
+    ids = [e.id for e in page.items]
+    assert ids == sorted(ids, reverse=True) and None not in ids
+    got = page.items[1]
+    assert (got.at, got.method, got.route, got.status, got.token, got.address,
+            dict(got.counts)) == (T0 + timedelta(minutes=2), "POST", "/task/create", 200,
+                                  "ops", "10.0.0.1", {"nodeids": 2})
+    assert page.items[0].token is None and dict(page.items[0].counts) == {}
+
+
+async def test_pages_follow_cursors_without_gaps_or_repeats(store: Any) -> None:
+    for i in range(7):
+        await store.record_audit(entry(i))
+    seen: list[str | None] = []
+    cursor = None
+    while True:
+        page = await store.query_audit(AuditQuery(limit=3, cursor=cursor))
+        seen += [e.task_id for e in page.items]
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    assert seen == [f"task-{i}" for i in reversed(range(7))]
+
+
+async def test_filters(store: Any) -> None:
+    await store.record_audit(entry(0, token="alice", status=200))
+    await store.record_audit(entry(1, token="bob", status=403, route="/task/flush"))
+    await store.record_audit(entry(2, token="alice", status=422, task_id="x"))
+    await store.record_audit(entry(3, token=None, status=401))
+
+    async def ids(**kw: Any) -> list[str | None]:
+        return [e.task_id for e in (await store.query_audit(AuditQuery(**kw))).items]
+
+    assert await ids(token="alice") == ["x", "task-0"]
+    assert await ids(route="/task/flush") == ["task-1"]
+    assert await ids(task_id="x") == ["x"]
+    assert await ids(status_class=4) == ["task-3", "x", "task-1"]
+    assert await ids(status_class=2) == ["task-0"]
+    assert await ids(since=T0 + timedelta(minutes=1), until=T0 + timedelta(minutes=3)) == [
+        "x", "task-1"]
+    assert await ids(token="alice", status_class=4) == ["x"]
+    assert await ids(token="nobody") == []
+
+
+async def test_a_foreign_cursor_is_a_validation_error(store: Any) -> None:
+    with pytest.raises(ValidationError) as caught:
+        await store.query_audit(AuditQuery(cursor="not-a-cursor"))
+    assert caught.value.field == "cursor"
+
+
+async def test_prune_removes_only_older_entries(store: Any) -> None:
+    for i in range(5):
+        await store.record_audit(entry(i))
+    assert await store.prune_audit(T0 + timedelta(minutes=2)) == 2
+    page = await store.query_audit(AuditQuery())
+    assert [e.task_id for e in page.items] == ["task-4", "task-3", "task-2"]
+    assert await store.prune_audit(T0) == 0
+
+
+async def test_text_any_client_can_send_is_kept(store: Any) -> None:
+    # path parameters come straight from URLs: NUL and lone surrogates included
+    await store.record_audit(entry(0, task_id="a\x00b\ud800c", route="/x" * 2000))
+    got = (await store.query_audit(AuditQuery())).items[0]
+    assert got.task_id is not None and "\x00" not in got.task_id
+    assert len(got.route) == 1024

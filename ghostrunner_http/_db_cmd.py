@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from ghostrunner import RunState, SQLiteStore, TaskQuery, TaskSummary
+from ghostrunner.audit import AuditEntry, AuditQuery
 from ghostrunner.errors import Conflict, GhostRunnerError
 
 from ._logging import redact_url
@@ -153,12 +154,26 @@ async def _migrate(path: Path, target: PostgresStore, *, dry_run: bool,
     try:
         summaries = await _summaries(source)
         tokens = await source.list_tokens()
-        report = await target.import_all(_records(source, summaries), tokens, dry_run=dry_run)
+        audit = await _audit_log(source)
+        report = await target.import_all(_records(source, summaries), tokens, audit=audit,
+                                         dry_run=dry_run)
         if not dry_run:
             await _check(source, target, summaries)
         return report
     finally:
         await source.close()
+
+
+async def _audit_log(source: SQLiteStore) -> list[AuditEntry]:
+    """The source's whole audit log, oldest first."""
+    entries: list[AuditEntry] = []
+    cursor: str | None = None
+    while True:
+        page = await source.query_audit(AuditQuery(limit=1000, cursor=cursor))
+        entries.extend(page.items)
+        if page.next_cursor is None:
+            return entries[::-1]
+        cursor = page.next_cursor
 
 
 async def _check(source: SQLiteStore, target: PostgresStore,
@@ -195,6 +210,7 @@ def _print_report(report: ImportReport, path: Path, dsn: str, out: TextIO) -> No
             print(f"    {state.value:<11} {report.states[state]}", file=out)
     print(f"  attempts  {report.attempts}", file=out)
     print(f"  tokens    {report.tokens}", file=out)
+    print(f"  audit     {report.audit} entries", file=out)
     if report.dry_run:
         print("dry run: nothing written", file=out)
     else:

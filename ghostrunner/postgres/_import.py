@@ -21,8 +21,10 @@ from typing import Any, Final
 
 import attrs
 import psycopg
+from psycopg.types.json import Jsonb
 
 from .._types import Attempt, Run, RunState, TaskSummary
+from ..audit import AuditEntry
 from ..errors import Conflict, StoreError
 from ..tokens import Token
 from . import _queries as q
@@ -48,6 +50,8 @@ class ImportReport:
     attempts: int
     tokens: int
     states: Mapping[RunState, int]
+    audit: int = 0
+    """Audit log entries."""
     """Runs per state."""
     dry_run: bool = False
 
@@ -66,7 +70,11 @@ VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
 _TOKEN_INSERT: Final = f"""
 INSERT INTO tokens({q.TOKEN_COLS}) VALUES (%s, %s, %s, %s, %s, %s)
 """
-_TABLES: Final = "tasks, runs, attempts, task_counts, tokens"
+_AUDIT_INSERT: Final = """
+INSERT INTO audit(at, token, address, method, route, task_id, status, counts)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+"""
+_TABLES: Final = "tasks, runs, attempts, task_counts, tokens, audit"
 
 
 class _DryRun(Exception):
@@ -78,10 +86,12 @@ async def import_into(
     records: AsyncIterable[TaskRecord],
     tokens: Sequence[Token],
     *,
+    audit: Sequence[AuditEntry] = (),
     dry_run: bool = False,
 ) -> ImportReport:
-    """Write ``records`` (in submission order, oldest first) and ``tokens`` into the
-    empty database of ``conn``, in one transaction (rolled back if ``dry_run``).
+    """Write ``records`` (in submission order, oldest first), ``tokens`` and the
+    ``audit`` log (oldest first) into the empty database of ``conn``, in one
+    transaction (rolled back if ``dry_run``).
 
     Raises:
         Conflict: the database already has tasks or tokens.
@@ -90,7 +100,7 @@ async def import_into(
     report: ImportReport | None = None
     try:
         async with conn.transaction():
-            report = await _import(conn, records, tokens, dry_run=dry_run)
+            report = await _import(conn, records, tokens, audit, dry_run=dry_run)
             if dry_run:
                 raise _DryRun
     except _DryRun:
@@ -103,6 +113,7 @@ async def _import(
     conn: psycopg.AsyncConnection[Any],
     records: AsyncIterable[TaskRecord],
     tokens: Sequence[Token],
+    audit: Sequence[AuditEntry],
     *,
     dry_run: bool,
 ) -> ImportReport:
@@ -135,9 +146,19 @@ async def _import(
                 (t.name, t.secret_hash, t.scope.value, q.ts(t.created_at), q.tso(t.last_used),
                  t.builtin) for t in tokens
             ])
+    if audit:
+        async with conn.cursor() as acur:
+            await acur.executemany(_AUDIT_INSERT, [
+                (q.ts(e.at), e.token, e.address, e.method, e.route, e.task_id, e.status,
+                 Jsonb(dict(e.counts))) for e in audit
+            ])
     await _verify(conn, expected, n_attempts, len(tokens))
+    cur = await conn.execute("SELECT count(*) FROM audit")
+    row = await cur.fetchone()
+    if row is None or row[0] != len(audit):
+        raise StoreError("the audit entries read back differ from those written")
     return ImportReport(tasks=n_tasks, runs=n_runs, attempts=n_attempts, tokens=len(tokens),
-                        states=dict(states), dry_run=dry_run)
+                        states=dict(states), audit=len(audit), dry_run=dry_run)
 
 
 async def _add_task(conn: psycopg.AsyncConnection[Any], record: TaskRecord) -> int:

@@ -641,6 +641,7 @@ class PostgresStore:
         records: AsyncIterable[TaskRecord],
         tokens: Sequence[Token],
         *,
+        audit: Sequence[AuditEntry] = (),
         dry_run: bool = False,
     ) -> ImportReport:
         """Copy another store's contents into this **empty** database (``ghostrunner db
@@ -664,7 +665,7 @@ class PostgresStore:
         except psycopg.Error as exc:
             raise _translate(exc, self.dsn) from None
         try:
-            return await import_into(conn, records, tokens, dry_run=dry_run)
+            return await import_into(conn, records, tokens, audit=audit, dry_run=dry_run)
         except GhostRunnerError:
             raise
         except (psycopg.Error, UnicodeError, OverflowError) as exc:

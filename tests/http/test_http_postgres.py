@@ -11,10 +11,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import attrs
 import psycopg
 import pytest
 
 from ghostrunner import Outcome, Rollout, RunKey, RunState, Selector, SQLiteStore, TaskQuery
+from ghostrunner.audit import AuditEntry, AuditQuery
 from ghostrunner.postgres import PostgresStore
 from ghostrunner.tokens import Scope
 from ghostrunner_http import ConfigError, Settings, load_settings
@@ -190,6 +192,11 @@ async def _fill(path: Path) -> None:
         for scope in Scope:
             token, _ = new_token(f"t-{scope.value}", scope, now=at(1))
             await store.add_token(token)
+        for i, (route, status) in enumerate([("POST /task/create", 200),
+                                             ("POST /tasks/{id}/retry", 403)]):
+            await store.record_audit(AuditEntry(
+                at=at(10 + i), token=f"t-{i}", address="10.0.0.7", method="POST",
+                route=route, task_id=done.id, status=status, counts={"runs": i}))
         assert expired and paused
     finally:
         await store.close()
@@ -220,6 +227,9 @@ async def _everything(store: Any) -> dict[str, Any]:
         "tokens": list(await store.list_tokens()),
         "counts": {s: n for s, n in (await store.counts()).items() if n},
         "dispatched": sorted((r.task_id, r.node_id) for r in await store.dispatched()),
+        # entries as recorded (their ids are the target's own)
+        "audit": [attrs.evolve(e, id=None)
+                  for e in (await store.query_audit(AuditQuery(limit=1000))).items],
     }
 
 
@@ -263,6 +273,7 @@ def test_migrate_copies_everything(postgres: PgServer, tmp_path: Path,
         assert code == 0, err
         assert f"tasks     {len(want['tasks'])}" in out
         assert "tokens    3" in out
+        assert "audit     2 entries" in out
         assert "checked:" in out
         assert "1 runs were dispatched" in out
         assert DB_PASSWORD not in out + err

@@ -12,21 +12,17 @@ one statement with one parameter, not 10,000.
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 
-import attrs
-
+from .._sqlkit import STATUS_SQL, fleet_fields, fleet_json
 from .._types import (
     Attempt,
     Delivery,
-    Rollout,
     Run,
     RunState,
-    Selector,
     Shell,
     Task,
     TaskQuery,
@@ -295,62 +291,7 @@ def task_params(task: Task, now: datetime) -> dict[str, Any]:
     }
 
 
-_PLAIN_ROLLOUT: Final = Rollout()
-
-
-def fleet_json(task: Task) -> str | None:
-    """A task's selector, rollout and success exit codes as JSON; None for a plain task.
-    (The same document SQLiteStore keeps: a database moved between them reads alike.)"""
-    if (
-        task.select is None and not task.continuous and task.rollout == _PLAIN_ROLLOUT
-        and task.success_exit_codes == (0,)
-    ):
-        return None
-    select = None if task.select is None else {
-        "group": task.select.group, "tags": list(task.select.tags),
-        "tags_mode": task.select.tags_mode.value, "os": task.select.os,
-        "name": task.select.name, "all": task.select.all,
-    }
-    return json.dumps({
-        "select": select,
-        "continuous": task.continuous,
-        "rollout": attrs.asdict(task.rollout),
-        "success_exit_codes": list(task.success_exit_codes),
-    }, separators=(",", ":"))
-
-
-def _fleet(doc_text: str | None) -> dict[str, Any]:
-    if doc_text is None:
-        return {"select": None, "continuous": False, "rollout": _PLAIN_ROLLOUT,
-                "success_exit_codes": (0,)}
-    doc = json.loads(doc_text)
-    return {
-        "select": None if doc["select"] is None else Selector(**doc["select"]),
-        "continuous": doc["continuous"],
-        "rollout": Rollout(**doc["rollout"]),
-        "success_exit_codes": tuple(doc["success_exit_codes"]),
-    }
-
-
 # --------------------------------------------------------------------------- listing
-
-# How each TaskStatus reads on a task_counts row; mirrors
-# ghostrunner._types.task_status, in the same order of tests (tests/contract checks it).
-_ACTIVE = "c.pending + c.dispatched > 0"
-_LIVE = "NOT c.aborted"
-_NOT_PAUSED = f"NOT (c.paused AND ({_ACTIVE} OR c.total = 0))"
-_WAITING = "(c.total = 0 OR (c.pending > 0 AND c.pending + c.cancelled = c.total))"
-_SETTLED = f"{_LIVE} AND {_NOT_PAUSED} AND NOT {_WAITING} AND NOT ({_ACTIVE})"
-STATUS_SQL: Final[Mapping[TaskStatus, str]] = {
-    TaskStatus.ABORTED: "c.aborted",
-    TaskStatus.PAUSED: f"{_LIVE} AND NOT {_NOT_PAUSED}",
-    TaskStatus.PENDING: f"{_LIVE} AND {_NOT_PAUSED} AND {_WAITING}",
-    TaskStatus.RUNNING: f"{_LIVE} AND {_NOT_PAUSED} AND NOT {_WAITING} AND {_ACTIVE}",
-    TaskStatus.SUCCEEDED: f"{_SETTLED} AND c.succeeded = c.total",
-    TaskStatus.CANCELLED: f"{_SETTLED} AND c.succeeded <> c.total AND c.cancelled = c.total",
-    TaskStatus.FAILED: f"{_SETTLED} AND c.succeeded <> c.total AND c.cancelled <> c.total",
-}
-
 
 def list_sql(query: TaskQuery) -> tuple[str, dict[str, Any]]:
     """The statement listing ``query``'s page (plus one row, to know if more follow),
@@ -431,7 +372,7 @@ def task(row: Sequence[Any]) -> Task:
         expires_at=row[10],
         max_attempts=row[11],
         delivery=Delivery(row[12]),
-        **_fleet(row[13]),
+        **fleet_fields(row[13]),
     )
 
 

@@ -30,6 +30,7 @@ INTERNAL = {
     },
     "ghostrunner._types": {"new_id", "task_status", "utcnow", "TagsMode"},
     "ghostrunner._loop": {"Reconciler"},
+    "ghostrunner._sqlkit": {"STATUS_SQL", "fleet_fields", "fleet_json"},
     "ghostrunner._fanout": {"EventFanout"},
     "ghostrunner._output": {"cap_output"},
 }

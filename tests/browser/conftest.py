@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.http.conftest import served
 from tests.serverproc import REPO, ServerProcess
 
 CHROMIUM = Path(os.environ.get("GHOSTRUNNER_CHROMIUM", "/usr/bin/chromium"))
@@ -93,11 +94,8 @@ def chromium() -> Iterator[object]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """A real ``ghostrunner serve`` (fake executor, SQLite) for a test module."""
-    proc = ServerProcess(tmp_path_factory.mktemp("console"), CONFIG,
-                         {"GHOSTRUNNER_ADMIN_TOKEN": ADMIN})
-    proc.start()
-    yield proc
-    assert proc.stop() == 0
+    with served(tmp_path_factory.mktemp("console"), CONFIG, ADMIN) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="session")

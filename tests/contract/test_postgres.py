@@ -14,11 +14,20 @@ from typing import Any
 import psycopg
 import pytest
 
+from ghostrunner._sqlkit import STATUS_SQL
 from ghostrunner._types import Outcome, RunKey, RunState, TaskStatus, task_status
 from ghostrunner.errors import StoreError
 from ghostrunner.postgres import PostgresStore, _schema
-from ghostrunner.postgres import _queries as pq
-from tests.contract.test_store_contract import NOW, add, at, claim, dispatch, make_task, run_of
+from tests.contract.test_store_contract import (
+    NOW,
+    add,
+    at,
+    claim,
+    dispatch,
+    make_task,
+    run_of,
+    status_cases,
+)
 from tests.pg import PgServer
 
 
@@ -198,19 +207,15 @@ def test_status_sql_matches_task_status(postgres: PgServer) -> None:
         conn.execute(
             f"CREATE TEMP TABLE c (total int, {', '.join(f'{c} int' for c in cols)}, "
             "paused boolean, aborted boolean)")
-        for total in range(4):
-            for combo in itertools.combinations_with_replacement(list(RunState), total):
-                counts = Counter(combo)
-                for paused, aborted in itertools.product((False, True), (False, True)):
-                    conn.execute("DELETE FROM c")
-                    conn.execute(
-                        f"INSERT INTO c VALUES ({', '.join(['%s'] * (len(cols) + 3))})",
-                        (total, *(counts.get(s, 0) for s in RunState), paused, aborted),
-                    )
-                    matched = [
-                        status for status, sql in pq.STATUS_SQL.items()
-                        if conn.execute(f"SELECT count(*) FROM c WHERE {sql}").fetchone()
-                        == (1,)
-                    ]
-                    assert matched == [task_status(counts, paused=paused, aborted=aborted)]
-    assert set(pq.STATUS_SQL) == set(TaskStatus)
+        for total, counts, paused, aborted in status_cases():
+            conn.execute("DELETE FROM c")
+            conn.execute(
+                f"INSERT INTO c VALUES ({', '.join(['%s'] * (len(cols) + 3))})",
+                (total, *(counts.get(s, 0) for s in RunState), paused, aborted),
+            )
+            matched = [
+                status for status, sql in STATUS_SQL.items()
+                if conn.execute(f"SELECT count(*) FROM c WHERE {sql}").fetchone() == (1,)
+            ]
+            assert matched == [task_status(counts, paused=paused, aborted=aborted)]
+    assert set(STATUS_SQL) == set(TaskStatus)

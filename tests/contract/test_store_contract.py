@@ -20,6 +20,7 @@ import sys
 import threading
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from hypothesis import strategies as st
 
 from ghostrunner._memory import InMemoryStore
 from ghostrunner._protocols import Store
+from ghostrunner._sqlkit import STATUS_SQL
 from ghostrunner._types import (
     TERMINAL_STATES,
     Delivery,
@@ -886,28 +888,35 @@ def check_counts(path: str) -> None:
     conn.close()
 
 
+def status_cases() -> Iterator[tuple[int, Counter[RunState], bool, bool]]:
+    """Every small task_counts row: (total, runs per state, paused, aborted), with up
+    to three runs; each SQL store checks its STATUS_SQL against task_status on them."""
+    for total in range(4):
+        for combo in itertools.combinations_with_replacement(list(RunState), total):
+            counts = Counter(combo)
+            for paused, aborted in itertools.product((False, True), (False, True)):
+                yield total, counts, paused, aborted
+
+
 def test_status_sql_matches_task_status() -> None:
     """The SQL reading of TaskStatus agrees with task_status on every small case,
     paused and aborted tasks included."""
     conn = sqlite3.connect(":memory:")
     cols = [s.value for s in RunState]
     conn.execute(f"CREATE TABLE c (total, {', '.join(cols)}, paused, aborted)")
-    for total in range(4):
-        for combo in itertools.combinations_with_replacement(list(RunState), total):
-            counts = Counter(combo)
-            for paused, aborted in itertools.product((False, True), (False, True)):
-                conn.execute("DELETE FROM c")
-                conn.execute(
-                    f"INSERT INTO c VALUES ({', '.join('?' * (len(cols) + 3))})",
-                    (total, *(counts.get(s, 0) for s in RunState), int(paused), int(aborted)),
-                )
-                matched = [
-                    status
-                    for status, sql in _queries.STATUS_SQL.items()
-                    if conn.execute(f"SELECT count(*) FROM c WHERE {sql}").fetchone()[0]
-                ]
-                expected = task_status(counts, paused=paused, aborted=aborted)
-                assert matched == [expected], (counts, paused, aborted)
+    for total, counts, paused, aborted in status_cases():
+        conn.execute("DELETE FROM c")
+        conn.execute(
+            f"INSERT INTO c VALUES ({', '.join('?' * (len(cols) + 3))})",
+            (total, *(counts.get(s, 0) for s in RunState), int(paused), int(aborted)),
+        )
+        matched = [
+            status
+            for status, sql in STATUS_SQL.items()
+            if conn.execute(f"SELECT count(*) FROM c WHERE {sql}").fetchone()[0]
+        ]
+        expected = task_status(counts, paused=paused, aborted=aborted)
+        assert matched == [expected], (counts, paused, aborted)
     conn.close()
 
 

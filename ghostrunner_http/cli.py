@@ -215,16 +215,26 @@ def serve(settings: Settings) -> int:
 
 # --------------------------------------------------------------------------- output
 
-#: C0 controls but newline and tab, DEL, and C1 controls (U+0080-U+009F: a terminal
-#: may take U+009B as CSI, like ESC [).
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+#: C0 controls but newline and tab, DEL, C1 controls (U+0080-U+009F: a terminal may
+#: take U+009B as CSI, like ESC [), and the bidirectional controls (U+061C, U+200E,
+#: U+200F, U+202A-U+202E, U+2066-U+2069), which reorder what is shown ("Trojan
+#: Source": a name can display as something other than what it is).
+_BIDI = "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+_CONTROL = re.compile(f"[\x00-\x08\x0b-\x1f\x7f-\x9f{_BIDI}]")
+_JSON_UNSAFE = re.compile(f"[\x7f-\x9f{_BIDI}]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
 
 
 def terminal_safe(data: Any) -> Any:
     """``data`` (an answer: dicts, lists, strings...) with each control character of
-    each string, but newline and tab, written as ``\\xNN``."""
+    each string, but newline and tab, written as ``\\xNN`` (``\\uNNNN`` for the
+    bidirectional ones)."""
     if isinstance(data, str):
-        return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", data)
+        return _CONTROL.sub(_escaped, data)
     if isinstance(data, list):
         return [terminal_safe(item) for item in data]
     if isinstance(data, dict):
@@ -249,9 +259,10 @@ def _table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
 
 
 def _json(data: Any, out: TextIO) -> None:
-    # JSON escapes C0 controls; C1 ones and DEL too, here (still the same JSON value)
+    # JSON escapes C0 controls; C1 ones, DEL and bidi controls too, here (still the
+    # same JSON value)
     text = json.dumps(data, indent=2, ensure_ascii=False)
-    print(re.sub("[\x7f-\x9f]", lambda m: f"\\u{ord(m.group()):04x}", text), file=out)
+    print(_JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text), file=out)
 
 
 def _done(counts: Mapping[str, int]) -> int:

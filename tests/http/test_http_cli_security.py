@@ -125,10 +125,11 @@ def test_a_password_in_the_server_url_is_not_printed() -> None:
 # --------------------------------------------------------------------------- control chars
 
 #: What a hostile task, device or server could send: clear the screen, a carriage
-#: return that rewrites the line, the bell, the one-byte CSI (C1), DEL, set the title.
-HOSTILE = "\x1b[2J\r\x07\x9b31m\x7f\x1b]0;pwned\x07"
-SHOWN = "\\x1b[2J\\x0d\\x07\\x9b31m\\x7f\\x1b]0;pwned\\x07"
-RAW = ("\x1b", "\r", "\x07", "\x9b", "\x7f")
+#: return that rewrites the line, the bell, the one-byte CSI (C1), DEL, set the title,
+#: and bidirectional controls that reorder the text shown ("Trojan Source").
+HOSTILE = "\x1b[2J\r\x07\x9b31m\x7f\x1b]0;pwned\x07\u202egpj.exe\u2066"
+SHOWN = "\\x1b[2J\\x0d\\x07\\x9b31m\\x7f\\x1b]0;pwned\\x07\\u202egpj.exe\\u2066"
+RAW = ("\x1b", "\r", "\x07", "\x9b", "\x7f", "\u202e", "\u2066")
 
 CONFIG = """executor = "fake"
 [[fake.devices]]

@@ -409,9 +409,11 @@ def _run_window(ctx: Ctx, runs: Sequence[Run]) -> tuple[Sequence[Run], int, int,
     return chosen[start:start + RUNS_PAGE], start, len(chosen), state
 
 
-def _run_row(run: Run) -> dict[str, Any]:
-    """A run as the page script updates it (the cells of its row)."""
+def _run_row(run: Run, device: Device | None) -> dict[str, Any]:
+    """A run as the page script updates it (the cells of its row, and whether its
+    device is online now: ``""`` when the executor does not know it)."""
     return {
+        "device": "" if device is None else ("online" if device.online else "offline"),
         "state": run.state.value,
         "exit_code": "" if run.exit_code is None else str(run.exit_code),
         "attempts": str(run.attempts),
@@ -453,12 +455,13 @@ async def task_live(ctx: Ctx) -> Response:
     except NotFound:
         return JSONResponse({"error": "not found"}, status_code=404, headers=HEADERS)
     window, _, total, _ = _run_window(ctx, runs)
+    devices = ctx.svc.runner.devices()
     return JSONResponse({
         "status": summary.status.value,
         "paused": summary.paused,
         "counts": {s.value: summary.counts.get(s, 0) for s in RunState},
         "total": total,
-        "rows": {r.node_id: _run_row(r) for r in window},
+        "rows": {r.node_id: _run_row(r, devices.get(r.node_id)) for r in window},
     }, headers=HEADERS)
 
 

@@ -11,9 +11,11 @@ Screenshots of the main pages are saved under ``artifacts/screenshots/`` (gitign
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,13 +70,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.browser)
 
 
-@pytest.fixture(scope="package")
-def chromium() -> Iterator[object]:
-    """A headless Chromium (the OS's), for the browser tests (this package only).
+@contextlib.contextmanager
+def launched_chromium() -> Iterator[Any]:
+    """A headless Chromium (the OS's), closed on leaving.
 
     Playwright's sync API keeps an asyncio event loop running in the thread while it is
     open, so every ``asyncio.run`` after it would fail: it must be closed before the
-    rest of the suite runs, not at the end of the session."""
+    rest of the suite runs (scope it to a package or a module, never the session)."""
     if not CHROMIUM.exists():
         pytest.fail(
             f"the browser tests need Chromium at {CHROMIUM}: install Debian's package "
@@ -87,8 +89,18 @@ def chromium() -> Iterator[object]:
             executable_path=str(CHROMIUM), headless=True,
             # root in CI: Chromium's sandbox needs user namespaces it may not have
             args=["--no-sandbox", "--disable-dev-shm-usage"])
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="package")
+def chromium() -> Iterator[Any]:
+    """A headless Chromium for the browser tests (this package only: see
+    :func:`launched_chromium`)."""
+    with launched_chromium() as browser:
         yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")

@@ -16,28 +16,14 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import BrowserContext, ConsoleMessage, Page, expect
+from playwright.sync_api import expect
 
 from tests.browser.conftest import ADMIN
+from tests.browser.pages import Watched, run_row, sign_in
 from tests.serverproc import ServerProcess
 
 #: the page script polls every 2 s: a live change shows within this
 LIVE_TIMEOUT_MS = 10_000
-
-
-class Watched:
-    """A page, and the errors its scripts reported (CSP violations are reported so)."""
-
-    def __init__(self, context: BrowserContext) -> None:
-        self.context = context
-        self.page = context.new_page()
-        self.errors: list[str] = []
-        self.page.on("console", self._console)
-        self.page.on("pageerror", lambda exc: self.errors.append(str(exc)))
-
-    def _console(self, message: ConsoleMessage) -> None:
-        if message.type == "error":
-            self.errors.append(f"{message.text} ({message.location.get('url')})")
 
 
 @pytest.fixture
@@ -56,20 +42,6 @@ def api(server: ServerProcess, method: str, path: str, token: str = ADMIN,
     assert r.status_code == 200, r.text
     data: dict[str, Any] = r.json()["data"]
     return data
-
-
-def sign_in(page: Page, token: str) -> None:
-    """Sign in with the keyboard only: the token field has the focus on arrival."""
-    page.goto("/ui/")
-    expect(page).to_have_url(re.compile(r"/ui/login$"))
-    expect(page.get_by_label("API token")).to_be_focused()
-    page.keyboard.type(token)
-    page.keyboard.press("Enter")
-    expect(page.get_by_role("heading", name="Overview")).to_be_visible()
-
-
-def run_row(page: Page, node: str) -> Any:
-    return page.locator(f'#runs tr[data-node="{node}"]')
 
 
 def test_sign_in_and_out(tab: Watched, screenshots: Path) -> None:

@@ -416,6 +416,23 @@ def test_task_page_paginates_runs_and_filters_by_state(api_factory: ApiFactory) 
     assert live["rows"]["n0100"]["state"] == "pending"
 
 
+def test_live_rows_say_whether_each_device_is_online_now(api: Api, browser: Browser
+                                                         ) -> None:
+    task = api.create(nodeids=["node-002", "not-a-device"])
+    page = browser.get(f"/ui/tasks/{task['id']}").text
+    assert page.count('data-field="device">offline<') == 1  # the unknown one: no mark
+
+    def rows() -> dict[str, Any]:
+        found: dict[str, Any] = browser.get(f"/ui/tasks/{task['id']}/live").json()["rows"]
+        return found
+
+    assert rows()["node-002"]["device"] == "offline"
+    assert rows()["not-a-device"]["device"] == ""
+    api.executor.set_online("node-002")
+    assert rows()["node-002"]["device"] == "online"
+    assert 'data-field="device">online<' in browser.get(f"/ui/tasks/{task['id']}").text
+
+
 def test_run_page_shows_output_and_attempts(api_factory: ApiFactory) -> None:
     api = api_factory(online=("node-001",))
     task = api.create(command="echo hello-there")

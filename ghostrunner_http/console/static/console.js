@@ -59,6 +59,13 @@
     }
   }
 
+  function setDevice(dot, value) {
+    // the same markup as the server renders: <span class="dot on|off">online|offline</span>
+    if (!value) { return; }
+    dot.className = "dot " + (value === "online" ? "on" : "off");
+    dot.textContent = value;
+  }
+
   var appliers = {
     task: function (root, data) {
       var status = document.getElementById("task-status");
@@ -74,6 +81,7 @@
           var field = cell.getAttribute("data-field");
           if (field === "state") { setState(cell, run.state); }
           else if (field === "recovered") { setRecovered(cell, run.recovered); }
+          else if (field === "device") { setDevice(cell, run.device); }
           else if (cell.textContent !== run[field]) { cell.textContent = run[field]; }
         });
       });

@@ -127,7 +127,7 @@ class Event:
         """The event as JSON values (``at`` in ISO 8601), as ``GET /events`` sends it."""
         return {
             "id": self.id,
-            "at": self.at.isoformat(),
+            "at": self.at.isoformat().replace("+00:00", "Z"),
             "kind": self.kind,
             "task_id": self.task_id,
             "node_id": self.node_id,

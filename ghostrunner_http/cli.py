@@ -164,16 +164,22 @@ def serve(settings: Settings) -> int:
     else:
         log.info("executor: fake (%d simulated devices; no MeshCentral)",
                  len(settings.fake_devices))
+    # event streams have sockets of their own, on top of max_connections
+    sockets = connection_limit(settings.max_connections + settings.max_streams,
+                               fd_soft_limit())
     guard = ConnectionGuard(
         header_timeout=settings.header_timeout,
         body_timeout=settings.body_timeout,
-        max_connections=connection_limit(settings.max_connections, fd_soft_limit()),
+        max_connections=max(1, sockets - settings.max_streams),
+        max_streams=settings.max_streams,
+        stream_send_timeout=settings.stream_send_timeout,
     )
     if guard.max_connections < settings.max_connections:
         log.warning("at most %d client connections at once (server.max_connections is %d): "
-                    "the file descriptor limit is %s (ulimit -n), and %d are kept for the "
-                    "database and MeshCentral", guard.max_connections,
-                    settings.max_connections, fd_soft_limit(), FD_RESERVE)
+                    "the file descriptor limit is %s (ulimit -n), %d are kept for the "
+                    "database and MeshCentral and %d for event streams (server.max_streams)",
+                    guard.max_connections, settings.max_connections, fd_soft_limit(),
+                    FD_RESERVE, settings.max_streams)
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,

@@ -36,6 +36,7 @@ from ghostrunner.tokens import Scope, Token
 
 from .._audit import note
 from .._errors import ApiError
+from .._events import open_stream
 from .._ops import delete_task
 from .._parse import parse_audit_query, parse_task, parse_task_query
 from .._request import Services, read_body, services
@@ -460,6 +461,24 @@ async def task_live(ctx: Ctx) -> Response:
         "total": total,
         "rows": {r.node_id: _run_row(r) for r in window},
     }, headers=HEADERS)
+
+
+@page(json=True)
+async def events_stream(ctx: Ctx) -> Response:
+    """``GET /ui/events``: ``GET /events`` for the console's script (``EventSource``),
+    signed in by the session cookie (no token in the URL). The stream ends when the
+    session does (sign-out, expiry, its token revoked)."""
+    svc = ctx.svc
+    console = ctx.console
+    session_id = ctx.session.id
+
+    async def allowed() -> bool:
+        session = console.sessions.peek(session_id)
+        return (session is not None
+                and await svc.tokens.token_by_hash(session.token_hash) is not None)
+
+    return open_stream(ctx.request, svc.runner, svc.streams, heartbeat=svc.stream_heartbeat,
+                       send_timeout=svc.stream_send_timeout, allowed=allowed)
 
 
 @page()

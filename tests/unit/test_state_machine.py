@@ -554,31 +554,31 @@ class GhostRunnerMachine(RuleBasedStateMachine):
     def check_events(self) -> None:
         """Replay the new events: ids increase, and the log agrees with the runs."""
         events = self.run(self.store.events_after(self.events_seen, 100_000))
-        for event in events:
-            assert event.id > self.events_seen
-            self.events_seen = event.id
-            data = event.data
-            task_id = event.task_id
-            if event.node_id is not None:  # run.claimed, run.finished, run.released
-                key = RunKey(task_id, event.node_id)
-                assert key in self.replayed, event
+        for entry in events:
+            assert entry.id > self.events_seen
+            self.events_seen = entry.id
+            data = entry.data
+            task_id = entry.task_id
+            if entry.node_id is not None:  # run.claimed, run.finished, run.released
+                key = RunKey(task_id, entry.node_id)
+                assert key in self.replayed, entry
                 self.replayed[key] = (RunState(data["state"]), data["attempts"])
                 continue
             states = {ev.TASK_CREATED: RunState.PENDING, ev.RUNS_ADDED: RunState.PENDING,
                       ev.RUNS_RETRIED: RunState.PENDING, ev.RUNS_CANCELLED: RunState.CANCELLED,
                       ev.TASK_ABORTED: RunState.CANCELLED, ev.RUNS_EXPIRED: RunState.EXPIRED}
-            if event.kind in states:
+            if entry.kind in states:
                 for node in data["nodes"]:  # few nodes here: always listed
                     key = RunKey(task_id, node)
                     before = self.replayed.get(key, (RunState.PENDING, None))[1]
-                    self.replayed[key] = (states[event.kind], before)
-            elif event.kind == ev.TASK_DELETED:
+                    self.replayed[key] = (states[entry.kind], before)
+            elif entry.kind == ev.TASK_DELETED:
                 gone = [k for k in self.replayed if k.task_id == task_id]
                 assert len(gone) == data["runs"]
                 for key in gone:
                     del self.replayed[key]
             else:
-                assert event.kind in (ev.TASK_PAUSED, ev.TASK_RESUMED), event
+                assert entry.kind in (ev.TASK_PAUSED, ev.TASK_RESUMED), entry
         assert set(self.replayed) == set(self.store.runs)
         for key, (state, attempts) in self.replayed.items():
             run = self.store.runs[key]

@@ -214,10 +214,14 @@ class EventStream(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
+            start = await self._start()
             await send({"type": "http.response.start", "status": self.status_code,
                         "headers": self.raw_headers})
-            await self._write(send, f"retry: {RETRY_MS}\n: ghostrunner event stream\n\n")
-            await self._stream(receive, send)
+            # the position it starts at: a client that reconnects before its first event
+            # resumes from there (EventSource keeps it as its last event id)
+            await self._write(send, f"retry: {RETRY_MS}\nid: {start}\n"
+                                    f": ghostrunner event stream\n\n")
+            await self._stream(start, receive, send)
         except (OSError, TimeoutError):
             pass  # the client went, or took too long: it reconnects where it was
         finally:
@@ -231,11 +235,19 @@ class EventStream(Response):
             await send({"type": "http.response.body", "body": text.encode(),
                         "more_body": True})
 
-    async def _stream(self, receive: Receive, send: Send) -> None:
+    async def _start(self) -> int:
+        """Where the stream starts: after the asked id, or at the newest event (only
+        what comes next); an id beyond the newest (the database was replaced) starts
+        from the oldest kept."""
+        last = await self.runner.store.last_event_id()
+        after = self.query.after
+        return last if after is None else (0 if after > last else after)
+
+    async def _stream(self, start: int, receive: Receive, send: Send) -> None:
         queue: asyncio.Queue[Event] = asyncio.Queue(QUEUE)
 
         async def produce() -> None:
-            async for event in self.runner.events(self.query.after):
+            async for event in self.runner.events(start):
                 await queue.put(event)  # waits while the client is slow: bounded
 
         async def gone() -> None:
@@ -243,8 +255,8 @@ class EventStream(Response):
                 pass
 
         async def pump() -> None:
-            told: int | None = None  # the last id the client was sent
-            cursor: int | None = None
+            told: int | None = start  # the last id the client was sent
+            cursor: int | None = start
             while True:
                 try:
                     async with asyncio.timeout(self.heartbeat):

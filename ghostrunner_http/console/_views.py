@@ -434,13 +434,14 @@ async def task_page(ctx: Ctx) -> Response:
         return f"/ui/tasks/{_q(task_id)}?" + urllib.parse.urlencode({**base, "start": offset})
 
     live = f"/ui/tasks/{_q(task_id)}/live?" + urllib.parse.urlencode({**base, "start": start})
+    events = "/ui/events?" + urllib.parse.urlencode({"task": task_id})
     return ctx.render(
         "task.html", title=f"Task {summary.task.name}", summary=summary, runs=window,
         devices=ctx.svc.runner.devices(), start=start, total=total, state_filter=state,
         counts={s.value: summary.counts.get(s, 0) for s in RunState},
         prev_url=at(max(0, start - RUNS_PAGE)) if start > 0 else None,
         next_url=at(start + RUNS_PAGE) if start + RUNS_PAGE < total else None,
-        live_url=live, retryable=[s.value for s in RunState
+        live_url=live, events_url=events, retryable=[s.value for s in RunState
                                    if s is not RunState.SUCCEEDED and s.terminal])
 
 

@@ -690,14 +690,19 @@ def _watch(client: ApiClient, args: argparse.Namespace, out: TextIO) -> int:
     while True:
         headers = {} if last is None else {"Last-Event-ID": str(last)}
         try:
-            checked = task_id is None
+            # Has the task ended already? A stream from now on (the first one, without
+            # --after): ask as soon as it is open (its start is fixed: what ends the
+            # task later comes in it). A stream that replays (a reconnection, --after):
+            # once it has caught up (its first keep-alive: the replayed events, the
+            # end among them, are printed first).
+            check = "never" if task_id is None else (
+                "open" if not connected_once and args.after is None else "caught_up")
             for raw in client.stream("/events", params=params, headers=headers):
                 connected_once = True
                 backoff = 0.5
-                if not checked:
-                    # once the stream is open (what ends the task from now on comes in
-                    # it), has the task ended already, or while we were away?
-                    checked = True
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                if check == "open" or (check == "caught_up" and line.startswith(": keepalive")):
+                    check = "never"
                     assert task_id is not None
                     active, status = _task_active(client, task_id)
                     if not active:
@@ -705,7 +710,6 @@ def _watch(client: ApiClient, args: argparse.Namespace, out: TextIO) -> int:
                               f"{status}", file=sys.stderr)
                         return (EXIT_OK if status == TaskStatus.SUCCEEDED.value
                                 else EXIT_RUN_FAILED)
-                line = raw.decode("utf-8", "replace").rstrip("\r\n")
                 if line.startswith("id: "):
                     last = int(line[4:])  # an id line alone too: filtered events moved it
                     continue

@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Final
@@ -159,10 +160,23 @@ def parse_stream_query(params: QueryParams, last_event_id: str | None) -> Stream
     return StreamQuery(after=after, task_id=task_id, kinds=kinds)
 
 
+#: formatted messages of recent events, by the event object: every stream of a server
+#: sends the same Event objects (the runner's shared window), so each is encoded once
+_FORMATTED: OrderedDict[int, tuple[Event, str]] = OrderedDict()
+_FORMATTED_KEPT: Final = 4096
+
+
 def format_event(event: Event) -> str:
-    """One SSE message."""
+    """One SSE message (encoded once per event object, whatever the streams)."""
+    found = _FORMATTED.get(id(event))
+    if found is not None and found[0] is event:
+        return found[1]
     data = json.dumps(event.to_json(), ensure_ascii=False, separators=(",", ":"))
-    return f"id: {event.id}\nevent: {event.kind}\ndata: {data}\n\n"
+    text = f"id: {event.id}\nevent: {event.kind}\ndata: {data}\n\n"
+    _FORMATTED[id(event)] = (event, text)  # the event is kept: its id() is not reused
+    if len(_FORMATTED) > _FORMATTED_KEPT:
+        _FORMATTED.popitem(last=False)
+    return text
 
 
 def _chunk(events: Iterable[Event], query: StreamQuery) -> tuple[str, int | None, int | None]:

@@ -31,6 +31,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+import attrs
+
 from ghostrunner import Delivery, RunState, Shell, TaskStatus
 from ghostrunner.tokens import Scope
 
@@ -165,22 +167,27 @@ def serve(settings: Settings) -> int:
     else:
         log.info("executor: fake (%d simulated devices; no MeshCentral)",
                  len(settings.fake_devices))
-    # event streams have sockets of their own, on top of max_connections
+    # event streams have sockets of their own, on top of max_connections; under a low
+    # descriptor limit they get a quarter of what there is at most
     sockets = connection_limit(settings.max_connections + settings.max_streams,
                                fd_soft_limit())
+    streams = settings.max_streams
+    if sockets < settings.max_connections + settings.max_streams:
+        streams = max(1, min(settings.max_streams, sockets // 4))
+        settings = attrs.evolve(settings, max_streams=streams)
     guard = ConnectionGuard(
         header_timeout=settings.header_timeout,
         body_timeout=settings.body_timeout,
-        max_connections=max(1, sockets - settings.max_streams),
-        max_streams=settings.max_streams,
+        max_connections=max(1, min(settings.max_connections, sockets - streams)),
+        max_streams=streams,
         stream_send_timeout=settings.stream_send_timeout,
     )
     if guard.max_connections < settings.max_connections:
-        log.warning("at most %d client connections at once (server.max_connections is %d): "
-                    "the file descriptor limit is %s (ulimit -n), %d are kept for the "
-                    "database and MeshCentral and %d for event streams (server.max_streams)",
-                    guard.max_connections, settings.max_connections, fd_soft_limit(),
-                    FD_RESERVE, settings.max_streams)
+        log.warning("at most %d client connections and %d event streams at once "
+                    "(server.max_connections is %d): the file descriptor limit is %s "
+                    "(ulimit -n), and %d are kept for the database and MeshCentral",
+                    guard.max_connections, streams, settings.max_connections,
+                    fd_soft_limit(), FD_RESERVE)
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,

@@ -13,6 +13,8 @@ their :class:`Run`\\ s::
 What else there is:
 
 * ``ghostrunner.errors``: the exceptions (``ValidationError``, ``NotFound``...).
+* ``ghostrunner.events``: the event log's :class:`Event` and its kinds; follow it with
+  ``GhostRunner.events()``.
 * ``ghostrunner.testing``: an in-memory store, a fake executor and a fake clock, for
   your tests and to try GhostRunner without MeshCentral.
 * Backend authors implement :class:`Store` or :class:`Executor` (``_protocols.py``
@@ -50,6 +52,7 @@ from ._types import (
     TaskStatus,
     TaskSummary,
 )
+from .events import Event
 from .sqlite import SQLiteStore
 
 if TYPE_CHECKING:
@@ -64,6 +67,7 @@ __all__ = [
     "Delivery",
     "Device",
     "DeviceEvent",
+    "Event",
     "EventKind",
     "Executor",
     "FlushResult",

@@ -93,6 +93,10 @@ class LoopSettings:
         recover_within: seconds after a run was sent during which its device is asked
             for an outcome GhostRunner lost (a run with ``expires_at`` is asked until
             then instead); after that the outcome counts as unknown.
+        events_poll: seconds between two looks at the store by ``GhostRunner.events()``
+            followers waiting for an event (one query, however many wait). This
+            process's own writes wake them at once; the poll is what shows events
+            written by other processes sharing the database.
     """
 
     max_in_flight: int = attrs.field(default=256)
@@ -103,6 +107,7 @@ class LoopSettings:
     output_limit: int = DEFAULT_OUTPUT_LIMIT
     coalesce: float = 0.005
     recover_within: float = 7 * 24 * 3600.0
+    events_poll: float = 2.0
 
     @max_in_flight.validator
     def _positive(self, attribute: attrs.Attribute[int], value: int) -> None:
@@ -110,7 +115,7 @@ class LoopSettings:
             raise ValueError("max_in_flight must be at least 1")
 
     def __attrs_post_init__(self) -> None:
-        for name in ("resync_interval", "dispatch_grace", "recover_within"):
+        for name in ("resync_interval", "dispatch_grace", "recover_within", "events_poll"):
             if not getattr(self, name) > 0:  # also refuses NaN
                 raise ValueError(f"{name} must be a positive number of seconds")
         if not (self.shutdown_grace >= 0 and self.coalesce >= 0):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bisect import insort
+from bisect import bisect_right, insort
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
@@ -10,6 +10,7 @@ from typing import Any
 
 import attrs
 
+from . import events as ev
 from ._types import (
     ACTIVE_STATES,
     TERMINAL_STATES,
@@ -24,6 +25,7 @@ from ._types import (
     TaskQuery,
     TaskSummary,
     retryable,
+    utcnow,
 )
 from .audit import AuditEntry, AuditPage, AuditQuery
 from .errors import Conflict, IllegalTransition, NotFound, ValidationError
@@ -54,6 +56,8 @@ class InMemoryStore:
         self.history: dict[RunKey, list[Attempt]] = {}
         self.tokens: dict[str, Token] = {}
         self.audit: list[AuditEntry] = []
+        self.events: list[ev.Event] = []
+        self._event_seq = 0
         self._audit_seq = 0
         self._order: dict[str, int] = {}  # task id -> submission sequence
         self._by_node: dict[str, list[RunKey]] = {}  # submission order, pruned lazily
@@ -104,6 +108,12 @@ class InMemoryStore:
             insort(self._by_node.setdefault(run.node_id, []), run.key,
                    key=lambda k: self._order[k.task_id])
 
+    def _event(self, at: datetime, kind: str, task_id: str, node_id: str | None = None,
+               data: Mapping[str, Any] | None = None) -> None:
+        self._event_seq += 1
+        self.events.append(ev.Event(id=self._event_seq, at=at, kind=kind, task_id=task_id,
+                                    node_id=node_id, data=dict(data or {})))
+
     def _record(self, run: Run, state: RunState, error: str | None) -> None:
         attempt = Attempt(
             number=run.attempts, state=state, started_at=run.started_at,
@@ -125,6 +135,8 @@ class InMemoryStore:
         self.nodes[task.id] = []
         self._order[task.id] = self._seq
         self._add(runs)
+        self._event(now, ev.TASK_CREATED, task.id,
+                    data=ev.created_data(task.name, [r.node_id for r in runs]))
 
     async def add_runs(
         self, task_id: str, node_ids: Sequence[str], now: datetime
@@ -136,28 +148,37 @@ class InMemoryStore:
         new = [n for n in dict.fromkeys(node_ids) if n not in have]
         runs = task.first_runs(now, new)
         self._add(runs)
+        if runs:
+            self._event(now, ev.RUNS_ADDED, task_id,
+                        data=ev.nodes_data([r.node_id for r in runs]))
         return runs
 
     async def pause(self, task_id: str, paused: bool) -> TaskSummary:
         task = self._task(task_id)
-        (self.paused.add if paused else self.paused.discard)(task_id)
+        if (task_id in self.paused) != paused:
+            (self.paused.add if paused else self.paused.discard)(task_id)
+            self._event(utcnow(), ev.TASK_PAUSED if paused else ev.TASK_RESUMED, task_id)
         return self._summary(task)
 
     async def abort(self, task_id: str, reason: str, now: datetime) -> Sequence[Run]:
         runs = await self.get_runs(task_id)
         self.aborted[task_id] = reason
         self.closed_tasks.add(task_id)
-        return [
+        out = [
             self._move(r.key, RunState.CANCELLED, finished_at=now, error=reason)
             for r in runs
             if r.state is RunState.PENDING
         ]
+        self._event(now, ev.TASK_ABORTED, task_id,
+                    data=ev.nodes_data([r.node_id for r in out], reason=ev.clip(reason)))
+        return out
 
     async def retry(
         self, task_id: str, states: Collection[RunState], now: datetime
     ) -> Sequence[Run]:
         wanted = retryable(states)
         runs = await self.get_runs(task_id)
+        reopened = task_id in self.closed_tasks or task_id in self.aborted
         self.aborted.pop(task_id, None)
         self.closed_tasks.discard(task_id)
         out = []
@@ -173,6 +194,8 @@ class InMemoryStore:
                 if run.key not in keys:  # pruned while it was terminal
                     keys.append(run.key)
                     keys.sort(key=lambda k: self._order[k.task_id])
+        if out or reopened:
+            self._event(now, ev.RUNS_RETRIED, task_id, data=ev.retried_data(out, wanted))
         return out
 
     async def attempts(self, task_id: str) -> Mapping[str, Sequence[Attempt]]:
@@ -262,6 +285,7 @@ class InMemoryStore:
         self.aborted.pop(task_id, None)
         for run in runs:
             self.history.pop(run.key, None)
+        self._event(utcnow(), ev.TASK_DELETED, task_id, data={"runs": len(runs)})
 
     # ---------------------------------------------------------------- the loop's verbs
 
@@ -313,6 +337,8 @@ class InMemoryStore:
         except BaseException:
             self.runs = before  # all or nothing, like one transaction
             raise
+        for run, _ in out:
+            self._event(now, ev.RUN_CLAIMED, run.task_id, run.node_id, ev.run_data(run))
         return out
 
     async def finish(
@@ -344,6 +370,7 @@ class InMemoryStore:
                 changes["started_at"] = outcome.started_at
         run = self._move(key, state, **changes)
         self._record(run, state, error)
+        self._event(now, ev.RUN_FINISHED, key.task_id, key.node_id, ev.run_data(run))
         return run
 
     async def release(
@@ -370,6 +397,8 @@ class InMemoryStore:
         reason = self.aborted.get(key.task_id)
         if reason is not None:  # aborted while it was out: it goes no further
             run = self._move(key, RunState.CANCELLED, finished_at=now, error=reason)
+        self._event(now, ev.RUN_RELEASED, key.task_id, key.node_id,
+                    ev.released_data(run, delivered))
         return run
 
     async def cancel(
@@ -377,12 +406,16 @@ class InMemoryStore:
     ) -> Sequence[Run]:
         runs = await self.get_runs(task_id)
         wanted = None if node_ids is None else set(node_ids)
+        closed = wanted is None and task_id not in self.closed_tasks
         if wanted is None:
             self.closed_tasks.add(task_id)
         out = []
         for run in runs:
             if run.state is RunState.PENDING and (wanted is None or run.node_id in wanted):
                 out.append(self._move(run.key, RunState.CANCELLED, finished_at=now))
+        if out or closed:
+            self._event(now, ev.RUNS_CANCELLED, task_id,
+                        data=ev.nodes_data([r.node_id for r in out], closed=wanted is None))
         return out
 
     async def expire_due(self, now: datetime) -> int:
@@ -391,10 +424,17 @@ class InMemoryStore:
             for r in self.runs.values()
             if r.state is RunState.PENDING and r.expires_at is not None and r.expires_at <= now
         ]
+        by_task: dict[str, list[str]] = {}
         for key in due:
             self._move(
                 key, RunState.EXPIRED, finished_at=now, error="expired before it could start"
             )
+            by_task.setdefault(key.task_id, []).append(key.node_id)
+        for task_id in sorted(by_task, key=lambda t: self._order[t]):
+            nodes = by_task[task_id]
+            positions = {n: i for i, n in enumerate(self.nodes[task_id])}
+            nodes.sort(key=positions.__getitem__)
+            self._event(now, ev.RUNS_EXPIRED, task_id, data=ev.nodes_data(nodes))
         return len(due)
 
     async def dispatched(self) -> Sequence[Run]:
@@ -412,6 +452,22 @@ class InMemoryStore:
 
     async def counts(self) -> Mapping[RunState, int]:
         return dict(Counter(r.state for r in self.runs.values()))
+
+    # ---------------------------------------------------------------- the event log
+
+    async def events_after(self, after: int, limit: int = 1000) -> Sequence[ev.Event]:
+        start = bisect_right(self.events, after, key=lambda e: e.id)
+        return self.events[start : start + max(limit, 0)]
+
+    async def last_event_id(self) -> int:
+        return self.events[-1].id if self.events else 0
+
+    async def prune_events(self, before: datetime) -> int:
+        cut = 0
+        while cut < len(self.events) and self.events[cut].at < before:
+            cut += 1
+        del self.events[:cut]
+        return cut
 
     # ---------------------------------------------------------------- tokens
 

@@ -5,6 +5,10 @@ in ``ghostrunner.sqlite`` (:class:`~ghostrunner.SQLiteStore`), ``ghostrunner.mes
 (:class:`~ghostrunner.MeshCentralExecutor`) and ``ghostrunner.testing`` (in-memory
 fakes). One contract test suite (``tests/contract``) runs against every store.
 
+Every store also keeps the **event log** (:mod:`ghostrunner.events`): each verb that
+changes a task or a run writes its :class:`~ghostrunner.events.Event` in the same
+transaction, and :meth:`Store.events_after` reads them back in order.
+
 API tokens are not the queue's business: the HTTP package keeps them behind its own
 ``TokenStore`` protocol, which a store may implement as well (both shipped stores do).
 """
@@ -29,6 +33,7 @@ from ._types import (
     TaskQuery,
     TaskSummary,
 )
+from .events import Event
 
 __all__ = ["Executor", "Store"]
 
@@ -48,6 +53,15 @@ class Store(Protocol):
     * Methods never block the event loop for long (SQLite work runs on its own thread).
     * Raises only ``NotFound``, ``Conflict``, ``IllegalTransition`` or other
       ``StoreError``\\ s, never the backend library's own exceptions.
+    * Every change is written with its :class:`~ghostrunner.events.Event` (the kinds and
+      their ``data`` are in :mod:`ghostrunner.events`), in the same transaction: the
+      verbs that change runs or tasks write one event per run for the loop's verbs
+      (``claim_many``: ``run.claimed`` per run claimed; ``finish``: ``run.finished``;
+      ``release``: ``run.released``), and one task-level event per call and task for the
+      others (``add_task``: ``task.created``; ``cancel``: ``runs.cancelled``; ``abort``:
+      ``task.aborted``; ``pause``: ``task.paused`` / ``task.resumed``; ``retry``:
+      ``runs.retried``; ``expire_due``: ``runs.expired`` per task; ``add_runs``:
+      ``runs.added``; ``delete_task``: ``task.deleted``), only when something changed.
     """
 
     async def open(self) -> None:
@@ -197,6 +211,26 @@ class Store(Protocol):
 
     async def counts(self) -> Mapping[RunState, int]:
         """How many runs are in each state, over all tasks."""
+
+    # ---------------------------------------------------------------- the event log
+
+    async def events_after(self, after: int, limit: int = 1000) -> Sequence[Event]:
+        """The events whose id is above ``after``, oldest first, at most ``limit``.
+
+        Ids become visible in increasing order (a store shared by several processes
+        makes sure of it): once an event is returned, no event with a lower id shows up
+        later. So the id of the last event read is a complete cursor: pass it again to
+        get what came next, nothing lost, nothing twice (``after=0``: from the oldest
+        event kept). Only committed events are returned."""
+
+    async def last_event_id(self) -> int:
+        """The id of the newest event stored, 0 if there is none: where a reader that
+        wants only what comes from now on starts."""
+
+    async def prune_events(self, before: datetime) -> int:
+        """Delete the oldest events, those written before ``before``, up to the first
+        one that is not (retention); return how many were deleted. Ids are never
+        reused."""
 
     # ---------------------------------------------------------------- the loop's verbs for fleets
 

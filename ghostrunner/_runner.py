@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Self
 
 import attrs
 
+from ._feed import EventFeed
 from ._loop import LoopSettings, Reconciler
 from ._protocols import Executor, Store
 from ._types import (
@@ -26,6 +27,7 @@ from ._types import (
     utcnow,
 )
 from .errors import IllegalTransition, NotFound, ValidationError
+from .events import Event
 
 __all__ = ["FlushResult", "GhostRunner"]
 
@@ -73,6 +75,7 @@ class GhostRunner:
         self.clock = clock
         self.background = background
         self._changed = asyncio.Event()
+        self._feed = EventFeed(store, poll_interval=self.settings.events_poll)
         self.loop = Reconciler(
             store, executor, self.settings, clock=clock, on_change=self._notify
         )
@@ -326,6 +329,46 @@ class GhostRunner:
         self._notify()
         return FlushResult(cancelled=cancelled, deleted=deleted, kept=kept)
 
+    # ---------------------------------------------------------------- events
+
+    def events(
+        self,
+        after: int | None = None,
+        *,
+        task_id: str | None = None,
+        kinds: Collection[str] | None = None,
+    ) -> AsyncIterator[Event]:
+        """Follow the event log (:mod:`ghostrunner.events`): every event stored after
+        the id ``after`` (None: only those to come), oldest first, then each new one
+        as it is written, for as long as you iterate. Nothing is lost or repeated
+        between two events read: to resume later (another process, after a restart),
+        pass the id of the last one you handled. A cursor older than the store's
+        retention misses what was pruned; one beyond the newest event (the database was
+        replaced) starts from the oldest event kept.
+
+        ``task_id`` and ``kinds`` keep only the events of that task, of those kinds.
+
+        Followers share one window of recent events (one store query per change,
+        however many follow); they are woken at once by this process's writes, and
+        look at the store every ``settings.events_poll`` seconds for the writes of other
+        processes (or call :meth:`wake_events` when you learn of those).
+        """
+        wanted = None if kinds is None else frozenset(kinds)
+
+        def accept(event: Event) -> bool:
+            return ((task_id is None or event.task_id == task_id)
+                    and (wanted is None or event.kind in wanted))
+
+        plain = task_id is None and wanted is None
+        return self._feed.follow(after, None if plain else accept)
+
+    def wake_events(self) -> None:
+        """Tell the :meth:`events` followers that new events may be in the store: they
+        read them now instead of at their next poll. This process's own writes call it;
+        call it when you learn that another process wrote some (a PostgreSQL
+        ``NOTIFY``, for instance). Cheap, and harmless when nothing is new."""
+        self._feed.wake()
+
     def devices(self) -> Mapping[str, Device]:
         """The executor's current view of the devices."""
         return self.executor.devices()
@@ -340,3 +383,4 @@ class GhostRunner:
         # wake every waiter, then arm a fresh event for the next change
         self._changed.set()
         self._changed = asyncio.Event()
+        self._feed.wake()  # its writes came with events

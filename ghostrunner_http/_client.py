@@ -16,7 +16,7 @@ import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from http.client import HTTPMessage
 from typing import IO, Any, NoReturn
 
@@ -138,3 +138,42 @@ class ApiClient:
         if status >= 400:
             raise ApiFailure(status, str(answer.get("message", "")), answer.get("data"))
         return answer["data"]
+
+    def stream(self, path: str, *, params: Mapping[str, Any] | None = None,
+               headers: Mapping[str, str] | None = None, timeout: float = 60.0,
+               ) -> Iterator[bytes]:
+        """The lines of a streaming answer (``GET /events``), as they come; ends when
+        the server closes it. ``timeout``: the longest silence before giving up
+        (``TimeoutError``; the server's keep-alive comments count as lines).
+
+        Raises:
+            ApiFailure: the server answered with an error status.
+            Unreachable: no answer.
+        """
+        url = self.url + path
+        if params:
+            query = {k: str(v) for k, v in params.items() if v is not None}
+            if query:
+                url += "?" + urllib.parse.urlencode(query)
+        sent = {"Accept": "text/event-stream", **(headers or {})}
+        if self.token:
+            sent["Authorization"] = f"Bearer {self.token}"
+        request = urllib.request.Request(url, method="GET", headers=sent)  # noqa: S310
+        try:
+            response = self._opener.open(request, timeout=timeout)
+        except urllib.error.HTTPError as exc:
+            raw = exc.read()
+            try:
+                answer = json.loads(raw.decode("utf-8"))
+                message = str(answer.get("message", ""))
+            except (UnicodeDecodeError, ValueError, AttributeError):
+                message = f"not a GhostRunner answer: {raw[:200]!r}"
+            raise ApiFailure(exc.code, message) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise Unreachable(
+                f"cannot reach GhostRunner at {redact_url(self.url)}: {reason}"
+            ) from None
+        with response:
+            while line := response.readline():
+                yield line

@@ -19,6 +19,16 @@ them use up the process's file descriptors, after which no request is answered a
   keep-alive, or sending one slowly), else the oldest still sending a body; when every
   connection has a whole request being answered, the new one gets a 503 and is closed.
 
+**Event streams** (``GET /events``, ``/ui/events``: :data:`._events.STREAM_PATHS`) are
+long-lived answers: once a connection's request is one of them, it leaves the count of
+``max_connections`` for a count of its own (the app caps streams at ``max_streams``,
+503 beyond), so that streams never take the places of ordinary requests, and it is
+never evicted (it has a whole request in progress). Instead, a stream whose client takes
+nothing for ``stream_send_timeout`` seconds (the socket's buffer stays full: uvicorn
+paused writing) is closed: a slow client cannot make the server hold its events. When
+the server shuts down, stream connections are closed at once (uvicorn would wait for
+them to finish, and they never do); clients reconnect with ``Last-Event-ID``.
+
 The timeouts live in uvicorn's HTTP/1.1 protocol (:func:`guarded_protocol` subclasses
 it); the state they read is h11's (``their_state``: ``IDLE`` while a head is awaited,
 ``SEND_BODY`` while a body is) and uvicorn's request cycle (``response_started``).
@@ -45,6 +55,8 @@ from typing import Any, ClassVar
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from ._events import STREAM_PATHS
 
 __all__ = [
     "ACCEPT_SLACK",
@@ -114,19 +126,29 @@ class ConnectionGuard:
     Args:
         header_timeout: seconds a client may take to send a request's head.
         body_timeout: seconds a client may take to send a request's body, after its head.
-        max_connections: connections open at once (see :func:`connection_limit`).
+        max_connections: connections open at once (see :func:`connection_limit`), event
+            streams not counted.
+        max_streams: event streams open at once (the app refuses more); their sockets
+            are budgeted on top of ``max_connections``.
+        stream_send_timeout: seconds an event stream's client may leave its socket full
+            before it is closed.
     """
 
     def __init__(self, *, header_timeout: float, body_timeout: float,
-                 max_connections: int) -> None:
+                 max_connections: int, max_streams: int = 0,
+                 stream_send_timeout: float = 30.0) -> None:
         self.header_timeout = header_timeout
         self.body_timeout = body_timeout
         self.max_connections = max_connections
-        self.socket_budget = max_connections + ACCEPT_SLACK
+        self.max_streams = max_streams
+        self.stream_send_timeout = stream_send_timeout
+        self.socket_budget = max_connections + max_streams + ACCEPT_SLACK
         self.open: dict[GuardedProtocol, None] = {}  # insertion order: oldest first
+        self.streams: set[GuardedProtocol] = set()  # answering an event stream
         self.sockets = 0  # accepted by the listener, not yet closed
         self.closing = 0  # closed by the guard, not yet gone
-        self.closed = {"header_timeout": 0, "body_timeout": 0, "evicted": 0, "refused": 0}
+        self.closed = {"header_timeout": 0, "body_timeout": 0, "evicted": 0, "refused": 0,
+                       "stalled_stream": 0}
         self._logged = dict(self.closed)
         self._last_log = 0.0
 
@@ -171,6 +193,12 @@ class ConnectionGuard:
 
     def release(self, conn: GuardedProtocol) -> None:
         self.open.pop(conn, None)
+        self.streams.discard(conn)
+
+    def stream(self, conn: GuardedProtocol) -> None:
+        """``conn`` answers an event stream: it counts as a stream, not a connection."""
+        self.open.pop(conn, None)
+        self.streams.add(conn)
 
     def refuse(self, sock: socket.socket) -> None:
         """Answer 503 on a socket just accepted, and close it."""
@@ -255,7 +283,9 @@ class GuardedProtocol(H11Protocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.phase: str | None = None
+        self.streaming = False
         self._deadline: asyncio.TimerHandle | None = None
+        self._stall: asyncio.TimerHandle | None = None
         self._closing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -265,6 +295,7 @@ class GuardedProtocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._unstall()
         self.phase = None
         self.guard.release(self)
         if self._closing:
@@ -278,7 +309,42 @@ class GuardedProtocol(H11Protocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        if self.streaming:  # (a refused one: 401, 422, 503...) a connection again
+            self.streaming = False
+            self._unstall()
+            self.guard.streams.discard(self)
+            if not self.transport.is_closing():
+                self.guard.open[self] = None
         self._watch()  # waiting for the next request's head (or a pipelined one)
+
+    # ------------------------------------------------------------------ event streams
+
+    def shutdown(self) -> None:
+        if self.streaming and not self.transport.is_closing():
+            # a stream never finishes by itself: uvicorn would wait for it until its
+            # graceful shutdown timeout. Its client reconnects with Last-Event-ID.
+            self.transport.abort()
+        super().shutdown()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.streaming and self._stall is None:
+            self._stall = self.loop.call_later(self.guard.stream_send_timeout, self._stalled)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._unstall()
+
+    def _unstall(self) -> None:
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+
+    def _stalled(self) -> None:
+        self._stall = None
+        if not self.transport.is_closing():
+            self.guard._count("stalled_stream")
+            self.transport.abort()  # the app's stream sees the disconnection and ends
 
     # ------------------------------------------------------------------ the guard's view
 
@@ -314,6 +380,11 @@ class GuardedProtocol(H11Protocol):
 
     def _watch(self) -> None:
         phase = self._current_phase()
+        if (phase is None and not self.streaming and self.cycle is not None
+                and not self.cycle.response_complete and self.cycle.scope["method"] == "GET"
+                and self.cycle.scope["path"] in STREAM_PATHS):
+            self.streaming = True
+            self.guard.stream(self)
         if phase == self.phase:
             return  # the deadline of this phase stands, however the data trickles
         self._disarm()

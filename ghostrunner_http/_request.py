@@ -27,6 +27,7 @@ from ghostrunner.tokens import Scope, Token
 
 from ._audit import AuditStore, note
 from ._errors import BadRequest, Forbidden, PayloadTooLarge, Unauthorized
+from ._events import StreamSlots
 from ._tokens import TokenStore, hash_secret
 
 __all__ = ["Authenticator", "Call", "Services", "authorize", "parse_json", "read_body"]
@@ -114,6 +115,10 @@ class Services:
     """Where the tasks are kept: postgresql, sqlite, memory or custom."""
     audit: AuditStore | None = None
     """Where the audit log goes (None: a store that keeps none)."""
+    streams: StreamSlots = attrs.field(factory=lambda: StreamSlots(100))
+    """The event streams open, and how many may be."""
+    stream_heartbeat: float = 15.0
+    stream_send_timeout: float = 30.0
 
 
 def services(request: Request) -> Services:

@@ -29,6 +29,8 @@ from ghostrunner.tokens import Scope, Token
 
 from ._audit import AuditLog, AuditStore, note, pruning, render_entry
 from ._errors import ConflictError, exception_handlers
+from ._events import StreamSlots, open_stream
+from ._events import pruning as events_pruning
 from ._ops import delete_matching, delete_task
 from ._parse import (
     parse_abort,
@@ -131,6 +133,19 @@ async def audit_list(request: Request) -> Response:
     page = await store.query_audit(parse_audit_query(request.query_params))
     return envelope({"entries": [render_entry(e) for e in page.items],
                      "next_cursor": page.next_cursor})
+
+
+async def events(request: Request) -> Response:
+    """``GET /events``: the event log as Server-Sent Events (read; see ``_events``)."""
+    call = await authorize(request, Scope.READ)
+    svc = call.services
+    secret_hash = call.token.secret_hash
+
+    async def allowed() -> bool:  # a token revoked meanwhile ends its streams
+        return await svc.tokens.token_by_hash(secret_hash) is not None
+
+    return open_stream(request, svc.runner, svc.streams, heartbeat=svc.stream_heartbeat,
+                       send_timeout=svc.stream_send_timeout, allowed=allowed)
 
 
 async def token_list(request: Request) -> Response:
@@ -286,6 +301,7 @@ ROUTES = [
     Route("/tasks/{task_id}/abort", task_abort, methods=["POST"], name="task_abort"),
     Route("/devices", devices, methods=["GET"], name="devices"),
     Route("/audit", audit_list, methods=["GET"], name="audit"),
+    Route("/events", events, methods=["GET"], name="events"),
 ]
 
 
@@ -454,12 +470,17 @@ def create_app(
                 connected=_connected(runs_on, kind),
                 store_kind=_store_kind(queue),
                 audit=audit_store,
+                streams=StreamSlots(cfg.max_streams),
+                stream_heartbeat=cfg.stream_heartbeat,
+                stream_send_timeout=cfg.stream_send_timeout,
             )
             app.state.services = svc
             async with contextlib.AsyncExitStack() as background:
                 if audit_store is not None:
                     await background.enter_async_context(
                         pruning(audit_store, cfg.audit_retention_days, clock))
+                await background.enter_async_context(
+                    events_pruning(runner, cfg.events_retention_days, clock))
                 yield {"services": svc}
                 log.info("shutting down: stopping the reconcile loop")
 

@@ -3,9 +3,10 @@
 sandbox (see ``_lab_cmd``); ``db migrate`` copies a SQLite database into PostgreSQL (see
 ``_db_cmd``).
 
-Exit status: 0 success; 1 ``tasks wait``/``--wait``: a run did not succeed; 2 usage or
-configuration error; 3 the server answered with an error or could not be reached
-(``serve``: could not start); 124 ``wait`` timed out.
+Exit status: 0 success (``tasks watch``: Ctrl-C too); 1 ``tasks wait``/``--wait``/``tasks
+watch TASK_ID``: a run did not succeed; 2 usage or configuration error; 3 the server
+answered with an error or could not be reached (``serve``: could not start); 124 ``wait``
+timed out.
 
 What the server sends (task names, commands, device output, device names, error
 messages) is anyone's text: printed for a human, its control characters are shown
@@ -29,6 +30,8 @@ import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
+
+import attrs
 
 from ghostrunner import Delivery, RunState, Shell, TaskStatus
 from ghostrunner.tokens import Scope
@@ -164,16 +167,27 @@ def serve(settings: Settings) -> int:
     else:
         log.info("executor: fake (%d simulated devices; no MeshCentral)",
                  len(settings.fake_devices))
+    # event streams have sockets of their own, on top of max_connections; under a low
+    # descriptor limit they get a quarter of what there is at most
+    sockets = connection_limit(settings.max_connections + settings.max_streams,
+                               fd_soft_limit())
+    streams = settings.max_streams
+    if sockets < settings.max_connections + settings.max_streams:
+        streams = max(1, min(settings.max_streams, sockets // 4))
+        settings = attrs.evolve(settings, max_streams=streams)
     guard = ConnectionGuard(
         header_timeout=settings.header_timeout,
         body_timeout=settings.body_timeout,
-        max_connections=connection_limit(settings.max_connections, fd_soft_limit()),
+        max_connections=max(1, min(settings.max_connections, sockets - streams)),
+        max_streams=streams,
+        stream_send_timeout=settings.stream_send_timeout,
     )
     if guard.max_connections < settings.max_connections:
-        log.warning("at most %d client connections at once (server.max_connections is %d): "
-                    "the file descriptor limit is %s (ulimit -n), and %d are kept for the "
-                    "database and MeshCentral", guard.max_connections,
-                    settings.max_connections, fd_soft_limit(), FD_RESERVE)
+        log.warning("at most %d client connections and %d event streams at once "
+                    "(server.max_connections is %d): the file descriptor limit is %s "
+                    "(ulimit -n), and %d are kept for the database and MeshCentral",
+                    guard.max_connections, streams, settings.max_connections,
+                    fd_soft_limit(), FD_RESERVE)
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
@@ -637,6 +651,129 @@ def cmd_tasks_wait(args: argparse.Namespace, out: TextIO) -> int:
     return _wait(_client(args), args.id, args, out)
 
 
+#: the kinds after which a watched task may have no active run left
+_ENDINGS = frozenset({"run.finished", "run.released", "runs.cancelled", "task.aborted",
+                      "runs.expired"})
+
+
+def _event_line(event: Mapping[str, Any]) -> str:
+    """One event for a human: time, kind, task, device, what it says."""
+    data: Mapping[str, Any] = event.get("data") or {}
+    when = str(event.get("at", ""))[:19].replace("T", " ")
+    parts = [when, f"{event.get('kind', ''):<15}", str(event.get("task_id", ""))]
+    if event.get("node_id"):
+        parts.append(str(event["node_id"]))
+    said: list[str] = []
+    if "state" in data:
+        said.append(str(data["state"]))
+    if data.get("exit_code") is not None:
+        said.append(f"exit {data['exit_code']}")
+    if "attempts" in data and event.get("kind") != "run.released":
+        said.append(f"attempt {data['attempts']}")
+    if data.get("recovered"):
+        said.append("recovered")
+    if "name" in data:
+        said.append(f"name {data['name']!r}")
+    if "runs" in data:
+        said.append(f"{data['runs']} run(s)")
+    if "count" in data:
+        nodes = list(data.get("nodes") or [])
+        shown = ", ".join(str(n) for n in nodes[:3])
+        more = f" +{len(nodes) - 3} more" if len(nodes) > 3 else ""
+        said.append(f"{data['count']} run(s)" + (f": {shown}{more}" if nodes else ""))
+    if data.get("states"):
+        said.append("states " + ",".join(str(s) for s in data["states"]))
+    if data.get("reason"):
+        said.append(f"reason: {data['reason']}")
+    if data.get("error"):
+        said.append(f"error: {data['error']}")
+    line = "  ".join(parts) + ("  " + ", ".join(said) if said else "")
+    return str(terminal_safe(line.replace("\n", " ")))
+
+
+def _task_active(client: ApiClient, task_id: str) -> tuple[bool, str]:
+    """Whether the task still has runs pending or dispatched, and its status."""
+    task = client.call("GET", f"/tasks/{_segment(task_id)}", params={"limit": 1})
+    counts: Mapping[str, int] = task["counts"]
+    active = counts.get("pending", 0) + counts.get("dispatched", 0)
+    return active > 0, str(task["status"])
+
+
+def _watch(client: ApiClient, args: argparse.Namespace, out: TextIO) -> int:
+    task_id: str | None = args.id
+    last: int | None = args.after
+    params = {"task": task_id}
+    connected_once = False
+    backoff = 0.5
+    while True:
+        headers = {} if last is None else {"Last-Event-ID": str(last)}
+        try:
+            # Has the task ended already? A stream from now on (the first one, without
+            # --after): ask as soon as it is open (its start is fixed: what ends the
+            # task later comes in it). A stream that replays (a reconnection, --after):
+            # once it has caught up (its first keep-alive: the replayed events, the
+            # end among them, are printed first).
+            check = "never" if task_id is None else (
+                "open" if not connected_once and args.after is None else "caught_up")
+            for raw in client.stream("/events", params=params, headers=headers):
+                connected_once = True
+                backoff = 0.5
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                if check == "open" or (check == "caught_up" and line.startswith(": keepalive")):
+                    check = "never"
+                    assert task_id is not None
+                    active, status = _task_active(client, task_id)
+                    if not active:
+                        print(f"task {terminal_safe(task_id)} has no active run left: "
+                              f"{status}", file=sys.stderr)
+                        return (EXIT_OK if status == TaskStatus.SUCCEEDED.value
+                                else EXIT_RUN_FAILED)
+                if line.startswith("id: "):
+                    last = int(line[4:])  # an id line alone too: filtered events moved it
+                    continue
+                if not line.startswith("data: "):
+                    continue
+                event = json.loads(line[6:])
+                if args.json:
+                    text = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+                    print(re.sub("[\x7f-\x9f]", lambda m: f"\\u{ord(m.group()):04x}", text),
+                          file=out, flush=True)
+                else:
+                    print(_event_line(event), file=out, flush=True)
+                if task_id is None:
+                    continue
+                if event.get("kind") == "task.deleted":
+                    print(f"task {terminal_safe(task_id)} was deleted", file=sys.stderr)
+                    return EXIT_RUN_FAILED
+                if event.get("kind") in _ENDINGS:
+                    active, status = _task_active(client, task_id)
+                    if not active:
+                        print(f"task {terminal_safe(task_id)} has no active run left: "
+                              f"{status}", file=sys.stderr)
+                        return (EXIT_OK if status == TaskStatus.SUCCEEDED.value
+                                else EXIT_RUN_FAILED)
+        except (Unreachable, TimeoutError, OSError, ValueError) as exc:
+            if not connected_once:
+                raise Unreachable(str(exc)) from None
+            print(f"ghostrunner: the event stream broke ({terminal_safe(str(exc)) or 'closed'});"
+                  f" reconnecting after event {last}", file=sys.stderr)
+        else:
+            if not connected_once:
+                raise Unreachable("the server closed the event stream at once")
+            print(f"ghostrunner: the server closed the event stream; reconnecting after "
+                  f"event {last}", file=sys.stderr)
+        time.sleep(backoff)
+        backoff = min(backoff * 2, 10.0)
+
+
+def cmd_tasks_watch(args: argparse.Namespace, out: TextIO) -> int:
+    """Follow the event log (``GET /events``), one line per event; see the help."""
+    try:
+        return _watch(_client(args), args, out)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
 def cmd_tokens_create(args: argparse.Namespace, out: TextIO) -> int:
     token = _client(args).call(
         "POST", "/token/create", body={"details": {"name": args.name, "scope": args.scope}}
@@ -743,8 +880,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     s.set_defaults(handler=None)
 
-    tasks = sub.add_parser("tasks", help="queue, list, show, pause, retry, abort, cancel "
-                                         "and wait for tasks")
+    tasks = sub.add_parser("tasks", help="queue, list, show, pause, retry, abort, cancel, "
+                                         "wait for and watch tasks")
     tsub = tasks.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     p = tsub.add_parser(
@@ -876,6 +1013,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     _wait_options(p)
     p.set_defaults(handler=cmd_tasks_wait)
+
+    p = tsub.add_parser(
+        "watch", parents=[client], help="follow runs and tasks as they change (live events)",
+        description="Print one line per event (task created, run claimed, finished, "
+                    "released, runs cancelled, retried, expired...) as the server records "
+                    "them, from GET /events. A lost connection is resumed where it was "
+                    "(Last-Event-ID): no event is missed or printed twice. --json prints "
+                    "each event as one line of JSON. Ctrl-C stops it (exit 0). With a task "
+                    "id: only that task's events, and it exits when the task has no run "
+                    "pending or in flight left: 0 if every run succeeded, 1 otherwise "
+                    "(failed, cancelled, aborted, expired, or the task was deleted); 3 if "
+                    "the task does not exist or the server cannot be reached.")
+    p.add_argument("id", nargs="?", help="only this task's events; exit when it is done")
+    p.add_argument("--after", type=int, metavar="EVENT_ID",
+                   help="start after this event id (0: from the oldest kept; default: "
+                        "only the events to come)")
+    p.set_defaults(handler=cmd_tasks_watch)
 
     tokens = sub.add_parser("tokens", help="manage API tokens (needs an admin token)")
     ksub = tokens.add_subparsers(dest="action", required=True, metavar="ACTION")

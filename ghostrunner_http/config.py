@@ -134,6 +134,14 @@ class Settings:
         loop: tuning of the reconcile loop (:class:`ghostrunner.LoopSettings`).
         audit_retention_days: audit log entries older than this are pruned (at start,
             then every 6 hours).
+        max_streams: event streams (``GET /events``, the console's live updates) open
+            at once; counted apart from ``max_connections`` (503 beyond).
+        stream_heartbeat: seconds between keep-alive comments on a quiet event stream
+            (below the idle timeout of any proxy in front).
+        stream_send_timeout: seconds an event stream's client may take to take one
+            write; then it is dropped (it reconnects with ``Last-Event-ID``).
+        events_retention_days: events older than this are pruned (at start, then every
+            hour); a client resuming from an older event misses what was pruned.
     """
 
     database: Path = Path("ghostrunner.db")
@@ -167,6 +175,10 @@ class Settings:
     )
     loop: LoopSettings = attrs.field(factory=LoopSettings)
     audit_retention_days: int = 90
+    max_streams: int = 100
+    stream_heartbeat: float = 15.0
+    stream_send_timeout: float = 30.0
+    events_retention_days: float = 7.0
 
     def __attrs_post_init__(self) -> None:
         if self.database_synchronous not in ("FULL", "NORMAL"):
@@ -197,6 +209,14 @@ class Settings:
             raise ConfigError("server.max_connections", "must be between 1 and 1000000")
         if not 1 <= self.audit_retention_days <= 100_000:
             raise ConfigError("audit.retention_days", "must be between 1 and 100000")
+        if not 1 <= self.max_streams <= 100_000:
+            raise ConfigError("server.max_streams", "must be between 1 and 100000")
+        for key, seconds in (("server.stream_heartbeat", self.stream_heartbeat),
+                             ("server.stream_send_timeout", self.stream_send_timeout)):
+            if not 0 < seconds <= 3600:  # also refuses NaN
+                raise ConfigError(key, "must be a number of seconds > 0 and <= 3600")
+        if not 0 < self.events_retention_days <= 100_000:
+            raise ConfigError("events.retention_days", "must be > 0 and <= 100000")
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
             raise ConfigError("server.log_level", "must be debug, info, warning or error")
         if self.executor == "meshcentral":
@@ -440,6 +460,10 @@ _KEYS: dict[str, tuple[str, _Parser]] = {
     "meshcentral.group_id": ("meshcentral_group_id", _opt_str),
     "fake.devices": ("fake_devices", _devices),
     "audit.retention_days": ("audit_retention_days", _int),
+    "server.max_streams": ("max_streams", _int),
+    "server.stream_heartbeat": ("stream_heartbeat", _float),
+    "server.stream_send_timeout": ("stream_send_timeout", _float),
+    "events.retention_days": ("events_retention_days", _float),
 }
 _SECRET_FILES: dict[str, str] = {
     "admin_token_file": "admin_token",
@@ -453,6 +477,7 @@ _LOOP_KEYS: dict[str, _Parser] = {
     "loop.dispatch_grace": _float,
     "loop.shutdown_grace": _float,
     "loop.output_limit": _int,
+    "loop.events_poll": _float,
 }
 
 #: Every key the TOML file may hold (``section.key``), for documentation and errors.
@@ -535,8 +560,8 @@ def load_settings(
     for key, parse in _LOOP_KEYS.items():
         if key in raw:
             loop[key.split(".", 1)[1]] = parse(key, raw[key])
-    for key in ("resync_interval", "retry_base", "retry_cap"):
-        if key in loop and loop[key] <= 0:
+    for key in ("resync_interval", "retry_base", "retry_cap", "events_poll"):
+        if key in loop and not loop[key] > 0:
             raise ConfigError(f"loop.{key}", "must be > 0")
     if loop.get("output_limit", 2) < 2:
         raise ConfigError("loop.output_limit", "must be at least 2")

@@ -13,6 +13,7 @@ from typing import Any
 
 import ghostrunner
 from ghostrunner import Delivery, RunState, Shell, Task, TaskStatus
+from ghostrunner.events import KINDS
 from ghostrunner.tokens import Scope
 
 MAX_COMMAND = Task.MAX_COMMAND
@@ -455,6 +456,22 @@ SCHEMAS: dict[str, Schema] = {
                       ["entries", "next_cursor"]),
     "TokenDeleted": _obj({"name": {"type": "string"}, "deleted": {"const": True}},
                          ["name", "deleted"]),
+    "Event": _obj(
+        {
+            "id": {"type": "integer", "minimum": 1,
+                   "description": "Increasing, in the order events became visible."},
+            "at": _DATETIME,
+            "kind": {"type": "string", "enum": list(KINDS)},
+            "task_id": {"type": "string"},
+            "node_id": _nullable({"type": "string", "description": "The run's device "
+                                  "(run.* kinds); null for task-level kinds."}),
+            "data": {"type": "object", "description": "Depends on the kind (see "
+                     "docs/concepts.md): state, attempts, exit_code, count, nodes..."},
+        },
+        ["id", "at", "kind", "task_id", "node_id", "data"],
+        description="One change of a task or a run, as GET /events sends it in each "
+                    "message's data.",
+    ),
     "Device": _obj(
         {
             "name": {"type": "string"},
@@ -755,11 +772,51 @@ def _paths() -> dict[str, Any]:
                                   "enum": ["1xx", "2xx", "3xx", "4xx", "5xx"]},
                        "Only answers of this status class."),
             ], tag="audit")},
+        "/events": {"get": _events_op()},
         "/devices": {"get": _op(
             "Devices, online and offline", Scope.READ,
             _ok(_ref("PyOnlineDevices"), "The executor's current view."),
             description=_AUTH_ONLY, tag="devices")},
     }
+
+
+def _events_op() -> Schema:
+    """``GET /events``: a stream, not an envelope."""
+    op = _op(
+        "Follow the event log (Server-Sent Events)", Scope.READ,
+        {"description": "An endless text/event-stream: each event is a message with "
+                        "`id:` (its id), `event:` (its kind) and `data:` (the Event as "
+                        "JSON, one line); `: keepalive` comments on a quiet stream; an "
+                        "`id:` line alone when filtered-out events moved the cursor.",
+         "content": {"text/event-stream": {"schema": {"type": "string"}},
+                     # for the documentation: what each message's data holds
+                     "application/json": {"schema": _ref("Event")}}},
+        description="The run and task changes, as they are stored, oldest first: "
+                    "`Last-Event-ID` (sent by EventSource when it reconnects) or `after` "
+                    "resumes after that id, from the store, without gaps, across a "
+                    "restart of the server; without either, the stream starts with the "
+                    "events to come. At most server.max_streams streams are open at once "
+                    "(503 too_many_streams beyond). Not audited (a read). " + _AUTH_ONLY,
+        params=[
+            _query("after", {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                   "Start after this event id (0: from the oldest kept). "
+                   "Last-Event-ID wins."),
+            {"name": "Last-Event-ID", "in": "header", "required": False,
+             "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
+             "description": "The id of the last event received: the stream resumes "
+                            "after it."},
+            _query("task", {"type": "string", "minLength": 1, "maxLength": 1024,
+                            "pattern": _NO_NUL}, "Only the events of this task."),
+            _query("kinds", {"type": "string", "minLength": 1,
+                             "pattern": "^(" + "|".join(k.replace(".", "\\.") for k in KINDS)
+                             + ")(,(" + "|".join(k.replace(".", "\\.") for k in KINDS)
+                             + "))*$"},
+                   "Only events of these kinds, comma-separated: " + ", ".join(KINDS) + "."),
+        ], tag="events")
+    op["responses"]["503"]["description"] = (
+        "Too many event streams are open (too_many_streams, with Retry-After), or the "
+        "database is unavailable; retry.")
+    return op
 
 
 def _task_action(

@@ -32,16 +32,18 @@ INTERNAL = {
     "ghostrunner._loop": {"Reconciler"},
     "ghostrunner._sqlkit": {"STATUS_SQL", "fleet_fields", "fleet_json"},
     "ghostrunner._fanout": {"EventFanout"},
+    "ghostrunner._feed": {"EventFeed"},
     "ghostrunner._output": {"cap_output"},
 }
 
 #: What an application or a backend author needs, and no more (see __init__'s docstring).
-MAX_PUBLIC_NAMES = 29
+MAX_PUBLIC_NAMES = 30
 
 # public library modules with their own __all__ (ghostrunner.demo is a script)
 PUBLIC_MODULES = [
     "ghostrunner",
     "ghostrunner.errors",
+    "ghostrunner.events",
     "ghostrunner.tokens",
     "ghostrunner.testing",
     "ghostrunner.sqlite",
@@ -127,6 +129,7 @@ def test_the_public_api_stays_small() -> None:
     "module_name",
     [
         "ghostrunner.errors",
+        "ghostrunner.events",
         "ghostrunner.tokens",
         "ghostrunner.sqlite",
         "ghostrunner.postgres",
@@ -168,6 +171,15 @@ def test_private_modules_public_api_is_exported(module_name: str) -> None:
 def test_private_module_list_is_complete() -> None:
     assert set(INTERNAL) <= set(private_modules())
     assert "ghostrunner._types" in private_modules()
+
+
+def test_events_module_names_every_kind() -> None:
+    import ghostrunner.events as ev
+
+    assert ghostrunner.Event is ev.Event
+    kinds = {v for k, v in vars(ev).items() if k.isupper() and isinstance(v, str)
+             and "." in v}
+    assert kinds == set(ev.KINDS) and len(ev.KINDS) == 12
 
 
 def test_version() -> None:

@@ -250,6 +250,30 @@ EXPIRE_SQL: Final = """
 UPDATE runs SET state = 'expired', finished_at = %(now)s,
     error = 'expired before it could start'
 WHERE state = 'pending' AND expires_at <= %(now)s
+RETURNING task_seq, position, (SELECT id FROM tasks WHERE seq = task_seq), node
+"""
+
+#: Write events (the verb's last statement): the advisory lock first, held until the
+#: commit, so that event ids become visible in order (see _schema's version 3). One
+#: statement: the lock's row must be joined before any row is inserted, so the ids
+#: (the identity's nextval, taken as each row is inserted) come after it.
+EMIT_SQL: Final = """
+WITH turn AS (SELECT pg_advisory_xact_lock(%(lock)s))
+INSERT INTO events(at, kind, task_id, node_id, data)
+SELECT %(at)s, u.kind, u.task_id, u.node_id, u.data::jsonb
+FROM turn CROSS JOIN unnest(%(kinds)s::text[], %(task_ids)s::text[], %(node_ids)s::text[],
+                            %(data)s::text[]) WITH ORDINALITY AS u(kind, task_id, node_id, data, i)
+ORDER BY u.i
+"""
+
+EVENTS_AFTER_SQL: Final = """
+SELECT id, at, kind, task_id, node_id, data FROM events WHERE id > %s ORDER BY id LIMIT %s
+"""
+
+PRUNE_EVENTS_SQL: Final = """
+DELETE FROM events WHERE id < coalesce(
+    (SELECT id FROM events WHERE at >= %(before)s ORDER BY id LIMIT 1),
+    (SELECT max(id) + 1 FROM events))
 """
 
 NEXT_WAKEUP_SQL: Final = """

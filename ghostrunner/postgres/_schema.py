@@ -48,6 +48,8 @@ from ..errors import StoreError
 
 #: The advisory lock the migrations run under ("GRst").
 MIGRATION_LOCK: Final = 0x47527374
+#: The advisory lock event writers take before their insert, until they commit ("GRev").
+EVENTS_LOCK: Final = 0x47526576
 
 V1_STATES: Final = (
     "pending", "dispatched", "succeeded", "failed", "timed_out", "expired", "cancelled", "lost"
@@ -223,12 +225,32 @@ _V2: Final = (
     "CREATE INDEX audit_task ON audit(task_id, id) WHERE task_id IS NOT NULL",
 )
 
+#: Version 3: the event log (:mod:`ghostrunner.events`): one row per change, written by
+#: the verb that made it, in its transaction. Ids must become visible in increasing
+#: order (a reader's cursor is the last id it saw), which a sequence alone does not
+#: give: two transactions take ids 9 and 10, the second commits first, a reader sees 10
+#: and misses 9. So every transaction that writes events takes the advisory lock
+#: :data:`EVENTS_LOCK` just before its insert (its last statement) and holds it until
+#: it commits: event writers take their ids and commit one at a time, in id order.
+#: No index on ``at``: retention deletes from the oldest id up.
+_V3: Final = (
+    """
+    CREATE TABLE events (
+        id       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        at       timestamptz NOT NULL,
+        kind     text NOT NULL,
+        task_id  text NOT NULL,
+        node_id  text,
+        data     jsonb NOT NULL DEFAULT '{}'
+    )""",
+)
+
 #: ``MIGRATIONS[n]`` brings a database from schema version n to n + 1. Append only.
-MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2)
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 #: GhostRunner's tables: a database that has one of them but no version is not ours.
-_TABLES: Final = ("tasks", "runs", "attempts", "task_counts", "tokens", "audit")
+_TABLES: Final = ("tasks", "runs", "attempts", "task_counts", "tokens", "audit", "events")
 
 
 async def schema_version(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> int:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import OrderedDict
 from collections.abc import (
@@ -27,6 +28,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from .. import events as ev
 from .._types import (
     TERMINAL_STATES,
     TRANSITIONS,
@@ -40,6 +42,7 @@ from .._types import (
     TaskQuery,
     TaskSummary,
     retryable,
+    utcnow,
 )
 from ..audit import AuditEntry, AuditPage, AuditQuery
 from ..errors import (
@@ -53,7 +56,7 @@ from ..errors import (
 from ..tokens import Token
 from . import _queries as q
 from ._import import ImportReport, TaskRecord, import_into
-from ._schema import SCHEMA_VERSION, migrate
+from ._schema import EVENTS_LOCK, SCHEMA_VERSION, migrate
 
 _T = TypeVar("_T")
 log = logging.getLogger("ghostrunner.postgres")
@@ -202,6 +205,8 @@ class PostgresStore:
             await conn.execute(q.ADD_COUNTS_SQL, params)
             if params["n"]:
                 await conn.execute(q.ADD_RUNS_OF_NEW_TASK_SQL, params)
+            await _emit(conn, now, [(ev.TASK_CREATED, task.id, None,
+                                     ev.created_data(task.name, params["nodes"]))])
 
         await self._tx(op)
 
@@ -241,9 +246,10 @@ class PostgresStore:
             if active is not None and active[0]:
                 raise IllegalTransition(f"task {task_id} still has active runs")
             await conn.execute("DELETE FROM attempts WHERE task_seq = %s", (seq,))
-            await conn.execute("DELETE FROM runs WHERE task_seq = %s", (seq,))
+            gone = (await conn.execute("DELETE FROM runs WHERE task_seq = %s", (seq,))).rowcount
             await conn.execute("DELETE FROM task_counts WHERE task_seq = %s", (seq,))
             await conn.execute("DELETE FROM tasks WHERE seq = %s", (seq,))
+            await _emit(conn, utcnow(), [(ev.TASK_DELETED, task_id, None, {"runs": gone})])
 
         await self._tx(op)
 
@@ -324,6 +330,8 @@ class PostgresStore:
                 for row in await cur.fetchall():
                     tasks[row[0]] = self._remember(row[0], q.task(row))
             claimed.sort(key=lambda c: c[0])
+            await _emit(conn, stamp, [(ev.RUN_CLAIMED, run.task_id, run.node_id,
+                                       ev.run_data(run)) for _, _, run in claimed])
             return [(run, _known(tasks[seq])) for _, seq, run in claimed]
 
         return await self._tx(op)
@@ -371,6 +379,8 @@ class PostgresStore:
         async def op(conn: Conn) -> Run:
             run = await _update_dispatched(conn, key, assignments, params)
             await conn.execute(q.RECORD_ATTEMPT_SQL, record)
+            await _emit(conn, now, [(ev.RUN_FINISHED, key.task_id, key.node_id,
+                                     ev.run_data(run))])
             return run
 
         return await self._tx(op)
@@ -408,7 +418,11 @@ class PostgresStore:
                 {**_key_params(key), "now": stamp},
             )
             row = await cur.fetchone()
-            return run if row is None else q.run(key.task_id, key.node_id, row)
+            if row is not None:
+                run = q.run(key.task_id, key.node_id, row)
+            await _emit(conn, stamp, [(ev.RUN_RELEASED, key.task_id, key.node_id,
+                                       ev.released_data(run, delivered))])
+            return run
 
         return await self._tx(op)
 
@@ -423,12 +437,20 @@ class PostgresStore:
 
         async def op(conn: Conn) -> list[Run]:
             params["seq"] = await _task_seq(conn, task_id, lock=True)
+            closed = 0
             if node_ids is None:  # the whole task: a continuous one takes no more runs
-                await conn.execute("UPDATE tasks SET closed = true WHERE seq = %(seq)s", params)
-            return await _update_runs(
+                closed = (await conn.execute(
+                    "UPDATE tasks SET closed = true WHERE seq = %(seq)s AND NOT closed", params
+                )).rowcount
+            runs = await _update_runs(
                 conn, task_id, "state = 'cancelled', finished_at = %(now)s",
                 f"state = 'pending'{only}", params,
             )
+            if runs or closed:
+                await _emit(conn, now, [(
+                    ev.RUNS_CANCELLED, task_id, None,
+                    ev.nodes_data([r.node_id for r in runs], closed=node_ids is None))])
+            return runs
 
         return await self._tx(op)
 
@@ -456,16 +478,25 @@ class PostgresStore:
                     "WHERE task_seq = %(seq)s", {"n": len(rows), "seq": row[0]},
                 )
             rows.sort(key=lambda r: int(r[0]))
-            return [q.run(task_id, r[1], r[2:]) for r in rows]
+            runs = [q.run(task_id, r[1], r[2:]) for r in rows]
+            if runs:
+                await _emit(conn, now, [(ev.RUNS_ADDED, task_id, None,
+                                         ev.nodes_data([r.node_id for r in runs]))])
+            return runs
 
         return await self._tx(op)
 
     async def pause(self, task_id: str, paused: bool) -> TaskSummary:
         async def op(conn: Conn) -> TaskSummary:
             seq = await _task_seq(conn, task_id, lock=True)
-            await conn.execute("UPDATE task_counts SET paused = %s WHERE task_seq = %s",
-                               (paused, seq))
-            return await _summary(conn, task_id)
+            cur = await conn.execute(
+                "UPDATE task_counts SET paused = %s WHERE task_seq = %s AND paused <> %s",
+                (paused, seq, paused))
+            summary = await _summary(conn, task_id)
+            if cur.rowcount:
+                await _emit(conn, utcnow(), [
+                    (ev.TASK_PAUSED if paused else ev.TASK_RESUMED, task_id, None, {})])
+            return summary
 
         return await self._tx(op)
 
@@ -479,11 +510,15 @@ class PostgresStore:
                 params)
             await conn.execute(
                 "UPDATE task_counts SET aborted = true WHERE task_seq = %(seq)s", params)
-            return await _update_runs(
+            runs = await _update_runs(
                 conn, task_id,
                 "state = 'cancelled', finished_at = %(now)s, error = %(reason)s",
                 "state = 'pending'", params,
             )
+            await _emit(conn, now, [(
+                ev.TASK_ABORTED, task_id, None,
+                ev.nodes_data([r.node_id for r in runs], reason=ev.clip(reason)))])
+            return runs
 
         return await self._tx(op)
 
@@ -495,17 +530,22 @@ class PostgresStore:
 
         async def op(conn: Conn) -> list[Run]:
             params["seq"] = await _task_seq(conn, task_id, lock=True)
-            await conn.execute(
-                "UPDATE tasks SET aborted = NULL, closed = false WHERE seq = %(seq)s", params)
+            reopened = (await conn.execute(
+                "UPDATE tasks SET aborted = NULL, closed = false WHERE seq = %(seq)s "
+                "AND (aborted IS NOT NULL OR closed)", params)).rowcount
             await conn.execute(
                 "UPDATE task_counts SET aborted = false WHERE task_seq = %(seq)s", params)
-            return await _update_runs(
+            runs = await _update_runs(
                 conn, task_id,
                 "state = 'pending', available_at = %(now)s, started_at = NULL, "
                 "expires_at = NULL, finished_at = NULL, exit_code = NULL, output = '', "
                 "output_truncated = false, error = NULL, recovered = false",
                 "state = ANY(%(states)s::text[])", params,
             )
+            if runs or reopened:
+                await _emit(conn, now, [(ev.RUNS_RETRIED, task_id, None,
+                                         ev.retried_data(runs, wanted))])
+            return runs
 
         return await self._tx(op)
 
@@ -548,7 +588,14 @@ class PostgresStore:
         params = {"now": q.ts(now)}
 
         async def op(conn: Conn) -> int:
-            return (await conn.execute(q.EXPIRE_SQL, params)).rowcount
+            rows = await (await conn.execute(q.EXPIRE_SQL, params)).fetchall()
+            rows.sort()  # (task seq, position, task id, node id): submission, target order
+            by_task: dict[str, list[str]] = {}
+            for _, _, task_id, node_id in rows:
+                by_task.setdefault(task_id, []).append(node_id)
+            await _emit(conn, now, [(ev.RUNS_EXPIRED, task_id, None, ev.nodes_data(nodes))
+                                    for task_id, nodes in by_task.items()])
+            return len(rows)
 
         return await self._tx(op)
 
@@ -573,6 +620,34 @@ class PostgresStore:
             row = await (await conn.execute(q.COUNTS_SQL)).fetchone()
             assert row is not None
             return {s: int(n) for s, n in zip(q.STATES, row, strict=True) if n}
+
+        return await self._tx(op)
+
+    # ---------------------------------------------------------------- the event log
+
+    async def events_after(self, after: int, limit: int = 1000) -> Sequence[ev.Event]:
+        params = (min(max(after, -1), (1 << 63) - 1), max(limit, 0))
+
+        async def op(conn: Conn) -> list[ev.Event]:
+            rows = await (await conn.execute(q.EVENTS_AFTER_SQL, params)).fetchall()
+            return [ev.Event(id=r[0], at=r[1], kind=r[2], task_id=r[3], node_id=r[4],
+                             data=r[5]) for r in rows]
+
+        return await self._tx(op)
+
+    async def last_event_id(self) -> int:
+        async def op(conn: Conn) -> int:
+            row = await (await conn.execute("SELECT coalesce(max(id), 0) FROM events")).fetchone()
+            assert row is not None
+            return int(row[0])
+
+        return await self._tx(op)
+
+    async def prune_events(self, before: datetime) -> int:
+        params = {"before": q.ts(before)}
+
+        async def op(conn: Conn) -> int:
+            return (await conn.execute(q.PRUNE_EVENTS_SQL, params)).rowcount
 
         return await self._tx(op)
 
@@ -750,6 +825,23 @@ class PostgresStore:
 
 class _Retry(Exception):
     """The transaction lost a race: run it again."""
+
+
+async def _emit(
+    conn: Conn, at: datetime,
+    events: Sequence[tuple[str, str, str | None, Mapping[str, Any]]],
+) -> None:
+    """Write ``events`` (kind, task id, node id, data), all at ``at``: the last
+    statement of a verb's transaction, since it takes the event log's advisory lock,
+    held until the commit (see ``_schema``'s version 3)."""
+    if not events:
+        return
+    await conn.execute(q.EMIT_SQL, {
+        "lock": EVENTS_LOCK, "at": q.ts(at),
+        "kinds": [e[0] for e in events], "task_ids": [e[1] for e in events],
+        "node_ids": [e[2] for e in events],
+        "data": [json.dumps(e[3], ensure_ascii=False) for e in events],
+    })
 
 
 async def _configure(conn: Conn) -> None:

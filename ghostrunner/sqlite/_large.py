@@ -12,7 +12,8 @@ that the thread interleaves with the others (:meth:`SQLiteStore.add_task`):
 3. :func:`write_runs`, once per :data:`CHUNK_RUNS` runs in ``nid`` order: the pending
    runs;
 4. :func:`publish`: the ``staged_tasks`` row goes, the ``task_counts`` row comes, the
-   pending runs are counted in ``run_counts``: from this commit on, the task exists.
+   pending runs are counted in ``run_counts``, its ``task.created`` event is written:
+   from this commit on, the task exists.
 
 Key order: each step commits, and a page of an index is written to the WAL by every
 commit that changed it; in key order a step changes its own slice of the ``node_id``
@@ -99,13 +100,17 @@ def write_runs(
     db.conn.execute(_RUNS_SQL, {"seq": seq, "runs": JSON.encode(runs), "queued": queued})
 
 
-def publish(db: sqlite_utils.Database, seq: int, total: int) -> None:
-    """Make the staged task ``seq`` and its ``total`` runs (all pending) visible."""
+def publish(db: sqlite_utils.Database, seq: int, total: int, event: Sequence[Any]) -> None:
+    """Make the staged task ``seq`` and its ``total`` runs (all pending) visible, and
+    write its ``task.created`` event: ``event`` is (at, data) as the row has them."""
     if db.execute("DELETE FROM staged_tasks WHERE task_seq = ?", (seq,)).rowcount != 1:
         raise RuntimeError(f"task seq {seq} is not staged")  # discarded meanwhile: a bug
     db.execute("INSERT INTO task_counts(task_seq, total, pending) VALUES (?, ?, ?)",
                (seq, total, total))
     db.execute("UPDATE run_counts SET n = n + ? WHERE state = 'pending'", (total,))
+    db.execute("INSERT INTO events(at, kind, task_id, data) "
+               "SELECT ?, 'task.created', id, ? FROM tasks WHERE seq = ?",
+               (event[0], JSON.encode(event[1]), seq))
 
 
 def discard(db: sqlite_utils.Database, seq: int, limit: int = -1) -> bool:

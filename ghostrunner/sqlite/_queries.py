@@ -29,6 +29,7 @@ from .._types import (
     TaskSummary,
     trusted,
 )
+from ..events import created_data
 from ..tokens import Scope, Token
 from ._values import dt, dto, ts, tso
 
@@ -163,6 +164,8 @@ EXPIRE_SQL: Final = f"""
 UPDATE runs SET state = 'expired', finished_at = :now,
     error = 'expired before it could start'
 WHERE state = 'pending' AND expires_at <= :now AND task_seq NOT IN {STAGED}
+RETURNING task_seq, position, (SELECT id FROM tasks WHERE seq = task_seq),
+          (SELECT node_id FROM nodes WHERE nid = node)
 """
 
 NEXT_WAKEUP_SQL: Final = f"""
@@ -215,6 +218,10 @@ ADD_TASKS_VIEW: Final = (
         CROSS JOIN json_each(x.nodes) AS g
         CROSS JOIN nodes AS n ON n.node_id = g.value;
         UPDATE run_counts SET n = n + changes() WHERE state = 'pending';  -- the runs above
+        -- the event log: task.created, its data made by task_row (ghostrunner.events)
+        INSERT INTO events(at, kind, task_id, data)
+        SELECT value ->> 12, 'task.created', value ->> 0, value ->> 18
+        FROM json_each(NEW.doc) ORDER BY key;
     END""",
 )
 
@@ -224,7 +231,8 @@ ADD_TASKS_SQL: Final = "INSERT INTO add_tasks(doc) VALUES (?)"
 def task_row(task: Task, queued: int, nodes: Sequence[str] | None = None) -> tuple[Any, ...]:
     """One task in an :data:`ADD_TASKS_SQL` document: the ``tasks`` columns after
     ``seq`` (``targets`` a list), the time its runs are queued at, its fleet columns,
-    and the nodes it gets a run for (default: its targets)."""
+    the nodes it gets a run for (default: its targets), and the ``data`` of its
+    ``task.created`` event."""
     return (
         task.id,
         task.name,
@@ -244,6 +252,7 @@ def task_row(task: Task, queued: int, nodes: Sequence[str] | None = None) -> tup
         task.rollout.per_minute,
         task.targets if nodes is None else nodes,
         task.rollout.max_concurrent,
+        created_data(task.name, task.targets if nodes is None else nodes),
     )
 
 

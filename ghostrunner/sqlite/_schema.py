@@ -276,9 +276,32 @@ def _v5(db: sqlite_utils.Database) -> None:
         db.execute(sql)
 
 
+#: Version 6: the event log (:mod:`ghostrunner.events`): one row per change, written by
+#: the verb that made it, in its transaction. ``AUTOINCREMENT``: an id is never used
+#: twice, even once every event was pruned (a reader's cursor stays valid). One writer
+#: (the store's thread) commits them in id order. No index on ``at``: retention deletes
+#: from the oldest id up, and an index would cost every event an insert more.
+_V6: Final = (
+    """CREATE TABLE events (
+        id       INTEGER PRIMARY KEY AUTOINCREMENT,
+        at       INTEGER NOT NULL,
+        kind     TEXT    NOT NULL,
+        task_id  TEXT    NOT NULL,
+        node_id  TEXT,
+        data     TEXT    NOT NULL DEFAULT '{}'
+    )""",
+)
+
+
+def _v6(db: sqlite_utils.Database) -> None:
+    """The event log."""
+    for sql in _V6:
+        db.execute(sql)
+
+
 #: ``MIGRATIONS[n]`` brings a database from schema version n to n + 1. Append only.
 MIGRATIONS: Final[tuple[Callable[[sqlite_utils.Database], None], ...]] = (
-    _v1, _v2, _v3, _v4, _v5,
+    _v1, _v2, _v3, _v4, _v5, _v6,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 

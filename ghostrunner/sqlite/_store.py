@@ -24,6 +24,7 @@ from typing import Any, Final, Literal, TypeVar, cast
 
 import sqlite_utils
 
+from .. import events as ev
 from .._types import (
     TERMINAL_STATES,
     TRANSITIONS,
@@ -37,6 +38,7 @@ from .._types import (
     TaskQuery,
     TaskSummary,
     retryable,
+    utcnow,
 )
 from ..audit import AuditEntry, AuditPage, AuditQuery
 from ..errors import Conflict, IllegalTransition, NotFound, StoreError, ValidationError
@@ -44,7 +46,7 @@ from ..tokens import Token
 from . import _large
 from . import _queries as q
 from ._values import JSON, dt, dto, json_list, storable, ts, tso
-from ._worker import Bulk, Job, Kind, Worker
+from ._worker import Bulk, Job, Kind, Worker, emit
 
 _T = TypeVar("_T")
 
@@ -153,7 +155,8 @@ class SQLiteStore:
                 await self._write(functools.partial(
                     _large.write_runs, seq=seq, runs=runs[start : start + size], queued=row[12]
                 ))
-            await self._write(lambda db: _large.publish(db, seq, len(nodes)))
+            await self._write(
+                lambda db: _large.publish(db, seq, len(nodes), (row[12], row[18])))
         except BaseException:  # failed or cancelled: take back what was written
             discard = asyncio.ensure_future(self._discard(seq))
             self._discards.add(discard)
@@ -221,10 +224,12 @@ class SQLiteStore:
             if active is not None and active[0]:
                 raise IllegalTransition(f"task {task_id} still has active runs")
             db.execute("DELETE FROM attempts WHERE task_seq = ?", (seq,))
-            db.execute("DELETE FROM runs WHERE task_seq = ?", (seq,))
+            gone = db.execute("DELETE FROM runs WHERE task_seq = ?", (seq,)).rowcount
             db.execute("DELETE FROM task_counts WHERE task_seq = ?", (seq,))
             db.execute("DELETE FROM tasks WHERE seq = ?", (seq,))
+            emit(stamp, ev.TASK_DELETED, task_id, None, {"runs": gone})
 
+        stamp = ts(utcnow())
         await self._write(op)
 
     # ---------------------------------------------------------------- the loop's verbs
@@ -276,6 +281,8 @@ class SQLiteStore:
                     f"SELECT {q.TASK_COLS} FROM tasks AS t WHERE t.id IN ({marks})", chunk
                 ):
                     tasks[row[1]] = q.task(row)
+            for run in claimed:
+                emit(stamp, ev.RUN_CLAIMED, run.task_id, run.node_id, ev.run_data(run))
             return [(run, tasks[run.task_id]) for run in claimed]
 
         return await self._write(op)
@@ -318,11 +325,13 @@ class SQLiteStore:
                 params["started"] = ts(outcome.started_at)
         params["finished"] = ts(finished)
         assignments = ", ".join(sets)
+        stamp = ts(now)
 
         def op(db: sqlite_utils.Database) -> Run:
             run = _update_dispatched(db, key, assignments, params)
             db.execute(q.RECORD_ATTEMPT_SQL,
                        {**_key_params(key), "state": None, "finished": None, "error": None})
+            emit(stamp, ev.RUN_FINISHED, key.task_id, key.node_id, ev.run_data(run))
             return run
 
         return await self._write(op)
@@ -358,7 +367,11 @@ class SQLiteStore:
                 f"RETURNING {q.RUN_COLS}",
                 {**_key_params(key), "now": ts(now)},
             ).fetchone()
-            return run if row is None else q.run(key.task_id, key.node_id, row)
+            if row is not None:
+                run = q.run(key.task_id, key.node_id, row)
+            emit(lost["finished"], ev.RUN_RELEASED, key.task_id, key.node_id,
+                  ev.released_data(run, delivered))
+            return run
 
         return await self._write(op)
 
@@ -376,12 +389,19 @@ class SQLiteStore:
 
         def op(db: sqlite_utils.Database) -> list[Run]:
             params["seq"] = _task_seq(db, task_id)
+            closed = 0
             if node_ids is None:  # the whole task: a continuous one takes no more runs
-                db.execute("UPDATE tasks SET closed = 1 WHERE seq = :seq", params)
-            return _update_runs(
+                closed = db.execute(
+                    "UPDATE tasks SET closed = 1 WHERE seq = :seq AND NOT closed", params
+                ).rowcount
+            runs = _update_runs(
                 db, task_id, "state = 'cancelled', finished_at = :now",
                 f"state = 'pending'{only}", params,
             )
+            if runs or closed:
+                emit(params["now"], ev.RUNS_CANCELLED, task_id, None,
+                      ev.nodes_data([r.node_id for r in runs], closed=node_ids is None))
+            return runs
 
         return await self._write(op)
 
@@ -414,14 +434,20 @@ class SQLiteStore:
                 db.execute("UPDATE run_counts SET n = n + ? WHERE state = 'pending'",
                            (len(rows),))
             rows.sort(key=lambda r: cast(int, r[0]))
-            return [q.run(task_id, r[1], r[2:]) for r in rows]
+            runs = [q.run(task_id, r[1], r[2:]) for r in rows]
+            if runs:
+                emit(params["now"], ev.RUNS_ADDED, task_id, None,
+                      ev.nodes_data([r.node_id for r in runs]))
+            return runs
 
         return await self._write(op)
 
     async def pause(self, task_id: str, paused: bool) -> TaskSummary:
         def op(db: sqlite_utils.Database) -> TaskSummary:
-            db.execute("UPDATE task_counts SET paused = ? WHERE task_seq = ?",
-                       (int(paused), _task_seq(db, task_id)))
+            if db.execute("UPDATE task_counts SET paused = ? WHERE task_seq = ? AND paused != ?",
+                          (int(paused), _task_seq(db, task_id), int(paused))).rowcount:
+                emit(ts(utcnow()), ev.TASK_PAUSED if paused else ev.TASK_RESUMED,
+                      task_id, None, {})
             return _summary(db, task_id)
 
         return await self._write(op)
@@ -434,10 +460,13 @@ class SQLiteStore:
             db.execute("UPDATE tasks SET aborted = :reason, closed = 1 WHERE seq = :seq",
                        params)
             db.execute("UPDATE task_counts SET aborted = 1 WHERE task_seq = :seq", params)
-            return _update_runs(
+            runs = _update_runs(
                 db, task_id, "state = 'cancelled', finished_at = :now, error = :reason",
                 "state = 'pending'", params,
             )
+            emit(params["now"], ev.TASK_ABORTED, task_id, None,
+                  ev.nodes_data([r.node_id for r in runs], reason=ev.clip(reason)))
+            return runs
 
         return await self._write(op)
 
@@ -449,15 +478,21 @@ class SQLiteStore:
 
         def op(db: sqlite_utils.Database) -> list[Run]:
             params["seq"] = _task_seq(db, task_id)
-            db.execute("UPDATE tasks SET aborted = NULL, closed = 0 WHERE seq = :seq", params)
+            reopened = db.execute(
+                "UPDATE tasks SET aborted = NULL, closed = 0 WHERE seq = :seq "
+                "AND (aborted IS NOT NULL OR closed)", params).rowcount
             db.execute("UPDATE task_counts SET aborted = 0 WHERE task_seq = :seq", params)
-            return _update_runs(
+            runs = _update_runs(
                 db, task_id,
                 "state = 'pending', available_at = :now, started_at = NULL, "
                 "expires_at = NULL, finished_at = NULL, exit_code = NULL, output = '', "
                 "output_truncated = 0, error = NULL, recovered = 0",
                 "state IN (SELECT value FROM json_each(:states))", params,
             )
+            if runs or reopened:
+                emit(params["now"], ev.RUNS_RETRIED, task_id, None,
+                      ev.retried_data(runs, wanted))
+            return runs
 
         return await self._write(op)
 
@@ -496,7 +531,18 @@ class SQLiteStore:
 
     async def expire_due(self, now: datetime) -> int:
         params = {"now": ts(now)}
-        return await self._write(lambda db: db.execute(q.EXPIRE_SQL, params).rowcount)
+
+        def op(db: sqlite_utils.Database) -> int:
+            rows = db.execute(q.EXPIRE_SQL, params).fetchall()
+            rows.sort()  # (task seq, position, task id, node id): submission, target order
+            by_task: dict[str, list[str]] = {}
+            for _, _, task_id, node_id in rows:
+                by_task.setdefault(task_id, []).append(node_id)
+            for task_id, nodes in by_task.items():
+                emit(params["now"], ev.RUNS_EXPIRED, task_id, None, ev.nodes_data(nodes))
+            return len(rows)
+
+        return await self._write(op)
 
     async def dispatched(self) -> Sequence[Run]:
         def op(db: sqlite_utils.Database) -> list[Run]:
@@ -518,6 +564,49 @@ class SQLiteStore:
             return {RunState(state): n for state, n in rows}
 
         return await self._read(op)
+
+    # ---------------------------------------------------------------- the event log
+
+    async def events_after(self, after: int, limit: int = 1000) -> Sequence[ev.Event]:
+        params = (max(after, -1), max(limit, 0))
+
+        def op(db: sqlite_utils.Database) -> list[ev.Event]:
+            rows = db.conn.execute(
+                "SELECT id, at, kind, task_id, node_id, data FROM events WHERE id > ? "
+                "ORDER BY id LIMIT ?", params).fetchall()
+            return [_event(row) for row in rows]
+
+        # after the COMMIT of the batch it shares (see _worker): committed events only
+        return await self._call(op, "committed")
+
+    async def last_event_id(self) -> int:
+        return await self._call(
+            lambda db: db.conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0],
+            "committed")
+
+    async def prune_events(self, before: datetime) -> int:
+        cutoff = ts(before)
+
+        def step(db: sqlite_utils.Database) -> tuple[int, bool]:
+            # from the oldest up, in steps of _PRUNE_STEP: the thread is never held long
+            rows = db.conn.execute("SELECT id, at FROM events ORDER BY id LIMIT ?",
+                                   (_PRUNE_STEP,)).fetchall()
+            last = None
+            for event_id, at in rows:
+                if at >= cutoff:
+                    break
+                last = event_id
+            if last is None:
+                return 0, False
+            gone = db.conn.execute("DELETE FROM events WHERE id <= ?", (last,)).rowcount
+            return gone, last == rows[-1][0] and len(rows) == _PRUNE_STEP
+
+        total = 0
+        more = True
+        while more:
+            gone, more = await self._write(step)
+            total += gone
+        return total
 
     # ---------------------------------------------------------------- tokens
 
@@ -602,6 +691,17 @@ class SQLiteStore:
 
 
 # --------------------------------------------------------------------------- on the thread
+
+#: events prune_events deletes per job
+_PRUNE_STEP: Final = 10_000
+
+
+
+
+def _event(row: Sequence[Any]) -> ev.Event:
+    return ev.Event(id=row[0], at=dt(row[1]), kind=row[2], task_id=row[3], node_id=row[4],
+                    data=json.loads(row[5]))
+
 
 
 def _add_tasks(db: sqlite_utils.Database, rows: list[tuple[Any, ...]]) -> None:

@@ -20,6 +20,18 @@ winning it back from a busy event loop is what the thread mostly waited for (mea
 with five calls per batch, a batch took twice as long as its SQL).
 
 **Exclusive jobs** (bulk loads) run alone and manage their own transactions.
+
+**Events** (:mod:`ghostrunner.events`) a write job makes are held in the thread's
+buffer (:func:`emit`) and written with *one* statement for the whole batch, just before
+its ``COMMIT``, in the order the jobs made them: in the same transaction as the changes
+they tell of, and without one more crossing into SQLite per change (each crossing
+releases the GIL and has to win it back). The events of a job that fails are dropped
+with its savepoint.
+
+**Committed reads** (the event log's) run after the batch's ``COMMIT``: a read of the
+batch would see the writes of the batch before they are committed, and a reader of the
+event log must never see an event that a failed commit then takes back (its id would be
+given again).
 """
 
 from __future__ import annotations
@@ -42,6 +54,7 @@ from ._large import discard_all
 from ._lock import lock_database, unlock
 from ._queries import ADD_TASKS_VIEW
 from ._schema import migrate
+from ._values import JSON
 
 _T = TypeVar("_T")
 log = logging.getLogger("ghostrunner.sqlite")
@@ -49,10 +62,34 @@ log = logging.getLogger("ghostrunner.sqlite")
 BUSY_TIMEOUT_MS: Final = 5000
 MAX_BATCH: Final = 256
 
-Kind = Literal["read", "write", "exclusive"]
+Kind = Literal["read", "write", "exclusive", "committed"]
 #: (function, payload): ``function(db, payloads)`` writes the payloads of several jobs
 #: with *one* SQL statement, so a failure leaves nothing of it behind.
 Bulk = tuple[Callable[[sqlite_utils.Database, list[Any]], None], Any]
+
+
+#: One event, as :func:`emit` holds it: (at, kind, task id, node id, data).
+Pending = tuple[int, str, str, str | None, Any]
+
+_THREAD = threading.local()  # .events: the buffer of the worker thread running here
+
+_EMIT_SQL: Final = """
+INSERT INTO events(at, kind, task_id, node_id, data)
+SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4
+FROM json_each(?) ORDER BY key
+"""
+
+
+def emit(at: int, kind: str, task_id: str, node_id: str | None, data: Any) -> None:
+    """Write an event with the changes of the write job running now (on the store's
+    thread, from a job's function): it is committed with them, or not at all."""
+    _THREAD.events.append((at, kind, task_id, node_id, data))
+
+
+def _write_events(db: sqlite_utils.Database, events: list[Pending]) -> None:
+    if events:
+        db.conn.execute(_EMIT_SQL, (JSON.encode(events),))
+        events.clear()
 
 
 class Job:
@@ -179,6 +216,7 @@ class Worker:
         return db
 
     def _main(self) -> None:
+        _THREAD.events = []
         try:
             db = translated(self._open)
         except Exception as exc:
@@ -246,12 +284,16 @@ class Worker:
     def _run_alone(self, db: sqlite_utils.Database, job: Job) -> None:
         if not job.future.cancelled():
             job.run(db)
+            _THREAD.events.clear()  # exclusive jobs write their events themselves
             if db.conn.in_transaction:  # it left a transaction open: undo it
                 _rollback(db)
         self._resolve([job])
 
     def _run_batch(self, db: sqlite_utils.Database, batch: list[Job]) -> None:
         jobs = [j for j in batch if not j.future.cancelled()]
+        late = [j for j in jobs if j.kind == "committed"]
+        if late:
+            jobs = [j for j in jobs if j.kind != "committed"]
         try:
             if jobs and _is_one_bulk(jobs) and _run_bulk(db, jobs):
                 self.commits += 1  # autocommit: the statement committed itself
@@ -263,7 +305,9 @@ class Worker:
         except Exception as exc:  # BEGIN, SAVEPOINT or COMMIT itself failed
             _rollback(db)
             _fail_all(jobs, "the transaction failed", exc)
-        self._resolve(jobs)
+        for job in late:  # after the COMMIT: they see committed data only
+            job.run(db)
+        self._resolve(jobs + late)
 
     def _transaction(self, db: sqlite_utils.Database, jobs: list[Job]) -> None:
         """Run ``jobs`` in one transaction, each write in its own savepoint, and commit.
@@ -274,12 +318,15 @@ class Worker:
         """
         savepoints = len(jobs) > 1  # alone, a job that fails rolls the transaction back
         held: list[Job] = []  # the jobs whose work the open transaction holds
+        events: list[Pending] = _THREAD.events  # theirs, written before the COMMIT
+        events.clear()
 
         def check(cause: BaseException) -> None:
             nonlocal held
             if not db.conn.in_transaction:  # SQLite rolled it back
                 _fail_all(held, "rolled back by a failure in the same batch", cause)
                 held = []
+                events.clear()
                 db.execute("BEGIN IMMEDIATE")
 
         db.execute("BEGIN IMMEDIATE")
@@ -293,6 +340,7 @@ class Worker:
                     continue
                 check(StoreError("the transaction was rolled back"))
             for job in group:  # one by one (a failed bulk group too: only the culprit fails)
+                mark = len(events)
                 if savepoints and job.kind == "write":
                     db.execute("SAVEPOINT op")
                     job.run(db)
@@ -304,15 +352,19 @@ class Worker:
                 else:
                     job.run(db)
                 if job.error is not None:
+                    del events[mark:]  # undone with the job
                     check(job.error)
                 held.append(job)
         if not savepoints and jobs[0].error is not None:
+            events.clear()
             db.rollback()
             return
         try:
+            _write_events(db, events)
             db.execute("COMMIT")
             self.commits += 1
-        except sqlite3.Error as exc:
+        except Exception as exc:
+            events.clear()
             _rollback(db)
             _fail_all(held, "commit failed", exc)
 

@@ -50,6 +50,7 @@ def console_routes() -> list[BaseRoute]:
         Route("/ui/tasks", v.tasks, methods=["GET"], name="ui_tasks"),
         Route("/ui/tasks/{task_id}", v.task_page, methods=["GET"], name="ui_task"),
         Route("/ui/tasks/{task_id}/live", v.task_live, methods=["GET"]),
+        Route("/ui/events", v.events_stream, methods=["GET"]),
         Route("/ui/tasks/{task_id}/run", v.run_page, methods=["GET"]),
         Route("/ui/tasks/{task_id}/cancel", v.cancel, methods=["POST"]),
         Route("/ui/tasks/{task_id}/retry", v.retry, methods=["POST"]),

@@ -77,6 +77,15 @@ class Sessions:
 
     def get(self, session_id: str | None) -> Session | None:
         """The live session with this id, if any (its idle time restarts)."""
+        session = self.peek(session_id)
+        if session is not None:
+            session.seen = time.monotonic()
+            self._by_id.move_to_end(session.id)
+        return session
+
+    def peek(self, session_id: str | None) -> Session | None:
+        """The live session with this id, if any, its idle time left alone (an open
+        event stream is not a request: it does not keep its session alive)."""
         if not session_id or len(session_id) > 128:
             return None
         session = self._by_id.get(session_id)
@@ -86,8 +95,6 @@ class Sessions:
         if now - session.seen > self.idle or now - session.created > self.lifetime:
             del self._by_id[session_id]
             return None
-        session.seen = now
-        self._by_id.move_to_end(session_id)
         return session
 
     def end(self, session_id: str) -> None:

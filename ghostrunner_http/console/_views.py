@@ -36,6 +36,7 @@ from ghostrunner.tokens import Scope, Token
 
 from .._audit import note
 from .._errors import ApiError
+from .._events import open_stream
 from .._ops import delete_task
 from .._parse import parse_audit_query, parse_task, parse_task_query
 from .._request import Services, read_body, services
@@ -435,13 +436,14 @@ async def task_page(ctx: Ctx) -> Response:
         return f"/ui/tasks/{_q(task_id)}?" + urllib.parse.urlencode({**base, "start": offset})
 
     live = f"/ui/tasks/{_q(task_id)}/live?" + urllib.parse.urlencode({**base, "start": start})
+    events = "/ui/events?" + urllib.parse.urlencode({"task": task_id})
     return ctx.render(
         "task.html", title=f"Task {summary.task.name}", summary=summary, runs=window,
         devices=ctx.svc.runner.devices(), start=start, total=total, state_filter=state,
         counts={s.value: summary.counts.get(s, 0) for s in RunState},
         prev_url=at(max(0, start - RUNS_PAGE)) if start > 0 else None,
         next_url=at(start + RUNS_PAGE) if start + RUNS_PAGE < total else None,
-        live_url=live, retryable=[s.value for s in RunState
+        live_url=live, events_url=events, retryable=[s.value for s in RunState
                                    if s is not RunState.SUCCEEDED and s.terminal])
 
 
@@ -463,6 +465,24 @@ async def task_live(ctx: Ctx) -> Response:
         "total": total,
         "rows": {r.node_id: _run_row(r, devices.get(r.node_id)) for r in window},
     }, headers=HEADERS)
+
+
+@page(json=True)
+async def events_stream(ctx: Ctx) -> Response:
+    """``GET /ui/events``: ``GET /events`` for the console's script (``EventSource``),
+    signed in by the session cookie (no token in the URL). The stream ends when the
+    session does (sign-out, expiry, its token revoked)."""
+    svc = ctx.svc
+    console = ctx.console
+    session_id = ctx.session.id
+
+    async def allowed() -> bool:
+        session = console.sessions.peek(session_id)
+        return (session is not None
+                and await svc.tokens.token_by_hash(session.token_hash) is not None)
+
+    return open_stream(ctx.request, svc.runner, svc.streams, heartbeat=svc.stream_heartbeat,
+                       send_timeout=svc.stream_send_timeout, allowed=allowed)
 
 
 @page()

@@ -22,7 +22,8 @@ from tests.browser.conftest import ADMIN
 from tests.browser.pages import Watched, run_row, sign_in
 from tests.serverproc import ServerProcess
 
-#: the page script polls every 2 s: a live change shows within this
+#: the page script follows the event stream (or polls every 2 s when it cannot): a
+#: live change shows within this
 LIVE_TIMEOUT_MS = 10_000
 
 
@@ -114,6 +115,49 @@ def test_the_task_page_updates_live_without_reloading(tab: Watched,
     expect(run_row(page, "node//laptop-7").locator('[data-field="state"]')).to_have_text(
         "pending")
     assert page.evaluate("window.__sameDocument") is True  # not reloaded
+
+
+def test_the_task_page_follows_the_event_stream(tab: Watched, server: ServerProcess) -> None:
+    """The page listens to /ui/events (EventSource, signed in by the session cookie):
+    a change made elsewhere shows without a reload, and the page does not poll."""
+    page = tab.page
+    sign_in(page, ADMIN)
+    task = api(server, "POST", "/task/create", json={"details": {
+        "name": "streamed", "command": "uptime", "nodeids": ["node//pi-3", "node//laptop-7"]}})
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto(f"/ui/tasks/{task['id']}")
+    expect(page.locator("#live")).to_have_attribute("data-live-source", "events")
+    # the stream opened: the page caught up once (a fetch of its state), and says so
+    expect(page.locator("#live-note")).to_have_text(re.compile(r"^live, updated"))
+    page.evaluate("window.__sameDocument = true")
+    api(server, "POST", f"/tasks/{task['id']}/cancel", json={"nodeids": ["node//laptop-7"]})
+    row = run_row(page, "node//laptop-7")
+    expect(row.locator('[data-field="state"]')).to_have_text("cancelled",
+                                                             timeout=LIVE_TIMEOUT_MS)
+    expect(page.locator('[data-count="cancelled"]')).to_have_text("1")
+    assert page.evaluate("window.__sameDocument") is True  # not reloaded
+    streams = [u for u in requests if "/ui/events?" in u]
+    assert streams == [f"{server.url}/ui/events?task={task['id']}"]  # no token in it
+    expect(page.locator("#live")).to_have_attribute("data-live-source", "events")
+
+
+def test_the_task_page_polls_when_the_event_stream_is_refused(tab: Watched,
+                                                              server: ServerProcess) -> None:
+    page = tab.page
+    sign_in(page, ADMIN)
+    task = api(server, "POST", "/task/create", json={"details": {
+        "name": "polled", "command": "uptime", "nodeids": ["node//pi-3"]}})
+    # a proxy, or a server at its stream limit, refuses the stream
+    page.route("**/ui/events?*", lambda route: route.fulfill(
+        status=503, content_type="application/json", body='{"status":503}'))
+    page.goto(f"/ui/tasks/{task['id']}")
+    expect(page.locator("#live")).to_have_attribute("data-live-source", "poll")
+    api(server, "POST", f"/tasks/{task['id']}/cancel")
+    expect(run_row(page, "node//pi-3").locator('[data-field="state"]')).to_have_text(
+        "cancelled", timeout=LIVE_TIMEOUT_MS)
+    expect(page.locator("#live-note")).to_contain_text("polling")
+    tab.errors[:] = [e for e in tab.errors if "503" not in e]  # the refusal, logged
 
 
 def test_a_read_token_sees_no_write_controls(chromium: Any, server: ServerProcess,

@@ -219,3 +219,97 @@ def test_status_sql_matches_task_status(postgres: PgServer) -> None:
             ]
             assert matched == [task_status(counts, paused=paused, aborted=aborted)]
     assert set(STATUS_SQL) == set(TaskStatus)
+
+
+# --------------------------------------------------------------------------- event log
+
+
+async def _advisory_waiters(store: PostgresStore) -> int:
+    async with store.connection() as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+        row = await cur.fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+async def test_event_ids_become_visible_in_commit_order(
+    pg_store: PostgresStore, postgres: PgServer
+) -> None:
+    """A transaction that took an event id and has not committed holds back every later
+    event writer: a reader never sees id n + 1 before id n is committed."""
+    from ghostrunner import events as ev
+    from ghostrunner.postgres._store import _emit
+
+    dsn = pg_store._dsn
+    async with await psycopg.AsyncConnection.connect(dsn) as slow:
+        async with slow.transaction():
+            await _emit(slow, NOW, [(ev.TASK_PAUSED, "slow-task", None, {})])  # id taken
+            writer = asyncio.create_task(add(pg_store, "node//a"))
+            while await _advisory_waiters(pg_store) == 0:  # the writer waits for its turn
+                assert not writer.done()
+                await asyncio.sleep(0.01)
+            assert list(await pg_store.events_after(0, 10)) == []  # nothing committed
+        # the slow transaction committed: the writer goes on, with a later id
+        task = await writer
+    first, second = await pg_store.events_after(0, 10)
+    assert (first.task_id, second.task_id) == ("slow-task", task.id)
+    assert first.id < second.id
+
+
+async def test_without_the_lock_a_reader_would_miss_an_event(pg_store: PostgresStore) -> None:
+    """Why the lock: a sequence value taken first can commit last, behind the cursor."""
+    async with await psycopg.AsyncConnection.connect(pg_store._dsn) as rogue:
+        async with rogue.transaction():
+            await rogue.execute(  # a bare insert, as a store without the lock would do
+                "INSERT INTO events(at, kind, task_id) VALUES (now(), 'task.paused', 'x')")
+            task = await add(pg_store, "node//a")  # not held back: the rogue took no lock
+            (seen,) = await pg_store.events_after(0, 10)
+            assert seen.task_id == task.id
+        late = await pg_store.events_after(0, 10)
+    assert [e.task_id for e in late] == ["x", task.id]
+    assert late[0].id < seen.id  # behind a cursor at seen.id: it would never be read
+
+
+async def test_concurrent_writers_and_a_following_reader_lose_nothing(
+    pg_store: PostgresStore,
+) -> None:
+    """Four stores on one database (as four processes would be) write events as fast as
+    they can; a reader following with its cursor sees every event once, in id order."""
+    writers = [PostgresStore(pg_store._dsn, max_size=4) for _ in range(4)]
+    for w in writers:
+        await w.open()
+    done = asyncio.Event()
+    seen: list[int] = []
+
+    async def write(store: PostgresStore, n: int) -> None:
+        for i in range(40):
+            task = await add(store, f"node//w{n}-{i}", "node//shared")
+            key = RunKey(task.id, f"node//w{n}-{i}")
+            await store.claim_many([key], at(i))
+            await store.finish(key, RunState.SUCCEEDED, at(i), outcome=Outcome(exit_code=0))
+
+    async def read() -> None:
+        cursor = 0
+        while True:
+            finished = done.is_set()
+            batch = await pg_store.events_after(cursor, 50)
+            seen.extend(e.id for e in batch)
+            if batch:
+                cursor = batch[-1].id
+            elif finished:
+                return
+
+    try:
+        reader = asyncio.create_task(read())
+        await asyncio.gather(*(write(w, n) for n, w in enumerate(writers)))
+        done.set()
+        await reader
+    finally:
+        for w in writers:
+            await w.close()
+    async with pg_store.connection() as conn:
+        cur = await conn.execute("SELECT id FROM events ORDER BY id")
+        stored = [row[0] for row in await cur.fetchall()]
+    assert len(stored) == 4 * 40 * 3
+    assert seen == stored  # every one, once, in order

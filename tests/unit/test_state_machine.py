@@ -12,7 +12,8 @@ retried, attempts within bounds, no task over its max_concurrent or its per_minu
 rate, no run started while its task is paused or after it was aborted, no run executed
 again while its device holds the finished record of an earlier attempt (whatever the
 delivery policy) unless an operator retried it, every dispatched run in flight or held
-in recovery; and at the end,
+in recovery, and the event log tells the same story as the runs (replayed, its events
+give every run's state and attempts, in increasing ids); and at the end,
 with every device online and healthy, every run reaches a terminal state and every
 device matching a live continuous task has its run.
 """
@@ -50,6 +51,7 @@ from ghostrunner import (
     RunState,
     Task,
 )
+from ghostrunner import events as ev
 from ghostrunner._types import RETRYABLE_STATES
 from ghostrunner.errors import (
     NotDelivered,
@@ -139,6 +141,9 @@ class GhostRunnerMachine(RuleBasedStateMachine):
         self.peak_busy = 0  # the most commands ever in flight at once
         self.restarts = 0
         self.gr: GhostRunner | None = None
+        # the runs as the event log tells them: key -> (state, attempts or None)
+        self.replayed: dict[RunKey, tuple[RunState, int | None]] = {}
+        self.events_seen = 0  # the last event id replayed
 
     # ---------------------------------------------------------------- plumbing
 
@@ -544,6 +549,41 @@ class GhostRunnerMachine(RuleBasedStateMachine):
         assert all(n <= self.retried[key] for key, n in reruns.items()), reruns
         for key in self.frozen:
             assert key in self.store.runs
+        self.check_events()
+
+    def check_events(self) -> None:
+        """Replay the new events: ids increase, and the log agrees with the runs."""
+        events = self.run(self.store.events_after(self.events_seen, 100_000))
+        for entry in events:
+            assert entry.id > self.events_seen
+            self.events_seen = entry.id
+            data = entry.data
+            task_id = entry.task_id
+            if entry.node_id is not None:  # run.claimed, run.finished, run.released
+                key = RunKey(task_id, entry.node_id)
+                assert key in self.replayed, entry
+                self.replayed[key] = (RunState(data["state"]), data["attempts"])
+                continue
+            states = {ev.TASK_CREATED: RunState.PENDING, ev.RUNS_ADDED: RunState.PENDING,
+                      ev.RUNS_RETRIED: RunState.PENDING, ev.RUNS_CANCELLED: RunState.CANCELLED,
+                      ev.TASK_ABORTED: RunState.CANCELLED, ev.RUNS_EXPIRED: RunState.EXPIRED}
+            if entry.kind in states:
+                for node in data["nodes"]:  # few nodes here: always listed
+                    key = RunKey(task_id, node)
+                    before = self.replayed.get(key, (RunState.PENDING, None))[1]
+                    self.replayed[key] = (states[entry.kind], before)
+            elif entry.kind == ev.TASK_DELETED:
+                gone = [k for k in self.replayed if k.task_id == task_id]
+                assert len(gone) == data["runs"]
+                for key in gone:
+                    del self.replayed[key]
+            else:
+                assert entry.kind in (ev.TASK_PAUSED, ev.TASK_RESUMED), entry
+        assert set(self.replayed) == set(self.store.runs)
+        for key, (state, attempts) in self.replayed.items():
+            run = self.store.runs[key]
+            assert state is run.state, (key, state, run)
+            assert attempts in (None, run.attempts), (key, attempts, run)
 
     # ---------------------------------------------------------------- the end
 

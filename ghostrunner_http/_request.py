@@ -28,6 +28,7 @@ from ghostrunner.tokens import Scope, Token
 from ._audit import AuditStore, note
 from ._errors import BadRequest, Forbidden, PayloadTooLarge, Unauthorized
 from ._tokens import TokenStore, hash_secret
+from ._webhooks import Webhook, WebhookStore
 
 __all__ = ["Authenticator", "Call", "Services", "authorize", "parse_json", "read_body"]
 
@@ -114,6 +115,14 @@ class Services:
     """Where the tasks are kept: postgresql, sqlite, memory or custom."""
     audit: AuditStore | None = None
     """Where the audit log goes (None: a store that keeps none)."""
+    outbox: WebhookStore | None = None
+    """The webhook outbox (None: a store that keeps none)."""
+    webhooks: tuple[Webhook, ...] = ()
+    """The configured webhooks."""
+    event_log: bool = False
+    """Whether new events reach the webhooks (the store keeps an event log)."""
+    notify_webhooks: Callable[[], None] = lambda: None
+    """Wakes the webhook worker (after an operator's retry)."""
 
 
 def services(request: Request) -> Services:

@@ -64,6 +64,8 @@ __all__ = [
     "parse_retry_after",
     "parse_secret",
     "payload",
+    "render_delivery",
+    "render_webhooks",
     "retry_delay",
     "sign",
 ]
@@ -233,9 +235,15 @@ def _origin(url: str) -> str:
 
 
 def derive_name(url: str) -> str:
-    """A webhook's default name: its URL's host (and port, if written)."""
-    netloc = urllib.parse.urlsplit(url).netloc.rpartition("@")[2]
-    return netloc.strip("[]").replace("]:", ":")[:100] or "webhook"
+    """A webhook's default name: its URL's host (and port, if written), in the
+    characters a name may have."""
+    parts = urllib.parse.urlsplit(url)
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", parts.hostname or "").strip("-._") or "webhook"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return (host[:90] + (f":{port}" if port else ""))
 
 
 def check_url(url: str) -> str | None:
@@ -465,3 +473,53 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
 def wanted(webhooks: Collection[Webhook], kind: str) -> list[Webhook]:
     """The webhooks an event of ``kind`` goes to."""
     return [w for w in webhooks if w.wants(kind)]
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _iso_or_none(value: datetime | None) -> str | None:
+    return None if value is None else _iso(value)
+
+
+def render_delivery(delivery: WebhookDelivery, now: datetime) -> dict[str, Any]:
+    """A delivery as ``GET /webhooks/deliveries`` shows it (not its body)."""
+    return {
+        "id": delivery.id,
+        "webhook": delivery.webhook,
+        "event_id": delivery.event_id,
+        "kind": delivery.kind,
+        "msg_id": delivery.msg_id,
+        "status": delivery.status.value,
+        "sending": delivery.sending(now),
+        "attempts": delivery.attempts,
+        "created_at": _iso(delivery.created_at),
+        "started_at": _iso(delivery.started_at),
+        "next_attempt_at": _iso_or_none(delivery.next_attempt_at),
+        "last_attempt_at": _iso_or_none(delivery.last_attempt_at),
+        "last_status": delivery.last_status,
+        "last_error": delivery.last_error,
+        "finished_at": _iso_or_none(delivery.finished_at),
+    }
+
+
+def render_webhooks(configured: Sequence[Webhook], cursors: Mapping[str, int],
+                    counts: Mapping[str, Mapping[DeliveryStatus, int]]) -> list[dict[str, Any]]:
+    """Every webhook the configuration or the outbox knows, for ``GET /webhooks``:
+    configured ones first (in their order), then those only the outbox remembers."""
+    rows = []
+    names = [w.name for w in configured]
+    names += sorted((set(cursors) | set(counts)) - set(names))
+    by_name = {w.name: w for w in configured}
+    for name in names:
+        hook = by_name.get(name)
+        found = counts.get(name, {})
+        rows.append({
+            "name": name,
+            "configured": hook is not None,
+            "url": None if hook is None else hook.origin,
+            "events": [] if hook is None else list(hook.events),
+            "cursor": cursors.get(name),
+            "counts": {s.value: found.get(s, 0) for s in DeliveryStatus},
+        })
+    return rows

@@ -17,7 +17,7 @@ A pass runs every ``poll_interval``, and at once when :meth:`Dispatcher.notify` 
 called (an attempt ended, an operator asked for a retry, new events were committed).
 
 **At least once.** A delivery is marked delivered only after its 2xx answer: a process
-killed in between sends it again after its lease (``timeout`` + 30 s). A graceful stop
+killed in between sends it again after its lease (``timeout`` + 5 s). A graceful stop
 hands the deliveries it was sending back (due at once) before it exits.
 """
 
@@ -56,7 +56,7 @@ __all__ = ["Attempt", "Dispatcher", "delivering"]
 log = logging.getLogger("ghostrunner.webhooks")
 
 #: how long a claim holds a delivery beyond the webhook's timeout
-LEASE_MARGIN = timedelta(seconds=30)
+LEASE_MARGIN = timedelta(seconds=5)
 #: the most of a receiver's answer read (the rest is not waited for)
 MAX_ANSWER = 64 * 1024
 #: how often old deliveries are pruned (and once at start)

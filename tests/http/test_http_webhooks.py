@@ -787,3 +787,46 @@ def test_a_bad_secret_in_a_file_is_not_echoed(tmp_path: Any) -> None:
         _config(tmp_path, f'[[webhooks]]\nurl = "https://x/"\nsecret_file = "{tmp_path}/s"\n')
     assert caught.value.key == "webhooks[0].secret_file"
     assert leaked[6:] not in str(caught.value)
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+def test_two_runners_on_one_postgresql_send_each_event_once(postgres: Any) -> None:
+    """Two processes' workers (two stores: two pools) on one database, the same webhook
+    and event log: each event is taken once and sent once (no crash: no duplicate)."""
+    from ghostrunner.postgres import PostgresStore
+
+    dsn = postgres.database()
+    source = ListSource()
+    n = 60
+    with receiving(Receiver(delay=0.01)) as receiver:
+        async def main() -> None:
+            stores = [PostgresStore(dsn, max_size=4), PostgresStore(dsn, max_size=4)]
+            for s in stores:
+                await s.open()
+            policy = DeliveryPolicy(poll_interval=0.02, batch=10)
+            workers = [Dispatcher(s, [hook(receiver.url, concurrency=3)], policy,
+                                  source=source) for s in stores]
+            for w in workers:
+                await w.take()  # the webhook's cursor: 0
+            source.add(*(Ev(i) for i in range(1, n + 1)))
+            tasks = [asyncio.create_task(w.run()) for w in workers]
+            try:
+                assert await asyncio.to_thread(receiver.wait_for, n)
+                for w in workers:
+                    await w.wait_idle()  # the last answers recorded
+                counts = await stores[1].delivery_counts()
+                assert counts == {"ci": {DeliveryStatus.DELIVERED: n}}
+            finally:
+                for t in tasks:
+                    t.cancel()
+                for w, s in zip(workers, stores, strict=True):
+                    await w.stop()
+                    await s.close()
+
+        run(main())
+    postgres.drop(dsn)
+    ids = [r.body["data"]["id"] for r in receiver.got if r.body]
+    assert sorted(ids) == list(range(1, n + 1))  # each exactly once
+    assert all(r.valid for r in receiver.got)

@@ -830,3 +830,24 @@ def test_two_runners_on_one_postgresql_send_each_event_once(postgres: Any) -> No
     ids = [r.body["data"]["id"] for r in receiver.got if r.body]
     assert sorted(ids) == list(range(1, n + 1))  # each exactly once
     assert all(r.valid for r in receiver.got)
+
+
+def test_the_receiver_snippet_of_the_docs_verifies_what_is_sent() -> None:
+    """docs/operations.md's standard-library verifier, run as written."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    snippet = next(block for block in re.findall(r"```python\n(.*?)```", doc, re.S)
+                   if "def verify(" in block)
+    namespace: dict[str, Any] = {}
+    exec(compile(snippet, "operations.md", "exec"), namespace)
+    body = payload(Ev(3, data={"exit_code": 1})).encode()
+    stamp = int(time.time())
+    headers = {"Webhook-Id": "msg_3_x", "Webhook-Timestamp": str(stamp),
+               "Webhook-Signature": sign(KEY, "msg_3_x", stamp, body)}
+    assert namespace["verify"](SECRET, headers, body)["data"]["id"] == 3
+    with pytest.raises(ValueError, match="no valid signature"):
+        namespace["verify"](OTHER_SECRET, headers, body)
+    with pytest.raises(ValueError, match="timestamp"):
+        namespace["verify"](SECRET, {**headers, "Webhook-Timestamp": str(stamp - 301)}, body)

@@ -307,6 +307,10 @@ class Dispatcher:
                     log.warning("webhooks: the store or the event log failed (%s); "
                                 "trying again", exc)
                 trouble = True
+            except Exception:  # a bug, or an event source's own error: keep working
+                if not trouble:
+                    log.exception("webhooks: a pass failed; trying again")
+                trouble = True
             else:
                 if trouble:
                     log.info("webhooks: the store answers again")
@@ -326,12 +330,27 @@ class Dispatcher:
         while True:
             try:
                 pruned = await self.prune()
-            except GhostRunnerError as exc:
+            except Exception as exc:
                 log.warning("could not prune the webhook outbox: %s", exc)
             else:
                 if pruned:
                     log.info("webhook outbox: pruned %d old deliveries", pruned)
             await asyncio.sleep(PRUNE_EVERY.total_seconds())
+
+    async def warn_unconfigured(self) -> None:
+        """Log the webhooks with pending deliveries that are not configured (kept, not
+        sent)."""
+        try:
+            counts = await self.store.delivery_counts()
+        except GhostRunnerError as exc:
+            log.warning("webhooks: could not read the outbox: %s", exc)
+            return
+        for name, by_status in sorted(counts.items()):
+            pending = by_status.get(DeliveryStatus.PENDING, 0)
+            if name not in self.webhooks and pending:
+                log.warning("webhook %r is not configured: its %d pending deliveries are "
+                            "kept, not sent (configure it again, under this name, to send "
+                            "them)", name, pending)
 
     async def stop(self) -> None:
         """Stop sending: the deliveries in flight are handed back (due at once)."""
@@ -381,6 +400,7 @@ async def delivering(store: WebhookStore, webhooks: Sequence[Webhook],
                     "(deliveries already in its outbox still are)")
     for hook in webhooks:
         log.info("webhook %r: %s, events %s", hook.name, hook.origin, ", ".join(hook.events))
+    await dispatcher.warn_unconfigured()
     tasks = [asyncio.create_task(dispatcher.run(), name="ghostrunner-webhooks"),
              asyncio.create_task(dispatcher._pruning(), name="ghostrunner-webhooks-prune")]
     try:

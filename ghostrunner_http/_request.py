@@ -120,7 +120,7 @@ class Services:
     webhooks: tuple[Webhook, ...] = ()
     """The configured webhooks."""
     event_log: bool = False
-    """Whether new events reach the webhooks (the store keeps an event log)."""
+    """Whether the store keeps an event log (else no new event reaches the webhooks)."""
     notify_webhooks: Callable[[], None] = lambda: None
     """Wakes the webhook worker (after an operator's retry)."""
 

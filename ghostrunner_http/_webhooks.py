@@ -399,22 +399,50 @@ def _iso(value: datetime) -> str:
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and infinities as null (JSON has no such numbers)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_finite(v) for v in value]
+    return value
+
+
 def payload(event: EventLike) -> str:
     """The body POSTed for ``event`` (compact JSON, UTF-8):
-    ``{"type": kind, "timestamp": when it happened, "data": the event}``."""
-    doc = {
-        "type": event.kind,
-        "timestamp": _iso(event.at),
-        "data": {
-            "id": event.id,
-            "kind": event.kind,
-            "at": _iso(event.at),
-            "task_id": event.task_id,
-            "node_id": event.node_id,
-            "data": dict(event.data),
-        },
-    }
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, default=_jsonable)
+    ``{"type": kind, "timestamp": when it happened, "data": the event}``.
+
+    Never raises: an event whose data JSON cannot hold (NaN, a cycle) still gets a body
+    (NaN as null; else its data replaced by an ``error``), so that one odd event cannot
+    hold up every later one."""
+    def doc(data: Any) -> dict[str, Any]:
+        return {
+            "type": event.kind,
+            "timestamp": _iso(event.at),
+            "data": {
+                "id": event.id,
+                "kind": event.kind,
+                "at": _iso(event.at),
+                "task_id": event.task_id,
+                "node_id": event.node_id,
+                "data": data,
+            },
+        }
+
+    def dumps(value: Any) -> str:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False,
+                          default=_jsonable, allow_nan=False)
+
+    try:
+        return dumps(doc(dict(event.data)))
+    except (ValueError, TypeError, RecursionError):
+        pass
+    try:
+        return dumps(doc(_finite(dict(event.data))))
+    except (ValueError, TypeError, RecursionError):
+        return dumps(doc({"error": "the event's data could not be encoded as JSON"}))
 
 
 def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:

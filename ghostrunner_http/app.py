@@ -538,7 +538,7 @@ def create_app(
                     audit=audit_store,
                     outbox=outbox,
                     webhooks=cfg.webhooks if outbox is not None else (),
-                    event_log=dispatcher is not None and source is not None,
+                    event_log=source is not None,
                     notify_webhooks=dispatcher.notify if dispatcher else lambda: None,
                 )
                 app.state.services = svc

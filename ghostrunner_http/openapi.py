@@ -508,8 +508,8 @@ SCHEMAS: dict[str, Schema] = {
     ),
     "WebhookList": _obj(
         {"webhooks": {"type": "array", "items": _ref("Webhook")},
-         "event_log": {"type": "boolean", "description": "Whether new events reach the "
-                       "webhooks (false: the store keeps no event log)."}},
+         "event_log": {"type": "boolean", "description": "Whether the store keeps an "
+                       "event log (false: no new event reaches the webhooks)."}},
         ["webhooks", "event_log"]),
     "TokenDeleted": _obj({"name": {"type": "string"}, "deleted": {"const": True}},
                          ["name", "deleted"]),

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from ghostrunner.testing import InMemoryStore
-from ghostrunner.webhooks import DeliveryQuery, DeliveryStatus, WebhookDelivery
+from ghostrunner.webhooks import DeliveryQuery, DeliveryStatus, NewDelivery, WebhookDelivery
 from ghostrunner_http._delivery import MAX_ANSWER, Attempt, Dispatcher
 from ghostrunner_http._webhooks import (
     DEFAULT_SCHEDULE,
@@ -851,3 +851,65 @@ def test_the_receiver_snippet_of_the_docs_verifies_what_is_sent() -> None:
         namespace["verify"](OTHER_SECRET, headers, body)
     with pytest.raises(ValueError, match="timestamp"):
         namespace["verify"](SECRET, {**headers, "Webhook-Timestamp": str(stamp - 301)}, body)
+
+
+def test_an_event_json_cannot_hold_still_gets_a_body() -> None:
+    doc = json.loads(payload(Ev(1, data={"ratio": float("nan"), "ok": [1, float("inf")]})))
+    assert doc["data"]["data"] == {"ratio": None, "ok": [1, None]}
+    cyclic: dict[str, Any] = {}
+    cyclic["self"] = cyclic
+    doc = json.loads(payload(Ev(2, data=cyclic)))
+    assert doc["data"]["id"] == 2 and "error" in doc["data"]["data"]
+
+
+def test_the_worker_survives_a_failing_event_source(caplog: pytest.LogCaptureFixture) -> None:
+    store = InMemoryStore()
+
+    class Flaky(ListSource):
+        fail = 2
+
+        async def events_after(self, after_id: int, limit: int) -> Any:
+            if self.fail:
+                self.fail -= 1
+                raise RuntimeError("the event log broke")
+            return await super().events_after(after_id, limit)
+
+    source = Flaky([Ev(1)])
+    sent = asyncio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        sent.set()
+        return httpx.Response(200)
+
+    async def main() -> None:
+        await store.webhook_cursor("ci", 0)
+        d = Dispatcher(store, [hook()], FAST, source=source,
+                       client=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+        task = asyncio.create_task(d.run())
+        async with asyncio.timeout(10):
+            await sent.wait()
+        await d.wait_idle()
+        task.cancel()
+        await d.stop()
+
+    with caplog.at_level(logging.WARNING, logger="ghostrunner.webhooks"):
+        run(main())
+    assert caplog.text.count("a pass failed") == 1  # once per streak
+    assert _deliveries(store)[1].status is DeliveryStatus.DELIVERED
+
+
+def test_pending_deliveries_of_a_webhook_no_longer_configured_are_named(
+        caplog: pytest.LogCaptureFixture) -> None:
+    store = InMemoryStore()
+
+    async def main() -> None:
+        await store.webhook_cursor("gone", 0)
+        await store.enqueue_deliveries("gone", 0, 1, [
+            NewDelivery(event_id=1, kind="k", msg_id="msg_1_a", body="{}")], T0)
+        d = Dispatcher(store, [hook()], FAST, source=None)
+        await d.warn_unconfigured()
+        await d.stop()
+
+    with caplog.at_level(logging.WARNING, logger="ghostrunner.webhooks"):
+        run(main())
+    assert "webhook 'gone' is not configured: its 1 pending deliveries are kept" in caplog.text

@@ -118,8 +118,11 @@ class EventLike(Protocol):
 class EventSource(Protocol):
     """The event log: a store with ``events_after`` and ``last_event_id``."""
 
-    async def events_after(self, after_id: int, limit: int) -> Sequence[EventLike]:
-        """Up to ``limit`` events with an id above ``after_id``, in id order."""
+    async def events_after(self, after_id: int, limit: int, /) -> Sequence[EventLike]:
+        """Up to ``limit`` events with an id above ``after_id``, in id order (called
+        positionally: the store may name its parameters as it likes). Ids must become
+        visible in increasing order (a reader that has seen id n never sees a lower id
+        appear later): the cursor relies on it."""
 
     async def last_event_id(self) -> int:
         """The id of the newest event (0 when there is none)."""

@@ -277,4 +277,4 @@ async def test_postgres_claims_by_two_processes_never_overlap(two_pg_stores: Any
                                       claim_all(two))
     claimed = a + b + c + d
     assert len(claimed) == len(set(claimed)) == 200
-    assert a and b  # both processes got some
+    assert (a or c) and (b or d)  # both processes got some

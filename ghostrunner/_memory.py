@@ -30,6 +30,14 @@ from ._types import (
 from .audit import AuditEntry, AuditPage, AuditQuery
 from .errors import Conflict, IllegalTransition, NotFound, ValidationError
 from .tokens import Token
+from .webhooks import (
+    DeliveryPage,
+    DeliveryQuery,
+    DeliveryStatus,
+    NewDelivery,
+    WebhookDelivery,
+    clip_error,
+)
 
 __all__ = ["InMemoryStore"]
 
@@ -59,6 +67,9 @@ class InMemoryStore:
         self.events: list[ev.Event] = []
         self._event_seq = 0
         self._audit_seq = 0
+        self.cursors: dict[str, int] = {}
+        self.deliveries: dict[int, WebhookDelivery] = {}  # by id, in id order
+        self._delivery_seq = 0
         self._order: dict[str, int] = {}  # task id -> submission sequence
         self._by_node: dict[str, list[RunKey]] = {}  # submission order, pruned lazily
         self._seq = 0
@@ -523,3 +534,107 @@ class InMemoryStore:
         pruned = len(self.audit) - len(kept)
         self.audit = kept
         return pruned
+
+    # ---------------------------------------------------------------- webhook outbox
+
+    async def webhook_cursor(self, webhook: str, start: int) -> int:
+        return self.cursors.setdefault(webhook, start)
+
+    async def webhook_cursors(self) -> Mapping[str, int]:
+        return dict(self.cursors)
+
+    async def enqueue_deliveries(self, webhook: str, after: int, upto: int,
+                                 deliveries: Sequence[NewDelivery], now: datetime) -> bool:
+        if self.cursors.get(webhook) != after:
+            return False
+        known = {d.event_id for d in self.deliveries.values() if d.webhook == webhook}
+        for new in deliveries:
+            if new.event_id in known:
+                continue
+            known.add(new.event_id)
+            self._delivery_seq += 1
+            self.deliveries[self._delivery_seq] = WebhookDelivery(
+                id=self._delivery_seq, webhook=webhook, event_id=new.event_id,
+                kind=new.kind, msg_id=new.msg_id, body=new.body,
+                status=DeliveryStatus.PENDING, created_at=now, started_at=now,
+                next_attempt_at=now)
+        self.cursors[webhook] = upto
+        return True
+
+    async def claim_deliveries(self, webhook: str, now: datetime, lease_until: datetime,
+                               limit: int) -> Sequence[WebhookDelivery]:
+        due = sorted(
+            (d for d in self.deliveries.values()
+             if d.webhook == webhook and d.status is DeliveryStatus.PENDING
+             and d.next_attempt_at is not None and d.next_attempt_at <= now
+             and (d.lease_until is None or d.lease_until <= now)),
+            key=lambda d: (d.next_attempt_at, d.id))
+        claimed = []
+        for d in due[:max(0, limit)]:
+            d = attrs.evolve(d, attempts=d.attempts + 1, lease_until=lease_until,
+                             last_attempt_at=now)
+            self.deliveries[d.id] = d
+            claimed.append(d)
+        return claimed
+
+    async def finish_delivery(self, delivery_id: int, attempt: int, now: datetime, *,
+                              status: DeliveryStatus, next_attempt_at: datetime | None,
+                              http_status: int | None, error: str | None) -> bool:
+        d = self.deliveries.get(delivery_id)
+        status = DeliveryStatus(status)
+        if status is DeliveryStatus.PENDING and next_attempt_at is None:
+            raise ValidationError("next_attempt_at", "is required to stay pending")
+        if d is None or d.status is not DeliveryStatus.PENDING:
+            return False
+        if status is not DeliveryStatus.DELIVERED and d.attempts != attempt:
+            return False
+        done = status is not DeliveryStatus.PENDING
+        self.deliveries[delivery_id] = attrs.evolve(
+            d, status=status, lease_until=None, last_status=http_status,
+            last_error=clip_error(error),
+            next_attempt_at=None if done else next_attempt_at,
+            finished_at=now if done else None)
+        return True
+
+    async def query_deliveries(self, query: DeliveryQuery) -> DeliveryPage:
+        try:
+            before = query.before_id()
+        except ValueError:
+            raise ValidationError("cursor", "is not a cursor this server gave") from None
+        found: list[WebhookDelivery] = []
+        for d in sorted(self.deliveries.values(), key=lambda d: -d.id):
+            if (before is None or d.id < before) and query.matches(d):
+                found.append(d)
+                if len(found) > query.limit:
+                    break
+        items = found[:query.limit]
+        more = len(found) > query.limit and items
+        return DeliveryPage(items, str(items[-1].id) if more else None)
+
+    async def retry_delivery(self, delivery_id: int, now: datetime) -> WebhookDelivery:
+        d = self.deliveries.get(delivery_id)
+        if d is None:
+            raise NotFound(f"no delivery {delivery_id}")
+        if d.status is not DeliveryStatus.FAILED:
+            raise IllegalTransition(f"delivery {delivery_id} is {d.status}, not failed")
+        d = attrs.evolve(d, status=DeliveryStatus.PENDING, attempts=0, started_at=now,
+                         next_attempt_at=now, lease_until=None, finished_at=None)
+        self.deliveries[delivery_id] = d
+        return d
+
+    async def prune_deliveries(self, delivered_before: datetime,
+                               failed_before: datetime) -> int:
+        cutoff = {DeliveryStatus.DELIVERED: delivered_before,
+                  DeliveryStatus.FAILED: failed_before}
+        doomed = [d.id for d in self.deliveries.values()
+                  if d.status in cutoff and d.finished_at is not None
+                  and d.finished_at < cutoff[d.status]]
+        for i in doomed:
+            del self.deliveries[i]
+        return len(doomed)
+
+    async def delivery_counts(self) -> Mapping[str, Mapping[DeliveryStatus, int]]:
+        out: dict[str, Counter[DeliveryStatus]] = {}
+        for d in self.deliveries.values():
+            out.setdefault(d.webhook, Counter())[d.status] += 1
+        return {w: dict(c) for w, c in out.items()}

@@ -18,6 +18,7 @@ from ghostrunner import Rollout, RunState, Selector, Task, TaskQuery, TaskStatus
 from ghostrunner.audit import AuditQuery
 from ghostrunner.errors import ValidationError
 from ghostrunner.tokens import Scope
+from ghostrunner.webhooks import DeliveryQuery, DeliveryStatus
 
 from ._convert import structure
 from .openapi import NODE_ID_BODY
@@ -29,6 +30,8 @@ __all__ = [
     "parse_audit_query",
     "parse_cancel",
     "parse_delete",
+    "parse_delivery_id",
+    "parse_delivery_query",
     "parse_retry",
     "parse_run_page",
     "parse_task",
@@ -451,6 +454,53 @@ def parse_audit_query(params: QueryParams) -> AuditQuery:
             raise ValidationError("status", "must be one of: " + ", ".join(_STATUS_CLASSES))
         fields["status_class"] = status
     return AuditQuery(**fields)
+
+
+_DELIVERY_KEYS = ("limit", "cursor", "webhook", "status", "event_id")
+#: the largest id a delivery can have (a 64-bit signed integer)
+MAX_ID = (1 << 63) - 1
+
+
+def _id(field: str, text: str) -> int:
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) > MAX_ID:
+        raise ValidationError(field, "must be a non-negative integer (at most 2^63 - 1)")
+    return int(text)
+
+
+def parse_delivery_query(params: QueryParams) -> DeliveryQuery:
+    """The filters and page of ``GET /webhooks/deliveries`` (and of the console's page)."""
+    values = _single_values(params, _DELIVERY_KEYS)
+    fields: dict[str, Any] = {}
+    if "limit" in values:
+        text = values["limit"].strip()
+        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 1000:
+            raise ValidationError("limit", "must be an integer between 1 and 1000")
+        fields["limit"] = int(text)
+    if "cursor" in values:
+        text = values["cursor"]
+        if not (text.isascii() and text.isdigit()) or len(text) > 19:
+            raise ValidationError("cursor", "is not a cursor this server gave")
+        fields["cursor"] = text
+    if "webhook" in values:
+        text = values["webhook"]
+        if not text or len(text) > 1024 or "\x00" in text:
+            raise ValidationError("webhook", "must be 1 to 1024 characters, without NUL")
+        fields["webhook"] = text
+    if "status" in values:
+        text = values["status"].strip().lower()
+        if text not in {s.value for s in DeliveryStatus}:
+            raise ValidationError("status", "must be one of: "
+                                  + ", ".join(s.value for s in DeliveryStatus))
+        fields["status"] = text
+    if "event_id" in values:
+        fields["event_id"] = _id("event_id", values["event_id"])
+    return DeliveryQuery(**fields)
+
+
+def parse_delivery_id(text: str) -> int:
+    """The ``{delivery_id}`` of a path."""
+    return _id("delivery_id", text)
 
 
 #: runs per page of ``GET /tasks/{id}``: by default, and at most

@@ -29,6 +29,7 @@ from ._audit import AuditStore, note
 from ._errors import BadRequest, Forbidden, PayloadTooLarge, Unauthorized
 from ._events import StreamSlots
 from ._tokens import TokenStore, hash_secret
+from ._webhooks import Webhook, WebhookStore
 
 __all__ = ["Authenticator", "Call", "Services", "authorize", "parse_json", "read_body"]
 
@@ -119,6 +120,14 @@ class Services:
     """The event streams open, and how many may be."""
     stream_heartbeat: float = 15.0
     stream_send_timeout: float = 30.0
+    outbox: WebhookStore | None = None
+    """The webhook outbox (None: a store that keeps none)."""
+    webhooks: tuple[Webhook, ...] = ()
+    """The configured webhooks."""
+    event_log: bool = False
+    """Whether the store keeps an event log (else no new event reaches the webhooks)."""
+    notify_webhooks: Callable[[], None] = lambda: None
+    """Wakes the webhook worker (after an operator's retry)."""
 
 
 def services(request: Request) -> Services:

@@ -8,6 +8,7 @@ turned into an answer in one place (``_errors.exception_handlers``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import sys
@@ -28,6 +29,7 @@ from ghostrunner.errors import Conflict, NotFound, ValidationError
 from ghostrunner.tokens import Scope, Token
 
 from ._audit import AuditLog, AuditStore, note, pruning, render_entry
+from ._delivery import Dispatcher, delivering
 from ._errors import ConflictError, exception_handlers
 from ._events import StreamSlots, open_stream
 from ._events import pruning as events_pruning
@@ -37,6 +39,8 @@ from ._parse import (
     parse_audit_query,
     parse_cancel,
     parse_delete,
+    parse_delivery_id,
+    parse_delivery_query,
     parse_retry,
     parse_run_page,
     parse_task,
@@ -55,6 +59,13 @@ from ._render import (
 )
 from ._request import Authenticator, Services, authorize, services
 from ._tokens import TokenStore, new_token, verify_secret
+from ._webhooks import (
+    EventSource,
+    WebhookStore,
+    event_source,
+    render_delivery,
+    render_webhooks,
+)
 from .config import Settings
 from .console import Console, console_routes
 from .openapi import openapi_json
@@ -146,6 +157,47 @@ async def events(request: Request) -> Response:
 
     return open_stream(request, svc.runner, svc.streams, heartbeat=svc.stream_heartbeat,
                        send_timeout=svc.stream_send_timeout, allowed=allowed)
+
+
+def _outbox(request: Request) -> WebhookStore:
+    store = services(request).outbox
+    if store is None:
+        raise NotFound("this server's store keeps no webhook outbox")
+    return store
+
+
+async def webhook_list(request: Request) -> Response:
+    """``GET /webhooks``: the webhooks, their cursors and delivery counts (admin)."""
+    await authorize(request, Scope.ADMIN)
+    svc = services(request)
+    store = _outbox(request)
+    rows = render_webhooks(svc.webhooks, await store.webhook_cursors(),
+                           await store.delivery_counts())
+    return envelope({"webhooks": rows, "event_log": svc.event_log})
+
+
+async def delivery_list(request: Request) -> Response:
+    """``GET /webhooks/deliveries``: the outbox, newest first (admin)."""
+    await authorize(request, Scope.ADMIN)
+    query = parse_delivery_query(request.query_params)
+    page = await _outbox(request).query_deliveries(query)
+    now = services(request).runner.clock()
+    return envelope({"deliveries": [render_delivery(d, now) for d in page.items],
+                     "next_cursor": page.next_cursor})
+
+
+async def delivery_retry(request: Request) -> Response:
+    """``POST /webhooks/deliveries/{delivery_id}/retry``: send a failed delivery again,
+    with a new schedule and the same message id (admin)."""
+    await authorize(request, Scope.ADMIN)
+    delivery_id = parse_delivery_id(request.path_params["delivery_id"])
+    svc = services(request)
+    delivery = await _outbox(request).retry_delivery(delivery_id, svc.runner.clock())
+    note(request).counts["deliveries"] = 1
+    svc.notify_webhooks()
+    log.info("webhook %r: delivery %d (%s) retried by %r", delivery.webhook, delivery.id,
+             delivery.msg_id, note(request).token)
+    return envelope(render_delivery(delivery, svc.runner.clock()))
 
 
 async def token_list(request: Request) -> Response:
@@ -302,6 +354,10 @@ ROUTES = [
     Route("/devices", devices, methods=["GET"], name="devices"),
     Route("/audit", audit_list, methods=["GET"], name="audit"),
     Route("/events", events, methods=["GET"], name="events"),
+    Route("/webhooks", webhook_list, methods=["GET"], name="webhooks"),
+    Route("/webhooks/deliveries", delivery_list, methods=["GET"], name="deliveries"),
+    Route("/webhooks/deliveries/{delivery_id}/retry", delivery_retry, methods=["POST"],
+          name="delivery_retry"),
 ]
 
 
@@ -412,6 +468,38 @@ def _store_kind(store: Store) -> str:
     return "custom"
 
 
+def webhook_events(store: Store, runner: GhostRunner) -> EventSource | None:
+    """Where the webhooks read their events: THE one place the event log is connected
+    to them.
+
+    The store itself, if it has an event log (``events_after`` and ``last_event_id``:
+    every shipped store has), else None (the webhook worker then only sends what its
+    outbox holds). The live side is :func:`_waking`: each new event
+    (``GhostRunner.events``) wakes the worker instead of its next poll
+    (``webhook_delivery.poll_interval``).
+    """
+    del runner  # the live side: see _waking
+    return event_source(store)
+
+
+@contextlib.asynccontextmanager
+async def _waking(runner: GhostRunner, dispatcher: Dispatcher) -> AsyncIterator[None]:
+    """Wake the webhook worker on each new event (it reads them from the store with its
+    own cursors; this only saves it the wait for its next poll)."""
+
+    async def follow() -> None:
+        async for _ in runner.events():
+            dispatcher.notify()
+
+    task = asyncio.create_task(follow(), name="ghostrunner-webhooks-wake")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 def _connected(executor: Executor, kind: str) -> Callable[[], bool | None]:
     if kind == "fake":
         return lambda: True
@@ -457,30 +545,45 @@ def create_app(
         if audit_store is None:
             log.warning("%r keeps no audit log (see AuditStore): writes are not recorded",
                         queue)
+        outbox = queue if isinstance(queue, WebhookStore) else None
+        if outbox is None and cfg.webhooks:
+            log.warning("%r keeps no webhook outbox (see WebhookStore): no webhook is sent",
+                        queue)
         runs_on = executor if executor is not None else _executor_from(cfg)
         runner = GhostRunner(store=queue, executor=runs_on, settings=cfg.loop, clock=clock)
         async with runner:
             await bootstrap_admin(queue, cfg.admin_token, now=clock(), announce=announce)
-            svc = Services(
-                runner=runner,
-                tokens=queue,
-                auth=Authenticator(queue, clock),
-                max_body_bytes=cfg.max_body_bytes,
-                executor_kind=kind,
-                connected=_connected(runs_on, kind),
-                store_kind=_store_kind(queue),
-                audit=audit_store,
-                streams=StreamSlots(cfg.max_streams),
-                stream_heartbeat=cfg.stream_heartbeat,
-                stream_send_timeout=cfg.stream_send_timeout,
-            )
-            app.state.services = svc
             async with contextlib.AsyncExitStack() as background:
                 if audit_store is not None:
                     await background.enter_async_context(
                         pruning(audit_store, cfg.audit_retention_days, clock))
                 await background.enter_async_context(
                     events_pruning(runner, cfg.events_retention_days, clock))
+                source = webhook_events(queue, runner)
+                dispatcher: Dispatcher | None = None
+                if outbox is not None and cfg.webhooks:
+                    dispatcher = await background.enter_async_context(delivering(
+                        outbox, cfg.webhooks, cfg.webhook_policy, source=source, clock=clock))
+                    if source is not None:
+                        await background.enter_async_context(_waking(runner, dispatcher))
+                svc = Services(
+                    runner=runner,
+                    tokens=queue,
+                    auth=Authenticator(queue, clock),
+                    max_body_bytes=cfg.max_body_bytes,
+                    executor_kind=kind,
+                    connected=_connected(runs_on, kind),
+                    store_kind=_store_kind(queue),
+                    audit=audit_store,
+                    outbox=outbox,
+                    webhooks=cfg.webhooks if outbox is not None else (),
+                    event_log=source is not None,
+                    notify_webhooks=dispatcher.notify if dispatcher else lambda: None,
+                    streams=StreamSlots(cfg.max_streams),
+                    stream_heartbeat=cfg.stream_heartbeat,
+                    stream_send_timeout=cfg.stream_send_timeout,
+                )
+                app.state.services = svc
                 yield {"services": svc}
                 log.info("shutting down: stopping the reconcile loop")
 

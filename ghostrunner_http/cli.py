@@ -85,6 +85,15 @@ devices node-001..node-003, always online, whose commands echo and exit 0).
 
 At the first start an admin token is generated and printed once (or set admin_token /
 GHOSTRUNNER_ADMIN_TOKEN). SIGTERM or Ctrl-C stops it gracefully.
+
+Signed webhooks (Standard Webhooks) are [[webhooks]] tables of the config file:
+
+    [[webhooks]]
+    url = "https://hooks.example.com/ghostrunner"
+    secret_file = "/etc/ghostrunner/webhook-secret"   # whsec_...; or secret, secret_env
+    events = ["run.*"]                                # default: every event
+
+and [webhook_delivery] tunes their retries (docs/operations.md, "Webhooks").
 """
 
 

@@ -21,11 +21,18 @@ Example::
     url = "wss://mesh.example.com"
     user = "~t:AbCdEf"            # a MeshCentral login token user, or a user name
     password_file = "/etc/ghostrunner/mesh-password"
+
+    [[webhooks]]                  # signed events POSTed to a receiver (any number)
+    url = "https://hooks.example.com/ghostrunner"
+    secret_file = "/etc/ghostrunner/webhook-secret"   # whsec_... (or secret, secret_env)
+    events = ["run.*", "task.created"]
 """
 
 from __future__ import annotations
 
+import base64
 import math
+import os
 import re
 import tomllib
 import urllib.parse
@@ -38,6 +45,7 @@ import attrs
 from ghostrunner import LoopSettings, RetryPolicy
 
 from ._logging import redact_url
+from ._webhooks import DeliveryPolicy, Webhook, check_url, derive_name, parse_secret
 
 __all__ = [
     "ENV_PREFIX",
@@ -142,6 +150,10 @@ class Settings:
             write; then it is dropped (it reconnects with ``Last-Event-ID``).
         events_retention_days: events older than this are pruned (at start, then every
             hour); a client resuming from an older event misses what was pruned.
+        webhooks: the receivers of signed events (``[[webhooks]]`` tables); their
+            secrets never appear in the repr.
+        webhook_policy: how their outbox is worked (``[webhook_delivery]``: retries,
+            concurrency, retention).
     """
 
     database: Path = Path("ghostrunner.db")
@@ -179,6 +191,8 @@ class Settings:
     stream_heartbeat: float = 15.0
     stream_send_timeout: float = 30.0
     events_retention_days: float = 7.0
+    webhooks: tuple[Webhook, ...] = ()
+    webhook_policy: DeliveryPolicy = attrs.field(factory=DeliveryPolicy)
 
     def __attrs_post_init__(self) -> None:
         if self.database_synchronous not in ("FULL", "NORMAL"):
@@ -243,8 +257,10 @@ class Settings:
         PostgreSQL URLs."""
         in_url = urllib.parse.urlsplit(self.meshcentral_url or "").password
         in_db = _url_password(self.database_url or "")
+        hooks = [form for hook in self.webhooks for form in _secret_forms(hook.key)]
         return tuple(
-            s for s in (self.admin_token, self.meshcentral_password, in_url, *in_db) if s
+            s for s in (self.admin_token, self.meshcentral_password, in_url, *in_db, *hooks)
+            if s
         )
 
     @property
@@ -256,6 +272,13 @@ class Settings:
     def scheme(self) -> str:
         """``https`` with TLS, else ``http``."""
         return "https" if self.tls_cert else "http"
+
+
+def _secret_forms(key: bytes) -> tuple[str, ...]:
+    """How a webhook's secret may be written (for log redaction): its base64, with and
+    without padding (the ``whsec_`` form contains them)."""
+    encoded = base64.b64encode(key).decode()
+    return (encoded, encoded.rstrip("="))
 
 
 # --------------------------------------------------------------------------- databases
@@ -434,6 +457,19 @@ def _log_level(key: str, value: Any) -> str:
     return _str(key, value).strip().lower()
 
 
+def _seconds_list(key: str, value: Any) -> tuple[float, ...]:
+    """A list of seconds (TOML array, or ``"5, 300, 1800"`` from the environment)."""
+    if isinstance(value, str):
+        items: list[Any] = [v for v in value.replace(",", " ").split()]
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise ConfigError(key, "must be a list of seconds")
+    if not items:
+        raise ConfigError(key, "must list at least one delay")
+    return tuple(_float(f"{key}[{i}]", v) for i, v in enumerate(items))
+
+
 # TOML key -> (Settings field, parser). ``*_file`` keys read a secret from a file.
 _Parser = Callable[[str, Any], Any]
 _KEYS: dict[str, tuple[str, _Parser]] = {
@@ -480,15 +516,33 @@ _LOOP_KEYS: dict[str, _Parser] = {
     "loop.events_poll": _float,
 }
 
+#: ``[webhook_delivery]`` keys: DeliveryPolicy fields
+_DELIVERY_KEYS: dict[str, tuple[str, _Parser]] = {
+    "webhook_delivery.retry_schedule": ("schedule", _seconds_list),
+    "webhook_delivery.jitter": ("jitter", _float),
+    "webhook_delivery.max_attempts": ("max_attempts", _int),
+    "webhook_delivery.max_age": ("max_age", _float),
+    "webhook_delivery.concurrency": ("concurrency", _int),
+    "webhook_delivery.retention_days": ("retention_days", _float),
+    "webhook_delivery.failed_retention_days": ("failed_retention_days", _float),
+    "webhook_delivery.poll_interval": ("poll_interval", _float),
+}
+#: the keys of a ``[[webhooks]]`` table
+WEBHOOK_KEYS = ("name", "url", "secret", "secret_file", "secret_env", "events", "timeout",
+                "concurrency")
+
 #: Every key the TOML file may hold (``section.key``), for documentation and errors.
-KNOWN_KEYS: tuple[str, ...] = (*_KEYS, *_SECRET_FILES, *_LOOP_KEYS)
+#: (``[[webhooks]]`` tables, an array, are only read from the file: see WEBHOOK_KEYS.)
+KNOWN_KEYS: tuple[str, ...] = (*_KEYS, *_SECRET_FILES, *_LOOP_KEYS, *_DELIVERY_KEYS)
 
 
 def _flatten(doc: Mapping[str, Any]) -> dict[str, Any]:
     sections = {k.split(".")[0] for k in KNOWN_KEYS if "." in k}
     flat: dict[str, Any] = {}
     for key, value in doc.items():
-        if key in sections:
+        if key == "webhooks":  # an array of tables, read by _webhooks()
+            flat[key] = value
+        elif key in sections:
             if not isinstance(value, dict):
                 raise ConfigError(key, "must be a table ([" + key + "])")
             for sub, subvalue in value.items():
@@ -496,9 +550,78 @@ def _flatten(doc: Mapping[str, Any]) -> dict[str, Any]:
         else:
             flat[key] = value
     for key in flat:
-        if key not in KNOWN_KEYS:
+        if key not in KNOWN_KEYS and key != "webhooks":
             raise ConfigError(key, "unknown setting (known: " + ", ".join(KNOWN_KEYS) + ")")
     return flat
+
+
+def _webhooks(value: Any, env: Mapping[str, str]) -> tuple[Webhook, ...]:
+    """The ``[[webhooks]]`` tables. A secret comes from exactly one of ``secret``,
+    ``secret_file`` (a file holding it) or ``secret_env`` (the name of an environment
+    variable holding it); no error message ever repeats it."""
+    if not isinstance(value, list):
+        raise ConfigError("webhooks", "must be [[webhooks]] tables (an array of tables)")
+    out: list[Webhook] = []
+    names: dict[str, int] = {}
+    for i, table in enumerate(value):
+        where = f"webhooks[{i}]"
+        if not isinstance(table, dict):
+            raise ConfigError(where, "must be a table ([[webhooks]])")
+        for key in table:
+            if key not in WEBHOOK_KEYS:
+                raise ConfigError(f"{where}.{key}", "unknown key (known: "
+                                  + ", ".join(WEBHOOK_KEYS) + ")")
+        url = _str(f"{where}.url", table.get("url", "")).strip()
+        problem = check_url(url)
+        if problem is not None:
+            raise ConfigError(f"{where}.url", problem)
+        given = [k for k in ("secret", "secret_file", "secret_env") if k in table]
+        if len(given) != 1:
+            raise ConfigError(f"{where}.secret", "give exactly one of secret, secret_file "
+                              "or secret_env (the secret is whsec_ followed by base64)")
+        source = given[0]
+        if source == "secret":
+            secret = _str(f"{where}.secret", table["secret"])
+        elif source == "secret_file":
+            secret = _read_secret_file(f"{where}.secret_file", table["secret_file"])
+        else:
+            var = _str(f"{where}.secret_env", table["secret_env"]).strip()
+            if not var or var not in env:
+                raise ConfigError(f"{where}.secret_env",
+                                  f"the environment variable {var!r} is not set")
+            secret = env[var]
+        try:
+            key = parse_secret(secret.strip())
+        except ValueError as exc:
+            raise ConfigError(f"{where}.{source}", str(exc)) from None
+        events = table.get("events", ["*"])
+        if isinstance(events, str):
+            events = [events]
+        if not isinstance(events, list) or not events:
+            raise ConfigError(f"{where}.events", "must be a list of event kinds or globs "
+                              "(\"run.*\"); leave it out for every event")
+        name = _str(f"{where}.name", table.get("name", derive_name(url))).strip()
+        fields: dict[str, Any] = {
+            "name": name, "url": url, "key": key,
+            "events": tuple(_str(f"{where}.events[{j}]", e).strip()
+                            for j, e in enumerate(events)),
+        }
+        if "timeout" in table:
+            fields["timeout"] = _float(f"{where}.timeout", table["timeout"])
+        if "concurrency" in table:
+            fields["concurrency"] = _int(f"{where}.concurrency", table["concurrency"])
+        try:
+            hook = Webhook(**fields)
+        except ValueError as exc:
+            field = str(exc).split(" ", 1)[0].rstrip(":")
+            field = field if field in WEBHOOK_KEYS else "url"
+            raise ConfigError(f"{where}.{field}", str(exc)) from None
+        if hook.name in names:
+            raise ConfigError(f"{where}.name", f"webhooks[{names[hook.name]}] is named "
+                              f"{hook.name!r} too: give each webhook its own name")
+        names[hook.name] = i
+        out.append(hook)
+    return tuple(out)
 
 
 def _read_secret_file(key: str, value: Any) -> str:
@@ -572,6 +695,18 @@ def load_settings(
         fields["loop"] = LoopSettings(**loop)
     except (ValueError, TypeError) as exc:
         raise ConfigError("loop", str(exc)) from None
+    if "webhooks" in raw:
+        fields["webhooks"] = _webhooks(raw["webhooks"], os.environ if env is None else env)
+    policy: dict[str, Any] = {}
+    for key, (field, parse) in _DELIVERY_KEYS.items():
+        if key in raw:
+            policy[field] = parse(key, raw[key])
+    try:
+        fields["webhook_policy"] = DeliveryPolicy(**policy)
+    except ValueError as exc:
+        named = next((k for k, (f, _) in _DELIVERY_KEYS.items() if str(exc).startswith(f)),
+                     "webhook_delivery")
+        raise ConfigError(named, str(exc)) from None
     return Settings(**fields)
 
 

@@ -454,6 +454,64 @@ SCHEMAS: dict[str, Schema] = {
     "AuditPage": _obj({"entries": {"type": "array", "items": _ref("AuditEntry")},
                        "next_cursor": _nullable({"type": "string"})},
                       ["entries", "next_cursor"]),
+    "Delivery": _obj(
+        {
+            "id": {"type": "integer", "description": "Increasing: the newest is highest."},
+            "webhook": {"type": "string", "description": "The webhook's name."},
+            "event_id": {"type": "integer", "description": "The event's id in the event "
+                         "log (also in the body, data.id)."},
+            "kind": {"type": "string", "description": "The event's kind (the body's "
+                     "type), e.g. run.finished."},
+            "msg_id": {"type": "string", "description": "The webhook-id header: the same "
+                       "on every attempt; receivers drop duplicates by it."},
+            "status": {"type": "string", "enum": ["pending", "delivered", "failed"],
+                       "description": "pending: to send (again); delivered: a 2xx answer; "
+                                      "failed: given up."},
+            "sending": {"type": "boolean", "description": "A process is sending it now."},
+            "attempts": {"type": "integer", "minimum": 0,
+                         "description": "Attempts started (since an operator's retry)."},
+            "created_at": _DATETIME,
+            "started_at": {**_DATETIME, "description": "When its retry schedule began "
+                                                       "(created, or retried)."},
+            "next_attempt_at": _nullable({**_DATETIME, "description": "When a pending "
+                                          "delivery is due."}),
+            "last_attempt_at": _nullable(_DATETIME),
+            "last_status": _nullable({"type": "integer", "description": "The HTTP status "
+                                      "of the latest failed attempt (null: no answer)."}),
+            "last_error": _nullable({"type": "string", "description": "What went wrong "
+                                     "the latest time (at most 500 characters)."}),
+            "finished_at": _nullable({**_DATETIME, "description": "When it was delivered "
+                                      "or given up."}),
+        },
+        ["id", "webhook", "event_id", "kind", "msg_id", "status", "sending", "attempts",
+         "created_at", "started_at", "next_attempt_at", "last_attempt_at", "last_status",
+         "last_error", "finished_at"],
+    ),
+    "DeliveryPage": _obj({"deliveries": {"type": "array", "items": _ref("Delivery")},
+                          "next_cursor": _nullable({"type": "string"})},
+                         ["deliveries", "next_cursor"]),
+    "Webhook": _obj(
+        {
+            "name": {"type": "string"},
+            "configured": {"type": "boolean", "description": "false: no longer in the "
+                           "configuration (its outbox is kept, not sent)."},
+            "url": _nullable({"type": "string", "description": "The URL's origin only "
+                              "(scheme, host, port)."}),
+            "events": {"type": "array", "items": {"type": "string"},
+                       "description": "The kinds (or globs) it gets."},
+            "cursor": _nullable({"type": "integer", "description": "The id of the last "
+                                 "event taken into its outbox."}),
+            "counts": _obj({s: {"type": "integer", "minimum": 0}
+                            for s in ("pending", "delivered", "failed")},
+                           ["pending", "delivered", "failed"]),
+        },
+        ["name", "configured", "url", "events", "cursor", "counts"],
+    ),
+    "WebhookList": _obj(
+        {"webhooks": {"type": "array", "items": _ref("Webhook")},
+         "event_log": {"type": "boolean", "description": "Whether the store keeps an "
+                       "event log (false: no new event reaches the webhooks)."}},
+        ["webhooks", "event_log"]),
     "TokenDeleted": _obj({"name": {"type": "string"}, "deleted": {"const": True}},
                          ["name", "deleted"]),
     "Event": _obj(
@@ -773,6 +831,45 @@ def _paths() -> dict[str, Any]:
                        "Only answers of this status class."),
             ], tag="audit")},
         "/events": {"get": _events_op()},
+        "/webhooks": {"get": _op(
+            "The webhooks", Scope.ADMIN, _ok(_ref("WebhookList"), "Every webhook, its "
+                                             "cursor and its deliveries by status."),
+            description="Those configured ([[webhooks]]), then any the outbox still "
+                        "holds deliveries of. 404 if the store keeps no outbox. "
+                        + _AUTH_ONLY,
+            errors=(404,), tag="webhooks")},
+        "/webhooks/deliveries": {"get": _op(
+            "Webhook deliveries", Scope.ADMIN, _ok(_ref("DeliveryPage"),
+                                                   "One page of deliveries."),
+            description="One delivery per (webhook, event), newest first: its status, "
+                        "attempts, next attempt, and the latest error. 404 if the store "
+                        "keeps no outbox. " + _AUTH_ONLY,
+            errors=(404,), params=[
+                _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000,
+                                 "default": 100}, "Page size."),
+                _query("cursor", {"type": "string", "pattern": "^[0-9]{1,19}$"},
+                       "next_cursor of the previous page."),
+                _query("webhook", {"type": "string", "minLength": 1, "maxLength": 1024,
+                                   "pattern": _NO_NUL}, "Only this webhook's."),
+                _query("status", {"type": "string",
+                                  "enum": ["pending", "delivered", "failed"]},
+                       "Only deliveries in this status."),
+                _query("event_id", {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                       "Only the deliveries of this event."),
+            ], tag="webhooks")},
+        "/webhooks/deliveries/{delivery_id}/retry": {"post": _op(
+            "Send a failed delivery again", Scope.ADMIN,
+            _ok(_ref("Delivery"), "The delivery, pending and due now."),
+            description="A delivery given up (failed) is sent again with a new retry "
+                        "schedule (attempts from 0) and the same message id (webhook-id), "
+                        "so a receiver that got it after all drops it. 404: no such "
+                        "delivery; 409: it is not failed (pending or delivered). "
+                        + _AUTH_ONLY,
+            body="AuthBody", body_required=False, errors=(404, 409), params=[
+                {"name": "delivery_id", "in": "path", "required": True,
+                 "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                 "description": "The delivery's id."}],
+            tag="webhooks")},
         "/devices": {"get": _op(
             "Devices, online and offline", Scope.READ,
             _ok(_ref("PyOnlineDevices"), "The executor's current view."),

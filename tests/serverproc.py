@@ -35,11 +35,15 @@ class ServerProcess:
         workdir: its working directory; holds the config, the database and the log.
         config: the TOML text (host and port are added).
         env: extra environment variables.
+        module: the module run with ``python -m`` (``tests.webhook_serve`` gives the
+            store an event log the test writes).
     """
 
     def __init__(self, workdir: Path, config: str = 'executor = "fake"\n',
-                 env: dict[str, str] | None = None, scheme: str = "http") -> None:
+                 env: dict[str, str] | None = None, scheme: str = "http",
+                 module: str = "ghostrunner_http.cli") -> None:
         self.workdir = workdir
+        self.module = module
         self.port = free_port()
         self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.config = workdir / "ghostrunner.toml"
@@ -63,7 +67,7 @@ class ServerProcess:
         before the server (e.g. to lower its file descriptor limit)."""
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ghostrunner_http.cli", "serve", "--config",
+                [sys.executable, "-m", self.module, "serve", "--config",
                  str(self.config)],
                 cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                 preexec_fn=preexec_fn,

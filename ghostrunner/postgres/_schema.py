@@ -245,12 +245,54 @@ _V3: Final = (
     )""",
 )
 
+#: Version 4: the HTTP server's webhook outbox (``ghostrunner_http``'s
+#: ``WebhookStore``). ``webhook_cursors``: per webhook (by name), the id of the last
+#: event taken into its outbox (moved by compare-and-set, so that of several processes
+#: only one takes a batch of events). ``webhook_deliveries``: one row per (webhook,
+#: event), with the body sent on every attempt and its message id; claims lock their
+#: rows ``FOR UPDATE SKIP LOCKED`` and set a lease (``lease_until``).
+_V4: Final = (
+    """
+    CREATE TABLE webhook_cursors (
+        webhook  text   PRIMARY KEY,
+        event_id bigint NOT NULL
+    )""",
+    """
+    CREATE TABLE webhook_deliveries (
+        id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        webhook         text    NOT NULL,
+        event_id        bigint  NOT NULL,
+        kind            text    NOT NULL,
+        msg_id          text    NOT NULL,
+        body            text    NOT NULL,
+        status          text    NOT NULL
+                        CHECK (status IN ('pending', 'delivered', 'failed')),
+        attempts        integer NOT NULL DEFAULT 0,
+        created_at      timestamptz NOT NULL,
+        started_at      timestamptz NOT NULL,
+        next_attempt_at timestamptz,
+        lease_until     timestamptz,
+        last_attempt_at timestamptz,
+        last_status     integer,
+        last_error      text,
+        finished_at     timestamptz,
+        UNIQUE (webhook, event_id)
+    )""",
+    """CREATE INDEX webhook_deliveries_due ON webhook_deliveries(webhook, next_attempt_at)
+        WHERE status = 'pending'""",
+    """CREATE INDEX webhook_deliveries_finished ON webhook_deliveries(finished_at)
+        WHERE status <> 'pending'""",
+    "CREATE INDEX webhook_deliveries_status ON webhook_deliveries(status, id)",
+    "CREATE INDEX webhook_deliveries_event ON webhook_deliveries(event_id)",
+)
+
 #: ``MIGRATIONS[n]`` brings a database from schema version n to n + 1. Append only.
-MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3)
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 #: GhostRunner's tables: a database that has one of them but no version is not ours.
-_TABLES: Final = ("tasks", "runs", "attempts", "task_counts", "tokens", "audit", "events")
+_TABLES: Final = ("tasks", "runs", "attempts", "task_counts", "tokens", "audit", "events",
+                  "webhook_cursors", "webhook_deliveries")
 
 
 async def schema_version(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> int:

@@ -54,6 +54,14 @@ from ..errors import (
     ValidationError,
 )
 from ..tokens import Token
+from ..webhooks import (
+    DeliveryPage,
+    DeliveryQuery,
+    DeliveryStatus,
+    NewDelivery,
+    WebhookDelivery,
+    clip_error,
+)
 from . import _queries as q
 from ._import import ImportReport, TaskRecord, import_into
 from ._schema import EVENTS_LOCK, SCHEMA_VERSION, migrate
@@ -810,6 +818,182 @@ class PostgresStore:
 
         return await self._tx(op)
 
+    # ---------------------------------------------------------------- webhook outbox
+
+    async def webhook_cursor(self, webhook: str, start: int) -> int:
+        async def op(conn: Conn) -> int:
+            await conn.execute("INSERT INTO webhook_cursors(webhook, event_id) VALUES (%s, %s) "
+                               "ON CONFLICT (webhook) DO NOTHING", (webhook, start))
+            cur = await conn.execute(
+                "SELECT event_id FROM webhook_cursors WHERE webhook = %s", (webhook,))
+            row = await cur.fetchone()
+            assert row is not None
+            return int(row[0])
+
+        return await self._tx(op)
+
+    async def webhook_cursors(self) -> Mapping[str, int]:
+        async def op(conn: Conn) -> dict[str, int]:
+            cur = await conn.execute("SELECT webhook, event_id FROM webhook_cursors")
+            return {webhook: event_id for webhook, event_id in await cur.fetchall()}
+
+        return await self._tx(op)
+
+    async def enqueue_deliveries(self, webhook: str, after: int, upto: int,
+                                 deliveries: Sequence[NewDelivery], now: datetime) -> bool:
+        stamp = q.ts(now)
+        params = {
+            "webhook": webhook, "now": stamp,
+            "events": [d.event_id for d in deliveries], "kinds": [d.kind for d in deliveries],
+            "msgs": [d.msg_id for d in deliveries],
+            "bodies": [_storable(d.body) for d in deliveries],
+        }
+
+        async def op(conn: Conn) -> bool:
+            # compare-and-set: of two processes taking the same events, the second
+            # waits for the first's row lock, then finds the cursor moved
+            cur = await conn.execute(
+                "UPDATE webhook_cursors SET event_id = %s WHERE webhook = %s AND event_id = %s",
+                (upto, webhook, after))
+            if cur.rowcount == 0:
+                return False
+            if deliveries:
+                await conn.execute(
+                    "INSERT INTO webhook_deliveries(webhook, event_id, kind, msg_id, body, "
+                    "status, created_at, started_at, next_attempt_at) "
+                    "SELECT %(webhook)s, e, k, m, b, 'pending', %(now)s, %(now)s, %(now)s "
+                    "FROM unnest(%(events)s::bigint[], %(kinds)s::text[], %(msgs)s::text[], "
+                    "%(bodies)s::text[]) AS t(e, k, m, b) "
+                    "ON CONFLICT (webhook, event_id) DO NOTHING", params)
+            return True
+
+        return await self._tx(op)
+
+    async def claim_deliveries(self, webhook: str, now: datetime, lease_until: datetime,
+                               limit: int) -> Sequence[WebhookDelivery]:
+        if limit <= 0:
+            return []
+        params = {"webhook": webhook, "now": q.ts(now), "lease": q.ts(lease_until),
+                  "limit": limit}
+
+        async def op(conn: Conn) -> list[WebhookDelivery]:
+            # SKIP LOCKED: a delivery another process is claiming right now is left to
+            # it; once claimed, its lease keeps it out of every other claim
+            cur = await conn.execute(
+                "UPDATE webhook_deliveries SET attempts = attempts + 1, "
+                "lease_until = %(lease)s, last_attempt_at = %(now)s WHERE id IN ("
+                "SELECT id FROM webhook_deliveries WHERE webhook = %(webhook)s "
+                "AND status = 'pending' AND next_attempt_at <= %(now)s "
+                "AND (lease_until IS NULL OR lease_until <= %(now)s) "
+                "ORDER BY next_attempt_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED) "
+                f"RETURNING {_DELIVERY_COLS}", params)
+            rows = await cur.fetchall()
+            return sorted((_delivery(r) for r in rows),
+                          key=lambda d: (d.next_attempt_at, d.id))
+
+        return await self._tx(op)
+
+    async def finish_delivery(self, delivery_id: int, attempt: int, now: datetime, *,
+                              status: DeliveryStatus, next_attempt_at: datetime | None,
+                              http_status: int | None, error: str | None) -> bool:
+        status = DeliveryStatus(status)
+        done = status is not DeliveryStatus.PENDING
+        if not done and next_attempt_at is None:
+            raise ValidationError("next_attempt_at", "is required to stay pending")
+        params = {
+            "id": min(delivery_id, (1 << 63) - 1), "attempt": attempt,
+            "status": status.value,
+            "next": None if done or next_attempt_at is None else q.ts(next_attempt_at),
+            "finished": q.ts(now) if done else None,
+            "http_status": http_status, "error": _storable(clip_error(error)),
+            "delivered": status is DeliveryStatus.DELIVERED,
+        }
+
+        async def op(conn: Conn) -> bool:
+            cur = await conn.execute(
+                "UPDATE webhook_deliveries SET status = %(status)s, "
+                "next_attempt_at = %(next)s, lease_until = NULL, finished_at = %(finished)s, "
+                "last_status = %(http_status)s, last_error = %(error)s "
+                "WHERE id = %(id)s AND status = 'pending' "
+                "AND (attempts = %(attempt)s OR %(delivered)s)", params)
+            return cur.rowcount > 0
+
+        return await self._tx(op)
+
+    async def query_deliveries(self, query: DeliveryQuery) -> DeliveryPage:
+        try:
+            before = query.before_id()
+        except ValueError:
+            raise ValidationError("cursor", "is not a cursor this server gave") from None
+        terms: list[str] = []
+        params: list[Any] = []
+        for column, value in (("webhook", query.webhook), ("event_id", query.event_id),
+                              ("status", query.status and query.status.value)):
+            if value is not None:
+                terms.append(f"{column} = %s")
+                params.append(value)
+        if before is not None:
+            terms.append("id < %s")
+            params.append(min(before, (1 << 63) - 1))
+        where = "WHERE " + " AND ".join(terms) if terms else ""
+        params.append(query.limit + 1)
+        sql = (f"SELECT {_DELIVERY_COLS} FROM webhook_deliveries {where} "
+               "ORDER BY id DESC LIMIT %s")
+
+        async def op(conn: Conn) -> DeliveryPage:
+            cur = await conn.execute(sql, params)
+            rows = await cur.fetchall()
+            items = [_delivery(r) for r in rows[:query.limit]]
+            more = len(rows) > query.limit and items
+            return DeliveryPage(items, str(items[-1].id) if more else None)
+
+        return await self._tx(op)
+
+    async def retry_delivery(self, delivery_id: int, now: datetime) -> WebhookDelivery:
+        params = {"id": min(delivery_id, (1 << 63) - 1), "now": q.ts(now)}
+
+        async def op(conn: Conn) -> WebhookDelivery:
+            cur = await conn.execute(
+                "UPDATE webhook_deliveries SET status = 'pending', attempts = 0, "
+                "started_at = %(now)s, next_attempt_at = %(now)s, lease_until = NULL, "
+                "finished_at = NULL WHERE id = %(id)s AND status = 'failed' "
+                f"RETURNING {_DELIVERY_COLS}", params)
+            row = await cur.fetchone()
+            if row is not None:
+                return _delivery(row)
+            cur = await conn.execute("SELECT status FROM webhook_deliveries WHERE id = %(id)s",
+                                     params)
+            found = await cur.fetchone()
+            if found is None:
+                raise NotFound(f"no delivery {delivery_id}")
+            raise IllegalTransition(f"delivery {delivery_id} is {found[0]}, not failed")
+
+        return await self._tx(op)
+
+    async def prune_deliveries(self, delivered_before: datetime,
+                               failed_before: datetime) -> int:
+        params = {"delivered": q.ts(delivered_before), "failed": q.ts(failed_before)}
+
+        async def op(conn: Conn) -> int:
+            cur = await conn.execute(
+                "DELETE FROM webhook_deliveries WHERE status <> 'pending' AND ("
+                "(status = 'delivered' AND finished_at < %(delivered)s) OR "
+                "(status = 'failed' AND finished_at < %(failed)s))", params)
+            return cur.rowcount
+
+        return await self._tx(op)
+
+    async def delivery_counts(self) -> Mapping[str, Mapping[DeliveryStatus, int]]:
+        async def op(conn: Conn) -> dict[str, dict[DeliveryStatus, int]]:
+            cur = await conn.execute("SELECT webhook, status, count(*) FROM webhook_deliveries "
+                                     "GROUP BY webhook, status")
+            out: dict[str, dict[DeliveryStatus, int]] = {}
+            for webhook, status, n in await cur.fetchall():
+                out.setdefault(webhook, {})[DeliveryStatus(status)] = int(n)
+            return out
+
+        return await self._tx(op)
+
     # ---------------------------------------------------------------- for tests and tools
 
     @asynccontextmanager
@@ -929,3 +1113,23 @@ async def _update_dispatched(
         await _must_exist(conn, key)
         raise IllegalTransition(f"run {key} is not dispatched")
     return q.run(key.task_id, key.node_id, row)
+
+
+_DELIVERY_COLS: Final = (
+    "id, webhook, event_id, kind, msg_id, body, status, attempts, created_at, started_at, "
+    "next_attempt_at, lease_until, last_attempt_at, last_status, last_error, finished_at")
+
+
+def _delivery(row: Sequence[Any]) -> WebhookDelivery:
+    return WebhookDelivery(
+        id=row[0], webhook=row[1], event_id=row[2], kind=row[3], msg_id=row[4], body=row[5],
+        status=row[6], attempts=row[7], created_at=row[8], started_at=row[9],
+        next_attempt_at=row[10], lease_until=row[11], last_attempt_at=row[12],
+        last_status=row[13], last_error=row[14], finished_at=row[15])
+
+
+def _storable(text: str | None) -> str | None:
+    """PostgreSQL text holds no NUL, and UTF-8 no lone surrogate."""
+    if text is None:
+        return None
+    return text.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")

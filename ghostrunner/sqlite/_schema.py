@@ -293,15 +293,60 @@ _V6: Final = (
 )
 
 
+#: Version 7: the HTTP server's webhook outbox (``ghostrunner_http``'s
+#: ``WebhookStore``). ``webhook_cursors``: per webhook (by name), the id of the last
+#: event taken into its outbox. ``webhook_deliveries``: one row per (webhook, event),
+#: with the body sent on every attempt and its message id; ``webhook_deliveries_due``
+#: (pending only) serves the claims, ``webhook_deliveries_finished`` the pruning.
+_V7: Final = (
+    """CREATE TABLE webhook_cursors (
+        webhook  TEXT    PRIMARY KEY,
+        event_id INTEGER NOT NULL
+    ) WITHOUT ROWID""",
+    """CREATE TABLE webhook_deliveries (
+        id              INTEGER PRIMARY KEY AUTOINCREMENT,
+        webhook         TEXT    NOT NULL,
+        event_id        INTEGER NOT NULL,
+        kind            TEXT    NOT NULL,
+        msg_id          TEXT    NOT NULL,
+        body            TEXT    NOT NULL,
+        status          TEXT    NOT NULL
+                        CHECK (status IN ('pending', 'delivered', 'failed')),
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        created_at      INTEGER NOT NULL,
+        started_at      INTEGER NOT NULL,
+        next_attempt_at INTEGER,
+        lease_until     INTEGER,
+        last_attempt_at INTEGER,
+        last_status     INTEGER,
+        last_error      TEXT,
+        finished_at     INTEGER,
+        UNIQUE (webhook, event_id)
+    )""",
+    """CREATE INDEX webhook_deliveries_due ON webhook_deliveries(webhook, next_attempt_at)
+        WHERE status = 'pending'""",
+    """CREATE INDEX webhook_deliveries_finished ON webhook_deliveries(finished_at)
+        WHERE status != 'pending'""",
+    "CREATE INDEX webhook_deliveries_status ON webhook_deliveries(status, id)",
+    "CREATE INDEX webhook_deliveries_event ON webhook_deliveries(event_id)",
+)
+
+
 def _v6(db: sqlite_utils.Database) -> None:
     """The event log."""
     for sql in _V6:
         db.execute(sql)
 
 
+def _v7(db: sqlite_utils.Database) -> None:
+    """The webhook outbox."""
+    for sql in _V7:
+        db.execute(sql)
+
+
 #: ``MIGRATIONS[n]`` brings a database from schema version n to n + 1. Append only.
 MIGRATIONS: Final[tuple[Callable[[sqlite_utils.Database], None], ...]] = (
-    _v1, _v2, _v3, _v4, _v5, _v6,
+    _v1, _v2, _v3, _v4, _v5, _v6, _v7,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 

@@ -43,6 +43,14 @@ from .._types import (
 from ..audit import AuditEntry, AuditPage, AuditQuery
 from ..errors import Conflict, IllegalTransition, NotFound, StoreError, ValidationError
 from ..tokens import Token
+from ..webhooks import (
+    DeliveryPage,
+    DeliveryQuery,
+    DeliveryStatus,
+    NewDelivery,
+    WebhookDelivery,
+    clip_error,
+)
 from . import _large
 from . import _queries as q
 from ._values import JSON, dt, dto, json_list, storable, ts, tso
@@ -690,6 +698,158 @@ class SQLiteStore:
             lambda db: db.execute("DELETE FROM audit WHERE at < ?", (cutoff,)).rowcount)
 
 
+    # ---------------------------------------------------------------- webhook outbox
+
+    async def webhook_cursor(self, webhook: str, start: int) -> int:
+        def op(db: sqlite_utils.Database) -> int:
+            db.execute("INSERT OR IGNORE INTO webhook_cursors(webhook, event_id) "
+                       "VALUES (?, ?)", (webhook, start))
+            row = db.execute("SELECT event_id FROM webhook_cursors WHERE webhook = ?",
+                             (webhook,)).fetchone()
+            return cast(int, row[0])
+
+        return await self._write(op)
+
+    async def webhook_cursors(self) -> Mapping[str, int]:
+        def op(db: sqlite_utils.Database) -> dict[str, int]:
+            rows = db.execute("SELECT webhook, event_id FROM webhook_cursors").fetchall()
+            return {webhook: event_id for webhook, event_id in rows}
+
+        return await self._read(op)
+
+    async def enqueue_deliveries(self, webhook: str, after: int, upto: int,
+                                 deliveries: Sequence[NewDelivery], now: datetime) -> bool:
+        stamp = ts(now)
+        rows = [(webhook, d.event_id, d.kind, d.msg_id, storable(d.body), stamp, stamp,
+                 stamp) for d in deliveries]
+
+        def op(db: sqlite_utils.Database) -> bool:
+            moved = db.execute(
+                "UPDATE webhook_cursors SET event_id = ? WHERE webhook = ? AND event_id = ?",
+                (upto, webhook, after)).rowcount
+            if not moved:
+                return False
+            db.conn.executemany(
+                "INSERT INTO webhook_deliveries(webhook, event_id, kind, msg_id, body, "
+                "status, created_at, started_at, next_attempt_at) "
+                "VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?) "
+                "ON CONFLICT (webhook, event_id) DO NOTHING", rows)
+            return True
+
+        return await self._write(op)
+
+    async def claim_deliveries(self, webhook: str, now: datetime, lease_until: datetime,
+                               limit: int) -> Sequence[WebhookDelivery]:
+        if limit <= 0:
+            return []
+        params = {"webhook": webhook, "now": ts(now), "lease": ts(lease_until),
+                  "limit": limit}
+        due = (f"SELECT id FROM webhook_deliveries WHERE {_DUE} "
+               "ORDER BY next_attempt_at, id LIMIT :limit")
+
+        def look(db: sqlite_utils.Database) -> bool:
+            return db.execute(due, params).fetchone() is not None
+
+        # most looks find nothing due: a read, not a write transaction
+        if not await self._read(look):
+            return []
+
+        def op(db: sqlite_utils.Database) -> list[WebhookDelivery]:
+            rows = db.execute(
+                "UPDATE webhook_deliveries SET attempts = attempts + 1, "
+                "lease_until = :lease, last_attempt_at = :now "
+                f"WHERE id IN ({due}) RETURNING {_DELIVERY_COLS}", params).fetchall()
+            return sorted((_delivery(r) for r in rows),
+                          key=lambda d: (d.next_attempt_at, d.id))
+
+        return await self._write(op)
+
+    async def finish_delivery(self, delivery_id: int, attempt: int, now: datetime, *,
+                              status: DeliveryStatus, next_attempt_at: datetime | None,
+                              http_status: int | None, error: str | None) -> bool:
+        status = DeliveryStatus(status)
+        done = status is not DeliveryStatus.PENDING
+        if not done and next_attempt_at is None:
+            raise ValidationError("next_attempt_at", "is required to stay pending")
+        params = {
+            "id": delivery_id, "attempt": attempt, "status": status.value,
+            "next": None if done else tso(next_attempt_at),
+            "finished": ts(now) if done else None,
+            "http_status": http_status, "error": clip_error(error),
+            "delivered": int(status is DeliveryStatus.DELIVERED),
+        }
+        return bool(await self._write(lambda db: db.execute(
+            "UPDATE webhook_deliveries SET status = :status, next_attempt_at = :next, "
+            "lease_until = NULL, finished_at = :finished, last_status = :http_status, "
+            "last_error = :error WHERE id = :id AND status = 'pending' "
+            "AND (attempts = :attempt OR :delivered)", params).rowcount))
+
+    async def query_deliveries(self, query: DeliveryQuery) -> DeliveryPage:
+        try:
+            before = query.before_id()
+        except ValueError:
+            raise ValidationError("cursor", "is not a cursor this server gave") from None
+        terms: list[str] = []
+        params: list[Any] = []
+        for column, value in (("webhook", query.webhook), ("event_id", query.event_id),
+                              ("status", query.status and query.status.value)):
+            if value is not None:
+                terms.append(f"{column} = ?")
+                params.append(value)
+        if before is not None:
+            terms.append("id < ?")
+            params.append(min(before, (1 << 63) - 1))
+        where = "WHERE " + " AND ".join(terms) if terms else ""
+        params.append(query.limit + 1)
+        sql = f"SELECT {_DELIVERY_COLS} FROM webhook_deliveries {where} ORDER BY id DESC LIMIT ?"
+
+        def op(db: sqlite_utils.Database) -> DeliveryPage:
+            rows = db.execute(sql, params).fetchall()
+            items = [_delivery(r) for r in rows[:query.limit]]
+            more = len(rows) > query.limit and items
+            return DeliveryPage(items, str(items[-1].id) if more else None)
+
+        return await self._read(op)
+
+    async def retry_delivery(self, delivery_id: int, now: datetime) -> WebhookDelivery:
+        params = {"id": delivery_id, "now": ts(now)}
+
+        def op(db: sqlite_utils.Database) -> WebhookDelivery:
+            row = db.execute(
+                "UPDATE webhook_deliveries SET status = 'pending', attempts = 0, "
+                "started_at = :now, next_attempt_at = :now, lease_until = NULL, "
+                "finished_at = NULL WHERE id = :id AND status = 'failed' "
+                f"RETURNING {_DELIVERY_COLS}", params).fetchone()
+            if row is not None:
+                return _delivery(row)
+            found = db.execute("SELECT status FROM webhook_deliveries WHERE id = ?",
+                               (delivery_id,)).fetchone()
+            if found is None:
+                raise NotFound(f"no delivery {delivery_id}")
+            raise IllegalTransition(f"delivery {delivery_id} is {found[0]}, not failed")
+
+        return await self._write(op)
+
+    async def prune_deliveries(self, delivered_before: datetime,
+                               failed_before: datetime) -> int:
+        params = {"delivered": ts(delivered_before), "failed": ts(failed_before)}
+        return await self._write(lambda db: db.execute(
+            "DELETE FROM webhook_deliveries WHERE status != 'pending' AND ("
+            "(status = 'delivered' AND finished_at < :delivered) OR "
+            "(status = 'failed' AND finished_at < :failed))", params).rowcount)
+
+    async def delivery_counts(self) -> Mapping[str, Mapping[DeliveryStatus, int]]:
+        def op(db: sqlite_utils.Database) -> dict[str, dict[DeliveryStatus, int]]:
+            out: dict[str, dict[DeliveryStatus, int]] = {}
+            for webhook, status, n in db.execute(
+                    "SELECT webhook, status, count(*) FROM webhook_deliveries "
+                    "GROUP BY webhook, status"):
+                out.setdefault(webhook, {})[DeliveryStatus(status)] = n
+            return out
+
+        return await self._read(op)
+
+
 # --------------------------------------------------------------------------- on the thread
 
 #: events prune_events deletes per job
@@ -883,3 +1043,19 @@ def _audit_where(query: AuditQuery) -> tuple[str, list[Any]]:
 def _audit_entry(row: Sequence[Any]) -> AuditEntry:
     return AuditEntry(id=row[0], at=dt(row[1]), token=row[2], address=row[3], method=row[4],
                       route=row[5], task_id=row[6], status=row[7], counts=json.loads(row[8]))
+
+
+_DELIVERY_COLS: Final = (
+    "id, webhook, event_id, kind, msg_id, body, status, attempts, created_at, started_at, "
+    "next_attempt_at, lease_until, last_attempt_at, last_status, last_error, finished_at")
+#: a delivery that may be claimed now (parameters :webhook and :now)
+_DUE: Final = ("webhook = :webhook AND status = 'pending' AND next_attempt_at <= :now "
+               "AND (lease_until IS NULL OR lease_until <= :now)")
+
+
+def _delivery(row: Sequence[Any]) -> WebhookDelivery:
+    return WebhookDelivery(
+        id=row[0], webhook=row[1], event_id=row[2], kind=row[3], msg_id=row[4], body=row[5],
+        status=row[6], attempts=row[7], created_at=dt(row[8]), started_at=dt(row[9]),
+        next_attempt_at=dto(row[10]), lease_until=dto(row[11]), last_attempt_at=dto(row[12]),
+        last_status=row[13], last_error=row[14], finished_at=dto(row[15]))

@@ -68,5 +68,8 @@ def console_routes() -> list[BaseRoute]:
         Route("/ui/tokens", v.token_create, methods=["POST"]),
         Route("/ui/tokens/revoke", v.token_revoke, methods=["POST"]),
         Route("/ui/audit", v.audit_page, methods=["GET"], name="ui_audit"),
+        Route("/ui/webhooks", v.webhooks_page, methods=["GET"], name="ui_webhooks"),
+        Route("/ui/webhooks/deliveries/{delivery_id}/retry", v.delivery_retry,
+              methods=["POST"]),
         Mount("/ui/static", app=static, name="ui_static"),
     ]

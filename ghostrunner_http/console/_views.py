@@ -31,16 +31,23 @@ from starlette.templating import Jinja2Templates
 import ghostrunner
 from ghostrunner import Device, Run, RunState, TaskQuery, TaskStatus, TaskSummary
 from ghostrunner.audit import AuditEntry
-from ghostrunner.errors import Conflict, NotFound, ValidationError
+from ghostrunner.errors import Conflict, IllegalTransition, NotFound, ValidationError
 from ghostrunner.tokens import Scope, Token
 
 from .._audit import note
 from .._errors import ApiError
 from .._events import open_stream
 from .._ops import delete_task
-from .._parse import parse_audit_query, parse_task, parse_task_query
+from .._parse import (
+    parse_audit_query,
+    parse_delivery_id,
+    parse_delivery_query,
+    parse_task,
+    parse_task_query,
+)
 from .._request import Services, read_body, services
 from .._tokens import hash_secret, new_token
+from .._webhooks import render_delivery, render_webhooks
 from ._sessions import COOKIE, Session, Sessions
 
 __all__ = ["HEADERS", "Console", "page"]
@@ -70,6 +77,8 @@ RUNS_PAGE = 100
 DEVICE_TASKS_PAGE = 20
 #: the filters of the audit page (as ``GET /audit`` names them)
 AUDIT_FILTERS = ("token", "route", "task_id", "since", "until", "status", "limit")
+#: the filters of the webhooks page (as ``GET /webhooks/deliveries`` names them)
+DELIVERY_FILTERS = ("webhook", "status", "event_id", "limit")
 #: how many fields a form may have (the queue form's device picker: one per device)
 MAX_FIELDS = 100_000
 
@@ -831,3 +840,64 @@ async def audit_page(ctx: Ctx) -> Response:
     return ctx.render("audit.html", 422 if error and store is not None else 200,
                       title="Audit log", entries=entries, values=values, error=error,
                       next_url=next_url)
+
+
+# --------------------------------------------------------------------------- webhooks
+
+
+@page(Scope.ADMIN)
+async def webhooks_page(ctx: Ctx) -> Response:
+    """``GET /ui/webhooks``: the webhooks and their deliveries, newest first, with
+    ``GET /webhooks/deliveries``' filters; failed ones can be sent again."""
+    params = ctx.request.query_params
+    given = {k: v for k, v in params.multi_items() if v.strip()}
+    values = {k: params.get(k, "") for k in DELIVERY_FILTERS}
+    store = ctx.svc.outbox
+    error = None
+    hooks: list[dict[str, Any]] = []
+    deliveries: list[dict[str, Any]] = []
+    next_url = None
+    if store is not None:
+        hooks = render_webhooks(ctx.svc.webhooks, await store.webhook_cursors(),
+                                await store.delivery_counts())
+        try:
+            found = await store.query_deliveries(
+                parse_delivery_query(QueryParams(list(given.items()))))
+        except ValidationError as exc:
+            error = f"{exc.field}: {exc.message}"
+        else:
+            now = ctx.svc.runner.clock()
+            deliveries = [render_delivery(d, now) for d in found.items]
+            for row, d in zip(deliveries, found.items, strict=True):
+                row.update(next_attempt_at=d.next_attempt_at, finished_at=d.finished_at)
+            if found.next_cursor is not None:
+                next_url = "/ui/webhooks?" + urllib.parse.urlencode(
+                    {**{k: v for k, v in given.items() if k != "cursor"},
+                     "cursor": found.next_cursor})
+    return ctx.render("webhooks.html", 422 if error else 200, title="Webhooks",
+                      webhooks=hooks, deliveries=deliveries, values=values, error=error,
+                      next_url=next_url, event_log=ctx.svc.event_log,
+                      outbox_missing=store is None)
+
+
+@page(Scope.ADMIN, write=True)
+async def delivery_retry(ctx: Ctx) -> Response:
+    """``POST /ui/webhooks/deliveries/{delivery_id}/retry``: send a failed delivery
+    again (same message id, new schedule)."""
+    store = ctx.svc.outbox
+    if store is None:
+        raise NotFound("this server's store keeps no webhook outbox")
+    try:
+        delivery_id = parse_delivery_id(ctx.request.path_params["delivery_id"])
+    except ValidationError:
+        raise NotFound("no such delivery") from None
+    try:
+        delivery = await store.retry_delivery(delivery_id, ctx.svc.runner.clock())
+    except IllegalTransition as exc:
+        return ctx.redirect("/ui/webhooks", str(exc), "error")
+    note(ctx.request).counts["deliveries"] = 1
+    ctx.svc.notify_webhooks()
+    log.info("console: webhook %r delivery %d retried by %r", delivery.webhook, delivery.id,
+             ctx.token.name)
+    return ctx.redirect(f"/ui/webhooks?webhook={_q(delivery.webhook)}",
+                        f"Delivery {delivery.id} ({delivery.msg_id}) will be sent again.")

@@ -29,6 +29,7 @@ from ._protocols import Executor, Store
 from ._runner import FlushResult, GhostRunner
 from ._types import (
     TRANSITIONS,
+    VERSION,
     AgentKind,
     Attempt,
     Delivery,
@@ -89,7 +90,7 @@ __all__ = [
     "errors",
 ]
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 
 def __getattr__(name: str) -> Any:

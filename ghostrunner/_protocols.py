@@ -7,6 +7,10 @@ fakes). One contract test suite (``tests/contract``) runs against every store.
 
 API tokens are not the queue's business: the HTTP package keeps them behind its own
 ``TokenStore`` protocol, which a store may implement as well (both shipped stores do).
+
+A store shared by several runners offers two more capabilities, defined in
+:mod:`ghostrunner.runners`: ``Leases`` (runner identity, leases, adoption, claims and
+ends conditional on the owner) and ``Signals`` (wake-ups between processes).
 """
 
 from __future__ import annotations
@@ -137,7 +141,11 @@ class Store(Protocol):
         neither paused nor one of ``skip_tasks`` (tasks at their rollout limits). At most
         one run per device; devices with nothing ready are absent; results follow the
         order of ``node_ids`` (duplicates ignored) and stop after ``limit`` runs. Must
-        not scan all runs."""
+        not scan all runs. The loop never asks for a device that has a run dispatched
+        by it; a store shared by several processes (PostgresStore) leaves out a device
+        that has one dispatched by anyone (cheaply: it is busy elsewhere, and its run's
+        end wakes this process through the store's signals), the in-process stores
+        need not check."""
 
     async def claim_many(
         self, keys: Sequence[RunKey], now: datetime

@@ -15,6 +15,7 @@ from ._loop import LoopSettings, Reconciler
 from ._protocols import Executor, Store
 from ._types import (
     RETRYABLE_STATES,
+    VERSION,
     Attempt,
     Device,
     Page,
@@ -26,6 +27,7 @@ from ._types import (
     utcnow,
 )
 from .errors import IllegalTransition, NotFound, ValidationError
+from .runners import Leases, LeaseState, RunnerInfo, RunnerStatus, Signal
 
 __all__ = ["FlushResult", "GhostRunner"]
 
@@ -56,6 +58,8 @@ class GhostRunner:
         clock: returns the current aware datetime; tests pass a fake one.
         background: run the loop in the background (default). With False nothing runs
             by itself: tests call :meth:`run_until_idle`.
+        name: what this runner is called among several sharing one store (default
+            ``host:pid``; see :mod:`ghostrunner.runners`).
     """
 
     def __init__(
@@ -66,6 +70,7 @@ class GhostRunner:
         settings: LoopSettings | None = None,
         clock: Callable[[], datetime] = utcnow,
         background: bool = True,
+        name: str | None = None,
     ) -> None:
         self.store = store
         self.executor = executor
@@ -73,8 +78,10 @@ class GhostRunner:
         self.clock = clock
         self.background = background
         self._changed = asyncio.Event()
+        info = RunnerInfo(version=VERSION, started_at=clock(),
+                          **({} if name is None else {"name": name}))
         self.loop = Reconciler(
-            store, executor, self.settings, clock=clock, on_change=self._notify
+            store, executor, self.settings, clock=clock, on_change=self._notify, runner=info
         )
         self._stop = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -108,6 +115,7 @@ class GhostRunner:
                 await self._loop_task
             else:
                 await self.loop.drain()
+                await self.loop.retire()
         finally:
             try:
                 await self.executor.close()
@@ -329,6 +337,31 @@ class GhostRunner:
     def devices(self) -> Mapping[str, Device]:
         """The executor's current view of the devices."""
         return self.executor.devices()
+
+    @property
+    def runner(self) -> RunnerInfo:
+        """This runner: its id (new at every start, and after a lost lease), name,
+        version and start."""
+        return self.loop.runner
+
+    async def runners(self) -> Sequence[RunnerStatus]:
+        """Every runner sharing the store, as the store sees them (alive, expired, and
+        those that ended in the last hour; see :mod:`ghostrunner.runners`). A store
+        kept by one runner (SQLite, memory) has just this one."""
+        if isinstance(self.store, Leases):
+            return await self.store.runners()
+        now = self.clock()
+        info = self.loop.runner
+        return [RunnerStatus(
+            info=info, state=LeaseState.ALIVE, heartbeat_at=now, heartbeat_age=0.0,
+            expires_at=now, runs=len(self.loop.in_flight | self.loop.recovering),
+        )]
+
+    def on_signal(self, kind: str, callback: Callable[[Signal], None]) -> None:
+        """Call ``callback(signal)`` whenever another process sharing the store sends a
+        signal of ``kind`` (stores with :class:`~ghostrunner.runners.Signals`, i.e.
+        PostgreSQL; ``runs`` and ``runners`` are the loop's own)."""
+        self.loop.on_signal(kind, callback)
 
     async def counts(self) -> Mapping[RunState, int]:
         """How many runs are in each state, over all tasks."""

@@ -223,12 +223,36 @@ _V2: Final = (
     "CREATE INDEX audit_task ON audit(task_id, id) WHERE task_id IS NOT NULL",
 )
 
+#: Version 3: several runners on one database (:mod:`ghostrunner.runners`). ``runners``:
+#: one row per runner start, its lease (``expires_at``, by the database's clock) renewed
+#: by heartbeats; ``ended_at`` and ``adopted_by`` once a survivor took over its runs,
+#: ``stopped`` if it stopped gracefully. ``runs.runner``: the runner that dispatched
+#: the run last (finish and release are conditional on it while it is dispatched);
+#: NULL for runs dispatched before this version (adopted by the first runner to start).
+_V3: Final = (
+    """
+    CREATE TABLE runners (
+        id           text PRIMARY KEY,
+        name         text NOT NULL,
+        version      text NOT NULL,
+        started_at   timestamptz NOT NULL,
+        heartbeat_at timestamptz NOT NULL,
+        expires_at   timestamptz NOT NULL,
+        stopped      boolean NOT NULL DEFAULT false,
+        ended_at     timestamptz,
+        adopted_by   text
+    )""",
+    "CREATE INDEX runners_live ON runners(expires_at) WHERE ended_at IS NULL",
+    "ALTER TABLE runs ADD COLUMN runner text",
+    "CREATE INDEX runs_dispatched_runner ON runs(runner) WHERE state = 'dispatched'",
+)
+
 #: ``MIGRATIONS[n]`` brings a database from schema version n to n + 1. Append only.
-MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2)
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 #: GhostRunner's tables: a database that has one of them but no version is not ours.
-_TABLES: Final = ("tasks", "runs", "attempts", "task_counts", "tokens", "audit")
+_TABLES: Final = ("tasks", "runs", "attempts", "task_counts", "tokens", "audit", "runners")
 
 
 async def schema_version(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> int:

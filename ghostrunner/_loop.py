@@ -373,12 +373,14 @@ class Reconciler:
             time.monotonic if clock is utcnow else (lambda: clock().timestamp()))
         self._registered = False
         self._lease_until = float("-inf")  # _mono() before which the lease surely holds
+        self._contact_since: float | None = None  # renewals succeed since (None: failing)
         self._fenced_logged = False
         self._adopt_at: float | None = None  # _mono() when another runner's lease ends
         self._adopt_now = asyncio.Event()  # a runner stopped or joined: look now
         self._takeup: dict[str, Run] = {}  # node id -> adopted run not yet taken up
         self._hooks: dict[str, list[Callable[[Signal], None]]] = {}
         self.adopted = 0  # runs taken over from dead runners (stats)
+        self.signals_seen = 0  # signals from other processes (stats)
 
     # ---------------------------------------------------------------- public
 
@@ -464,8 +466,14 @@ class Reconciler:
             await self._register(leases)
         else:
             sent = self._mono()
-            renewal = await leases.renew(self.runner.id, self.settings.lease)
+            try:
+                renewal = await leases.renew(self.runner.id, self.settings.lease)
+            except BaseException:
+                self._contact_since = None
+                raise
             if renewal.held:
+                if self._contact_since is None:
+                    self._contact_since = sent
                 self._held_since(sent)
             else:
                 await self._lost(leases)
@@ -477,6 +485,14 @@ class Reconciler:
         (stores with :class:`~ghostrunner.runners.Leases`; else 0)."""
         leases = self._leases
         if leases is None or not self._registered or self.fenced:
+            return 0
+        if self._contact_since is None or (
+                self._mono() - self._contact_since < self.settings.heartbeat):
+            # back in touch with the store only just now (a start, a database outage):
+            # the others may have been cut off as long, give them a heartbeat to renew
+            # before declaring them dead
+            self._adopt_at = (None if self._contact_since is None
+                              else self._contact_since + self.settings.heartbeat)
             return 0
         async with self._step_lock:
             adoption = await leases.adopt(self.runner.id, self.settings.adopt_grace)
@@ -763,6 +779,7 @@ class Reconciler:
         sent = self._mono()
         await leases.register(self.runner, self.settings.lease)
         self._registered = True
+        self._contact_since = sent
         self._held_since(sent)
         log.info("runner %s (%s) registered: lease %gs, heartbeat %gs", self.runner.id,
                  self.runner.name, self.settings.lease, self.settings.heartbeat)
@@ -849,11 +866,13 @@ class Reconciler:
             await asyncio.sleep(self.settings.retry.base)
 
     def _signalled(self, signal: Signal) -> None:
+        self.signals_seen += 1
         if signal.kind == "runs":
             if signal.nodes is None:
                 self._idle.forget()
                 self._continuous_at = 0.0  # tasks may have been added: reload them
             self.wake(signal.nodes or ())
+            self._on_change()  # runs changed elsewhere: waiters look again
         elif signal.kind == "runners":
             self._adopt_now.set()
         for hook in self._hooks.get(signal.kind, ()):

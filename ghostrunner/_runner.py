@@ -31,6 +31,10 @@ from .runners import Leases, LeaseState, RunnerInfo, RunnerStatus, Signal
 
 __all__ = ["FlushResult", "GhostRunner"]
 
+#: With a store shared by several runners, :meth:`GhostRunner.wait` looks at least this
+#: often (seconds): another runner may be the one recording the runs waited for.
+_SHARED_RECHECK = 1.0
+
 
 @attrs.frozen(kw_only=True)
 class FlushResult:
@@ -276,8 +280,9 @@ class GhostRunner:
                 if all(r.terminal for r in runs if node_ids is None or r.node_id in node_ids):
                     return runs
                 # a change notification wakes us; the periodic re-check is a safety net
+                # (and, with a shared store, how another runner's results are seen)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), self.settings.resync_interval)
+                    await asyncio.wait_for(changed.wait(), self._recheck)
 
     async def wait_until(
         self, check: Callable[[], Awaitable[bool]], timeout: float | None = None
@@ -294,7 +299,7 @@ class GhostRunner:
                 if await check():
                     return
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), self.settings.resync_interval)
+                    await asyncio.wait_for(changed.wait(), self._recheck)
 
     async def delete(self, task_id: str) -> bool:
         """Cancel the task's pending runs and remove it. Returns False (and keeps it)
@@ -368,6 +373,14 @@ class GhostRunner:
         return await self.store.counts()
 
     # ---------------------------------------------------------------- internals
+
+    @property
+    def _recheck(self) -> float:
+        """Seconds between re-checks of :meth:`wait` with no change seen here: another
+        runner sharing the store records runs this process hears nothing of."""
+        if self.loop.shared:
+            return min(self.settings.resync_interval, _SHARED_RECHECK)
+        return self.settings.resync_interval
 
     def _notify(self) -> None:
         # wake every waiter, then arm a fresh event for the next change

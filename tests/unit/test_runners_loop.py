@@ -27,6 +27,7 @@ from ghostrunner import (
     RunRequest,
     RunState,
 )
+from ghostrunner.errors import StoreError
 from ghostrunner.runners import LeaseState
 from ghostrunner.testing import FakeClock, FakeExecutor, SharedInMemoryStore, crash
 
@@ -286,12 +287,57 @@ def test_a_graceful_stop_hands_what_it_left_over_at_once() -> None:
                 await hold.wait()
             # a stopped: shutdown_grace passed, the command was abandoned, the lease ended
             key = RunKey(task.id, "n1")
-            await b.loop.heartbeat()  # no waiting for a lease to run out
+            pair.clock.advance(SETTINGS.heartbeat)  # (b has been up for a while)
+            await b.loop.heartbeat()  # no waiting for a's lease to run out
             assert pair.owner(key) == b.runner.id
             hold.held.clear()
             hold.release.set()
             await b.run_until_idle()
             [done] = await b.runs(task.id)
             assert (done.state, done.recovered) == (RunState.SUCCEEDED, True)
+
+    run(main())
+
+
+class Outage(SharedInMemoryStore):
+    """The shared store, which can be made unreachable for renewals."""
+
+    down = False
+
+    async def renew(self, runner_id: str, lease: float) -> Any:
+        if self.down:
+            raise StoreError("the database is restarting")
+        return await super().renew(runner_id, lease)
+
+
+def test_after_an_outage_the_others_get_a_heartbeat_to_come_back() -> None:
+    """Both runners lose the store for longer than a lease. The first back in touch
+    does not declare the other dead at once: it waits a heartbeat, by which time the
+    other has renewed too; nobody's runs change hands."""
+    pair = Pair("n1")
+    pair.store = Outage(pair.clock)
+
+    async def main() -> None:
+        async with two(pair) as (a, b):
+            pair.clock.advance(SETTINGS.heartbeat)
+            pair.store.down = True  # type: ignore[attr-defined]
+            for gr in (a, b):
+                with pytest.raises(StoreError):
+                    await gr.loop.heartbeat()
+            pair.clock.advance(SETTINGS.lease + 10)
+            assert a.loop.fenced and b.loop.fenced
+            pair.store.down = False  # type: ignore[attr-defined]
+            await a.loop.heartbeat()  # a is back first: renewed, adopts nobody yet
+            assert not a.loop.fenced
+            status = {s.info.id: s.state for s in await a.runners()}
+            assert status == {a.runner.id: LeaseState.ALIVE, b.runner.id: LeaseState.EXPIRED}
+            pair.clock.advance(1)
+            await b.loop.heartbeat()  # b renews within the heartbeat a gives it
+            pair.clock.advance(SETTINGS.heartbeat)
+            await a.loop.heartbeat()
+            await b.loop.heartbeat()
+            status = {s.info.id: s.state for s in await a.runners()}
+            assert set(status.values()) == {LeaseState.ALIVE}
+            assert a.loop.adopted == b.loop.adopted == 0
 
     run(main())

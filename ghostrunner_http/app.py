@@ -8,6 +8,7 @@ turned into an answer in one place (``_errors.exception_handlers``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import sys
@@ -24,7 +25,7 @@ from starlette.routing import Route
 
 import ghostrunner
 from ghostrunner import Executor, GhostRunner, RunState, SQLiteStore, Store, TaskSummary
-from ghostrunner.errors import Conflict, NotFound, ValidationError
+from ghostrunner.errors import Conflict, GhostRunnerError, NotFound, ValidationError
 from ghostrunner.tokens import Scope, Token
 
 from ._audit import AuditLog, AuditStore, note, pruning, render_entry
@@ -46,6 +47,8 @@ from ._render import (
     LIST_NODES,
     envelope,
     render_devices,
+    render_runner,
+    render_runners,
     render_summary,
     render_task,
     render_task_with_runs,
@@ -62,13 +65,15 @@ __all__ = ["ADMIN_TOKEN_NAME", "bootstrap_admin", "create_app"]
 log = logging.getLogger("ghostrunner.http")
 
 ADMIN_TOKEN_NAME = "admin"  # noqa: S105 - a name, not a secret
+RUNNERS_TIMEOUT = 2.0  # seconds GET / waits for the store's list of runners
 
 
 # --------------------------------------------------------------------------- handlers
 
 
 async def info(request: Request) -> Response:
-    """``GET /``: what this server is. Needs no token."""
+    """``GET /``: what this server is, and the runners sharing its store. Needs no
+    token."""
     svc = services(request)
     return envelope({
         "name": "GhostRunner",
@@ -77,7 +82,20 @@ async def info(request: Request) -> Response:
         "executor_connected": svc.connected(),
         "store": svc.store_kind,
         "openapi": "/openapi.json",
+        "runner": render_runner(svc.runner),
+        "runners": await _runners(svc.runner),
     })
+
+
+async def _runners(runner: GhostRunner) -> list[dict[str, Any]] | None:
+    """The runners as the store sees them; None if it cannot say within a moment (the
+    database is away: GET / still answers)."""
+    try:
+        async with asyncio.timeout(RUNNERS_TIMEOUT):
+            return render_runners(await runner.runners())
+    except (GhostRunnerError, TimeoutError) as exc:
+        log.warning("GET /: the runners could not be read: %s", exc or "timed out")
+        return None
 
 
 async def openapi(request: Request) -> Response:
@@ -442,7 +460,8 @@ def create_app(
             log.warning("%r keeps no audit log (see AuditStore): writes are not recorded",
                         queue)
         runs_on = executor if executor is not None else _executor_from(cfg)
-        runner = GhostRunner(store=queue, executor=runs_on, settings=cfg.loop, clock=clock)
+        runner = GhostRunner(store=queue, executor=runs_on, settings=cfg.loop, clock=clock,
+                             name=cfg.runner_name)
         async with runner:
             await bootstrap_admin(queue, cfg.admin_token, now=clock(), announce=announce)
             svc = Services(

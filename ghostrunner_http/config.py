@@ -131,7 +131,12 @@ class Settings:
         meshcentral_ignore_ssl: accept a self-signed MeshCentral certificate.
         meshcentral_group_id: only manage the devices of this group (``mesh//...``).
         fake_devices: the ``fake`` executor's devices.
-        loop: tuning of the reconcile loop (:class:`ghostrunner.LoopSettings`).
+        loop: tuning of the reconcile loop (:class:`ghostrunner.LoopSettings`), its
+            runner lease included (``[runner]`` ``lease``, ``heartbeat``,
+            ``adopt_grace``: used on PostgreSQL, where several runners may share one
+            database).
+        runner_name: what this server is called among the runners sharing its database
+            (``GET /``, ``ghostrunner runners``); default ``host:pid``.
         audit_retention_days: audit log entries older than this are pruned (at start,
             then every 6 hours).
     """
@@ -166,6 +171,7 @@ class Settings:
         FakeDevice(nodeid=n, name=n) for n in DEFAULT_FAKE_DEVICES
     )
     loop: LoopSettings = attrs.field(factory=LoopSettings)
+    runner_name: str | None = None
     audit_retention_days: int = 90
 
     def __attrs_post_init__(self) -> None:
@@ -195,6 +201,8 @@ class Settings:
                 raise ConfigError(key, "must be a number of seconds > 0 and <= 3600")
         if not 1 <= self.max_connections <= 1_000_000:
             raise ConfigError("server.max_connections", "must be between 1 and 1000000")
+        if self.runner_name is not None and not 0 < len(self.runner_name.strip()) <= 200:
+            raise ConfigError("runner.name", "must be 1 to 200 characters")
         if not 1 <= self.audit_retention_days <= 100_000:
             raise ConfigError("audit.retention_days", "must be between 1 and 100000")
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
@@ -440,6 +448,7 @@ _KEYS: dict[str, tuple[str, _Parser]] = {
     "meshcentral.group_id": ("meshcentral_group_id", _opt_str),
     "fake.devices": ("fake_devices", _devices),
     "audit.retention_days": ("audit_retention_days", _int),
+    "runner.name": ("runner_name", _opt_str),
 }
 _SECRET_FILES: dict[str, str] = {
     "admin_token_file": "admin_token",
@@ -453,6 +462,10 @@ _LOOP_KEYS: dict[str, _Parser] = {
     "loop.dispatch_grace": _float,
     "loop.shutdown_grace": _float,
     "loop.output_limit": _int,
+    # the runner's lease (LoopSettings' too, in a section of their own)
+    "runner.lease": _float,
+    "runner.heartbeat": _float,
+    "runner.adopt_grace": _float,
 }
 
 #: Every key the TOML file may hold (``section.key``), for documentation and errors.
@@ -538,6 +551,15 @@ def load_settings(
     for key in ("resync_interval", "retry_base", "retry_cap"):
         if key in loop and loop[key] <= 0:
             raise ConfigError(f"loop.{key}", "must be > 0")
+    for key in ("lease", "heartbeat"):
+        if key in loop and not 0 < loop[key] <= 3600:
+            raise ConfigError(f"runner.{key}", "must be a number of seconds > 0 and <= 3600")
+    if "adopt_grace" in loop and not 0 <= loop["adopt_grace"] <= 3600:
+        raise ConfigError("runner.adopt_grace", "must be a number of seconds >= 0 and <= 3600")
+    lease = float(loop.get("lease", LoopSettings().lease))
+    if "heartbeat" in loop and loop["heartbeat"] > lease / 2:
+        raise ConfigError("runner.heartbeat", f"must be at most half of runner.lease "
+                          f"({lease:g} s): a renewal may fail once without fencing the runner")
     if loop.get("output_limit", 2) < 2:
         raise ConfigError("loop.output_limit", "must be at least 2")
     retry = {part: loop.pop(f"retry_{part}") for part in ("base", "cap") if f"retry_{part}" in loop}

@@ -10,6 +10,7 @@ from typing import Any
 
 import attrs
 
+from ._planner import rollout_budget
 from ._types import (
     ACTIVE_STATES,
     TERMINAL_STATES,
@@ -521,14 +522,46 @@ class SharedInMemoryStore(InMemoryStore):
     ) -> Sequence[tuple[Run, Task]]:
         for key in keys:
             self._run(key)  # NotFound before anything changes
-        out = []
+        # the tasks' rollout limits, over every runner: the keys past a task's room are
+        # left out (in key order, as PostgresStore leaves them out)
+        room = self._room({k.task_id for k in keys}, now)
+        within = []
         for key in keys:
+            left = room.get(key.task_id)
+            if left is not None:
+                if left <= 0:
+                    continue
+                room[key.task_id] = left - 1
+            within.append(key)
+        out = []
+        for key in within:
             if self._busy(key.node_id):  # one dispatched run per device, whoever sent it
                 continue
             for run, task in await super().claim_many([key], now):
                 self.owner[run.key] = runner
                 out.append((run, task))
         return out
+
+    def _room(self, task_ids: Collection[str], now: datetime) -> dict[str, int]:
+        """How many more runs of each limited task of ``task_ids`` may start at ``now``:
+        its runs dispatched now and its starts in the last minute count, whoever made
+        them (as PostgresStore counts them)."""
+        room: dict[str, int] = {}
+        for task_id in task_ids:
+            task = self.tasks.get(task_id)
+            if task is None or (task.rollout.max_concurrent is None
+                                and task.rollout.per_minute is None):
+                continue
+            runs = [self.runs[RunKey(task_id, n)] for n in self.nodes[task_id]]
+            flying = [r for r in runs if r.state is RunState.DISPATCHED]
+            starts = [r.started_at for r in flying if r.started_at is not None]
+            starts += [a.started_at for r in runs for a in self.history.get(r.key, ())
+                       if a.started_at is not None]
+            budget, _ = rollout_budget(task.rollout, in_flight=len(flying), starts=starts,
+                                       now=now)
+            if budget is not None:
+                room[task_id] = budget
+        return room
 
     def _check_owner(self, key: RunKey, runner: str | None) -> None:
         run = self._run(key)

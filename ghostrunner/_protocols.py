@@ -157,7 +157,11 @@ class Store(Protocol):
         raises ``NotFound``. A device has one command at a time: the loop never asks for
         a run of a device that has one dispatched, and a store shared by several
         processes (PostgresStore) leaves such a run out too, whoever dispatched the
-        other one (the in-process stores need not check)."""
+        other one (the in-process stores need not check). Likewise rollout limits: the
+        loop holds its own claims to them; a shared store also leaves out runs beyond
+        their task's ``max_concurrent`` (runs dispatched now) or ``per_minute`` (starts
+        in the last minute: runs dispatched, and the attempt history), counted over
+        every runner."""
 
     async def finish(
         self,

@@ -193,6 +193,28 @@ WHERE r.task_seq = w.task_seq AND r.node = w.node
 RETURNING w.ord, r.task_seq, r.node, {R_RUN_COLS}
 """
 
+#: The rollout limits of the tasks named in the array ids that have some, with their
+#: runs dispatched now; their task_counts rows are locked until the claim commits, so
+#: that claims of one limited task, by any runner, count one after the other.
+LIMITS_SQL: Final = """
+SELECT t.id, t.max_concurrent, t.per_minute, c.dispatched
+FROM tasks AS t JOIN task_counts AS c ON c.task_seq = t.seq
+WHERE t.id = ANY(%(ids)s::text[])
+  AND (t.max_concurrent IS NOT NULL OR t.per_minute IS NOT NULL)
+ORDER BY t.seq
+FOR NO KEY UPDATE OF c
+"""
+
+#: The starts after since of the runs of the tasks of the array ids (in flight, and
+#: in the attempt history): their rate windows.
+TASK_STARTS_SQL: Final = """
+SELECT t.id, r.started_at FROM tasks AS t JOIN runs AS r ON r.task_seq = t.seq
+WHERE t.id = ANY(%(ids)s::text[]) AND r.state = 'dispatched' AND r.started_at > %(since)s
+UNION ALL
+SELECT t.id, a.started_at FROM tasks AS t JOIN attempts AS a ON a.task_seq = t.seq
+WHERE t.id = ANY(%(ids)s::text[]) AND a.started_at > %(since)s
+"""
+
 #: The keys of the arrays task_ids/node_ids that name no run (their ordinal).
 MISSING_SQL: Final = """
 SELECT k.ord FROM unnest(%(task_ids)s::text[], %(node_ids)s::text[]) WITH ORDINALITY

@@ -32,12 +32,14 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from .._planner import RATE_WINDOW, rollout_budget
 from .._types import (
     TERMINAL_STATES,
     TRANSITIONS,
     Attempt,
     Outcome,
     Page,
+    Rollout,
     Run,
     RunKey,
     RunState,
@@ -81,6 +83,8 @@ _FINISHED_STATES: Final = TRANSITIONS[RunState.DISPATCHED] & TERMINAL_STATES
 _TRIES: Final = 5
 #: Tasks claim_many keeps (see PostgresStore._tasks).
 _TASK_CACHE: Final = 1024
+#: Seconds the pool keeps one chain of reconnection attempts going (see open()).
+_RECONNECT_CHAIN: Final = 2.0
 
 
 def redact(dsn: str) -> str:
@@ -163,6 +167,10 @@ class PostgresStore:
             open=False,
             configure=_configure,
             name="ghostrunner",
+            # while the server is away, give up a chain of reconnection attempts soon
+            # (its delays double: 1, 2, 4 s...): the next request starts a new chain at
+            # once, so the pool is back within a second or so of the server
+            reconnect_timeout=_RECONNECT_CHAIN,
         )
         try:
             await pool.open(wait=True, timeout=self.connect_timeout)
@@ -301,19 +309,20 @@ class PostgresStore:
         if not keys:
             return []
         stamp = q.ts(now)
-        # a device at most once per statement (the index allows it one dispatched run):
-        # a later key of a device already named goes in a later round, which finds the
-        # device busy if the earlier one was claimed
-        rounds: list[list[tuple[int, RunKey]]] = []
-        depth: dict[str, int] = {}
-        for i, key in enumerate(keys):
-            level = depth.get(key.node_id, 0)
-            depth[key.node_id] = level + 1
-            if level == len(rounds):
-                rounds.append([])
-            rounds[level].append((i, key))
 
         async def op(conn: Conn) -> list[tuple[Run, Task]]:
+            wanted = await _within_limits(conn, keys, stamp)
+            # a device at most once per statement (the index allows it one dispatched
+            # run): a later key of a device already named goes in a later round, which
+            # finds the device busy if the earlier one was claimed
+            rounds: list[list[tuple[int, RunKey]]] = []
+            depth: dict[str, int] = {}
+            for i, key in wanted:
+                level = depth.get(key.node_id, 0)
+                depth[key.node_id] = level + 1
+                if level == len(rounds):
+                    rounds.append([])
+                rounds[level].append((i, key))
             claimed: list[tuple[int, int, Run]] = []
             for part in rounds:
                 params = {
@@ -1000,6 +1009,43 @@ def _known(task: Task | None) -> Task:
 
 def _key_params(key: RunKey) -> dict[str, Any]:
     return {"task_id": key.task_id, "node_id": key.node_id}
+
+
+async def _within_limits(
+    conn: Conn, keys: Sequence[RunKey], now: datetime
+) -> list[tuple[int, RunKey]]:
+    """``keys`` (with their index) but those beyond their task's rollout limits, counted
+    over every runner sharing the database: runs dispatched now (``max_concurrent``),
+    starts in the last minute (``per_minute``). The limited tasks' counts stay locked
+    until the claim commits: two runners claiming runs of one task count one after the
+    other. (A runner holds its own claims to the limits too; this makes them hold for
+    all runners together.)"""
+    indexed = list(enumerate(keys))
+    ids = list(dict.fromkeys(k.task_id for k in keys))
+    limits = await (await conn.execute(q.LIMITS_SQL, {"ids": ids})).fetchall()
+    if not limits:
+        return indexed
+    rated = [row[0] for row in limits if row[2] is not None]
+    starts: dict[str, list[datetime]] = {}
+    if rated:
+        cur = await conn.execute(q.TASK_STARTS_SQL, {"ids": rated, "since": now - RATE_WINDOW})
+        for task_id, started in await cur.fetchall():
+            starts.setdefault(task_id, []).append(started)
+    room: dict[str, int] = {}
+    for task_id, max_concurrent, per_minute, dispatched in limits:
+        budget, _ = rollout_budget(
+            Rollout(max_concurrent=max_concurrent, per_minute=per_minute),
+            in_flight=dispatched, starts=starts.get(task_id, ()), now=now)
+        room[task_id] = budget if budget is not None else len(keys)
+    out = []
+    for i, key in indexed:
+        left = room.get(key.task_id)
+        if left is None:
+            out.append((i, key))
+        elif left > 0:
+            room[key.task_id] = left - 1
+            out.append((i, key))
+    return out
 
 
 async def _task_seq(conn: Conn, task_id: str, *, lock: bool) -> int:

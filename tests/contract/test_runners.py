@@ -242,6 +242,39 @@ async def test_next_pending_leaves_out_busy_devices(shared: Shared) -> None:
     assert [(r.task_id, r.node_id) for r in got] == [(second.id, "node//1")]
 
 
+async def test_rollout_limits_hold_over_every_runner(shared: Shared) -> None:
+    """Each runner holds its own claims to a task's limits; a shared store holds them
+    all together: max_concurrent counts the runs dispatched by anyone, per_minute the
+    starts by anyone."""
+    store = shared.store
+    a = await shared.register("a")
+    b = await shared.register("b")
+    nodes = [f"node//{i}" for i in range(6)]
+    capped = await add(store, *nodes, rollout={"max_concurrent": 2})
+    keys = [RunKey(capped.id, n) for n in nodes]
+    assert len(await store.claim_many(keys[:1], NOW, runner=a.id)) == 1
+    got = await store.claim_many(keys[1:4], NOW, runner=b.id)
+    assert [r.key for r, _ in got] == [keys[1]]  # the first, in key order
+    assert await store.claim_many(keys[4:], NOW, runner=a.id) == []
+    await store.finish(keys[0], RunState.SUCCEEDED, at(1), runner=a.id)
+    assert [r.key for r, _ in await store.claim_many(keys[2:], at(1), runner=a.id)] == [
+        keys[2]]
+    # a task without limits beside it is not held back
+    free = await add(store, "node//x", "node//y")
+    got = await store.claim_many([RunKey(free.id, "node//x"), keys[3],
+                                  RunKey(free.id, "node//y")], at(1), runner=b.id)
+    assert {r.key.task_id for r, _ in got} == {free.id}
+    rated = await add(store, *(f"rate//{i}" for i in range(4)), rollout={"per_minute": 2})
+    rkeys = [RunKey(rated.id, f"rate//{i}") for i in range(4)]
+    assert len(await store.claim_many(rkeys[:1], at(10), runner=a.id)) == 1
+    assert len(await store.claim_many(rkeys[1:], at(20), runner=b.id)) == 1
+    for key in rkeys[:2]:
+        await store.finish(key, RunState.SUCCEEDED, at(25))
+    assert await store.claim_many(rkeys[2:], at(69), runner=a.id) == []  # both count
+    got = await store.claim_many(rkeys[2:], at(70.5), runner=a.id)  # the first freed
+    assert [r.key for r, _ in got] == [rkeys[2]]
+
+
 # --------------------------------------------------------------------------- PostgreSQL only
 
 

@@ -341,3 +341,28 @@ def test_after_an_outage_the_others_get_a_heartbeat_to_come_back() -> None:
             assert a.loop.adopted == b.loop.adopted == 0
 
     run(main())
+
+
+def test_a_tasks_rollout_limit_holds_over_both_runners() -> None:
+    hold = Hold("n1", "n2", "n3", "n4")
+    pair = Pair("n1", "n2", "n3", "n4", handler=hold)
+
+    async def main() -> None:
+        async with two(pair) as (a, b):
+            task = await a.submit(command="roll", targets=["n1", "n2", "n3", "n4"],
+                                  rollout={"max_concurrent": 2})
+            await a.loop.step()
+            await b.loop.step()  # b does not know the task's limit yet: the store does
+            await hold.wait()
+            for _ in range(3):
+                await asyncio.sleep(0)
+            assert len(pair.executor.busy) == 2
+            assert sum(r.state is RunState.DISPATCHED for r in await a.runs(task.id)) == 2
+            hold.release.set()
+            hold.held.clear()
+            await asyncio.gather(a.run_until_idle(), b.run_until_idle())
+            await asyncio.gather(a.run_until_idle(), b.run_until_idle())
+            assert {r.state for r in await a.runs(task.id)} == {RunState.SUCCEEDED}
+            assert pair.executor.overlaps == []
+
+    run(main())

@@ -378,6 +378,7 @@ class Reconciler:
         self._adopt_at: float | None = None  # _mono() when another runner's lease ends
         self._adopt_now = asyncio.Event()  # a runner stopped or joined: look now
         self._takeup: dict[str, Run] = {}  # node id -> adopted run not yet taken up
+        self._elsewhere: dict[str, float] = {}  # limited task -> skip until (monotonic)
         self._hooks: dict[str, list[Callable[[Signal], None]]] = {}
         self.adopted = 0  # runs taken over from dead runners (stats)
         self.signals_seen = 0  # signals from other processes (stats)
@@ -577,6 +578,14 @@ class Reconciler:
             await self._recover_due(online, now)
         budgets, _ = self._rollouts.budgets(now)
         full = [task_id for task_id, room in budgets.items() if room <= 0]
+        if self._elsewhere:
+            mono = self._mono()
+            for task_id, until in list(self._elsewhere.items()):
+                if until <= mono:
+                    del self._elsewhere[task_id]
+                else:
+                    full.append(task_id)
+                    budgets[task_id] = 0
         free = online.difference(self._in_flight, self._idle.devices, self._recovering,
                                  self._takeup)
         slots = self.settings.max_in_flight - len(self._in_flight)
@@ -616,10 +625,10 @@ class Reconciler:
         )
         offered = Counter(run.task_id for run in candidates)
         taken = Counter(run.task_id for run in chosen)
-        if any(offered[t] > taken[t] == budgets[t] for t in offered if t in budgets):
-            # runs passed over because their task reached its limit: their devices may
-            # have other work, which the next pass finds with that task skipped
-            self._again = True
+        # runs passed over because their task reached its limit: their devices may have
+        # other work, which the next pass finds with that task skipped
+        again = {t for t in offered if t in budgets and offered[t] > taken[t] == budgets[t]}
+        self._again = bool(again)
         if not chosen:
             return 0
         # one store operation claims them all (one transaction) and brings their tasks
@@ -627,6 +636,15 @@ class Reconciler:
         owner = self.runner.id
         if self._leases is not None:
             claimed = await self._leases.claim_many(keys, now, runner=owner)
+            got = Counter(run.task_id for run, _ in claimed)
+            for task_id, n in taken.items():
+                if got[task_id] < n and task_id in self._rollouts.limits:
+                    # the store held the task back: its limit is reached counting the
+                    # other runners' runs; they go on with it, this runner skips it a
+                    # while (else it would offer the same runs pass after pass)
+                    self._elsewhere[task_id] = self._mono() + self.settings.resync_interval
+                    again.discard(task_id)
+            self._again = bool(again)
         else:
             claimed = await self.store.claim_many(keys, now)
         started = 0
@@ -1036,6 +1054,14 @@ class Reconciler:
     ) -> None:
         """Record ``decision`` for ``run`` (as its ``owner``, with a shared store). A
         run another runner took over, or that is no longer dispatched, is dropped."""
+        if owner is not None and owner != self.runner.id:
+            # sent before this runner lost its lease: the run was adopted (by another
+            # runner, or by this one under its new id, which holds it in recovery now:
+            # that entry is not this dispatch's to touch); its owner asks the device
+            log.warning("the result of %s is dropped: it was sent by runner %s, which "
+                        "lost its lease (the run's new owner asks the device)", run.key, owner)
+            self._on_change()
+            return
         self._recovering.pop(run.node_id, None)
         try:
             await self._record(run, task, decision, now, deadline=deadline, asked=asked,

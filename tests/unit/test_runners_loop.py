@@ -366,3 +366,35 @@ def test_a_tasks_rollout_limit_holds_over_both_runners() -> None:
             assert pair.executor.overlaps == []
 
     run(main())
+
+
+def test_a_runner_adopting_back_its_own_old_run_while_that_command_still_runs() -> None:
+    """Found by the state machine: a loses its lease while its command runs, registers
+    again under a new id, and later adopts that very run back (from b, which took it
+    over and died in turn). When the old command ends, its result (the old id's) must
+    not disturb the run now held in recovery under the new id: the device is asked and
+    the run ends with its real outcome."""
+    hold = Hold("n1")
+    pair = Pair("n1", handler=hold)
+
+    async def main() -> None:
+        async with two(pair) as (a, b):
+            task = await a.submit(command="long", targets=["n1"])
+            await a.loop.step()
+            await hold.wait()
+            pair.clock.advance(SETTINGS.lease + SETTINGS.adopt_grace + 1)  # nobody renews
+            await b.loop.heartbeat()  # b renews first: buries a, takes the run
+            await a.loop.heartbeat()  # a: lost; a new runner
+            pair.clock.advance(SETTINGS.lease + SETTINGS.adopt_grace + 1)
+            await a.loop.heartbeat()  # a renews first now: buries b, takes the run back
+            key = RunKey(task.id, "n1")
+            assert pair.owner(key) == a.runner.id
+            assert a.loop.recovering == {"n1"} and a.loop.in_flight == {"n1"}
+            hold.held.clear()
+            hold.release.set()  # the old command ends: its result is the old id's
+            await a.run_until_idle()
+            [done] = await a.runs(task.id)
+            assert (done.state, done.recovered) == (RunState.SUCCEEDED, True)
+            assert pair.executions()[key] == 1
+
+    run(main())

@@ -344,12 +344,13 @@ def test_after_an_outage_the_others_get_a_heartbeat_to_come_back() -> None:
 
 
 def test_a_tasks_rollout_limit_holds_over_both_runners() -> None:
-    hold = Hold("n1", "n2", "n3", "n4")
-    pair = Pair("n1", "n2", "n3", "n4", handler=hold)
+    nodes = [f"n{i}" for i in range(1, 7)]
+    hold = Hold(*nodes)
+    pair = Pair(*nodes, handler=hold)
 
     async def main() -> None:
         async with two(pair) as (a, b):
-            task = await a.submit(command="roll", targets=["n1", "n2", "n3", "n4"],
+            task = await a.submit(command="roll", targets=nodes,
                                   rollout={"max_concurrent": 2})
             await a.loop.step()
             await b.loop.step()  # b does not know the task's limit yet: the store does
@@ -358,6 +359,12 @@ def test_a_tasks_rollout_limit_holds_over_both_runners() -> None:
                 await asyncio.sleep(0)
             assert len(pair.executor.busy) == 2
             assert sum(r.state is RunState.DISPATCHED for r in await a.runs(task.id)) == 2
+            # b knows the limit now: the store holds the task back, and b does not offer
+            # its runs again pass after pass (it goes idle; a goes on with the task)
+            b.loop.hold((await b.get(task.id)).task)
+            passes = b.loop.passes
+            await b.run_until_idle()
+            assert b.loop.passes - passes <= 3
             hold.release.set()
             hold.held.clear()
             await asyncio.gather(a.run_until_idle(), b.run_until_idle())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
@@ -26,10 +27,12 @@ from ._types import (
     TaskSummary,
     utcnow,
 )
-from .errors import IllegalTransition, NotFound, ValidationError
-from .runners import Leases, LeaseState, RunnerInfo, RunnerStatus, Signal
+from .errors import GhostRunnerError, IllegalTransition, NotFound, ValidationError
+from .runners import Leases, LeaseState, RunnerInfo, RunnerStatus, Signal, Signals
 
 __all__ = ["FlushResult", "GhostRunner"]
+
+log = logging.getLogger("ghostrunner")
 
 #: With a store shared by several runners, :meth:`GhostRunner.wait` looks at least this
 #: often (seconds): another runner may be the one recording the runs waited for.
@@ -361,6 +364,17 @@ class GhostRunner:
             info=info, state=LeaseState.ALIVE, heartbeat_at=now, heartbeat_age=0.0,
             expires_at=now, runs=len(self.loop.in_flight | self.loop.recovering),
         )]
+
+    async def signal(self, kind: str, nodes: Collection[str] | None = None) -> None:
+        """Send a signal of ``kind`` to the other processes sharing the store (stores
+        with :class:`~ghostrunner.runners.Signals`; else nothing): they call what they
+        registered with :meth:`on_signal`. Best effort: a signal that cannot be sent is
+        lost (logged), as one can be anyway."""
+        if isinstance(self.store, Signals):
+            try:
+                await self.store.signal(kind, nodes)
+            except GhostRunnerError as exc:
+                log.warning("could not send a %s signal: %s", kind, exc)
 
     def on_signal(self, kind: str, callback: Callable[[Signal], None]) -> None:
         """Call ``callback(signal)`` whenever another process sharing the store sends a

@@ -5,6 +5,7 @@ has one runner, itself."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import signal
@@ -16,7 +17,11 @@ import httpx
 import pytest
 
 from ghostrunner import LoopSettings
+from ghostrunner._types import utcnow
+from ghostrunner.postgres import PostgresStore
 from ghostrunner_http import ConfigError, load_settings
+from ghostrunner_http._tokens import verify_secret
+from ghostrunner_http.app import bootstrap_admin
 from ghostrunner_http.cli import main
 from tests.http.conftest import ServerProcess
 from tests.pg import PgServer
@@ -112,6 +117,17 @@ def test_two_servers_on_one_database_show_each_other(
         wait_until(lambda: b.call("GET", f"/tasks/{task_id}", ADMIN).json()["data"][
             "status"] == "succeeded", 10, "the task done")
 
+        # a token deleted through a stops working on b at once (not when b's cache of
+        # valid tokens expires, 30 s later)
+        r = a.call("POST", "/token/create", ADMIN, json={"details": {"name": "ci",
+                                                                      "scope": "read"}})
+        secret = r.json()["data"]["token"]
+        assert b.call("GET", "/task/list", secret).status_code == 200  # cached by b
+        assert a.call("DELETE", "/token/delete", ADMIN,
+                      json={"details": {"name": "ci"}}).status_code == 200
+        wait_until(lambda: b.call("GET", "/task/list", secret).status_code == 401, 2,
+                   "the token refused by b")
+
         code, out = cli("runners", "--url", a.url)  # no token needed
         assert code == 0, capsys.readouterr().err
         lines = out.splitlines()
@@ -162,3 +178,32 @@ def test_a_sqlite_server_has_one_runner_itself(server_factory: Any) -> None:
                                                          "alive")
     code, out = cli("runners", "--url", server.url)
     assert code == 0 and "solo" in out
+
+
+def test_servers_starting_together_on_an_empty_database_share_one_admin_token(
+    postgres: PgServer,
+) -> None:
+    async def main() -> None:
+        for secret in (ADMIN, None):
+            dsn = postgres.database()
+            stores = [PostgresStore(dsn, max_size=2) for _ in range(3)]
+            announced: list[str] = []
+            try:
+                for store in stores:
+                    await store.open()
+                await asyncio.gather(*(bootstrap_admin(store, secret, now=utcnow(),
+                                                       announce=announced.append)
+                                       for store in stores))
+                builtin = [t for t in await stores[0].list_tokens() if t.builtin]
+                assert len(builtin) == 1
+                if secret is None:
+                    assert len(announced) == 1  # printed once, by the one that made it
+                    assert verify_secret(announced[0], builtin[0])
+                else:
+                    assert announced == [] and verify_secret(secret, builtin[0])
+            finally:
+                for store in stores:
+                    await store.close()
+                postgres.drop(dsn)
+
+    asyncio.run(main())

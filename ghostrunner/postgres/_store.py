@@ -83,6 +83,8 @@ _FINISHED_STATES: Final = TRANSITIONS[RunState.DISPATCHED] & TERMINAL_STATES
 _TRIES: Final = 5
 #: Tasks claim_many keeps (see PostgresStore._tasks).
 _TASK_CACHE: Final = 1024
+#: Tasks whose having rollout limits claim_many remembers (see _within_limits).
+_LIMITED_CACHE: Final = 100_000
 #: Seconds the pool keeps one chain of reconnection attempts going (see open()).
 _RECONNECT_CHAIN: Final = 2.0
 
@@ -140,6 +142,7 @@ class PostgresStore:
         # runners were alive at the last renewal (None: not known, so notify)
         self._tag = secrets.token_hex(6)
         self._peers: int | None = None
+        self._limited: OrderedDict[str, bool] = OrderedDict()  # task id -> has limits
         # Task values by seq, for claim_many: a task's row never changes, and a seq is
         # never reused, so they never go stale (a task of 10,000 targets takes ~10 ms
         # to read and build)
@@ -311,7 +314,7 @@ class PostgresStore:
         stamp = q.ts(now)
 
         async def op(conn: Conn) -> list[tuple[Run, Task]]:
-            wanted = await _within_limits(conn, keys, stamp)
+            wanted = await _within_limits(conn, keys, stamp, self._limited)
             # a device at most once per statement (the index allows it one dispatched
             # run): a later key of a device already named goes in a later round, which
             # finds the device busy if the earlier one was claimed
@@ -1012,17 +1015,26 @@ def _key_params(key: RunKey) -> dict[str, Any]:
 
 
 async def _within_limits(
-    conn: Conn, keys: Sequence[RunKey], now: datetime
+    conn: Conn, keys: Sequence[RunKey], now: datetime, limited: OrderedDict[str, bool],
 ) -> list[tuple[int, RunKey]]:
     """``keys`` (with their index) but those beyond their task's rollout limits, counted
     over every runner sharing the database: runs dispatched now (``max_concurrent``),
     starts in the last minute (``per_minute``). The limited tasks' counts stay locked
     until the claim commits: two runners claiming runs of one task count one after the
     other. (A runner holds its own claims to the limits too; this makes them hold for
-    all runners together.)"""
+    all runners together.) ``limited``: task id -> whether it has limits, as learnt (a
+    task's limits never change): a claim of tasks known to have none costs nothing."""
     indexed = list(enumerate(keys))
-    ids = list(dict.fromkeys(k.task_id for k in keys))
+    ids = [i for i in dict.fromkeys(k.task_id for k in keys) if limited.get(i, True)]
+    if not ids:
+        return indexed
     limits = await (await conn.execute(q.LIMITS_SQL, {"ids": ids})).fetchall()
+    found = {row[0] for row in limits}
+    for task_id in ids:
+        limited[task_id] = task_id in found
+        limited.move_to_end(task_id)
+    while len(limited) > _LIMITED_CACHE:
+        limited.popitem(last=False)
     if not limits:
         return indexed
     rated = [row[0] for row in limits if row[2] is not None]

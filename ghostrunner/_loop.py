@@ -459,7 +459,13 @@ class Reconciler:
     async def heartbeat(self) -> None:
         """Renew this runner's lease, then adopt what dead runners left dispatched
         (stores with :class:`~ghostrunner.runners.Leases`; else nothing). The
-        background loop calls it every ``heartbeat`` seconds; tests call it."""
+        background loop does both every ``heartbeat`` seconds; tests call it."""
+        await self.renew()
+        await self.adopt()
+
+    async def renew(self) -> None:
+        """Renew this runner's lease (registering it first if it is not), or, if the
+        store says it was declared dead, start again as a new runner."""
         leases = self._leases
         if leases is None:
             return
@@ -478,7 +484,6 @@ class Reconciler:
                 self._held_since(sent)
             else:
                 await self._lost(leases)
-        await self.adopt()
 
     async def adopt(self) -> int:
         """Take over the dispatched runs of runners whose lease ended (plus
@@ -860,16 +865,19 @@ class Reconciler:
                 async with asyncio.timeout(delay):
                     await self._adopt_now.wait()
             self._adopt_now.clear()
-            try:
-                async with asyncio.timeout(beat):
-                    await self.heartbeat()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the database is away: try again soon
-                log.warning("runner %s: lease renewal failed (%s); %.1fs of lease left",
-                            self.runner.id, exc or type(exc).__name__, self.lease_left or 0)
-                await asyncio.sleep(min(1.0, beat / 5))
-                self._adopt_now.set()
+            for step, failed in ((self.renew, "lease renewal failed"),
+                                 (self.adopt, "looking for dead runners failed")):
+                try:
+                    async with asyncio.timeout(beat):
+                        await step()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # the database is away: try again soon
+                    log.warning("runner %s: %s (%s); %.1fs of lease left", self.runner.id,
+                                failed, exc or type(exc).__name__, self.lease_left or 0)
+                    await asyncio.sleep(min(1.0, beat / 5))
+                    self._adopt_now.set()
+                    break
 
     async def _watch_signals(self, signals: Signals) -> None:
         while True:

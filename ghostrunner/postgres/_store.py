@@ -315,6 +315,15 @@ class PostgresStore:
 
         async def op(conn: Conn) -> list[tuple[Run, Task]]:
             wanted = await _within_limits(conn, keys, stamp, self._limited)
+            if len(wanted) < len(keys):  # held back by their limits: but do they exist?
+                kept = {i for i, _ in wanted}
+                dropped = [k for i, k in enumerate(keys) if i not in kept]
+                cur = await conn.execute(q.MISSING_SQL, {
+                    "task_ids": [k.task_id for k in dropped],
+                    "node_ids": [k.node_id for k in dropped]})
+                missing = await cur.fetchone()
+                if missing is not None:
+                    raise NotFound(f"no run {dropped[missing[0] - 1]}")
             # a device at most once per statement (the index allows it one dispatched
             # run): a later key of a device already named goes in a later round, which
             # finds the device busy if the earlier one was claimed

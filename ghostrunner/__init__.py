@@ -31,6 +31,7 @@ from ._protocols import Executor, Store
 from ._runner import FlushResult, GhostRunner
 from ._types import (
     TRANSITIONS,
+    VERSION,
     AgentKind,
     Attempt,
     Delivery,
@@ -93,7 +94,7 @@ __all__ = [
     "errors",
 ]
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 
 def __getattr__(name: str) -> Any:

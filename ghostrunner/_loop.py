@@ -23,6 +23,18 @@ Concurrency notes (the subtle part):
   same attempt, ``recover=True``) or the run's recovery deadline passes. So a device
   gets its next command only once the previous attempt's result is stored, which is
   what lets an executor drop the device's records of earlier attempts.
+
+Several runners on one store (a store with :class:`~ghostrunner.runners.Leases`): the
+store's unique index, not this loop, keeps one command per device across processes.
+This loop registers its runner, renews its lease every ``heartbeat`` seconds (a task of
+its own, never behind a pass), and is *fenced* while its lease may be about to end
+(``fenced``): no claim, no command and no recovery request leaves it then. It records
+a run's end only as the run's owner (``NotOwner``: the run was taken over; the result
+is dropped, the device's journal tells the new owner). Each heartbeat, and when a
+lease of another runner ends, it adopts what dead runners left dispatched and puts it
+through outcome recovery, like a run found dispatched at start. With
+:class:`~ghostrunner.runners.Signals`, another process's "these devices have work"
+wakes it at once.
 """
 
 from __future__ import annotations
@@ -61,15 +73,26 @@ from ._types import (
     RunState,
     TagsMode,
     Task,
+    new_id,
     utcnow,
 )
-from .errors import ExecutorError, GhostRunnerError, NotDelivered, NotFound, OutcomeUnknown
+from .errors import (
+    ExecutorError,
+    GhostRunnerError,
+    IllegalTransition,
+    NotDelivered,
+    NotFound,
+    NotOwner,
+    OutcomeUnknown,
+)
+from .runners import Leases, RunnerInfo, Signal, Signals
 
 __all__ = ["LoopSettings", "Reconciler"]
 
 log = logging.getLogger("ghostrunner.loop")
 
 _NEVER = datetime.max.replace(tzinfo=UTC)
+_UNSENT = "not sent: this runner's lease was not renewed in time"
 
 
 @attrs.frozen(kw_only=True)
@@ -97,6 +120,14 @@ class LoopSettings:
             followers waiting for an event (one query, however many wait). This
             process's own writes wake them at once; the poll is what shows events
             written by other processes sharing the database.
+        lease: with a store shared by several runners (PostgreSQL): seconds a runner's
+            lease lasts from each renewal. A runner dead or cut off from the database
+            for this long (plus ``adopt_grace``) has its dispatched runs taken over.
+        heartbeat: seconds between renewals (default a third of ``lease``, at most half
+            of it). A runner that could not renew for ``lease - heartbeat`` seconds
+            stops sending commands until it can (it is *fenced*).
+        adopt_grace: seconds past the end of another runner's lease before its runs
+            are taken over.
     """
 
     max_in_flight: int = attrs.field(default=256)
@@ -108,6 +139,10 @@ class LoopSettings:
     coalesce: float = 0.005
     recover_within: float = 7 * 24 * 3600.0
     events_poll: float = 2.0
+    lease: float = 15.0
+    heartbeat: float = attrs.field(
+        default=attrs.Factory(lambda self: self.lease / 3, takes_self=True))
+    adopt_grace: float = 0.5
 
     @max_in_flight.validator
     def _positive(self, attribute: attrs.Attribute[int], value: int) -> None:
@@ -115,11 +150,15 @@ class LoopSettings:
             raise ValueError("max_in_flight must be at least 1")
 
     def __attrs_post_init__(self) -> None:
-        for name in ("resync_interval", "dispatch_grace", "recover_within", "events_poll"):
+        for name in ("resync_interval", "dispatch_grace", "recover_within", "events_poll",
+                     "lease", "heartbeat"):
             if not getattr(self, name) > 0:  # also refuses NaN
                 raise ValueError(f"{name} must be a positive number of seconds")
-        if not (self.shutdown_grace >= 0 and self.coalesce >= 0):
-            raise ValueError("shutdown_grace and coalesce must not be negative")
+        if not (self.shutdown_grace >= 0 and self.coalesce >= 0 and self.adopt_grace >= 0):
+            raise ValueError("shutdown_grace, coalesce and adopt_grace must not be negative")
+        if not self.heartbeat <= self.lease / 2:
+            raise ValueError("heartbeat must be at most half of lease (a renewal may fail "
+                             "once without fencing the runner)")
         if self.output_limit < 2:
             raise ValueError("output_limit must be at least 2 characters")
 
@@ -152,6 +191,11 @@ class _IdleHint:
         self.devices.difference_update(node_ids)
         if due is not None and self.until is not None and due < self.until:
             self.until = due
+
+    def forget(self) -> None:
+        """Any device may have work now (another process said so, or may have)."""
+        self.epoch += 1
+        self.devices.clear()
 
     def note(self, asked: Sequence[str], found: Sequence[Run], limit: int) -> None:
         """The store was asked for ``asked`` (and answers in that order, stopping at
@@ -278,6 +322,7 @@ class _Recovery:
     due: datetime  # when to ask next
     deadline: datetime  # after it, the outcome counts as unknown
     asked: int = 0  # recovery requests answered so far
+    unsent: bool = False  # never sent (fenced before it left): release it, ask nobody
 
 
 class Reconciler:
@@ -295,6 +340,7 @@ class Reconciler:
         *,
         clock: Callable[[], datetime] = utcnow,
         on_change: Callable[[], None] | None = None,
+        runner: RunnerInfo | None = None,
     ) -> None:
         self.store = store
         self.executor = executor
@@ -323,6 +369,24 @@ class Reconciler:
         self._stopping = False
         self.passes = 0
         self._rng = random.Random()  # never the global one: it may be the user's
+        # several runners on one store (see the module docstring)
+        self.runner = runner or RunnerInfo(started_at=clock())
+        self._leases: Leases | None = store if isinstance(store, Leases) else None
+        self._signals: Signals | None = store if isinstance(store, Signals) else None
+        # the lease is judged by a monotonic clock (a fake clock's time in tests)
+        self._mono: Callable[[], float] = (
+            time.monotonic if clock is utcnow else (lambda: clock().timestamp()))
+        self._registered = False
+        self._lease_until = float("-inf")  # _mono() before which the lease surely holds
+        self._contact_since: float | None = None  # renewals succeed since (None: failing)
+        self._fenced_logged = False
+        self._adopt_at: float | None = None  # _mono() when another runner's lease ends
+        self._adopt_now = asyncio.Event()  # a runner stopped or joined: look now
+        self._takeup: dict[str, Run] = {}  # node id -> adopted run not yet taken up
+        self._elsewhere: dict[str, float] = {}  # limited task -> skip until (monotonic)
+        self._hooks: dict[str, list[Callable[[Signal], None]]] = {}
+        self.adopted = 0  # runs taken over from dead runners (stats)
+        self.signals_seen = 0  # signals from other processes (stats)
 
     # ---------------------------------------------------------------- public
 
@@ -369,7 +433,91 @@ class Reconciler:
     def recovering(self) -> frozenset[str]:
         """Node ids held until their device tells the outcome of a run GhostRunner lost
         (their runs stay ``dispatched``)."""
-        return frozenset(self._recovering)
+        return frozenset(self._recovering) | frozenset(self._takeup)
+
+    @property
+    def shared(self) -> bool:
+        """Whether the store is shared by several runners (it keeps leases)."""
+        return self._leases is not None
+
+    @property
+    def fenced(self) -> bool:
+        """With a shared store: whether this runner's lease may end within a heartbeat
+        (it could not renew it in time), so it sends nothing (no claim, no command, no
+        recovery request) until a renewal succeeds."""
+        if self._leases is None:
+            return False
+        return self._mono() >= self._lease_until - self.settings.heartbeat
+
+    @property
+    def lease_left(self) -> float | None:
+        """Seconds this runner's lease surely holds (None: the store keeps no leases)."""
+        if self._leases is None:
+            return None
+        return max(0.0, self._lease_until - self._mono())
+
+    def on_signal(self, kind: str, callback: Callable[[Signal], None]) -> None:
+        """Call ``callback(signal)`` for every signal of ``kind`` another process sends
+        through the store (stores with :class:`~ghostrunner.runners.Signals`)."""
+        self._hooks.setdefault(kind, []).append(callback)
+
+    async def heartbeat(self) -> None:
+        """Renew this runner's lease, then adopt what dead runners left dispatched
+        (stores with :class:`~ghostrunner.runners.Leases`; else nothing). The
+        background loop does both every ``heartbeat`` seconds; tests call it."""
+        await self.renew()
+        await self.adopt()
+
+    async def renew(self) -> None:
+        """Renew this runner's lease (registering it first if it is not), or, if the
+        store says it was declared dead, start again as a new runner."""
+        leases = self._leases
+        if leases is None:
+            return
+        if not self._registered:
+            await self._register(leases)
+        else:
+            sent = self._mono()
+            try:
+                renewal = await leases.renew(self.runner.id, self.settings.lease)
+            except BaseException:
+                self._contact_since = None
+                raise
+            if renewal.held:
+                if self._contact_since is None:
+                    self._contact_since = sent
+                self._held_since(sent)
+            else:
+                await self._lost(leases)
+
+    async def adopt(self) -> int:
+        """Take over the dispatched runs of runners whose lease ended (plus
+        ``adopt_grace``) and put them through outcome recovery; returns how many runs
+        (stores with :class:`~ghostrunner.runners.Leases`; else 0)."""
+        leases = self._leases
+        if leases is None or not self._registered or self.fenced:
+            return 0
+        if self._contact_since is None or (
+                self._mono() - self._contact_since < self.settings.heartbeat):
+            # back in touch with the store only just now (a start, a database outage):
+            # the others may have been cut off as long, give them a heartbeat to renew
+            # before declaring them dead
+            self._adopt_at = (None if self._contact_since is None
+                              else self._contact_since + self.settings.heartbeat)
+            return 0
+        async with self._step_lock:
+            adoption = await leases.adopt(self.runner.id, self.settings.adopt_grace)
+            self._adopt_at = (None if adoption.next_in is None
+                              else self._mono() + adoption.next_in)
+            if adoption.runners:
+                log.warning("runner(s) %s stopped renewing their lease: %d dispatched "
+                            "run(s) taken over", ", ".join(adoption.runners),
+                            len(adoption.runs))
+            for run in adoption.runs:
+                self._takeup[run.node_id] = run
+            self.adopted += len(adoption.runs)
+            await self._take_up()
+        return len(adoption.runs)
 
     async def recover(self) -> int:
         """Settle runs left ``dispatched`` by a process that died, and pick up the
@@ -379,6 +527,14 @@ class Reconciler:
         tasks = {task_id: await self._task(task_id) for task_id, _ in recent}
         self._rollouts.seed(tasks, recent)
         await self._load_continuous(now)  # and the limited tasks
+        leases = self._leases
+        if leases is not None:
+            # a shared store: only what dead runners left is stale, not what live ones
+            # have in flight; a restarted process is a new runner, its predecessor's
+            # runs are adopted once its lease has ended
+            if not self._registered:
+                await self._register(leases)
+            return await self.adopt()
         stale = await self.store.dispatched()
         for run in stale:
             if run.node_id in self._in_flight or run.node_id in self._recovering:
@@ -412,6 +568,14 @@ class Reconciler:
             self._on_change()
         if self._stopping:
             return 0
+        if self.fenced:
+            if not self._fenced_logged:
+                self._fenced_logged = True
+                log.error("runner %s could not renew its lease in time: sending nothing "
+                          "until it can", self.runner.id)
+            return 0
+        if self._takeup:
+            await self._take_up()
         devices = self.executor.devices()
         if time.monotonic() >= self._continuous_at + self.settings.resync_interval:
             await self._load_continuous(now)
@@ -424,7 +588,16 @@ class Reconciler:
             await self._recover_due(online, now)
         budgets, _ = self._rollouts.budgets(now)
         full = [task_id for task_id, room in budgets.items() if room <= 0]
-        free = online.difference(self._in_flight, self._idle.devices, self._recovering)
+        if self._elsewhere:
+            mono = self._mono()
+            for task_id, until in list(self._elsewhere.items()):
+                if until <= mono:
+                    del self._elsewhere[task_id]
+                else:
+                    full.append(task_id)
+                    budgets[task_id] = 0
+        free = online.difference(self._in_flight, self._idle.devices, self._recovering,
+                                 self._takeup)
         slots = self.settings.max_in_flight - len(self._in_flight)
         if not free or slots <= 0:
             return 0
@@ -456,26 +629,41 @@ class Reconciler:
         if rate_wake is not None:
             self._idle.work_for((), rate_wake)  # be back when a rate window frees a start
         chosen = plan_dispatches(
-            candidates, online=online, busy=self._in_flight.keys() | self._recovering.keys(),
+            candidates, online=online,
+            busy=self._in_flight.keys() | self._recovering.keys() | self._takeup.keys(),
             slots=slots, now=now, budgets=budgets,
         )
         offered = Counter(run.task_id for run in candidates)
         taken = Counter(run.task_id for run in chosen)
-        if any(offered[t] > taken[t] == budgets[t] for t in offered if t in budgets):
-            # runs passed over because their task reached its limit: their devices may
-            # have other work, which the next pass finds with that task skipped
-            self._again = True
+        # runs passed over because their task reached its limit: their devices may have
+        # other work, which the next pass finds with that task skipped
+        again = {t for t in offered if t in budgets and offered[t] > taken[t] == budgets[t]}
+        self._again = bool(again)
         if not chosen:
             return 0
         # one store operation claims them all (one transaction) and brings their tasks
-        claimed = await self.store.claim_many([r.key for r in chosen], now)
+        keys = [r.key for r in chosen]
+        owner = self.runner.id
+        if self._leases is not None:
+            claimed = await self._leases.claim_many(keys, now, runner=owner)
+            got = Counter(run.task_id for run, _ in claimed)
+            for task_id, n in taken.items():
+                if got[task_id] < n and task_id in self._rollouts.limits:
+                    # the store held the task back: its limit is reached counting the
+                    # other runners' runs; they go on with it, this runner skips it a
+                    # while (else it would offer the same runs pass after pass)
+                    self._elsewhere[task_id] = self._mono() + self.settings.resync_interval
+                    again.discard(task_id)
+            self._again = bool(again)
+        else:
+            claimed = await self.store.claim_many(keys, now)
         started = 0
         for run, task in claimed:
             self._remember(task)
             self._rollouts.started(task, now)
             self._flying_task[run.node_id] = task.id
             self._in_flight[run.node_id] = asyncio.create_task(
-                self._dispatch(run, task), name=f"ghostrunner-dispatch-{run.key}"
+                self._dispatch(run, task, owner=owner), name=f"ghostrunner-dispatch-{run.key}"
             )
             started += 1
         if started:
@@ -503,10 +691,17 @@ class Reconciler:
         """Recover, then pass whenever woken, at a due time, or every
         ``resync_interval``, until ``stop`` is set; then stop gracefully."""
         watcher = asyncio.create_task(self._watch_events(), name="ghostrunner-events")
+        keeper: asyncio.Task[None] | None = None
+        listener: asyncio.Task[None] | None = None
+        if self._signals is not None:
+            listener = asyncio.create_task(self._watch_signals(self._signals),
+                                           name="ghostrunner-signals")
         try:
             # runs left dispatched must be settled before anything else: retry until done
             while not stop.is_set() and not await self._retrying(self.recover):
                 pass
+            if self._leases is not None:
+                keeper = asyncio.create_task(self._keep_lease(), name="ghostrunner-lease")
             while not stop.is_set():
                 self._wake.clear()
                 self._burst = False
@@ -528,10 +723,34 @@ class Reconciler:
                     # finished dispatch alone goes on at once (its device is waiting)
                     await asyncio.sleep(self.settings.coalesce)
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
-            await self.drain()
+            for task in (watcher, listener):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            await self.drain()  # the lease is still renewed meanwhile
+            if keeper is not None:
+                keeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await keeper
+            await self.retire()
+
+    async def retire(self) -> None:
+        """A graceful stop's last step, after :meth:`drain`: end this runner's lease
+        (stores with :class:`~ghostrunner.runners.Leases`), so that another runner
+        adopts at once whatever it left dispatched. Never fails."""
+        leases = self._leases
+        if leases is None or not self._registered or self._aborted:
+            return
+        self._registered = False
+        try:
+            async with asyncio.timeout(self.settings.heartbeat):
+                await leases.retire(self.runner.id)
+        except Exception as exc:  # the lease then ends by itself
+            log.warning("runner %s could not end its lease (%s): its runs are taken over "
+                        "when it expires", self.runner.id, exc)
+        else:
+            log.info("runner %s stopped; its lease ended", self.runner.id)
 
     async def drain(self) -> None:
         """Stop starting commands; wait up to ``shutdown_grace`` for those in flight
@@ -584,6 +803,115 @@ class Reconciler:
             return False
         return True
 
+    async def _register(self, leases: Leases) -> None:
+        sent = self._mono()
+        await leases.register(self.runner, self.settings.lease)
+        self._registered = True
+        self._contact_since = sent
+        self._held_since(sent)
+        log.info("runner %s (%s) registered: lease %gs, heartbeat %gs", self.runner.id,
+                 self.runner.name, self.settings.lease, self.settings.heartbeat)
+
+    def _held_since(self, sent: float) -> None:
+        """A renewal sent at ``sent`` succeeded: the store's lease ends no earlier than
+        ``lease`` seconds after that moment."""
+        was_fenced = self.fenced
+        self._lease_until = max(self._lease_until, sent + self.settings.lease)
+        if was_fenced and not self.fenced:
+            if self._fenced_logged:
+                log.warning("runner %s renewed its lease: sending again", self.runner.id)
+            self._fenced_logged = False
+            self._idle.forget()
+            self._wake.set()
+
+    async def _lost(self, leases: Leases) -> None:
+        """This runner was declared dead (its lease ended and another runner adopted its
+        runs) or retired: forget the runs it held, and start again as a new runner."""
+        log.error("runner %s lost its lease: another runner took over its dispatched runs; "
+                  "registering again as a new runner", self.runner.id)
+        for held in self._recovering.values():
+            self._rollouts.ended(held.task.id)
+        self._recovering.clear()
+        self._takeup.clear()
+        # commands still in flight finish; recording their results is refused (NotOwner)
+        self.runner = attrs.evolve(self.runner, id=new_id(), started_at=self.clock())
+        self._registered = False
+        self._lease_until = float("-inf")
+        await self._register(leases)
+
+    async def _take_up(self) -> None:
+        """Hold the adopted runs in outcome recovery, as runs found dispatched at start:
+        their devices are asked (or, if they keep no record, the runs settled by their
+        delivery policy) at the next pass. One whose task cannot be read now stays for
+        the next try."""
+        now = self.clock()
+        for node, run in list(self._takeup.items()):
+            task = await self._task(run.task_id)
+            del self._takeup[node]
+            deadline = recovery_deadline(run, task, within=self.settings.recover_within)
+            if not self.executor.recoverable(node):
+                deadline = now  # nothing to ask: settled by its delivery policy
+            self._rollouts.holding(task)
+            self._recovering[node] = _Recovery(run=run, task=task, due=now, deadline=deadline)
+            log.warning("run %s was left dispatched: %s", run.key,
+                        "asking its device" if deadline > now else "settling it")
+        self._idle.work_for((), now)
+        self._wake.set()
+
+    async def _keep_lease(self) -> None:
+        """Renew the lease every ``heartbeat`` seconds (sooner after a failure), and
+        adopt as soon as another runner's lease ends or a runner stops."""
+        beat = self.settings.heartbeat
+        while True:
+            delay = beat
+            if self._adopt_at is not None:
+                delay = min(delay, max(0.0, self._adopt_at - self._mono()))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._adopt_now.wait()
+            self._adopt_now.clear()
+            for step, failed in ((self.renew, "lease renewal failed"),
+                                 (self.adopt, "looking for dead runners failed")):
+                try:
+                    async with asyncio.timeout(beat):
+                        await step()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # the database is away: try again soon
+                    log.warning("runner %s: %s (%s); %.1fs of lease left", self.runner.id,
+                                failed, exc or type(exc).__name__, self.lease_left or 0)
+                    await asyncio.sleep(min(1.0, beat / 5))
+                    self._adopt_now.set()
+                    break
+
+    async def _watch_signals(self, signals: Signals) -> None:
+        while True:
+            try:
+                async with contextlib.aclosing(signals.signals()) as stream:
+                    async for signal in stream:
+                        self._signalled(signal)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("listening for other runners failed; listening again")
+            await asyncio.sleep(self.settings.retry.base)
+
+    def _signalled(self, signal: Signal) -> None:
+        self.signals_seen += 1
+        if signal.kind == "runs":
+            if signal.nodes is None:
+                self._idle.forget()
+                self._continuous_at = 0.0  # tasks may have been added: reload them
+            self.wake(signal.nodes or ())
+            self._on_change()  # runs changed elsewhere: waiters look again
+        elif signal.kind == "runners":
+            self._adopt_now.set()
+        for hook in self._hooks.get(signal.kind, ()):
+            try:
+                hook(signal)
+            except Exception:
+                log.exception("a %s signal's callback failed", signal.kind)
+
     async def _watch_events(self) -> None:
         while True:
             try:
@@ -606,6 +934,13 @@ class Reconciler:
             if node in self._in_flight:
                 continue
             keeps = self.executor.recoverable(node)
+            if held.unsent:  # it never left: back to pending, the attempt given back
+                del self._recovering[node]
+                decision = decide(held.run, held.task, NotDelivered(_UNSENT), now=now,
+                                  retry=self.settings.retry)
+                self._rollouts.ended(held.task.id)
+                await self._settle(held, decision, now)
+                continue
             if now >= held.deadline or not keeps:
                 del self._recovering[node]
                 answer: ExecutorError = (
@@ -617,14 +952,14 @@ class Reconciler:
                     asked=held.asked, retry=self.settings.retry,
                 )
                 self._rollouts.ended(held.task.id)
-                await self._apply(held.run, held.task, decision, now)
+                await self._settle(held, decision, now)
                 continue
             if held.due <= now and node in online and (
                 len(self._in_flight) < self.settings.max_in_flight
             ):
                 self._flying_task[node] = held.task.id
                 self._in_flight[node] = asyncio.create_task(
-                    self._dispatch(held.run, held.task, recovery=held),
+                    self._dispatch(held.run, held.task, recovery=held, owner=self.runner.id),
                     name=f"ghostrunner-recover-{held.run.key}",
                 )
                 continue
@@ -633,7 +968,19 @@ class Reconciler:
         if wake is not None:
             self._idle.work_for((), wake)
 
-    async def _dispatch(self, run: Run, task: Task, recovery: _Recovery | None = None) -> None:
+    async def _settle(self, held: _Recovery, decision: Decision, now: datetime) -> None:
+        """Record the end of a run held in recovery; if the store fails, hold it again
+        (it is tried again at a later pass, never forgotten)."""
+        try:
+            await self._apply(held.run, held.task, decision, now, owner=self.runner.id)
+        except GhostRunnerError:
+            log.exception("could not record the end of %s; trying again later", held.run.key)
+            self._rollouts.holding(held.task)
+            self._recovering[held.run.node_id] = attrs.evolve(
+                held, due=now + self.settings.retry.delay(1))
+
+    async def _dispatch(self, run: Run, task: Task, recovery: _Recovery | None = None, *,
+                        owner: str | None = None) -> None:
         request = RunRequest(
             task_id=task.id,
             node_id=run.node_id,
@@ -647,9 +994,15 @@ class Reconciler:
             recover=recovery is not None,
         )
         held = False  # the run stays dispatched, held in recovery
+        unsent = False
         try:
             result: Outcome | ExecutorError
             try:
+                if self._leases is not None and (self.fenced or owner != self.runner.id):
+                    # the lease may end before the command arrives (or ended: the run
+                    # is another runner's now): it does not leave
+                    unsent = True
+                    raise NotDelivered(_UNSENT)
                 async with asyncio.timeout(task.timeout + self.settings.dispatch_grace):
                     result = await self.executor.run(request)
             except ExecutorError as exc:
@@ -677,17 +1030,18 @@ class Reconciler:
                                            asked=asked, retry=self.settings.retry)
             held = decision.recovering
             try:
-                await asyncio.shield(
-                    self._apply(run, task, decision, now, deadline=deadline, asked=asked)
-                )
+                await asyncio.shield(self._apply(run, task, decision, now, deadline=deadline,
+                                                 asked=asked, owner=owner))
             except GhostRunnerError:
-                # the run stays dispatched: ask its device again later (it is held)
+                # the run stays dispatched: ask its device again later (it is held), or,
+                # if it never left, release it later
                 log.exception("could not record the result of %s", run.key)
-                held = True
-                self._recovering[run.node_id] = _Recovery(
-                    run=run, task=task, due=now + self.settings.retry.delay(1),
-                    deadline=deadline, asked=asked,
-                )
+                if owner == self.runner.id:
+                    held = True
+                    self._recovering[run.node_id] = _Recovery(
+                        run=run, task=task, due=now + self.settings.retry.delay(1),
+                        deadline=deadline, asked=asked, unsent=unsent and recovery is None,
+                    )
         finally:
             if self._in_flight.get(run.node_id) is asyncio.current_task():
                 del self._in_flight[run.node_id]
@@ -709,9 +1063,35 @@ class Reconciler:
 
     async def _apply(
         self, run: Run, task: Task, decision: Decision, now: datetime, *,
-        deadline: datetime | None = None, asked: int = 0,
+        deadline: datetime | None = None, asked: int = 0, owner: str | None = None,
     ) -> None:
+        """Record ``decision`` for ``run`` (as its ``owner``, with a shared store). A
+        run another runner took over, or that is no longer dispatched, is dropped."""
+        if owner is not None and owner != self.runner.id:
+            # sent before this runner lost its lease: the run was adopted (by another
+            # runner, or by this one under its new id, which holds it in recovery now:
+            # that entry is not this dispatch's to touch); its owner asks the device
+            log.warning("the result of %s is dropped: it was sent by runner %s, which "
+                        "lost its lease (the run's new owner asks the device)", run.key, owner)
+            self._on_change()
+            return
         self._recovering.pop(run.node_id, None)
+        try:
+            await self._record(run, task, decision, now, deadline=deadline, asked=asked,
+                               owner=owner)
+        except NotOwner as exc:
+            log.warning("the result of %s is dropped: %s (its new owner asks the device)",
+                        run.key, exc)
+            self._on_change()
+        except IllegalTransition as exc:
+            log.warning("the result of %s is dropped: %s", run.key, exc)
+            self._on_change()
+
+    async def _record(
+        self, run: Run, task: Task, decision: Decision, now: datetime, *,
+        deadline: datetime | None, asked: int, owner: str | None,
+    ) -> None:
+        leases = self._leases if owner is not None else None
         if decision.recovering:
             assert decision.available_at is not None and deadline is not None
             self._recovering[run.node_id] = _Recovery(
@@ -723,17 +1103,23 @@ class Reconciler:
         if decision.state is RunState.PENDING:
             assert decision.available_at is not None
             self._idle.work_for((run.node_id,), decision.available_at)
-            await self.store.release(
-                run.key,
-                now,
-                available_at=decision.available_at,
-                error=decision.error or "",
-                delivered=decision.delivered,
-            )
+            if leases is not None:
+                await leases.release(
+                    run.key, now, available_at=decision.available_at,
+                    error=decision.error or "", delivered=decision.delivered, runner=owner,
+                )
+            else:
+                await self.store.release(
+                    run.key, now, available_at=decision.available_at,
+                    error=decision.error or "", delivered=decision.delivered,
+                )
         else:
-            await self.store.finish(
-                run.key, decision.state, now, outcome=decision.outcome, error=decision.error
-            )
+            if leases is not None:
+                await leases.finish(run.key, decision.state, now, outcome=decision.outcome,
+                                    error=decision.error, runner=owner)
+            else:
+                await self.store.finish(run.key, decision.state, now,
+                                        outcome=decision.outcome, error=decision.error)
             if task.rollout.abort_failed_pct is not None:
                 await self._check_abort(task, now)
         self._on_change()

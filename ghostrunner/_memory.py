@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from bisect import bisect_right, insort
 from collections import Counter
-from collections.abc import Collection, Mapping, Sequence
-from datetime import datetime
+from collections.abc import Callable, Collection, Mapping, Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
 import attrs
 
 from . import events as ev
+from ._planner import rollout_budget
 from ._types import (
     ACTIVE_STATES,
     TERMINAL_STATES,
@@ -28,7 +29,8 @@ from ._types import (
     utcnow,
 )
 from .audit import AuditEntry, AuditPage, AuditQuery
-from .errors import Conflict, IllegalTransition, NotFound, ValidationError
+from .errors import Conflict, IllegalTransition, NotFound, NotOwner, ValidationError
+from .runners import Adoption, LeaseState, Renewal, RunnerInfo, RunnerStatus
 from .tokens import Token
 from .webhooks import (
     DeliveryPage,
@@ -39,7 +41,7 @@ from .webhooks import (
     clip_error,
 )
 
-__all__ = ["InMemoryStore"]
+__all__ = ["InMemoryStore", "SharedInMemoryStore"]
 
 
 class InMemoryStore:
@@ -638,3 +640,209 @@ class InMemoryStore:
         for d in self.deliveries.values():
             out.setdefault(d.webhook, Counter())[d.status] += 1
         return {w: dict(c) for w, c in out.items()}
+
+
+@attrs.define
+class _RunnerRow:
+    info: RunnerInfo
+    heartbeat_at: datetime
+    expires_at: datetime
+    stopped: bool = False
+    ended_at: datetime | None = None
+    adopted_by: str | None = None
+
+
+class SharedInMemoryStore(InMemoryStore):
+    """An :class:`InMemoryStore` that several runners (GhostRunners in one process)
+    share, as they would share a PostgreSQL database: it keeps runner leases
+    (:class:`~ghostrunner.runners.Leases`: the reference for the contract tests of that
+    capability), records the owner of each dispatched run, refuses a claim of a device
+    that has a run dispatched, and leaves such a device out of :meth:`next_pending`.
+
+    Args:
+        clock: the store's clock, by which leases are counted (a
+            :class:`~ghostrunner.testing.FakeClock` in tests; the runners' clock too).
+    """
+
+    def __init__(self, clock: Callable[[], datetime] = utcnow) -> None:
+        self.clock = clock
+        super().__init__()
+
+    def reset(self) -> None:
+        super().reset()
+        self.runner_rows: dict[str, _RunnerRow] = {}
+        self.owner: dict[RunKey, str | None] = {}  # the runner that dispatched each run last
+
+    def _busy(self, node: str) -> bool:
+        return any(self.runs[k].state is RunState.DISPATCHED for k in self._by_node.get(node, ()))
+
+    async def next_pending(
+        self,
+        node_ids: Collection[str],
+        now: datetime,
+        *,
+        limit: int | None = None,
+        skip_tasks: Collection[str] = (),
+    ) -> Sequence[Run]:
+        idle = [n for n in dict.fromkeys(node_ids) if not self._busy(n)]
+        return await super().next_pending(idle, now, limit=limit, skip_tasks=skip_tasks)
+
+    async def claim_many(
+        self, keys: Sequence[RunKey], now: datetime, *, runner: str | None = None
+    ) -> Sequence[tuple[Run, Task]]:
+        for key in keys:
+            self._run(key)  # NotFound before anything changes
+        # the tasks' rollout limits, over every runner: the keys past a task's room are
+        # left out (in key order, as PostgresStore leaves them out)
+        room = self._room({k.task_id for k in keys}, now)
+        within = []
+        for key in keys:
+            left = room.get(key.task_id)
+            if left is not None:
+                if left <= 0:
+                    continue
+                room[key.task_id] = left - 1
+            within.append(key)
+        out = []
+        for key in within:
+            if self._busy(key.node_id):  # one dispatched run per device, whoever sent it
+                continue
+            for run, task in await super().claim_many([key], now):
+                self.owner[run.key] = runner
+                out.append((run, task))
+        return out
+
+    def _room(self, task_ids: Collection[str], now: datetime) -> dict[str, int]:
+        """How many more runs of each limited task of ``task_ids`` may start at ``now``:
+        its runs dispatched now and its starts in the last minute count, whoever made
+        them (as PostgresStore counts them)."""
+        room: dict[str, int] = {}
+        for task_id in task_ids:
+            task = self.tasks.get(task_id)
+            if task is None or (task.rollout.max_concurrent is None
+                                and task.rollout.per_minute is None):
+                continue
+            runs = [self.runs[RunKey(task_id, n)] for n in self.nodes[task_id]]
+            flying = [r for r in runs if r.state is RunState.DISPATCHED]
+            starts = [r.started_at for r in flying if r.started_at is not None]
+            starts += [a.started_at for r in runs for a in self.history.get(r.key, ())
+                       if a.started_at is not None]
+            budget, _ = rollout_budget(task.rollout, in_flight=len(flying), starts=starts,
+                                       now=now)
+            if budget is not None:
+                room[task_id] = budget
+        return room
+
+    def _check_owner(self, key: RunKey, runner: str | None) -> None:
+        run = self._run(key)
+        owner = self.owner.get(key)
+        if runner is not None and run.state is RunState.DISPATCHED and owner != runner:
+            who = "no runner" if owner is None else f"runner {owner}"
+            raise NotOwner(f"run {key} is dispatched by {who}, not by {runner}")
+
+    async def finish(
+        self,
+        key: RunKey,
+        state: RunState,
+        now: datetime,
+        *,
+        outcome: Outcome | None = None,
+        error: str | None = None,
+        runner: str | None = None,
+    ) -> Run:
+        if state in TERMINAL_STATES:
+            self._check_owner(key, runner)
+        return await super().finish(key, state, now, outcome=outcome, error=error)
+
+    async def release(
+        self,
+        key: RunKey,
+        now: datetime,
+        *,
+        available_at: datetime,
+        error: str,
+        delivered: bool,
+        runner: str | None = None,
+    ) -> Run:
+        self._check_owner(key, runner)
+        return await super().release(key, now, available_at=available_at, error=error,
+                                     delivered=delivered)
+
+    # ---------------------------------------------------------------- Leases
+
+    def _alive(self, row: _RunnerRow, now: datetime) -> bool:
+        return row.ended_at is None and not row.stopped and row.expires_at > now
+
+    def _peers(self, runner_id: str, now: datetime) -> int:
+        return sum(1 for rid, row in self.runner_rows.items()
+                   if rid != runner_id and self._alive(row, now))
+
+    async def register(self, runner: RunnerInfo, lease: float) -> None:
+        now = self.clock()
+        self.runner_rows[runner.id] = _RunnerRow(
+            info=runner, heartbeat_at=now, expires_at=now + timedelta(seconds=lease))
+
+    async def renew(self, runner_id: str, lease: float) -> Renewal:
+        now = self.clock()
+        row = self.runner_rows.get(runner_id)
+        held = row is not None and row.ended_at is None and not row.stopped
+        if held:
+            assert row is not None
+            row.heartbeat_at = now
+            row.expires_at = now + timedelta(seconds=lease)
+        return Renewal(held=held, peers=self._peers(runner_id, now))
+
+    async def adopt(self, runner_id: str, grace: float) -> Adoption:
+        now = self.clock()
+        dead = [
+            rid for rid, row in self.runner_rows.items()
+            if rid != runner_id and row.ended_at is None
+            and (row.stopped or row.expires_at < now - timedelta(seconds=grace))
+        ]
+        for rid in dead:
+            row = self.runner_rows[rid]
+            row.ended_at, row.adopted_by = now, runner_id
+        ended = {rid for rid, row in self.runner_rows.items() if row.ended_at is not None}
+        runs = []
+        for key, run in self.runs.items():
+            owner = self.owner.get(key)
+            if run.state is RunState.DISPATCHED and (owner is None or owner in ended):
+                self.owner[key] = runner_id
+                runs.append(run)
+        live = [row.expires_at for rid, row in self.runner_rows.items()
+                if rid != runner_id and row.ended_at is None and not row.stopped]
+        next_in = None
+        if live:
+            next_in = max(0.0, (min(live) - now).total_seconds() + grace)
+        runs.sort(key=lambda r: (r.started_at or r.queued_at, r.node_id))
+        return Adoption(runs=runs, runners=dead, next_in=next_in,
+                        peers=self._peers(runner_id, now))
+
+    async def retire(self, runner_id: str) -> None:
+        row = self.runner_rows.get(runner_id)
+        if row is not None:
+            row.stopped = True
+            row.expires_at = self.clock()
+
+    async def runners(self) -> Sequence[RunnerStatus]:
+        now = self.clock()
+        out = []
+        for rid, row in self.runner_rows.items():
+            if row.ended_at is not None and row.ended_at <= now - timedelta(hours=1):
+                continue
+            if row.stopped:
+                state = LeaseState.STOPPED
+            elif row.adopted_by is not None:
+                state = LeaseState.ADOPTED
+            else:
+                state = LeaseState.ALIVE if row.expires_at > now else LeaseState.EXPIRED
+            runs = sum(1 for key, owner in self.owner.items()
+                       if owner == rid and self.runs.get(key) is not None
+                       and self.runs[key].state is RunState.DISPATCHED)
+            out.append(RunnerStatus(
+                info=row.info, state=state, heartbeat_at=row.heartbeat_at,
+                heartbeat_age=max(0.0, (now - row.heartbeat_at).total_seconds()),
+                expires_at=row.expires_at, runs=runs, adopted_by=row.adopted_by,
+            ))
+        out.sort(key=lambda s: (s.info.started_at, s.info.id))
+        return out

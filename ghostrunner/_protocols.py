@@ -11,6 +11,10 @@ transaction, and :meth:`Store.events_after` reads them back in order.
 
 API tokens are not the queue's business: the HTTP package keeps them behind its own
 ``TokenStore`` protocol, which a store may implement as well (both shipped stores do).
+
+A store shared by several runners offers two more capabilities, defined in
+:mod:`ghostrunner.runners`: ``Leases`` (runner identity, leases, adoption, claims and
+ends conditional on the owner) and ``Signals`` (wake-ups between processes).
 """
 
 from __future__ import annotations
@@ -151,7 +155,11 @@ class Store(Protocol):
         neither paused nor one of ``skip_tasks`` (tasks at their rollout limits). At most
         one run per device; devices with nothing ready are absent; results follow the
         order of ``node_ids`` (duplicates ignored) and stop after ``limit`` runs. Must
-        not scan all runs."""
+        not scan all runs. The loop never asks for a device that has a run dispatched
+        by it; a store shared by several processes (PostgresStore) leaves out a device
+        that has one dispatched by anyone (cheaply: it is busy elsewhere, and its run's
+        end wakes this process through the store's signals), the in-process stores
+        need not check."""
 
     async def claim_many(
         self, keys: Sequence[RunKey], now: datetime
@@ -163,7 +171,11 @@ class Store(Protocol):
         raises ``NotFound``. A device has one command at a time: the loop never asks for
         a run of a device that has one dispatched, and a store shared by several
         processes (PostgresStore) leaves such a run out too, whoever dispatched the
-        other one (the in-process stores need not check)."""
+        other one (the in-process stores need not check). Likewise rollout limits: the
+        loop holds its own claims to them; a shared store also leaves out runs beyond
+        their task's ``max_concurrent`` (runs dispatched now) or ``per_minute`` (starts
+        in the last minute: runs dispatched, and the attempt history), counted over
+        every runner."""
 
     async def finish(
         self,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
@@ -16,6 +17,7 @@ from ._loop import LoopSettings, Reconciler
 from ._protocols import Executor, Store
 from ._types import (
     RETRYABLE_STATES,
+    VERSION,
     Attempt,
     Device,
     Page,
@@ -26,10 +28,17 @@ from ._types import (
     TaskSummary,
     utcnow,
 )
-from .errors import IllegalTransition, NotFound, ValidationError
+from .errors import GhostRunnerError, IllegalTransition, NotFound, ValidationError
 from .events import Event
+from .runners import Leases, LeaseState, RunnerInfo, RunnerStatus, Signal, Signals
 
 __all__ = ["FlushResult", "GhostRunner"]
+
+log = logging.getLogger("ghostrunner")
+
+#: With a store shared by several runners, :meth:`GhostRunner.wait` looks at least this
+#: often (seconds): another runner may be the one recording the runs waited for.
+_SHARED_RECHECK = 1.0
 
 
 @attrs.frozen(kw_only=True)
@@ -58,6 +67,8 @@ class GhostRunner:
         clock: returns the current aware datetime; tests pass a fake one.
         background: run the loop in the background (default). With False nothing runs
             by itself: tests call :meth:`run_until_idle`.
+        name: what this runner is called among several sharing one store (default
+            ``host:pid``; see :mod:`ghostrunner.runners`).
     """
 
     def __init__(
@@ -68,6 +79,7 @@ class GhostRunner:
         settings: LoopSettings | None = None,
         clock: Callable[[], datetime] = utcnow,
         background: bool = True,
+        name: str | None = None,
     ) -> None:
         self.store = store
         self.executor = executor
@@ -76,8 +88,10 @@ class GhostRunner:
         self.background = background
         self._changed = asyncio.Event()
         self._feed = EventFeed(store, poll_interval=self.settings.events_poll)
+        info = RunnerInfo(version=VERSION, started_at=clock(),
+                          **({} if name is None else {"name": name}))
         self.loop = Reconciler(
-            store, executor, self.settings, clock=clock, on_change=self._notify
+            store, executor, self.settings, clock=clock, on_change=self._notify, runner=info
         )
         self._stop = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -111,6 +125,7 @@ class GhostRunner:
                 await self._loop_task
             else:
                 await self.loop.drain()
+                await self.loop.retire()
         finally:
             try:
                 await self.executor.close()
@@ -271,8 +286,9 @@ class GhostRunner:
                 if all(r.terminal for r in runs if node_ids is None or r.node_id in node_ids):
                     return runs
                 # a change notification wakes us; the periodic re-check is a safety net
+                # (and, with a shared store, how another runner's results are seen)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), self.settings.resync_interval)
+                    await asyncio.wait_for(changed.wait(), self._recheck)
 
     async def wait_until(
         self, check: Callable[[], Awaitable[bool]], timeout: float | None = None
@@ -289,7 +305,7 @@ class GhostRunner:
                 if await check():
                     return
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), self.settings.resync_interval)
+                    await asyncio.wait_for(changed.wait(), self._recheck)
 
     async def delete(self, task_id: str) -> bool:
         """Cancel the task's pending runs and remove it. Returns False (and keeps it)
@@ -373,11 +389,55 @@ class GhostRunner:
         """The executor's current view of the devices."""
         return self.executor.devices()
 
+    @property
+    def runner(self) -> RunnerInfo:
+        """This runner: its id (new at every start, and after a lost lease), name,
+        version and start."""
+        return self.loop.runner
+
+    async def runners(self) -> Sequence[RunnerStatus]:
+        """Every runner sharing the store, as the store sees them (alive, expired, and
+        those that ended in the last hour; see :mod:`ghostrunner.runners`). A store
+        kept by one runner (SQLite, memory) has just this one."""
+        if isinstance(self.store, Leases):
+            return await self.store.runners()
+        now = self.clock()
+        info = self.loop.runner
+        return [RunnerStatus(
+            info=info, state=LeaseState.ALIVE, heartbeat_at=now, heartbeat_age=0.0,
+            expires_at=now, runs=len(self.loop.in_flight | self.loop.recovering),
+        )]
+
+    async def signal(self, kind: str, nodes: Collection[str] | None = None) -> None:
+        """Send a signal of ``kind`` to the other processes sharing the store (stores
+        with :class:`~ghostrunner.runners.Signals`; else nothing): they call what they
+        registered with :meth:`on_signal`. Best effort: a signal that cannot be sent is
+        lost (logged), as one can be anyway."""
+        if isinstance(self.store, Signals):
+            try:
+                await self.store.signal(kind, nodes)
+            except GhostRunnerError as exc:
+                log.warning("could not send a %s signal: %s", kind, exc)
+
+    def on_signal(self, kind: str, callback: Callable[[Signal], None]) -> None:
+        """Call ``callback(signal)`` whenever another process sharing the store sends a
+        signal of ``kind`` (stores with :class:`~ghostrunner.runners.Signals`, i.e.
+        PostgreSQL; ``runs`` and ``runners`` are the loop's own)."""
+        self.loop.on_signal(kind, callback)
+
     async def counts(self) -> Mapping[RunState, int]:
         """How many runs are in each state, over all tasks."""
         return await self.store.counts()
 
     # ---------------------------------------------------------------- internals
+
+    @property
+    def _recheck(self) -> float:
+        """Seconds between re-checks of :meth:`wait` with no change seen here: another
+        runner sharing the store records runs this process hears nothing of."""
+        if self.loop.shared:
+            return min(self.settings.resync_interval, _SHARED_RECHECK)
+        return self.settings.resync_interval
 
     def _notify(self) -> None:
         # wake every waiter, then arm a fresh event for the next change

@@ -57,6 +57,9 @@ __all__ = [
 E = TypeVar("E", bound=enum.StrEnum)
 _V = TypeVar("_V")
 
+#: GhostRunner's version (``ghostrunner.__version__``; runners record it).
+VERSION = "0.1.0"
+
 MAX_NAME = 200
 MAX_COMMAND = 64 * 1024
 MAX_TARGETS = 10_000

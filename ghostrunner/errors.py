@@ -10,6 +10,7 @@ so the loop and the HTTP layer only ever reason about this tree::
     │   ├── NotFound             no such task / token
     │   ├── Conflict             a unique name or id is taken
     │   └── IllegalTransition    a run state change the state machine refuses
+    │       └── NotOwner         the run is another runner's now (a lease was lost)
     └── ExecutorError
         ├── NotDelivered         the command certainly did not reach the device:
         │                        retry later, it is not an execution
@@ -26,6 +27,7 @@ __all__ = [
     "IllegalTransition",
     "NotDelivered",
     "NotFound",
+    "NotOwner",
     "OutcomeUnknown",
     "PermanentError",
     "StoreError",
@@ -60,6 +62,12 @@ class Conflict(StoreError):
 
 class IllegalTransition(StoreError):
     """A run state change that the run state machine does not allow."""
+
+
+class NotOwner(IllegalTransition):
+    """The run is dispatched by another runner: this runner's lease ended and a survivor
+    took the run over (see :mod:`ghostrunner.runners`). Nothing was changed; the new
+    owner learns the outcome from the device's journal."""
 
 
 class ExecutorError(GhostRunnerError):

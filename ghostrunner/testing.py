@@ -21,12 +21,20 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from ._fake import FakeExecutor, Handler, ReplyLost
-from ._memory import InMemoryStore
+from ._memory import InMemoryStore, SharedInMemoryStore
 
 if TYPE_CHECKING:
     from ._runner import GhostRunner
 
-__all__ = ["FakeClock", "FakeExecutor", "Handler", "InMemoryStore", "ReplyLost", "crash"]
+__all__ = [
+    "FakeClock",
+    "FakeExecutor",
+    "Handler",
+    "InMemoryStore",
+    "ReplyLost",
+    "SharedInMemoryStore",
+    "crash",
+]
 
 
 async def crash(runner: GhostRunner) -> None:

@@ -14,7 +14,18 @@ from typing import Any
 
 from starlette.responses import Response
 
-from ghostrunner import Attempt, Device, Rollout, Run, RunState, Selector, Task, TaskSummary
+from ghostrunner import (
+    Attempt,
+    Device,
+    GhostRunner,
+    Rollout,
+    Run,
+    RunState,
+    Selector,
+    Task,
+    TaskSummary,
+)
+from ghostrunner.runners import RunnerStatus
 from ghostrunner.tokens import Token
 
 __all__ = [
@@ -24,6 +35,8 @@ __all__ = [
     "render_attempt",
     "render_devices",
     "render_run",
+    "render_runner",
+    "render_runners",
     "render_task",
     "render_task_with_runs",
     "render_token",
@@ -256,3 +269,38 @@ def render_devices(devices: Iterable[Device], *, connected: bool | None) -> dict
         "total_devices": len(online) + len(offline),
         "executor_connected": connected,
     }
+
+
+def render_runner(gr: GhostRunner) -> dict[str, Any]:
+    """``GET /``'s ``runner``: the runner answering, as it knows itself."""
+    info = gr.runner
+    left = gr.loop.lease_left
+    return {
+        "id": info.id,
+        "name": info.name,
+        "version": info.version,
+        "started_at": timestamp(info.started_at),
+        "shared": gr.loop.shared,
+        "fenced": gr.loop.fenced,
+        "lease_left": None if left is None else round(left, 3),
+        "in_flight": len(gr.loop.in_flight | gr.loop.recovering),
+    }
+
+
+def render_runners(statuses: Iterable[RunnerStatus]) -> list[dict[str, Any]]:
+    """``GET /``'s ``runners``: every runner sharing the store, as the store sees it."""
+    return [
+        {
+            "id": s.info.id,
+            "name": s.info.name,
+            "version": s.info.version,
+            "started_at": timestamp(s.info.started_at),
+            "state": s.state.value,
+            "heartbeat_at": timestamp(s.heartbeat_at),
+            "heartbeat_age": round(s.heartbeat_age, 3),
+            "expires_at": timestamp(s.expires_at),
+            "runs": s.runs,
+            "adopted_by": s.adopted_by,
+        }
+        for s in statuses
+    ]

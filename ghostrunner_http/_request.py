@@ -94,6 +94,11 @@ class Authenticator:
                     self._cache[digest] = (token, self._cache[digest][1])
         return token
 
+    def forget_all(self) -> None:
+        """Drop every remembered token (another runner sharing the database deleted
+        one)."""
+        self._cache.clear()
+
     def forget(self, name: str) -> None:
         """Drop what is remembered of the token ``name`` (it was deleted)."""
         for digest, (token, _) in list(self._cache.items()):

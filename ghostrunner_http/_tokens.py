@@ -17,7 +17,12 @@ from typing import Protocol, runtime_checkable
 
 from ghostrunner.tokens import Scope, Token
 
-__all__ = ["TokenStore", "hash_secret", "new_token", "verify_secret"]
+__all__ = ["TOKENS_SIGNAL", "TokenStore", "hash_secret", "new_token", "verify_secret"]
+
+#: The signal (``GhostRunner.signal``) a server sends the others sharing its database
+#: when it deletes a token: they drop the tokens they remember (else a revoked token
+#: would keep working there until their cache expires, 30 s).
+TOKENS_SIGNAL = "tokens"
 
 
 @runtime_checkable

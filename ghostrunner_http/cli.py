@@ -331,14 +331,14 @@ def _segment(text: str) -> str:
     return urllib.parse.quote(text, safe="")
 
 
-def _client(args: argparse.Namespace) -> ApiClient:
+def _client(args: argparse.Namespace, *, need_token: bool = True) -> ApiClient:
     token = args.token or os.environ.get("GHOSTRUNNER_TOKEN")
     if args.token_file:
         try:
             token = Path(args.token_file).read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise ConfigError("token", f"cannot read {args.token_file}: {exc.strerror}") from None
-    if not token:
+    if not token and need_token:
         raise ConfigError("token", "no API token: pass --token-file, or set GHOSTRUNNER_TOKEN")
     return (ApiClient if args.json else _TerminalClient)(
         args.url or os.environ.get("GHOSTRUNNER_URL") or DEFAULT_URL,
@@ -836,6 +836,33 @@ def cmd_devices(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def cmd_runners(args: argparse.Namespace, out: TextIO) -> int:
+    data = _client(args, need_token=False).call("GET", "/")
+    this, runners = data["runner"], data["runners"]
+    if args.json:
+        _json({"runner": this, "runners": runners}, out)
+    else:
+        rows = [["", "ID", "NAME", "STATE", "HEARTBEAT", "RUNS", "VERSION", "STARTED"]]
+        for r in runners or []:
+            state = r["state"]
+            if r["adopted_by"]:
+                state += f" (runs taken by {r['adopted_by']})"
+            rows.append(["*" if r["id"] == this["id"] else "", r["id"], r["name"], state,
+                         f"{r['heartbeat_age']:.1f}s ago", str(r["runs"]), r["version"],
+                         r["started_at"]])
+        _table(rows, out)
+        if runners is None:
+            print("note: the server could not read the runners from its database (see its "
+                  "log)", file=sys.stderr)
+        elif not this["shared"]:
+            print("note: this server's database (SQLite) has one runner: this one",
+                  file=sys.stderr)
+        if this["fenced"]:
+            print(f"note: runner {this['id']} ({this['name']}) could not renew its lease: "
+                  f"it sends no command until it can", file=sys.stderr)
+    return EXIT_API if runners is None or this["fenced"] else EXIT_OK
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -1059,6 +1086,16 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--online", action="store_true", help="only online devices")
     group.add_argument("--offline", action="store_true", help="only offline devices")
     p.set_defaults(handler=cmd_devices)
+
+    p = sub.add_parser(
+        "runners", parents=[client], help="the runners sharing the server's database",
+        description="The runners (ghostrunner serve processes) sharing the server's "
+                    "database, as the database sees them: each one's lease (alive, expired, "
+                    "adopted: another runner took over its runs, stopped), its last "
+                    "heartbeat and the runs it has in flight; * marks the server asked. "
+                    "Needs no token. Exit status 0, or 3 if the server cannot read them or "
+                    "could not renew its own lease (it sends nothing meanwhile).")
+    p.set_defaults(handler=cmd_runners)
 
     add_lab_parser(sub)
     add_db_parser(sub)

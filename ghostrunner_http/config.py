@@ -139,7 +139,12 @@ class Settings:
         meshcentral_ignore_ssl: accept a self-signed MeshCentral certificate.
         meshcentral_group_id: only manage the devices of this group (``mesh//...``).
         fake_devices: the ``fake`` executor's devices.
-        loop: tuning of the reconcile loop (:class:`ghostrunner.LoopSettings`).
+        loop: tuning of the reconcile loop (:class:`ghostrunner.LoopSettings`), its
+            runner lease included (``[runner]`` ``lease``, ``heartbeat``,
+            ``adopt_grace``: used on PostgreSQL, where several runners may share one
+            database).
+        runner_name: what this server is called among the runners sharing its database
+            (``GET /``, ``ghostrunner runners``); default ``host:pid``.
         audit_retention_days: audit log entries older than this are pruned (at start,
             then every 6 hours).
         max_streams: event streams (``GET /events``, the console's live updates) open
@@ -186,6 +191,7 @@ class Settings:
         FakeDevice(nodeid=n, name=n) for n in DEFAULT_FAKE_DEVICES
     )
     loop: LoopSettings = attrs.field(factory=LoopSettings)
+    runner_name: str | None = None
     audit_retention_days: int = 90
     max_streams: int = 100
     stream_heartbeat: float = 15.0
@@ -221,6 +227,8 @@ class Settings:
                 raise ConfigError(key, "must be a number of seconds > 0 and <= 3600")
         if not 1 <= self.max_connections <= 1_000_000:
             raise ConfigError("server.max_connections", "must be between 1 and 1000000")
+        if self.runner_name is not None and not 0 < len(self.runner_name.strip()) <= 200:
+            raise ConfigError("runner.name", "must be 1 to 200 characters")
         if not 1 <= self.audit_retention_days <= 100_000:
             raise ConfigError("audit.retention_days", "must be between 1 and 100000")
         if not 1 <= self.max_streams <= 100_000:
@@ -500,6 +508,7 @@ _KEYS: dict[str, tuple[str, _Parser]] = {
     "server.stream_heartbeat": ("stream_heartbeat", _float),
     "server.stream_send_timeout": ("stream_send_timeout", _float),
     "events.retention_days": ("events_retention_days", _float),
+    "runner.name": ("runner_name", _opt_str),
 }
 _SECRET_FILES: dict[str, str] = {
     "admin_token_file": "admin_token",
@@ -514,6 +523,10 @@ _LOOP_KEYS: dict[str, _Parser] = {
     "loop.shutdown_grace": _float,
     "loop.output_limit": _int,
     "loop.events_poll": _float,
+    # the runner's lease (LoopSettings' too, in a section of their own)
+    "runner.lease": _float,
+    "runner.heartbeat": _float,
+    "runner.adopt_grace": _float,
 }
 
 #: ``[webhook_delivery]`` keys: DeliveryPolicy fields
@@ -686,6 +699,15 @@ def load_settings(
     for key in ("resync_interval", "retry_base", "retry_cap", "events_poll"):
         if key in loop and not loop[key] > 0:
             raise ConfigError(f"loop.{key}", "must be > 0")
+    for key in ("lease", "heartbeat"):
+        if key in loop and not 0 < loop[key] <= 3600:
+            raise ConfigError(f"runner.{key}", "must be a number of seconds > 0 and <= 3600")
+    if "adopt_grace" in loop and not 0 <= loop["adopt_grace"] <= 3600:
+        raise ConfigError("runner.adopt_grace", "must be a number of seconds >= 0 and <= 3600")
+    lease = float(loop.get("lease", LoopSettings().lease))
+    if "heartbeat" in loop and loop["heartbeat"] > lease / 2:
+        raise ConfigError("runner.heartbeat", f"must be at most half of runner.lease "
+                          f"({lease:g} s): a renewal may fail once without fencing the runner")
     if loop.get("output_limit", 2) < 2:
         raise ConfigError("loop.output_limit", "must be at least 2")
     retry = {part: loop.pop(f"retry_{part}") for part in ("base", "cap") if f"retry_{part}" in loop}

@@ -564,8 +564,61 @@ SCHEMAS: dict[str, Schema] = {
                 "description": "Where the tasks are kept.",
             },
             "openapi": {"type": "string"},
+            "runner": _ref("ThisRunner"),
+            "runners": _nullable({
+                "type": "array", "items": _ref("Runner"),
+                "description": "Every runner sharing the store, as the store sees it "
+                               "(oldest start first; those that ended in the last hour "
+                               "too). One (this one) for a store kept by one runner "
+                               "(SQLite). null: the store could not answer within 2 s.",
+            }),
         },
-        ["name", "version", "executor", "executor_connected", "store", "openapi"],
+        ["name", "version", "executor", "executor_connected", "store", "openapi", "runner",
+         "runners"],
+    ),
+    "ThisRunner": _obj(
+        {
+            "id": {"type": "string", "description": "New at every start (and after a "
+                   "lost lease)."},
+            "name": {"type": "string", "description": "runner.name, else host:pid."},
+            "version": {"type": "string"},
+            "started_at": {"type": "string", "format": "date-time"},
+            "shared": {"type": "boolean", "description": "Whether the store keeps runner "
+                       "leases (PostgreSQL: several runners may share it)."},
+            "fenced": {"type": "boolean", "description": "This runner could not renew "
+                       "its lease in time and sends no command until it can."},
+            "lease_left": _nullable({"type": "number", "minimum": 0,
+                                     "description": "Seconds its lease surely holds "
+                                                    "(null: no leases)."}),
+            "in_flight": {"type": "integer", "minimum": 0, "description": "Runs it has "
+                          "dispatched (in flight, or asking their device)."},
+        },
+        ["id", "name", "version", "started_at", "shared", "fenced", "lease_left",
+         "in_flight"],
+        description="The runner answering, as it knows itself.",
+    ),
+    "Runner": _obj(
+        {
+            "id": {"type": "string"},
+            "name": {"type": "string"},
+            "version": {"type": "string"},
+            "started_at": {"type": "string", "format": "date-time"},
+            "state": {"type": "string", "enum": ["alive", "expired", "adopted", "stopped"],
+                      "description": "alive: renewed in time; expired: past its lease, "
+                      "not taken over yet; adopted: another runner took over its runs; "
+                      "stopped: stopped gracefully."},
+            "heartbeat_at": {"type": "string", "format": "date-time"},
+            "heartbeat_age": {"type": "number", "minimum": 0, "description": "Seconds "
+                              "since its last renewal, by the database's clock."},
+            "expires_at": {"type": "string", "format": "date-time"},
+            "runs": {"type": "integer", "minimum": 0, "description": "Runs it has "
+                     "dispatched now."},
+            "adopted_by": _nullable({"type": "string", "description": "The runner that "
+                                     "took over its runs."}),
+        },
+        ["id", "name", "version", "started_at", "state", "heartbeat_at", "heartbeat_age",
+         "expires_at", "runs", "adopted_by"],
+        description="A runner sharing the store, as the store sees it.",
     ),
     "ErrorData": _obj(
         {
@@ -671,7 +724,8 @@ def _paths() -> dict[str, Any]:
     return {
         "/": {"get": _op(
             "What this server is", None, _ok(_ref("Info"), "Server information."),
-            description="Needs no token.", tag="server")},
+            description="Needs no token. Also the runners sharing its database (their "
+                        "names are host:pid unless runner.name is set).", tag="server")},
         "/openapi.json": {"get": {
             "summary": "This document", "tags": ["server"], "security": [],
             "description": "The OpenAPI document itself, not wrapped in the envelope.",

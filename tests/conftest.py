@@ -70,6 +70,19 @@ def postgres() -> Iterator[PgServer]:
 
 
 @pytest.fixture
+def own_postgres() -> Iterator[PgServer]:
+    """A PostgreSQL of the test's own, which it may stop and start again (a database
+    restart) without disturbing the session's."""
+    from tests.pg import PgServer
+
+    server = PgServer()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
 def figures(request: pytest.FixtureRequest) -> _Bound:
     """Record a measured figure: ``figures.add(name, value, unit)``."""
     return _Bound(request.node.nodeid)

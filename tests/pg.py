@@ -80,6 +80,20 @@ class PgServer:
         with self.admin() as conn:
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
+    def stop_server(self) -> None:
+        """Stop PostgreSQL now (``pg_ctl stop -m fast``: every connection is cut), keeping
+        its data: :meth:`start_server` brings it back on the same socket."""
+        from pgserver._commands import pg_ctl  # type: ignore[attr-defined]
+
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self._server.pgdata,
+               user=self._server.system_user, timeout=60)
+
+    def start_server(self) -> None:
+        with self._server._lock:
+            self._server.ensure_postgres_running()
+        self.pid = self._server.get_pid()
+        assert self._server.get_uri() == self.uri
+
     def stop(self) -> None:
         """Stop the server (pg_ctl stop) and delete its files."""
         try:

@@ -45,6 +45,7 @@ PUBLIC_MODULES = [
     "ghostrunner.errors",
     "ghostrunner.events",
     "ghostrunner.tokens",
+    "ghostrunner.runners",
     "ghostrunner.testing",
     "ghostrunner.sqlite",
     "ghostrunner.postgres",
@@ -116,7 +117,8 @@ def test_every_public_member_of_testing_is_exported() -> None:
         and getattr(obj, "__module__", "").startswith("ghostrunner")
     }
     assert members - set(ghostrunner.testing.__all__) == set()
-    assert {"FakeClock", "FakeExecutor", "InMemoryStore", "crash"} <= members
+    assert {"FakeClock", "FakeExecutor", "InMemoryStore", "SharedInMemoryStore",
+            "crash"} <= members
 
 
 def test_the_public_api_stays_small() -> None:
@@ -131,6 +133,7 @@ def test_the_public_api_stays_small() -> None:
         "ghostrunner.errors",
         "ghostrunner.events",
         "ghostrunner.tokens",
+        "ghostrunner.runners",
         "ghostrunner.sqlite",
         "ghostrunner.postgres",
         "ghostrunner.meshcentral",

@@ -144,7 +144,9 @@ RETURNING position, node, {RUN_COLS}
 
 #: For each device of the array nodes, its first pending run in submission order that
 #: is available, not expired, and whose task is neither paused nor one of skip: one
-#: index search per device (runs_pending_node), then the run by its primary key.
+#: index search per device (runs_pending_node), then the run by its primary key. A
+#: device with a dispatched run (another runner's: this one does not ask for its own
+#: busy devices) is left out, by one probe of runs_one_dispatched.
 NEXT_PENDING_SQL: Final = f"""
 WITH held AS MATERIALIZED (
     SELECT coalesce(array_agg(seq), '{{}}') AS seqs FROM (
@@ -163,13 +165,14 @@ CROSS JOIN LATERAL (
     ORDER BY p.task_seq LIMIT 1) AS f
 JOIN runs AS r ON r.task_seq = f.task_seq AND r.node = j.node
 JOIN tasks AS t ON t.seq = r.task_seq
+WHERE NOT EXISTS (SELECT 1 FROM runs AS d WHERE d.node = j.node AND d.state = 'dispatched')
 ORDER BY j.ord
 LIMIT %(limit)s
 """
 
 #: Claim the runs of the arrays task_ids/node_ids (no device twice): pending, task not
-#: paused, device without a dispatched run. Rows another transaction holds are
-#: skipped (SKIP LOCKED), not waited for.
+#: paused, device without a dispatched run; runner (NULL: none given) becomes their
+#: owner. Rows another transaction holds are skipped (SKIP LOCKED), not waited for.
 CLAIM_SQL: Final = f"""
 WITH wanted AS (
     SELECT r.task_seq, r.node, k.ord
@@ -184,10 +187,32 @@ WITH wanted AS (
     FOR NO KEY UPDATE OF r SKIP LOCKED
 )
 UPDATE runs AS r SET state = 'dispatched', attempts = r.attempts + 1,
-                     started_at = %(now)s, recovered = false
+                     started_at = %(now)s, recovered = false, runner = %(runner)s
 FROM wanted AS w
 WHERE r.task_seq = w.task_seq AND r.node = w.node
 RETURNING w.ord, r.task_seq, r.node, {R_RUN_COLS}
+"""
+
+#: The rollout limits of the tasks named in the array ids that have some, with their
+#: runs dispatched now; their task_counts rows are locked until the claim commits, so
+#: that claims of one limited task, by any runner, count one after the other.
+LIMITS_SQL: Final = """
+SELECT t.id, t.max_concurrent, t.per_minute, c.dispatched
+FROM tasks AS t JOIN task_counts AS c ON c.task_seq = t.seq
+WHERE t.id = ANY(%(ids)s::text[])
+  AND (t.max_concurrent IS NOT NULL OR t.per_minute IS NOT NULL)
+ORDER BY t.seq
+FOR NO KEY UPDATE OF c
+"""
+
+#: The starts after since of the runs of the tasks of the array ids (in flight, and
+#: in the attempt history): their rate windows.
+TASK_STARTS_SQL: Final = """
+SELECT t.id, r.started_at FROM tasks AS t JOIN runs AS r ON r.task_seq = t.seq
+WHERE t.id = ANY(%(ids)s::text[]) AND r.state = 'dispatched' AND r.started_at > %(since)s
+UNION ALL
+SELECT t.id, a.started_at FROM tasks AS t JOIN attempts AS a ON a.task_seq = t.seq
+WHERE t.id = ANY(%(ids)s::text[]) AND a.started_at > %(since)s
 """
 
 #: The keys of the arrays task_ids/node_ids that name no run (their ordinal).
@@ -427,3 +452,81 @@ def token(row: Sequence[Any]) -> Token:
         last_used=row[4],
         builtin=row[5],
     )
+
+
+# --------------------------------------------------------------------------- runners
+# Times are the database server's (clock_timestamp()): runners on several hosts agree
+# on who is dead whatever their own clocks say.
+
+#: The channel of NOTIFY/LISTEN (see PostgresStore.signal).
+CHANNEL: Final = "ghostrunner"
+
+REGISTER_SQL: Final = """
+INSERT INTO runners(id, name, version, started_at, heartbeat_at, expires_at)
+VALUES (%(id)s, %(name)s, %(version)s, %(started_at)s, clock_timestamp(),
+        clock_timestamp() + make_interval(secs => %(lease)s))
+"""
+
+#: Renew the lease of runner id (not adopted, not stopped); the other live runners.
+RENEW_SQL: Final = """
+WITH renewed AS (
+    UPDATE runners SET heartbeat_at = clock_timestamp(),
+                       expires_at = clock_timestamp() + make_interval(secs => %(lease)s)
+    WHERE id = %(id)s AND ended_at IS NULL AND NOT stopped
+    RETURNING id
+)
+SELECT (SELECT count(*) FROM renewed),
+       (SELECT count(*) FROM runners WHERE ended_at IS NULL AND NOT stopped
+            AND expires_at > clock_timestamp() AND id <> %(id)s)
+"""
+
+#: Declare dead the runners whose lease ended more than grace seconds ago, and those
+#: stopped. A row locked by a concurrent adoption (or renewal) is waited for and checked
+#: again (READ COMMITTED), so each runner is declared dead once, by one adopter.
+BURY_SQL: Final = """
+UPDATE runners SET ended_at = clock_timestamp(), adopted_by = %(id)s
+WHERE ended_at IS NULL AND id <> %(id)s
+  AND (stopped OR expires_at < clock_timestamp() - make_interval(secs => %(grace)s))
+RETURNING id
+"""
+
+#: Make runner id the owner of every dispatched run whose owner ended (the ones just
+#: buried, and any a dead runner claimed too late) or that has none (dispatched before
+#: runners were recorded). Row locks and the re-check make each run adopted once.
+ADOPT_SQL: Final = f"""
+UPDATE runs AS r SET runner = %(id)s
+FROM tasks AS t
+WHERE t.seq = r.task_seq AND r.state = 'dispatched'
+  AND (r.runner IS NULL
+       OR r.runner IN (SELECT x.id FROM runners AS x WHERE x.ended_at IS NOT NULL))
+RETURNING t.id, r.node, {R_RUN_COLS}
+"""
+
+#: When to look for dead runners again: seconds until the first other live lease ends
+#: (plus the grace), and how many other runners are alive.
+NEXT_EXPIRY_SQL: Final = """
+SELECT extract(epoch FROM min(expires_at) - clock_timestamp()) + %(grace)s,
+       count(*) FILTER (WHERE expires_at > clock_timestamp())
+FROM runners WHERE ended_at IS NULL AND NOT stopped AND id <> %(id)s
+"""
+
+RETIRE_SQL: Final = """
+UPDATE runners SET stopped = true, expires_at = clock_timestamp() WHERE id = %(id)s
+"""
+
+#: Runners that ended (adopted, or stopped with nothing left to adopt) long ago.
+PRUNE_RUNNERS_SQL: Final = """
+DELETE FROM runners WHERE ended_at < clock_timestamp() - interval '7 days'
+"""
+
+RUNNERS_SQL: Final = """
+SELECT x.id, x.name, x.version, x.started_at, x.heartbeat_at, x.expires_at, x.stopped,
+       x.adopted_by, extract(epoch FROM clock_timestamp() - x.heartbeat_at),
+       x.expires_at > clock_timestamp(), coalesce(d.n, 0)
+FROM runners AS x
+LEFT JOIN (SELECT runner, count(*) AS n FROM runs WHERE state = 'dispatched'
+           GROUP BY runner) AS d ON d.runner = x.id
+WHERE x.ended_at IS NULL OR x.ended_at > clock_timestamp() - interval '1 hour'
+   OR d.n > 0
+ORDER BY x.started_at, x.id
+"""

@@ -286,13 +286,38 @@ _V4: Final = (
     "CREATE INDEX webhook_deliveries_event ON webhook_deliveries(event_id)",
 )
 
+#: Version 5: several runners on one database (:mod:`ghostrunner.runners`). ``runners``:
+#: one row per runner start, its lease (``expires_at``, by the database's clock) renewed
+#: by heartbeats; ``ended_at`` and ``adopted_by`` once a survivor took over its runs,
+#: ``stopped`` if it stopped gracefully. ``runs.runner``: the runner that dispatched
+#: the run last (finish and release are conditional on it while it is dispatched);
+#: NULL for runs dispatched before this version (adopted by the first runner to start).
+_V5: Final = (
+    """
+    CREATE TABLE runners (
+        id           text PRIMARY KEY,
+        name         text NOT NULL,
+        version      text NOT NULL,
+        started_at   timestamptz NOT NULL,
+        heartbeat_at timestamptz NOT NULL,
+        expires_at   timestamptz NOT NULL,
+        stopped      boolean NOT NULL DEFAULT false,
+        ended_at     timestamptz,
+        adopted_by   text
+    )""",
+    "CREATE INDEX runners_live ON runners(expires_at) WHERE ended_at IS NULL",
+    "ALTER TABLE runs ADD COLUMN runner text",
+    "CREATE INDEX runs_dispatched_runner ON runs(runner) WHERE state = 'dispatched'",
+)
+
+
 #: ``MIGRATIONS[n]`` brings a database from schema version n to n + 1. Append only.
-MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4)
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4, _V5)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 #: GhostRunner's tables: a database that has one of them but no version is not ours.
 _TABLES: Final = ("tasks", "runs", "attempts", "task_counts", "tokens", "audit", "events",
-                  "webhook_cursors", "webhook_deliveries")
+                  "webhook_cursors", "webhook_deliveries", "runners")
 
 
 async def schema_version(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> int:

@@ -6,10 +6,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
+import secrets
 from collections import OrderedDict
 from collections.abc import (
+    AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
     Awaitable,
@@ -29,12 +33,14 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .. import events as ev
+from .._planner import RATE_WINDOW, rollout_budget
 from .._types import (
     TERMINAL_STATES,
     TRANSITIONS,
     Attempt,
     Outcome,
     Page,
+    Rollout,
     Run,
     RunKey,
     RunState,
@@ -50,8 +56,17 @@ from ..errors import (
     GhostRunnerError,
     IllegalTransition,
     NotFound,
+    NotOwner,
     StoreError,
     ValidationError,
+)
+from ..runners import (
+    Adoption,
+    LeaseState,
+    Renewal,
+    RunnerInfo,
+    RunnerStatus,
+    Signal,
 )
 from ..tokens import Token
 from ..webhooks import (
@@ -78,6 +93,10 @@ _FINISHED_STATES: Final = TRANSITIONS[RunState.DISPATCHED] & TERMINAL_STATES
 _TRIES: Final = 5
 #: Tasks claim_many keeps (see PostgresStore._tasks).
 _TASK_CACHE: Final = 1024
+#: Tasks whose having rollout limits claim_many remembers (see _within_limits).
+_LIMITED_CACHE: Final = 100_000
+#: Seconds the pool keeps one chain of reconnection attempts going (see open()).
+_RECONNECT_CHAIN: Final = 2.0
 
 
 def redact(dsn: str) -> str:
@@ -105,6 +124,8 @@ class PostgresStore:
         max_size: connections the pool may open under load.
         timeout: seconds a verb waits for a pooled connection before ``StoreError``.
         connect_timeout: seconds :meth:`open` waits for the first connections.
+        listen_check: seconds between checks that the connection listening for other
+            runners' signals still works (see :meth:`signals`).
     """
 
     def __init__(
@@ -115,6 +136,7 @@ class PostgresStore:
         max_size: int = 10,
         timeout: float = 30.0,
         connect_timeout: float = 30.0,
+        listen_check: float = 5.0,
     ) -> None:
         if not 0 <= min_size <= max_size or max_size < 1:
             raise ValueError("need 0 <= min_size <= max_size and max_size >= 1")
@@ -124,7 +146,13 @@ class PostgresStore:
         self.max_size = max_size
         self.timeout = timeout
         self.connect_timeout = connect_timeout
+        self.listen_check = listen_check
         self._pool: AsyncConnectionPool[Conn] | None = None
+        # signals: this store's tag (its own NOTIFYs are not for it), and how many other
+        # runners were alive at the last renewal (None: not known, so notify)
+        self._tag = secrets.token_hex(6)
+        self._peers: int | None = None
+        self._limited: OrderedDict[str, bool] = OrderedDict()  # task id -> has limits
         # Task values by seq, for claim_many: a task's row never changes, and a seq is
         # never reused, so they never go stale (a task of 10,000 targets takes ~10 ms
         # to read and build)
@@ -152,6 +180,10 @@ class PostgresStore:
             open=False,
             configure=_configure,
             name="ghostrunner",
+            # while the server is away, give up a chain of reconnection attempts soon
+            # (its delays double: 1, 2, 4 s...): the next request starts a new chain at
+            # once, so the pool is back within a second or so of the server
+            reconnect_timeout=_RECONNECT_CHAIN,
         )
         try:
             await pool.open(wait=True, timeout=self.connect_timeout)
@@ -213,6 +245,7 @@ class PostgresStore:
             await conn.execute(q.ADD_COUNTS_SQL, params)
             if params["n"]:
                 await conn.execute(q.ADD_RUNS_OF_NEW_TASK_SQL, params)
+                await self._notify(conn, "runs", params["nodes"])
             await _emit(conn, now, [(ev.TASK_CREATED, task.id, None,
                                      ev.created_data(task.name, params["nodes"]))])
 
@@ -287,30 +320,41 @@ class PostgresStore:
         return await self._tx(op)
 
     async def claim_many(
-        self, keys: Sequence[RunKey], now: datetime
+        self, keys: Sequence[RunKey], now: datetime, *, runner: str | None = None
     ) -> Sequence[tuple[Run, Task]]:
         if not keys:
             return []
         stamp = q.ts(now)
-        # a device at most once per statement (the index allows it one dispatched run):
-        # a later key of a device already named goes in a later round, which finds the
-        # device busy if the earlier one was claimed
-        rounds: list[list[tuple[int, RunKey]]] = []
-        depth: dict[str, int] = {}
-        for i, key in enumerate(keys):
-            level = depth.get(key.node_id, 0)
-            depth[key.node_id] = level + 1
-            if level == len(rounds):
-                rounds.append([])
-            rounds[level].append((i, key))
 
         async def op(conn: Conn) -> list[tuple[Run, Task]]:
+            wanted = await _within_limits(conn, keys, stamp, self._limited)
+            if len(wanted) < len(keys):  # held back by their limits: but do they exist?
+                kept = {i for i, _ in wanted}
+                dropped = [k for i, k in enumerate(keys) if i not in kept]
+                cur = await conn.execute(q.MISSING_SQL, {
+                    "task_ids": [k.task_id for k in dropped],
+                    "node_ids": [k.node_id for k in dropped]})
+                missing = await cur.fetchone()
+                if missing is not None:
+                    raise NotFound(f"no run {dropped[missing[0] - 1]}")
+            # a device at most once per statement (the index allows it one dispatched
+            # run): a later key of a device already named goes in a later round, which
+            # finds the device busy if the earlier one was claimed
+            rounds: list[list[tuple[int, RunKey]]] = []
+            depth: dict[str, int] = {}
+            for i, key in wanted:
+                level = depth.get(key.node_id, 0)
+                depth[key.node_id] = level + 1
+                if level == len(rounds):
+                    rounds.append([])
+                rounds[level].append((i, key))
             claimed: list[tuple[int, int, Run]] = []
             for part in rounds:
                 params = {
                     "task_ids": [k.task_id for _, k in part],
                     "node_ids": [k.node_id for _, k in part],
                     "now": stamp,
+                    "runner": runner,
                 }
                 try:
                     async with conn.transaction():  # a savepoint
@@ -352,6 +396,7 @@ class PostgresStore:
         *,
         outcome: Outcome | None = None,
         error: str | None = None,
+        runner: str | None = None,
     ) -> Run:
         if state not in TERMINAL_STATES:
             raise IllegalTransition(f"finish needs a terminal state, not {state}")
@@ -385,8 +430,9 @@ class PostgresStore:
                   "when": params["state"]}
 
         async def op(conn: Conn) -> Run:
-            run = await _update_dispatched(conn, key, assignments, params)
+            run = await _update_dispatched(conn, key, assignments, params, runner)
             await conn.execute(q.RECORD_ATTEMPT_SQL, record)
+            await self._notify(conn, "runs", [key.node_id], if_pending=True)
             await _emit(conn, now, [(ev.RUN_FINISHED, key.task_id, key.node_id,
                                      ev.run_data(run))])
             return run
@@ -401,6 +447,7 @@ class PostgresStore:
         available_at: datetime,
         error: str,
         delivered: bool,
+        runner: str | None = None,
     ) -> Run:
         assignments = (
             "state = 'pending', available_at = %(available)s, error = %(error)s, "
@@ -414,9 +461,11 @@ class PostgresStore:
                 "error": q.text(error), "when": RunState.DISPATCHED.value}
 
         async def op(conn: Conn) -> Run:
+            if runner is not None:
+                await _check_owner(conn, key, runner)
             if delivered:  # the attempt sent again goes to the history first
                 await conn.execute(q.RECORD_ATTEMPT_SQL, lost)
-            run = await _update_dispatched(conn, key, assignments, params)
+            run = await _update_dispatched(conn, key, assignments, params, runner)
             # a run of a task aborted while it was out goes no further
             cur = await conn.execute(
                 "UPDATE runs AS r SET state = 'cancelled', finished_at = %(now)s, "
@@ -426,7 +475,9 @@ class PostgresStore:
                 {**_key_params(key), "now": stamp},
             )
             row = await cur.fetchone()
-            if row is not None:
+            if row is None:
+                await self._notify(conn, "runs", [key.node_id], if_pending=True)
+            else:
                 run = q.run(key.task_id, key.node_id, row)
             await _emit(conn, stamp, [(ev.RUN_RELEASED, key.task_id, key.node_id,
                                        ev.released_data(run, delivered))])
@@ -485,6 +536,7 @@ class PostgresStore:
                     "UPDATE task_counts SET total = total + %(n)s, pending = pending + %(n)s "
                     "WHERE task_seq = %(seq)s", {"n": len(rows), "seq": row[0]},
                 )
+                await self._notify(conn, "runs", [r[1] for r in rows])
             rows.sort(key=lambda r: int(r[0]))
             runs = [q.run(task_id, r[1], r[2:]) for r in rows]
             if runs:
@@ -501,6 +553,8 @@ class PostgresStore:
                 "UPDATE task_counts SET paused = %s WHERE task_seq = %s AND paused <> %s",
                 (paused, seq, paused))
             summary = await _summary(conn, task_id)
+            if not paused:
+                await self._notify(conn, "runs", None)
             if cur.rowcount:
                 await _emit(conn, utcnow(), [
                     (ev.TASK_PAUSED if paused else ev.TASK_RESUMED, task_id, None, {})])
@@ -550,6 +604,8 @@ class PostgresStore:
                 "output_truncated = false, error = NULL, recovered = false",
                 "state = ANY(%(states)s::text[])", params,
             )
+            if runs:
+                await self._notify(conn, "runs", [r.node_id for r in runs])
             if runs or reopened:
                 await _emit(conn, now, [(ev.RUNS_RETRIED, task_id, None,
                                          ev.retried_data(runs, wanted))])
@@ -658,6 +714,139 @@ class PostgresStore:
             return (await conn.execute(q.PRUNE_EVENTS_SQL, params)).rowcount
 
         return await self._tx(op)
+
+
+    # ---------------------------------------------------------------- runners (Leases)
+
+    async def register(self, runner: RunnerInfo, lease: float) -> None:
+        params = {"id": runner.id, "name": q.text(runner.name), "version": runner.version,
+                  "started_at": q.ts(runner.started_at), "lease": float(lease)}
+
+        async def op(conn: Conn) -> None:
+            await conn.execute(q.REGISTER_SQL, params)
+            await self._notify(conn, "runners", None, always=True)
+
+        await self._tx(op)
+
+    async def renew(self, runner_id: str, lease: float) -> Renewal:
+        params = {"id": runner_id, "lease": float(lease)}
+
+        async def op(conn: Conn) -> Renewal:
+            row = await (await conn.execute(q.RENEW_SQL, params)).fetchone()
+            assert row is not None
+            return Renewal(held=bool(row[0]), peers=int(row[1]))
+
+        renewal = await self._tx(op)
+        self._peers = renewal.peers
+        return renewal
+
+    async def adopt(self, runner_id: str, grace: float) -> Adoption:
+        params = {"id": runner_id, "grace": max(0.0, float(grace))}
+
+        async def op(conn: Conn) -> Adoption:
+            dead = [row[0] for row in await (await conn.execute(q.BURY_SQL, params)).fetchall()]
+            rows = await (await conn.execute(q.ADOPT_SQL, params)).fetchall()
+            row = await (await conn.execute(q.NEXT_EXPIRY_SQL, params)).fetchone()
+            assert row is not None
+            if dead:
+                await conn.execute(q.PRUNE_RUNNERS_SQL)
+            runs = sorted((q.run(r[0], r[1], r[2:]) for r in rows),
+                          key=lambda run: (run.started_at or run.queued_at, run.node_id))
+            return Adoption(
+                runs=runs, runners=dead,
+                next_in=None if row[0] is None else max(0.0, float(row[0])),
+                peers=int(row[1]),
+            )
+
+        adoption = await self._tx(op)
+        self._peers = adoption.peers
+        return adoption
+
+    async def retire(self, runner_id: str) -> None:
+        async def op(conn: Conn) -> None:
+            await conn.execute(q.RETIRE_SQL, {"id": runner_id})
+            await self._notify(conn, "runners", None, always=True)
+
+        await self._tx(op)
+
+    async def runners(self) -> Sequence[RunnerStatus]:
+        async def op(conn: Conn) -> list[RunnerStatus]:
+            rows = await (await conn.execute(q.RUNNERS_SQL)).fetchall()
+            return [_runner_status(row) for row in rows]
+
+        return await self._tx(op)
+
+    # ---------------------------------------------------------------- signals (Signals)
+
+    async def signal(self, kind: str, nodes: Collection[str] | None = None) -> None:
+        async def op(conn: Conn) -> None:
+            await self._notify(conn, kind, nodes, always=True)
+
+        await self._tx(op)
+
+    async def _notify(
+        self, conn: Conn, kind: str, nodes: Collection[str] | None, *,
+        if_pending: bool = False, always: bool = False,
+    ) -> None:
+        """NOTIFY the other processes, in the caller's transaction (delivered at its
+        commit, not at all if it rolls back). Skipped while this store's last renewal or
+        adoption saw no other live runner (a new one announces itself: ``runners``),
+        unless ``always``. ``if_pending``: only if one of ``nodes`` has a pending run
+        (a device freed with nothing more to do wakes nobody)."""
+        if self._peers == 0 and not always:
+            return
+        payload = _payload(self._tag, kind, nodes)
+        if if_pending and nodes:
+            await conn.execute(
+                "SELECT pg_notify(%s, %s) WHERE EXISTS (SELECT 1 FROM runs WHERE node = "
+                "ANY(%s::text[]) AND state = 'pending')", (q.CHANNEL, payload, list(nodes)))
+        else:
+            await conn.execute("SELECT pg_notify(%s, %s)", (q.CHANNEL, payload))
+
+    async def signals(self) -> AsyncGenerator[Signal, None]:
+        """The other processes' signals (see :class:`~ghostrunner.runners.Signals`):
+        one connection of its own (not the pool's) that LISTENs, checked every
+        ``listen_check`` seconds and opened again with backoff when it breaks (a
+        database restart); each (re)connection first yields ``Signal("runs")``."""
+        delay = 0.5
+        while self._pool is not None:
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    self._dsn, autocommit=True,
+                    connect_timeout=max(1, int(min(self.connect_timeout, 10))),
+                    keepalives=1, keepalives_idle=5, keepalives_interval=2,
+                    keepalives_count=3,
+                )
+            except psycopg.Error as exc:
+                log.warning("listening for other runners: cannot connect to %s (%s); "
+                            "retrying in %.1fs", self.dsn, _first_line(exc), delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            try:
+                await conn.execute(f"LISTEN {q.CHANNEL}")
+                if delay > 0.5:
+                    log.info("listening for other runners again on %s", self.dsn)
+                delay = 0.5
+                self._peers = None  # who is there now is not known
+                yield Signal(kind="runs")  # anything may have been missed meanwhile
+                while self._pool is not None:
+                    async for note in conn.notifies(timeout=self.listen_check):
+                        signal = _parse_payload(note.payload, self._tag)
+                        if signal is not None:
+                            if signal.kind == "runners":
+                                self._peers = None
+                            yield signal
+                    async with asyncio.timeout(self.listen_check):
+                        await conn.execute("SELECT 1")  # still connected?
+            except (psycopg.Error, TimeoutError) as exc:
+                log.warning("listening for other runners: connection to %s lost (%s); "
+                            "reconnecting", self.dsn, _first_line(exc) or "no answer")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await conn.close()
 
     # ---------------------------------------------------------------- tokens
 
@@ -1007,6 +1196,53 @@ class PostgresStore:
 
 # --------------------------------------------------------------------------- helpers
 
+#: Nodes named in a signal; more, and it says "all" (NOTIFY payloads stay small).
+_SIGNAL_NODES: Final = 32
+
+
+def _payload(tag: str, kind: str, nodes: Collection[str] | None) -> str:
+    listed = None if nodes is None or len(nodes) > _SIGNAL_NODES else list(nodes)
+    text = json.dumps({"from": tag, "kind": kind, "nodes": listed}, separators=(",", ":"))
+    if len(text) > 4000:  # long node ids: NOTIFY takes up to 8000 bytes
+        text = json.dumps({"from": tag, "kind": kind, "nodes": None}, separators=(",", ":"))
+    return text
+
+
+def _parse_payload(payload: str, own: str) -> Signal | None:
+    """The signal in ``payload`` (None: this process's own, or not one of ours)."""
+    try:
+        data = json.loads(payload)
+        sender, kind, nodes = data["from"], data["kind"], data["nodes"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    if sender == own or not isinstance(kind, str):
+        return None
+    if nodes is not None:
+        if not isinstance(nodes, list) or not all(isinstance(n, str) for n in nodes):
+            return None
+        nodes = tuple(nodes)
+    return Signal(kind=kind, nodes=nodes)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _runner_status(row: Sequence[Any]) -> RunnerStatus:
+    (rid, name, version, started, heartbeat, expires, stopped, adopted_by, age, alive,
+     runs) = row
+    if stopped:
+        state = LeaseState.STOPPED
+    elif adopted_by is not None:
+        state = LeaseState.ADOPTED
+    else:
+        state = LeaseState.ALIVE if alive else LeaseState.EXPIRED
+    return RunnerStatus(
+        info=RunnerInfo(id=rid, name=name, version=version, started_at=started),
+        state=state, heartbeat_at=heartbeat, heartbeat_age=max(0.0, float(age)),
+        expires_at=expires, runs=int(runs), adopted_by=adopted_by,
+    )
+
 class _Retry(Exception):
     """The transaction lost a race: run it again."""
 
@@ -1061,6 +1297,52 @@ def _key_params(key: RunKey) -> dict[str, Any]:
     return {"task_id": key.task_id, "node_id": key.node_id}
 
 
+async def _within_limits(
+    conn: Conn, keys: Sequence[RunKey], now: datetime, limited: OrderedDict[str, bool],
+) -> list[tuple[int, RunKey]]:
+    """``keys`` (with their index) but those beyond their task's rollout limits, counted
+    over every runner sharing the database: runs dispatched now (``max_concurrent``),
+    starts in the last minute (``per_minute``). The limited tasks' counts stay locked
+    until the claim commits: two runners claiming runs of one task count one after the
+    other. (A runner holds its own claims to the limits too; this makes them hold for
+    all runners together.) ``limited``: task id -> whether it has limits, as learnt (a
+    task's limits never change): a claim of tasks known to have none costs nothing."""
+    indexed = list(enumerate(keys))
+    ids = [i for i in dict.fromkeys(k.task_id for k in keys) if limited.get(i, True)]
+    if not ids:
+        return indexed
+    limits = await (await conn.execute(q.LIMITS_SQL, {"ids": ids})).fetchall()
+    found = {row[0] for row in limits}
+    for task_id in ids:
+        limited[task_id] = task_id in found
+        limited.move_to_end(task_id)
+    while len(limited) > _LIMITED_CACHE:
+        limited.popitem(last=False)
+    if not limits:
+        return indexed
+    rated = [row[0] for row in limits if row[2] is not None]
+    starts: dict[str, list[datetime]] = {}
+    if rated:
+        cur = await conn.execute(q.TASK_STARTS_SQL, {"ids": rated, "since": now - RATE_WINDOW})
+        for task_id, started in await cur.fetchall():
+            starts.setdefault(task_id, []).append(started)
+    room: dict[str, int] = {}
+    for task_id, max_concurrent, per_minute, dispatched in limits:
+        budget, _ = rollout_budget(
+            Rollout(max_concurrent=max_concurrent, per_minute=per_minute),
+            in_flight=dispatched, starts=starts.get(task_id, ()), now=now)
+        room[task_id] = budget if budget is not None else len(keys)
+    out = []
+    for i, key in indexed:
+        left = room.get(key.task_id)
+        if left is None:
+            out.append((i, key))
+        elif left > 0:
+            room[key.task_id] = left - 1
+            out.append((i, key))
+    return out
+
+
 async def _task_seq(conn: Conn, task_id: str, *, lock: bool) -> int:
     """The task's seq; ``lock``: its row is held until the transaction ends (the verbs
     that change a task as a whole, one at a time)."""
@@ -1100,16 +1382,21 @@ async def _update_runs(
 
 
 async def _update_dispatched(
-    conn: Conn, key: RunKey, assignments: str, params: dict[str, Any]
+    conn: Conn, key: RunKey, assignments: str, params: dict[str, Any],
+    runner: str | None = None,
 ) -> Run:
-    """Apply ``assignments`` to the run ``key`` if it is dispatched, else raise."""
+    """Apply ``assignments`` to the run ``key`` if it is dispatched (by ``runner``, if
+    given), else raise."""
+    owned = "" if runner is None else " AND runner = %(owner)s"
     cur = await conn.execute(
-        f"UPDATE runs SET {assignments} WHERE {q.KEY_WHERE} AND state = 'dispatched' "
-        f"RETURNING {q.RUN_COLS}",
-        {**params, **_key_params(key)},
+        f"UPDATE runs SET {assignments} WHERE {q.KEY_WHERE} AND state = 'dispatched'"
+        f"{owned} RETURNING {q.RUN_COLS}",
+        {**params, **_key_params(key), "owner": runner},
     )
     row = await cur.fetchone()
     if row is None:
+        if runner is not None:
+            await _check_owner(conn, key, runner)
         await _must_exist(conn, key)
         raise IllegalTransition(f"run {key} is not dispatched")
     return q.run(key.task_id, key.node_id, row)
@@ -1133,3 +1420,15 @@ def _storable(text: str | None) -> str | None:
     if text is None:
         return None
     return text.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+
+
+async def _check_owner(conn: Conn, key: RunKey, runner: str) -> None:
+    """Raise NotOwner if the run ``key`` is dispatched by another runner than
+    ``runner`` (locking it until the transaction ends)."""
+    cur = await conn.execute(
+        f"SELECT state, runner FROM runs WHERE {q.KEY_WHERE} FOR NO KEY UPDATE",
+        _key_params(key))
+    row = await cur.fetchone()
+    if row is not None and row[0] == RunState.DISPATCHED.value and row[1] != runner:
+        owner = "no runner" if row[1] is None else f"runner {row[1]}"
+        raise NotOwner(f"run {key} is dispatched by {owner}, not by {runner}")

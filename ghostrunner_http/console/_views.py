@@ -46,7 +46,7 @@ from .._parse import (
     parse_task_query,
 )
 from .._request import Services, read_body, services
-from .._tokens import hash_secret, new_token
+from .._tokens import TOKENS_SIGNAL, hash_secret, new_token
 from .._webhooks import render_delivery, render_webhooks
 from ._sessions import COOKIE, Session, Sessions
 
@@ -800,6 +800,7 @@ async def token_revoke(ctx: Ctx) -> Response:
                             "error")
     await ctx.svc.tokens.delete_token(name)
     ctx.svc.auth.forget(name)
+    await ctx.svc.runner.signal(TOKENS_SIGNAL)  # the other runners forget it too
     ctx.console.sessions.end_token(name)
     log.info("console: token %r revoked by %r", name, ctx.token.name)
     if name == ctx.token.name:

@@ -181,6 +181,9 @@ async def test_next_pending_follows_submission_order_per_device(store: Any) -> N
         ("node//c", t3.id),
     }
     await dispatch(store, t1, "node//a")
+    # (the loop never asks for a device with a run in flight: a store shared by several
+    # processes leaves such a device out, see test_next_pending_leaves_out_busy_devices)
+    await store.finish(RunKey(t1.id, "node//a"), RunState.SUCCEEDED, NOW)
     await store.cancel(t1.id, ["node//b"], now=NOW)
     got = await store.next_pending(["node//a", "node//b"], NOW)
     assert {(r.node_id, r.task_id) for r in got} == {("node//a", t2.id), ("node//b", t3.id)}

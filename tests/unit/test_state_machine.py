@@ -16,6 +16,13 @@ in recovery, and the event log tells the same story as the runs (replayed, its e
 give every run's state and attempts, in increasing ids); and at the end,
 with every device online and healthy, every run reaches a terminal state and every
 device matching a live continuous task has its run.
+
+``TwoRunnersMachine`` runs the same with a second runner sharing the store
+(``SharedInMemoryStore``: leases, owners, rollout limits over both), as two servers
+share a PostgreSQL database: each runner passes, renews its lease, crashes or stops
+when a rule says so; time moving without renewals is a runner cut off from the
+database (fenced; the other adopts its runs after the lease and the grace). See its
+docstring for the guarantees it checks over both runners.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from collections.abc import Coroutine, Iterator
 from datetime import timedelta
 from typing import Any, TypeVar
 
+import attrs
 import pytest
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
@@ -60,7 +68,14 @@ from ghostrunner.errors import (
     PermanentError,
     ValidationError,
 )
-from ghostrunner.testing import FakeClock, FakeExecutor, InMemoryStore, ReplyLost, crash
+from ghostrunner.testing import (
+    FakeClock,
+    FakeExecutor,
+    InMemoryStore,
+    ReplyLost,
+    SharedInMemoryStore,
+    crash,
+)
 
 T = TypeVar("T")
 
@@ -468,7 +483,7 @@ class GhostRunnerMachine(RuleBasedStateMachine):
         ex = self.executor
         # never to an offline device, never two at once on one device
         assert ex.offline_calls == []
-        assert ex.overlaps == []
+        self.check_overlaps()
         # at most once: an attempt that may have run is never sent again (an operator's
         # retry is a new attempt)
         once = Counter(
@@ -533,16 +548,11 @@ class GhostRunnerMachine(RuleBasedStateMachine):
                 assert self.frozen.setdefault(key, run) == run
                 assert run.finished_at is not None
         # one command in flight per device, within the global cap, and every dispatched
-        # run is really in flight in this process or held until its device tells its
-        # outcome (a dead process's runs are recovered); devices held run nothing else
-        loop = self.runner.loop
+        # run is really in flight or held until its device tells its outcome (a dead
+        # process's runs are recovered); devices held run nothing else
         assert len(dispatched) == len(set(dispatched))
-        assert set(dispatched) == set(loop.in_flight | loop.recovering)
-        assert len(loop.in_flight) <= MAX_IN_FLIGHT
-        assert self.peak_busy <= MAX_IN_FLIGHT
         assert ex.busy <= set(dispatched)
-        if loop.recovering:
-            event("a run is held in recovery")
+        self.check_loops(set(dispatched))
         # an attempt whose device holds its finished record is never run again (under
         # at_least_once too): only an operator's retry runs a finished run again
         reruns = Counter(RunKey(r.task_id, r.node_id) for r in ex.reruns)
@@ -584,6 +594,19 @@ class GhostRunnerMachine(RuleBasedStateMachine):
             run = self.store.runs[key]
             assert state is run.state, (key, state, run)
             assert attempts in (None, run.attempts), (key, attempts, run)
+
+    def check_overlaps(self) -> None:
+        assert self.executor.overlaps == []
+
+    def check_loops(self, dispatched: set[str]) -> None:
+        """Every dispatched run is in flight in this process or held in recovery (the
+        runs a dead process left are recovered at start), within the cap."""
+        loop = self.runner.loop
+        assert dispatched == set(loop.in_flight | loop.recovering)
+        assert len(loop.in_flight) <= MAX_IN_FLIGHT
+        assert self.peak_busy <= MAX_IN_FLIGHT
+        if loop.recovering:
+            event("a run is held in recovery")
 
     # ---------------------------------------------------------------- the end
 
@@ -635,3 +658,181 @@ GhostRunnerMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestGhostRunnerMachine = GhostRunnerMachine.TestCase
+
+
+# --------------------------------------------------------------------------- two runners
+
+
+class WatchedSharedStore(SharedInMemoryStore):
+    """The shared reference store (leases, owners, one dispatched run per device, rollout
+    limits over every runner), with the same check as :class:`WatchedStore`."""
+
+    violations: list[str]
+
+    def reset(self) -> None:
+        super().reset()
+        self.violations = []
+
+    async def claim_many(self, keys: Any, now: Any, *, runner: str | None = None) -> Any:
+        claimed = await super().claim_many(keys, now, runner=runner)
+        for run, _ in claimed:
+            if run.task_id in self.paused:
+                self.violations.append(f"{run.key} started while paused")
+            if run.task_id in self.aborted:
+                self.violations.append(f"{run.key} started after an abort")
+        return claimed
+
+
+class TwoRunnersMachine(GhostRunnerMachine):
+    """The machine above with a second runner (``other``) sharing the store, as two
+    ``ghostrunner serve`` processes share a PostgreSQL database. The operators' rules go
+    through the first runner; both pass, either may crash or stop and start again, and
+    each renews its lease only when a rule says so: time moving without renewals is a
+    runner cut off from the database (it fences itself; the other adopts its runs once
+    the lease and the grace are over, and settles them through outcome recovery).
+
+    The guarantees are the same, over both runners: never two commands at once on a
+    device (a recovery request may find a device still busy with the command of a
+    runner that lost its lease: refused, asked again later), never an at_most_once
+    attempt twice, rollout limits over both, nothing lost or invented; and: a runner
+    not fenced holds in recovery only runs it owns; a runner holds (in flight or in
+    recovery) every run it owns; a dispatched run no current runner owns belongs to a
+    runner that died or lost its lease, not yet adopted; at the end every run ends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.store = WatchedSharedStore(self.clock)
+        self.settings = attrs.evolve(self.settings, lease=15.0, heartbeat=5.0,
+                                     adopt_grace=0.5)
+        self.other_gr: GhostRunner | None = None
+
+    @property
+    def other(self) -> GhostRunner:
+        assert self.other_gr is not None
+        return self.other_gr
+
+    def loops(self) -> list[GhostRunner]:
+        return [gr for gr in (self.gr, self.other_gr) if gr is not None]
+
+    @initialize()
+    def boot_other(self) -> None:
+        self.other_gr = self.start()
+
+    async def settle_other(self) -> None:
+        main, self.gr = self.gr, self.other_gr
+        try:
+            await self.settle()
+        finally:
+            self.gr = main
+
+    @rule(release=st.booleans())
+    def other_pass(self, release: bool) -> None:
+        with self.guard():
+            if release:
+                self.release.set()
+                self.run(self.other.run_until_idle())
+                self.fresh_release()
+            else:
+                self.run(self.settle_other())
+
+    @rule(first=st.booleans())
+    def heartbeat(self, first: bool) -> None:
+        """A runner renews its lease and adopts what dead runners left."""
+        gr = self.runner if first else self.other
+        with self.guard():
+            before, adopted = gr.runner.id, gr.loop.adopted
+            self.run(gr.loop.heartbeat())
+            if gr.runner.id != before:
+                event("a runner found its lease lost and registered again")
+            if gr.loop.adopted > adopted:
+                event("a runner adopted runs of a dead one")
+            if not gr.loop.fenced:
+                event("a runner renewed its lease")
+
+    @rule(pass_first=st.booleans(), graceful=st.booleans())
+    def restart_other(self, pass_first: bool, graceful: bool) -> None:
+        with self.guard():
+            if pass_first:
+                self.run(self.settle_other())
+            if graceful:
+                self.run(self.other.__aexit__(None, None, None))
+            else:
+                self.run(crash(self.other))
+            self.other_gr = self.start()
+            self.fresh_release()
+
+    def check_overlaps(self) -> None:
+        assert [r for r in self.executor.overlaps if not r.recover] == []
+        if self.executor.overlaps:
+            event("a recovery request found its device still busy")
+
+    def check_loops(self, dispatched: set[str]) -> None:
+        store = self.store
+        assert isinstance(store, WatchedSharedStore)
+        loops = self.loops()
+        owned: dict[str, set[str]] = {}
+        for key, run in store.runs.items():
+            if run.state is RunState.DISPATCHED:
+                owned.setdefault(store.owner.get(key) or "", set()).add(key.node_id)
+        current = {gr.runner.id for gr in loops}
+        for gr in loops:
+            loop = gr.loop
+            mine = owned.get(gr.runner.id, set())
+            assert len(loop.in_flight) <= MAX_IN_FLIGHT
+            assert mine <= loop.in_flight | loop.recovering, (mine, loop.in_flight)
+            if loop.fenced:
+                event("a runner is fenced")
+            else:
+                assert loop.recovering <= mine, (loop.recovering, mine)
+        for owner, nodes in owned.items():
+            if owner not in current:  # a dead runner's, or one that lost its lease
+                row = store.runner_rows.get(owner)
+                assert row is not None and row.ended_at is None, (owner, nodes)
+                event("a run waits for its dead runner's lease to end")
+        assert self.peak_busy <= MAX_IN_FLIGHT * len(loops)
+
+    def finish(self) -> None:
+        """Every device online and healthy, both runners back in touch: all runs end."""
+        self.release.set()
+        for node in NODES:
+            self.behaviour[node] = "ok"
+            self.executor.set_online(node)
+        for task_id in list(self.store.paused):
+            self.run(self.runner.resume(task_id))
+        for _ in range(60):  # a rate-limited task starts a few runs per minute
+            self.clock.advance(10_000)
+            for gr in self.loops() * 2:
+                self.run(gr.loop.heartbeat())  # renew, adopt, learn of a lost lease
+            for gr in self.loops() * 2:
+                self.run(gr.run_until_idle())
+            self.check()
+            if all(r.terminal for r in self.store.runs.values()):
+                break
+        runs = self.store.runs.values()
+        assert [r for r in runs if not r.terminal] == []
+        for state in sorted({r.state for r in runs}):
+            event(f"a run ended {state}")
+        for gr in self.loops():
+            self.run(gr.loop.drain())
+        self.gr = self.other_gr = None
+
+    def teardown(self) -> None:
+        try:
+            if not self.broken and self.gr is not None:
+                self.finish()
+        finally:
+            for gr in (self.gr, self.other_gr):
+                if gr is not None:
+                    self.run(crash(gr))
+            self.gr = self.other_gr = None
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()
+
+
+TwoRunnersMachine.TestCase.settings = settings(
+    max_examples=200,
+    stateful_step_count=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestTwoRunnersMachine = TwoRunnersMachine.TestCase

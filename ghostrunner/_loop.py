@@ -594,8 +594,7 @@ class Reconciler:
                 if until <= mono:
                     del self._elsewhere[task_id]
                 else:
-                    full.append(task_id)
-                    budgets[task_id] = 0
+                    full.append(task_id)  # (next_pending skips its runs)
         free = online.difference(self._in_flight, self._idle.devices, self._recovering,
                                  self._takeup)
         slots = self.settings.max_in_flight - len(self._in_flight)

@@ -97,7 +97,8 @@ def demo(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks; each prints its figures and the targets they are held to
-    (``bench_latency`` and ``bench_dispatch`` run the real MeshCentral lab)."""
+    (``bench_latency`` and ``bench_dispatch`` run the real MeshCentral lab;
+    ``bench_postgres`` starts its own PostgreSQL with the ``pgserver`` wheel)."""
     _install(session)
     scripts = sorted((HERE / "benchmarks").glob("bench_*.py"))
     wanted = set(session.posargs)

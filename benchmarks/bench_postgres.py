@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -204,6 +205,21 @@ class _Watch:
         row = self.conn.execute(self.sql).fetchone()
         return not row[0]
 
+    def sample(self, into: Counter[str]) -> None:
+        """What the runners' PostgreSQL backends are doing now: on CPU, waiting (for a
+        lock, the WAL's fsync...), or in a transaction waiting for the runner."""
+        if self.kind == "sqlite":
+            return
+        rows = self.conn.execute(
+            "SELECT CASE WHEN state = 'idle in transaction' THEN 'in a transaction, "
+            "waiting for the runner' ELSE coalesce(wait_event_type || ':' || wait_event, "
+            "'on CPU') END, count(*) FROM pg_stat_activity WHERE datname = "
+            "current_database() AND pid <> pg_backend_pid() AND state <> 'idle' GROUP BY 1"
+        ).fetchall()
+        into["samples"] += 1
+        for what, count in rows:
+            into[what] += count
+
     def succeeded(self) -> int:
         """Runs succeeded, each with one attempt (none sent twice)."""
         row = self.conn.execute("SELECT sum(succeeded) FROM task_counts").fetchone()
@@ -260,10 +276,12 @@ def storm_round(mode: str, n: int, pg: BenchPostgres | None, folder: Path, *,
             proc.stdin.write("go\n")
             proc.stdin.flush()
         deadline = time.monotonic() + 600
+        activity: Counter[str] = Counter()
         while not watch.done():
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{mode}: the storm did not end")
-            time.sleep(0.05)
+            watch.sample(activity)
+            time.sleep(0.02)
         db_cpu = pg_cpu.spent() if pg_cpu is not None else None
         succeeded = watch.succeeded()
         reports = []
@@ -294,8 +312,18 @@ def storm_round(mode: str, n: int, pg: BenchPostgres | None, folder: Path, *,
         "shares": [r["finished"] for r in reports],
         "passes": [r["passes"] for r in reports],
         "finish_batches": [r["finish_batches"] for r in reports],
-        "db_cpu": db_cpu,
+        "db_cpu": db_cpu, "activity": activity,
     }
+
+
+def _busy(activity: Counter[str]) -> str:
+    """The average number of backends in each state over the samples."""
+    samples = activity.get("samples", 0)
+    if not samples:
+        return "no samples"
+    parts = [f"{what} {count / samples:.2f}" for what, count in activity.most_common()
+             if what != "samples"]
+    return ", ".join(parts) or "none"
 
 
 def storm(pg: BenchPostgres, args: argparse.Namespace, folder: Path) -> list[tuple[str, bool]]:
@@ -314,7 +342,8 @@ def storm(pg: BenchPostgres, args: argparse.Namespace, folder: Path) -> list[tup
             results[mode].append(res)
             db = "" if res["db_cpu"] is None else f", PostgreSQL CPU {res['db_cpu']:.1f} s"
             extra = "" if res["db_cpu"] is None else (
-                f"; passes {res['passes']}, finish statements {res['finish_batches']}")
+                f"; passes {res['passes']}, finish statements {res['finish_batches']}; "
+                f"backends busy: {_busy(res['activity'])}")
             print(f"  round {r + 1} {mode:12} {res['rate']:7,.0f} runs/s "
                   f"({res['elapsed']:.2f} s; runner CPU {res['cpu']} s{db}; runs per runner "
                   f"{res['shares']}{extra}; load {res['load']:.2f})", flush=True)

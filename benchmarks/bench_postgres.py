@@ -119,6 +119,13 @@ async def runner_child(spec: dict[str, Any]) -> None:
 
         profile = cProfile.Profile()
     async with GhostRunner(store=store, executor=executor, settings=settings) as gr:
+        # Ready once the loop has recovered and made its first pass: on today's store,
+        # a runner whose start-up recovery reads the database while another runner has
+        # runs in flight takes them for a dead process's and settles them (seen here:
+        # a run recorded lost while the other runner ran it). Runner leases end that;
+        # until then, the runners of a round all start before the storm.
+        while gr.loop.passes == 0:  # noqa: ASYNC110 (the loop signals no first pass)
+            await asyncio.sleep(0.01)
         print("ready", flush=True)
         await loop.run_in_executor(None, sys.stdin.readline)
         if profile is not None:

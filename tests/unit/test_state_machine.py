@@ -19,7 +19,7 @@ device matching a live continuous task has its run.
 
 It runs over two stores: ``InMemoryStore`` (:class:`TestGhostRunnerMachine`, 100
 examples) and ``PostgresStore`` on a real PostgreSQL (:func:`test_machine_postgres`,
-fewer examples: each step is real round trips; one database for the test, emptied with
+15 examples: each step is real round trips; one database for the test, emptied with
 one ``TRUNCATE`` before each example). The checks read the store through the ``Store``
 protocol only (``list_tasks``, ``get_runs``, ``counts``...: :class:`View`), never a
 store's internals, so both stores are held to exactly the same rules; the per-task and
@@ -953,9 +953,9 @@ TestTwoRunnersMachine = TwoRunnersMachine.TestCase
 # --------------------------------------------------------------------------- PostgreSQL
 
 #: Examples of the PostgreSQL machine in a normal run (each step is real round trips:
-#: about 0.2 s an example here, against 0.04 s in memory); set
-#: GHOSTRUNNER_PG_MACHINE_EXAMPLES for a longer hunt.
-PG_EXAMPLES = int(os.environ.get("GHOSTRUNNER_PG_MACHINE_EXAMPLES", "30"))
+#: 0.7-4 s an example on 2 cores shared with other suites, against 0.05 s in memory);
+#: set GHOSTRUNNER_PG_MACHINE_EXAMPLES for a longer hunt.
+PG_EXAMPLES = int(os.environ.get("GHOSTRUNNER_PG_MACHINE_EXAMPLES", "15"))
 
 #: Every table a GhostRunner database holds data in (not the schema version): the
 #: schema's own list, so that a table added by a migration is emptied too.
@@ -977,9 +977,16 @@ class PostgresMachine(GhostRunnerMachine):
     def make_store(self) -> Any:
         # every table, identities restarted: event ids start again from 1 (the replay
         # starts from 0 in each example), and only increase within it
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            conn.execute(f"TRUNCATE {PG_TABLES} RESTART IDENTITY")
+        # one connection of the test's own for the example (closed by teardown)
+        self.db = psycopg.connect(self.dsn, autocommit=True)
+        self.db.execute(f"TRUNCATE {PG_TABLES} RESTART IDENTITY")
         return WatchedPostgres(self.dsn, max_size=4)
+
+    def teardown(self) -> None:
+        try:
+            super().teardown()
+        finally:
+            self.db.close()
 
     def tick(self, seconds: float) -> None:
         """Time moves on, and the runner's lease keeper renews its lease as it would in
@@ -995,22 +1002,20 @@ class PostgresMachine(GhostRunnerMachine):
         database's clock does not follow the fake one): its successor adopts its
         dispatched runs a heartbeat after its start (its first ``tick`` of a second or
         more) and puts them through outcome recovery."""
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            cur = conn.execute(
-                "UPDATE runners SET expires_at = clock_timestamp() - interval '1 hour'"
-                " WHERE id = %s AND ended_at IS NULL", (gr.runner.id,))
-            assert cur.rowcount == 1, gr.runner.id
+        cur = self.db.execute(
+            "UPDATE runners SET expires_at = clock_timestamp() - interval '1 hour'"
+            " WHERE id = %s AND ended_at IS NULL", (gr.runner.id,))
+        assert cur.rowcount == 1, gr.runner.id
 
     def check_loops(self, dispatched: set[str], store: View) -> None:
         """Every run dispatched by this runner is in flight or held in recovery, and
         it holds nothing else; a dispatched run of another runner is one a crashed or
         stopped runner left, not adopted yet (its row not ended: adopted runs are the
         adopter's). Owners are read from the database (not in the Store protocol)."""
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            owners = dict(conn.execute(
-                "SELECT node, runner FROM runs WHERE state = 'dispatched'").fetchall())
-            ended = {row[0] for row in conn.execute(
-                "SELECT id FROM runners WHERE ended_at IS NOT NULL").fetchall()}
+        owners = dict(self.db.execute(
+            "SELECT node, runner FROM runs WHERE state = 'dispatched'").fetchall())
+        ended = {row[0] for row in self.db.execute(
+            "SELECT id FROM runners WHERE ended_at IS NOT NULL").fetchall()}
         assert set(owners) == dispatched
         loop = self.runner.loop
         me = self.runner.runner.id

@@ -396,8 +396,9 @@ async def delivering(store: WebhookStore, webhooks: Sequence[Webhook],
     the block runs; stop it at the end, handing back what it was sending."""
     dispatcher = Dispatcher(store, webhooks, policy, source=source, clock=clock)
     if source is None:
-        log.warning("webhooks: the store keeps no event log (a custom store without events_after): no new event is sent "
-                    "(deliveries already in its outbox still are)")
+        log.warning("webhooks: the store keeps no event log (a custom store without "
+                    "events_after): no new event is sent (deliveries already in its outbox "
+                    "still are)")
     for hook in webhooks:
         log.info("webhook %r: %s, events %s", hook.name, hook.origin, ", ".join(hook.events))
     await dispatcher.warn_unconfigured()

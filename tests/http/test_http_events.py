@@ -21,7 +21,7 @@ import uvicorn
 from ghostrunner import Task
 from ghostrunner import events as ev
 from ghostrunner.testing import FakeExecutor, InMemoryStore
-from ghostrunner_http._events import QUEUE, parse_stream_query
+from ghostrunner_http._events import CHUNK, parse_stream_query
 from ghostrunner_http._guard import ConnectionGuard, GuardedListener, guarded_protocol
 from ghostrunner_http._request import Services
 from ghostrunner_http.app import create_app
@@ -355,7 +355,7 @@ def test_a_client_that_reads_nothing_is_dropped_and_costs_bounded_memory() -> No
                 await closed(srv)
             finally:
                 sock.close()
-            assert i >= QUEUE  # more than a stream may hold were written meanwhile
+            assert i >= CHUNK  # more than a stream may hold were written meanwhile
             assert not srv.guard.streams
 
     run(go())

@@ -77,8 +77,9 @@ _AT = re.compile(rb'^data: \{"id":\d+,"at":"([^"]+)"', re.M)
 
 
 class _Client(asyncio.Protocol):
-    """One ``GET /events`` stream: counts the events, checks their ids increase, and
-    (``measure``) records each one's latency."""
+    """One ``GET /events`` stream: counts the events and checks that their ids increase
+    (each read's first id above the last one before it); ``measure`` (one client in ten)
+    checks every id and records every event's latency."""
 
     def __init__(self, measure: bool, opened: asyncio.Future[None],
                  progress: asyncio.Event) -> None:
@@ -101,7 +102,7 @@ class _Client(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         now = time.time()
-        buffer = self.buffer + data
+        buffer = self.buffer + data if self.buffer else data
         end = buffer.rfind(b"\n\n")
         if end < 0:
             self.buffer = buffer
@@ -111,17 +112,27 @@ class _Client(asyncio.Protocol):
             self.head = False
             if not self.opened.done():
                 self.opened.set_result(None)
-        ids = [int(x) for x in _ID.findall(done)]
-        if ids:
-            self.progress.set()
-            self.count += len(ids)
-            if ids[0] <= self.last or any(a >= b for a, b in itertools.pairwise(ids)):
-                self.disorder += 1
-            self.last = ids[-1]
+            return
         if self.measure:
+            ids = [int(x) for x in _ID.findall(done)]
+            count = len(ids)
+            if ids and any(a >= b for a, b in itertools.pairwise(ids)):
+                self.disorder += 1
             for at in _AT.findall(done):
                 sent = datetime.fromisoformat(at.decode().replace("Z", "+00:00"))
                 self.latencies.append(now - sent.timestamp())
+        else:  # the first and the last id, and how many: C speed
+            count = done.count(b"\nevent: ")
+            first = _ID.search(done)
+            at = done.rfind(b"\nid: ")  # (a newline is escaped in the JSON)
+            ids = [int(first[1]), int(done[at + 5:done.index(b"\n", at + 5)])
+                   ] if first else []
+        if count:
+            self.progress.set()
+            self.count += count
+            if ids[0] <= self.last:
+                self.disorder += 1
+            self.last = ids[-1]
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.opened.done():
@@ -157,7 +168,7 @@ async def _clients_main(port: int, n: int) -> None:
             c.latencies.clear()
         print(json.dumps({"got": got, "last": [c.last for c in clients],
                           "disorder": sum(c.disorder for c in clients),
-                          "latencies": latencies}), flush=True)
+                          "latencies": latencies, "cpu": time.process_time()}), flush=True)
     for c in clients:
         assert c.transport is not None
         c.transport.close()
@@ -206,45 +217,64 @@ def _check(summary: dict[str, Any], expected: int) -> tuple[bool, str]:
 # --------------------------------------------------------------------------- load
 
 
-async def _creates(port: int, seconds: float, connections: int, warmup: float = 0.5
-                   ) -> tuple[float, int]:
-    """Closed loop of ``POST /task/create`` (bench_http's body: 3 unknown devices, one
-    event each): (requests/s in the timed part, requests answered in all)."""
-    request = _request("POST", "/task/create", TASK_BODY, ADMIN)
-    conns = [await Connection.open(port) for _ in range(connections)]
-    counting = stop = False
-    done = total = 0
+class _Pool:
+    """Keep-alive connections to one server, driven in slices: a closed loop of ``POST
+    /task/create`` (bench_http's body: 3 unknown devices, one event each)."""
 
-    async def worker(conn: Connection) -> None:
-        nonlocal done, total
-        while not stop:
-            status, body = await conn.send(request)
-            if status != 200:
-                raise RuntimeError(f"status {status}: {body[:200]!r}")
-            total += 1
-            if counting:
+    def __init__(self, port: int, pid: int, connections: int) -> None:
+        self.port, self.pid, self.n = port, pid, connections
+        self.conns: list[Connection] = []
+        self.answered = 0  # requests answered, warm-up included
+        self.done = 0  # requests answered in counted slices
+        self.seconds = 0.0  # time spent in counted slices
+        self.cpu = 0.0  # the server's CPU seconds in slices
+
+    async def open(self) -> None:
+        self.conns = [await Connection.open(self.port) for _ in range(self.n)]
+
+    async def slice(self, seconds: float, *, counted: bool = True) -> None:
+        """Every connection sends requests back to back for ``seconds``; those still
+        out when the time is up are waited for (and counted: their time too)."""
+        request = _request("POST", "/task/create", TASK_BODY, ADMIN)
+        stop = False
+        done = 0
+
+        async def worker(conn: Connection) -> None:
+            nonlocal done
+            while not stop:
+                status, body = await conn.send(request)
+                if status != 200:
+                    raise RuntimeError(f"status {status}: {body[:200]!r}")
                 done += 1
 
-    tasks = [asyncio.create_task(worker(c)) for c in conns]
-    await asyncio.sleep(warmup)
-    counting = True
-    start = time.perf_counter()
-    await asyncio.sleep(seconds)
-    counting = False
-    elapsed = time.perf_counter() - start
-    stop = True
-    await asyncio.gather(*tasks)
-    for c in conns:
-        c.close()
-    return done / elapsed, total
+        cpu = _cpu_seconds(self.pid)
+        start = time.perf_counter()
+        tasks = [asyncio.create_task(worker(c)) for c in self.conns]
+        await asyncio.sleep(seconds)
+        stop = True
+        await asyncio.gather(*tasks)
+        self.answered += done
+        if counted:
+            self.done += done
+            self.seconds += time.perf_counter() - start
+            self.cpu += _cpu_seconds(self.pid) - cpu
+
+    def close(self) -> None:
+        for c in self.conns:
+            c.close()
 
 
-def _measure(port: int, pid: int, seconds: float, connections: int
-             ) -> tuple[float, float, int]:
-    """(creates/s, server CPU ms per create, creates answered in all)."""
-    cpu = _cpu_seconds(pid)
-    rate, total = asyncio.run(_creates(port, seconds, connections))
-    return rate, (_cpu_seconds(pid) - cpu) * 1000 / max(total, 1), total
+async def _side_by_side(bare: _Pool, gr: _Pool, seconds: float, step: float = 0.25
+                        ) -> tuple[float, float, float]:
+    """Both servers loaded in turns of ``step`` seconds, ``seconds`` each in all, so
+    that what else the machine does weighs on both alike: (bare requests/s,
+    ghostrunner requests/s, ghostrunner CPU ms per create)."""
+    await bare.slice(0.3, counted=False)  # warm up
+    await gr.slice(0.3, counted=False)
+    for _ in range(max(int(seconds / step), 1)):
+        await bare.slice(step)
+        await gr.slice(step)
+    return bare.done / bare.seconds, gr.done / gr.seconds, gr.cpu * 1000 / max(gr.done, 1)
 
 
 async def _drive(port: int, tasks_per_s: float, seconds: float, connections: int) -> int:
@@ -296,7 +326,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0,
                         help="seconds of the latency measurement")
     parser.add_argument("--rounds", type=int, default=4, help="rounds of the create ratio")
-    parser.add_argument("--round-seconds", type=float, default=3.0)
+    parser.add_argument("--round-seconds", type=float, default=4.0,
+                        help="seconds of load per server and round (in turns of 0.25 s)")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--driver-connections", type=int, default=32)
     parser.add_argument("--only", choices=("ratio", "latency"),
@@ -335,41 +366,52 @@ def main() -> int:
 def _ratio(args: argparse.Namespace, port: int, pid: int, bare_port: int, bare_pid: int,
            results: list[tuple[str, bool]]) -> bool:
     """Target 1; False if a client missed an event."""
-    print(f"\n1. POST /task/create vs bare Starlette, {args.connections} connections, "
-          f"{args.rounds} rounds of {args.round_seconds:g} s, without and with "
-          f"{args.clients} SSE clients")
-    plain: list[float] = []
-    followed: list[float] = []
+    print(f"\n1. POST /task/create vs bare Starlette, {args.connections} connections each, "
+          f"the two servers in turns of 0.25 s; {args.rounds} rounds of {args.round_seconds:g}"
+          f" s a server without and with {args.clients} SSE clients")
+    ratios: dict[str, list[float]] = {"without": [], "with": []}
     cpu: dict[str, list[float]] = {"without": [], "with": []}
     delivered = True
+
+    async def load() -> tuple[float, float, float, int]:
+        bare, gr = _Pool(bare_port, bare_pid, args.connections), _Pool(
+            port, pid, args.connections)
+        await bare.open()
+        await gr.open()
+        try:
+            return (*await _side_by_side(bare, gr, args.round_seconds), gr.answered)
+        finally:
+            bare.close()
+            gr.close()
+
+    def measure(side: str) -> str:
+        nonlocal delivered
+        clients = Clients(port, args.clients) if side == "with" else None
+        try:
+            bare_rate, rate, per, events = asyncio.run(load())
+            if clients is not None:  # every event since they connected
+                fine, text = _check(clients.wait(events), events)
+                delivered = delivered and fine
+                if not fine:
+                    print(f"   clients: {text}")
+        finally:
+            if clients is not None:
+                clients.close()
+        ratios[side].append(rate / bare_rate)
+        cpu[side].append(per)
+        return (f"{side} clients {rate:,.0f}/{bare_rate:,.0f} = {rate / bare_rate:.2f} "
+                f"({per:.2f} ms CPU/create)")
+
     for round_ in range(args.rounds):
         sides = ["without", "with"] if round_ % 2 == 0 else ["with", "without"]
-        line = []
-        for side in sides:
-            clients = Clients(port, args.clients) if side == "with" else None
-            try:
-                bare, _, _ = _measure(bare_port, bare_pid, args.round_seconds,
-                                      args.connections)
-                rate, per, total = _measure(port, pid, args.round_seconds, args.connections)
-                if clients is not None:
-                    fine, text = _check(clients.wait(total), total)
-                    delivered = delivered and fine
-                    if not fine:
-                        print(f"   clients: {text}")
-            finally:
-                if clients is not None:
-                    clients.close()
-            (followed if side == "with" else plain).append(rate / bare)
-            cpu[side].append(per)
-            line.append(f"{side} clients {rate:,.0f}/{bare:,.0f} = {rate / bare:.2f} "
-                        f"({per:.2f} ms CPU/create)")
-        print(f"   round {round_ + 1}: " + "; ".join(line))
-    without, with_ = statistics.median(plain), statistics.median(followed)
+        line = [measure(side) for side in sides]
+        print(f"   round {round_ + 1} (load {os.getloadavg()[0]:.1f}): " + "; ".join(line))
+    without, with_ = statistics.median(ratios["without"]), statistics.median(ratios["with"])
     drop = 1 - with_ / without
     ok = drop <= 0.10
     print(f"   create ratio without clients {without:.2f} (rounds "
-          f"{', '.join(f'{r:.2f}' for r in plain)}), with {args.clients} clients "
-          f"{with_:.2f} (rounds {', '.join(f'{r:.2f}' for r in followed)}): "
+          f"{', '.join(f'{r:.2f}' for r in ratios['without'])}), with {args.clients} clients "
+          f"{with_:.2f} (rounds {', '.join(f'{r:.2f}' for r in ratios['with'])}): "
           f"{drop * 100:+.1f} % drop (target <= 10 %) {'PASS' if ok else 'FAIL'}")
     print(f"   server CPU per create: {statistics.median(cpu['without']):.2f} ms without, "
           f"{statistics.median(cpu['with']):.2f} ms with clients; every client received "
@@ -388,13 +430,15 @@ def _latency(args: argparse.Namespace, port: int, pid: int,
           f"{tasks_per_s:g}/s ({args.rate:g} run changes/s) for {args.seconds:g} s")
     clients = Clients(port, args.clients)
     try:
+        clients_cpu = clients.wait(0)["cpu"]
         cpu = _cpu_seconds(pid)
         t0 = time.monotonic()
         created = asyncio.run(_drive(port, tasks_per_s, args.seconds,
                                      args.driver_connections))
         elapsed = time.monotonic() - t0
-        summary = clients.wait(created * 5)
         used = _cpu_seconds(pid) - cpu
+        summary = clients.wait(created * 5)
+        clients_cpu = summary["cpu"] - clients_cpu
     finally:
         clients.close()
     expected = created * 5
@@ -405,8 +449,8 @@ def _latency(args: argparse.Namespace, port: int, pid: int,
     changes = created * 4 / elapsed
     ok = p95 <= 100 and changes >= 0.9 * args.rate
     print(f"   {created:,} tasks in {elapsed:.1f} s: {changes:,.0f} run changes/s "
-          f"({expected / elapsed:,.0f} events/s); {text}; server CPU {used / elapsed:.2f} "
-          f"s/s")
+          f"({expected / elapsed:,.0f} events/s); {text}; CPU: server {used / elapsed:.2f} "
+          f"s/s, clients {clients_cpu / elapsed:.2f} s/s")
     print(f"   delivery latency (store write -> client read): p50 {p50:.1f} ms, p95 "
           f"{p95:.1f} ms, max {worst:.1f} ms (target p95 <= 100 ms at "
           f"{args.rate:,.0f} changes/s) {'PASS' if ok else 'FAIL'}")

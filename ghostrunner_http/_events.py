@@ -147,6 +147,11 @@ class StreamQuery:
     task_id: str | None = None
     kinds: frozenset[str] | None = None
 
+    @property
+    def plain(self) -> bool:
+        """No filter: every event."""
+        return self.task_id is None and self.kinds is None
+
     def keeps(self, event: Event) -> bool:
         return ((self.task_id is None or event.task_id == self.task_id)
                 and (self.kinds is None or event.kind in self.kinds))
@@ -222,7 +227,7 @@ class _Block:
         """Append the messages after ``cursor`` that ``query`` keeps to ``out``; the id
         of the last one kept (None: none)."""
         start = 0 if cursor <= self.after else bisect_right(self.ids, cursor)
-        if query.task_id is None and query.kinds is None:
+        if query.plain:
             out.append(self.blob if start == 0 else b"".join(self.messages[start:]))
             return self.last if start < len(self.ids) else None
         where: Iterable[int] = (range(start, len(self.ids)) if query.task_id is None
@@ -296,6 +301,7 @@ class Broadcast:
         self.error: GhostRunnerError | None = None  # why following stopped
         self.batches = 0  # batches handed out (tests, benchmarks)
         self._blocks: list[_Block] = []
+        self._lasts: list[int] = []  # each block's last id (for bisect)
         self._kept = 0
         self._listeners: set[_Listener] = set()
         self._task: asyncio.Task[None] | None = None
@@ -312,7 +318,7 @@ class Broadcast:
         ``limit`` events are passed), the id of the last one kept, and the id of the
         last event passed (None: nothing new). Only for a cursor it :meth:`covers`."""
         blocks = self._blocks
-        i = bisect_right(blocks, cursor, key=lambda b: b.last)
+        i = bisect_right(self._lasts, cursor)
         if i == len(blocks):
             return b"", None, None
         out: list[bytes] = []
@@ -335,7 +341,7 @@ class Broadcast:
                 if self._task is None:
                     self.error = None
                     start = await self.runner.store.last_event_id()
-                    self._blocks, self._kept = [], 0
+                    self._blocks, self._lasts, self._kept = [], [], 0
                     self.base = self.last = start
                     self._task = asyncio.create_task(self._follow(start),
                                                      name="ghostrunner-sse-broadcast")
@@ -377,7 +383,7 @@ class Broadcast:
             if self._task is asyncio.current_task():  # (before any await: see join)
                 self._task = None
                 self.base = None
-                self._blocks, self._kept = [], 0
+                self._blocks, self._lasts, self._kept = [], [], 0
                 for listener in self._listeners:
                     listener.wake()  # to the store (or the error)
             await batches.aclose()
@@ -385,10 +391,12 @@ class Broadcast:
     def _hand_out(self, batch: Sequence[Event]) -> None:
         block = _Block(self.last, batch)
         self._blocks.append(block)
+        self._lasts.append(block.last)
         self._kept += len(block.ids)
         self.last = block.last
         while self._kept - len(self._blocks[0].ids) >= self.keep:
             gone = self._blocks.pop(0)
+            del self._lasts[0]
             self._kept -= len(gone.ids)
             self.base = gone.last
         self.batches += 1
@@ -396,18 +404,22 @@ class Broadcast:
         for x in self._listeners:
             if x.waiter is None or x.waiter.done():
                 continue  # busy: it reads what is new itself when it is done
-            if x.direct is not None and self.covers(x.cursor):
-                body, kept, last = self.since(x.cursor, x.query)
-                if last is None:
-                    continue
+            if x.direct is not None and x.cursor == block.after:  # it waits at the head
+                kept: int | None
+                if x.query.plain:
+                    body, kept = block.blob, block.last
+                else:
+                    out: list[bytes] = []
+                    kept = block.pick(x.cursor, x.query, out)
+                    body = b"".join(out)
                 if not body or x.direct(body):  # written: it goes on waiting
-                    x.cursor = last
+                    x.cursor = block.last
                     if kept is not None:
                         x.told = kept
                     if body:
                         x.last_write = now
                     continue
-            x.wake()  # it writes itself (the ASGI way, or from the store)
+            x.wake()  # it writes itself (the ASGI way, from the store, or a full socket)
 
     async def _tick(self) -> None:
         """Heartbeats and stalled clients, for every stream: one timer, not one per

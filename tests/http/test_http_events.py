@@ -564,6 +564,38 @@ def test_a_revoked_token_ends_its_streams() -> None:
     run(go())
 
 
+def test_a_revoked_token_ends_its_streams_while_events_flow() -> None:
+    async def go() -> None:
+        async with live(stream_heartbeat=0.1) as srv, httpx.AsyncClient(timeout=LIMIT) as client:
+            r = await client.post(srv.url + "/token/create", headers=srv.headers(),
+                                  json={"details": {"name": "busy", "scope": "read"}})
+            secret = r.json()["data"]["token"]
+
+            async def churn() -> None:  # an event every 20 ms: never a quiet heartbeat
+                for i in range(10_000):
+                    await submit(srv, "node-003", name=f"c{i}")
+                    await asyncio.sleep(0.02)
+
+            async with client.stream("GET", srv.url + "/events",
+                                     headers=srv.headers(secret)) as r:
+                stream = messages(r)
+                await anext(stream)
+                busy = asyncio.create_task(churn())
+                try:
+                    await read_events(stream, 3)
+                    r2 = await client.request("DELETE", srv.url + "/token/delete",
+                                              headers=srv.headers(),
+                                              json={"details": {"name": "busy"}})
+                    assert r2.status_code == 200
+                    async with asyncio.timeout(LIMIT):
+                        async for _ in stream:  # ends by itself, events or not
+                            pass
+                finally:
+                    busy.cancel()
+
+    run(go())
+
+
 def test_the_console_stream_signs_in_with_the_session_cookie() -> None:
     async def go() -> None:
         async with live() as srv, httpx.AsyncClient(timeout=LIMIT) as client:

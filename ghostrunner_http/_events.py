@@ -379,6 +379,9 @@ class Broadcast:
         except GhostRunnerError as exc:
             log.warning("event streams: could not read the event log: %s", exc)
             self.error = exc
+        except Exception:  # a bug: the streams end (their clients come back), logged
+            log.exception("event streams: the broadcast failed")
+            self.error = GhostRunnerError("the event broadcast failed (see the log)")
         finally:
             if self._task is asyncio.current_task():  # (before any await: see join)
                 self._task = None

@@ -544,6 +544,42 @@ def test_a_stream_behind_what_the_broadcast_keeps_reads_the_store_then_joins() -
     run(go())
 
 
+def test_a_store_failing_under_the_broadcast_ends_the_streams_and_the_next_ones_work(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from ghostrunner.errors import StoreError
+
+    class Flaky(InMemoryStore):
+        failing = False
+
+        async def events_after(self, after: int, limit: int = 1000) -> Any:
+            if self.failing:
+                raise StoreError("the database went away")
+            return await super().events_after(after, limit)
+
+    async def go() -> None:
+        store = Flaky()
+        async with live(store=store) as srv, httpx.AsyncClient(timeout=LIMIT) as client:
+            async with client.stream("GET", srv.url + "/events", headers=srv.headers()) as r:
+                stream = messages(r)
+                await anext(stream)
+                store.failing = True
+                await submit(srv, "node-003")
+                async with asyncio.timeout(LIMIT):
+                    async for _ in stream:  # ends: its client would reconnect
+                        pass
+            await closed(srv)
+            store.failing = False
+            async with client.stream("GET", srv.url + "/events", headers=srv.headers()) as r:
+                stream = messages(r)
+                await anext(stream)
+                task = await submit(srv, "node-003", name="after")
+                (created,) = await read_events(stream, 1)
+            assert created.json()["task_id"] == task.id
+
+    run(go())
+    assert "could not read the event log: the database went away" in caplog.text
+
+
 def test_a_revoked_token_ends_its_streams() -> None:
     async def go() -> None:
         async with live(stream_heartbeat=0.1) as srv, httpx.AsyncClient(timeout=LIMIT) as client:

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import uvicorn
 
-from ghostrunner import Task
+from ghostrunner import LoopSettings, Task
 from ghostrunner import events as ev
 from ghostrunner.testing import FakeExecutor, InMemoryStore
 from ghostrunner_http._events import (
@@ -487,7 +487,8 @@ def test_without_the_guard_a_client_that_reads_nothing_is_dropped_by_the_app() -
 def test_many_streams_share_one_read_and_one_encoding_per_batch() -> None:
     async def go() -> None:
         store = CountingStore()
-        async with live(store=store) as srv:
+        # no slow poll within the test: every read of the log is the broadcast's
+        async with live(store=store, loop=LoopSettings(events_poll=3600)) as srv:
             hub = srv.svc.broadcast
             clients = [httpx.AsyncClient(timeout=LIMIT) for _ in range(20)]
             try:

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import time
 from bisect import bisect_right
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Final
 
 from ._protocols import Store
@@ -83,25 +83,37 @@ class EventFeed:
             return self._window[start : start + self.batch]
         return list(await self.store.events_after(cursor, self.batch))
 
-    async def follow(self, after: int | None = None,
-                     accept: Callable[[Event], bool] | None = None) -> AsyncIterator[Event]:
-        """Every event after ``after`` (None: from now on), then each new one as it
-        comes, forever; those ``accept`` refuses are skipped (without a query each)."""
+    async def batches(self, after: int | None = None) -> AsyncGenerator[list[Event], None]:
+        """Every event after ``after`` (None: from now on), then the new ones as they
+        come, forever, a list at a time: each list is one read (of the window, else of
+        the store), never empty. For consumers that hand events on in bulk (one step per
+        read instead of one per event)."""
         cursor = await self.start(after)
         while True:
             changed = self._changed  # before reading: a wake-up meanwhile is not missed
             batch = await self.read(cursor)
             if batch:
-                for event in batch:
-                    cursor = event.id
-                    if accept is None or accept(event):
-                        yield event
+                cursor = batch[-1].id
+                yield batch
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), self.poll_interval)
                 continue
             if time.monotonic() - self._fetched_at >= self.poll_interval:
                 self._wanted += 1  # the slow poll: one query, whoever waits
+
+    async def follow(self, after: int | None = None,
+                     accept: Callable[[Event], bool] | None = None) -> AsyncIterator[Event]:
+        """Every event after ``after`` (None: from now on), then each new one as it
+        comes, forever; those ``accept`` refuses are skipped (without a query each)."""
+        batches = self.batches(after)
+        try:
+            async for batch in batches:
+                for event in batch:
+                    if accept is None or accept(event):
+                        yield event
+        finally:
+            await batches.aclose()
 
     async def _refresh(self) -> None:
         if self._fetched == self._wanted and self._base is not None:

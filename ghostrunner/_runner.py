@@ -5,7 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Mapping,
+    Sequence,
+)
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Self
@@ -377,6 +385,14 @@ class GhostRunner:
 
         plain = task_id is None and wanted is None
         return self._feed.follow(after, None if plain else accept)
+
+    def event_batches(self, after: int | None = None
+                      ) -> AsyncGenerator[Sequence[Event], None]:
+        """:meth:`events` (unfiltered) a list at a time: each list is what one read of
+        the shared window (or of the store) gave, never empty, in id order. For code
+        that fans events out to many consumers (``GET /events``), which then steps
+        once per read instead of once per event."""
+        return self._feed.batches(after)
 
     def wake_events(self) -> None:
         """Tell the :meth:`events` followers that new events may be in the store: they

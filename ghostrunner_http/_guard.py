@@ -51,12 +51,12 @@ import json
 import logging
 import socket
 import time
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from ._events import STREAM_PATHS
+from ._events import STREAM_PATHS, STREAM_WRITE
 
 __all__ = [
     "ACCEPT_SLACK",
@@ -326,6 +326,20 @@ class GuardedProtocol(H11Protocol):
             self.transport.abort()
         super().shutdown()
 
+    def _stream_write(self, body: bytes) -> bool:
+        """``_events.STREAM_WRITE``: write a part of an event stream's body now, framed
+        as a chunk as h11 would (the answer is chunked), when the client takes what is
+        sent; else False, and the stream goes through ASGI (which waits for it, and
+        whose wait the stall timer watches)."""
+        cycle = self.cycle
+        if (cycle is None or not cycle.response_started or cycle.response_complete
+                or cycle.disconnected or self.flow.write_paused
+                or self.transport.is_closing()):
+            return False
+        if body:  # (an empty chunk would end the answer)
+            self.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+        return True
+
     def pause_writing(self) -> None:
         super().pause_writing()
         if self.streaming and self._stall is None:
@@ -385,6 +399,8 @@ class GuardedProtocol(H11Protocol):
                 and self.cycle.scope["path"] in STREAM_PATHS):
             self.streaming = True
             self.guard.stream(self)
+            extensions = cast(dict[str, Any], self.cycle.scope.setdefault("extensions", {}))
+            extensions[STREAM_WRITE] = self._stream_write
         if phase == self.phase:
             return  # the deadline of this phase stands, however the data trickles
         self._disarm()

@@ -27,7 +27,7 @@ from ghostrunner.tokens import Scope, Token
 
 from ._audit import AuditStore, note
 from ._errors import BadRequest, Forbidden, PayloadTooLarge, Unauthorized
-from ._events import StreamSlots
+from ._events import Broadcast, StreamSlots
 from ._tokens import TokenStore, hash_secret
 from ._webhooks import Webhook, WebhookStore
 
@@ -123,6 +123,9 @@ class Services:
     """Where the audit log goes (None: a store that keeps none)."""
     streams: StreamSlots = attrs.field(factory=lambda: StreamSlots(100))
     """The event streams open, and how many may be."""
+    broadcast: Broadcast = attrs.field(
+        default=attrs.Factory(lambda self: Broadcast(self.runner), takes_self=True))
+    """The event log, followed once for every event stream."""
     stream_heartbeat: float = 15.0
     stream_send_timeout: float = 30.0
     outbox: WebhookStore | None = None

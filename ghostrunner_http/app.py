@@ -173,7 +173,7 @@ async def events(request: Request) -> Response:
     async def allowed() -> bool:  # a token revoked meanwhile ends its streams
         return await svc.tokens.token_by_hash(secret_hash) is not None
 
-    return open_stream(request, svc.runner, svc.streams, heartbeat=svc.stream_heartbeat,
+    return open_stream(request, svc.broadcast, svc.streams, heartbeat=svc.stream_heartbeat,
                        send_timeout=svc.stream_send_timeout, allowed=allowed)
 
 
@@ -517,7 +517,7 @@ async def _waking(runner: GhostRunner, dispatcher: Dispatcher) -> AsyncIterator[
     own cursors; this only saves it the wait for its next poll)."""
 
     async def follow() -> None:
-        async for _ in runner.events():
+        async for _ in runner.event_batches():  # once per batch of new events
             dispatcher.notify()
 
     task = asyncio.create_task(follow(), name="ghostrunner-webhooks-wake")
@@ -613,6 +613,7 @@ def create_app(
                     stream_heartbeat=cfg.stream_heartbeat,
                     stream_send_timeout=cfg.stream_send_timeout,
                 )
+                background.push_async_callback(svc.broadcast.close)
                 app.state.services = svc
                 runner.on_signal(TOKENS_SIGNAL, lambda _signal: svc.auth.forget_all())
                 yield {"services": svc}

@@ -6,6 +6,7 @@ Shared by the HTTP tests (``tests/http``) and the fault tests against the MeshCe
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -17,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from ghostrunner import Event
+from ghostrunner.sqlite import SQLiteStore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,8 +39,7 @@ class ServerProcess:
         workdir: its working directory; holds the config, the database and the log.
         config: the TOML text (host and port are added).
         env: extra environment variables.
-        module: the module run with ``python -m`` (``tests.webhook_serve`` gives the
-            store an event log the test writes).
+        module: the module run with ``python -m``.
     """
 
     def __init__(self, workdir: Path, config: str = 'executor = "fake"\n',
@@ -113,6 +116,24 @@ class ServerProcess:
         for path in sorted(self.workdir.glob("ghostrunner.db*")):
             out += path.read_bytes()
         return out
+
+    def stored_events(self) -> list[Event]:
+        """The store's event log, every event kept, read from the database once the
+        server has exited (one process per SQLite file)."""
+        assert self.proc is None or self.proc.poll() is not None, "the server still runs"
+
+        async def read() -> list[Event]:
+            store = SQLiteStore(self.workdir / "ghostrunner.db")
+            await store.open()
+            try:
+                found: list[Event] = []
+                while batch := await store.events_after(found[-1].id if found else 0, 1000):
+                    found.extend(batch)
+                return found
+            finally:
+                await store.close()
+
+        return asyncio.run(read())
 
     def call(self, method: str, path: str, token: str | None = None, **kw: Any
              ) -> httpx.Response:

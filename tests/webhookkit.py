@@ -1,13 +1,14 @@
-"""Helpers for the webhook tests: events and event sources standing in for the core's
-event log, a verifier written from the Standard Webhooks specification, and a receiver
-on loopback that verifies every request it gets.
+"""Helpers for the webhook tests: events and an event source in memory (for the
+delivery worker's own tests, which drive it without a runner), a verifier written from
+the Standard Webhooks specification, and a receiver on loopback that verifies every
+request it gets.
 
 The verifier is independent of ``ghostrunner_http._webhooks``: it is written from the
 specification's text (the signed content is ``{id}.{timestamp}.{body}``, HMAC-SHA256 with
 the base64-decoded part of the secret after ``whsec_``, ``v1,<base64>`` signatures
-separated by spaces, a constant-time comparison, a timestamp tolerance). When the
-reference library ``standardwebhooks`` is installed, the receiver checks every request
-with it too.
+separated by spaces, a constant-time comparison, a timestamp tolerance). The receiver
+checks every request with it and with the reference library, ``standardwebhooks`` (in
+the test extra).
 """
 
 from __future__ import annotations
@@ -22,26 +23,21 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import attrs
+import standardwebhooks
 
 #: a secret for the tests (32 bytes), and another one
 SECRET = "whsec_" + base64.b64encode(bytes(range(32))).decode()
 OTHER_SECRET = "whsec_" + base64.b64encode(bytes(range(100, 132))).decode()
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
-try:  # the reference implementation, when installed (the test extra)
-    import standardwebhooks as _reference
-except ImportError:  # pragma: no cover - depends on the environment
-    _reference = None
-
 
 @attrs.frozen
 class Ev:
-    """An event as the core's event log will give it (``ghostrunner_http._webhooks.
-    EventLike``)."""
+    """An event with defaults, for the worker's tests without a runner (the shape of
+    ``ghostrunner.Event``: ``ghostrunner_http._webhooks.EventLike``)."""
 
     id: int
     kind: str = "run.finished"
@@ -67,38 +63,6 @@ class ListSource:
 
     async def last_event_id(self) -> int:
         return max((e.id for e in self.events), default=0)
-
-
-class FileSource:
-    """An event log in a JSON-lines file (one event per line), durable across processes:
-    the crash test's stand-in for the store's event log. A last line without its
-    newline (being written) is not read yet."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def _read(self) -> list[Ev]:
-        try:
-            text = self.path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return []
-        lines = text.split("\n")[:-1]  # the part after the last newline is incomplete
-        return [Ev(id=d["id"], kind=d["kind"], task_id=d["task_id"], node_id=d["node_id"],
-                   at=datetime.fromisoformat(d["at"]), data=d["data"])
-                for d in map(json.loads, lines)]
-
-    async def events_after(self, after_id: int, limit: int) -> Sequence[Ev]:
-        return [e for e in self._read() if e.id > after_id][:limit]
-
-    async def last_event_id(self) -> int:
-        return max((e.id for e in self._read()), default=0)
-
-    @staticmethod
-    def append(path: Path, events: Sequence[Ev]) -> None:
-        with path.open("a", encoding="utf-8") as out:
-            out.write("".join(json.dumps({"id": e.id, "kind": e.kind, "task_id": e.task_id,
-                                          "node_id": e.node_id, "at": e.at.isoformat(),
-                                          "data": dict(e.data)}) + "\n" for e in events))
 
 
 # --------------------------------------------------------------------------- verifying
@@ -142,11 +106,9 @@ def verify(secret: str, headers: Mapping[str, str], body: bytes, *,
 
 
 def verify_with_reference(secret: str, headers: Mapping[str, str], body: bytes) -> Any:
-    """The reference library's verdict (raises its WebhookVerificationError); None when
-    it is not installed."""
-    if _reference is None:
-        return None
-    return _reference.Webhook(secret).verify(body, dict(headers))
+    """The reference library's verdict: the parsed body (raises its
+    ``WebhookVerificationError``)."""
+    return standardwebhooks.Webhook(secret).verify(body, dict(headers))
 
 
 # --------------------------------------------------------------------------- receiver
@@ -165,9 +127,10 @@ class Received:
 
 
 class Receiver:
-    """An HTTP receiver on 127.0.0.1 that verifies each request's signature and records
-    it; it answers ``status`` (200) after ``delay`` seconds. ``stop`` closes its port
-    (connections are refused) and ``start`` opens the same port again.
+    """An HTTP receiver on 127.0.0.1 that verifies each request's signature (the spec's
+    verifier above and the reference library) and records it; it answers ``status``
+    (200) after ``delay`` seconds. ``stop`` closes its port (connections are refused)
+    and ``start`` opens the same port again.
 
     ``answers``: statuses to answer first, one per request (then ``status``);
     ``hang``: never answer (until stopped).
@@ -228,8 +191,8 @@ class Receiver:
         parsed = None
         try:
             parsed = verify(self.secret, headers, body)
-            if _reference is not None:
-                verify_with_reference(self.secret, headers, body)
+            if verify_with_reference(self.secret, headers, body) != parsed:
+                raise Invalid("the reference library read another body")
         except Exception as exc:  # recorded as invalid; the test asserts on it
             problem = f"{type(exc).__name__}: {exc}"
         with self.lock:

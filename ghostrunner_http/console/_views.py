@@ -490,7 +490,7 @@ async def events_stream(ctx: Ctx) -> Response:
         return (session is not None
                 and await svc.tokens.token_by_hash(session.token_hash) is not None)
 
-    return open_stream(ctx.request, svc.runner, svc.streams, heartbeat=svc.stream_heartbeat,
+    return open_stream(ctx.request, svc.broadcast, svc.streams, heartbeat=svc.stream_heartbeat,
                        send_timeout=svc.stream_send_timeout, allowed=allowed)
 
 

@@ -9,20 +9,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import socket
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import attrs
 import httpx
 import pytest
 import uvicorn
 
-from ghostrunner import Task
+from ghostrunner import LoopSettings, Task
 from ghostrunner import events as ev
 from ghostrunner.testing import FakeExecutor, InMemoryStore
-from ghostrunner_http._events import QUEUE, parse_stream_query
-from ghostrunner_http._guard import ConnectionGuard, GuardedListener, guarded_protocol
+from ghostrunner_http._events import (
+    CHUNK,
+    Broadcast,
+    StreamQuery,
+    format_event,
+    parse_stream_query,
+)
+from ghostrunner_http._guard import (
+    ConnectionGuard,
+    GuardedListener,
+    GuardedProtocol,
+    guarded_protocol,
+)
 from ghostrunner_http._request import Services
 from ghostrunner_http.app import create_app
 from ghostrunner_http.config import Settings
@@ -67,17 +79,25 @@ async def until(check: Callable[[], bool]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def live(**settings: Any) -> AsyncIterator[Live]:
+async def live(*, guarded: bool = True, store: InMemoryStore | None = None,
+               **settings: Any) -> AsyncIterator[Live]:
+    """The app served by uvicorn with the connection guard of ``ghostrunner serve``
+    (its protocol gives streams their direct write, ``STREAM_WRITE``), or without it
+    (``guarded=False``: plain uvicorn, every write the ASGI way)."""
     cfg = Settings(executor="fake", admin_token=ADMIN, **settings)
     executor = FakeExecutor(devices=DEVICES)
-    app = create_app(cfg, store=InMemoryStore(), executor=executor, announce=lambda s: None)
+    app = create_app(cfg, store=store or InMemoryStore(), executor=executor,
+                     announce=lambda s: None)
     guard = ConnectionGuard(header_timeout=cfg.header_timeout, body_timeout=cfg.body_timeout,
                             max_connections=cfg.max_connections, max_streams=cfg.max_streams,
                             stream_send_timeout=cfg.stream_send_timeout)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, http=guarded_protocol(guard),
+    config = uvicorn.Config(app, host="127.0.0.1", port=0,
+                            http=guarded_protocol(guard) if guarded else "h11",
                             ws="none", lifespan="on", log_config=None, access_log=False)
     server = uvicorn.Server(config)
-    listener = GuardedListener.adopt(config.bind_socket(), guard)
+    listener = config.bind_socket()
+    if guarded:
+        listener = GuardedListener.adopt(listener, guard)
     port = listener.getsockname()[1]
     task = asyncio.create_task(server.serve(sockets=[listener]))
     await until(lambda: server.started)
@@ -87,6 +107,18 @@ async def live(**settings: Any) -> AsyncIterator[Live]:
         server.should_exit = True
         async with asyncio.timeout(LIMIT):  # open streams must not hold the shutdown up
             await task
+
+
+class CountingStore(InMemoryStore):
+    """Counts the event log's reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    async def events_after(self, after: int, limit: int = 1000) -> Any:
+        self.reads += 1
+        return await super().events_after(after, limit)
 
 
 @attrs.define
@@ -158,12 +190,72 @@ def test_query_checks_name_the_field() -> None:
                                                               ev.TASK_CREATED}))
 
 
+def test_the_broadcast_hands_each_stream_what_it_keeps_after_its_cursor() -> None:
+    from datetime import UTC, datetime
+
+    from ghostrunner import Event
+
+    async def go() -> None:
+        hub = Broadcast(cast(Any, None))
+        hub.base = hub.last = 10
+        at = datetime(2025, 1, 1, tzinfo=UTC)
+        kinds = [ev.TASK_CREATED, ev.RUN_CLAIMED, ev.RUN_FINISHED]
+
+        def batch(first: int, n: int) -> list[Event]:
+            return [Event(id=i, at=at, kind=kinds[i % 3], task_id=f"t{i % 2}",
+                          node_id="node-001") for i in range(first, first + n)]
+
+        hub._hand_out(batch(11, 4))  # 11-14
+        hub._hand_out(batch(15, 3))  # 15-17
+        everything = StreamQuery()
+        body, kept, last = hub.since(10, everything)
+        assert (kept, last) == (17, 17)
+        assert [int(x) for x in re.findall(rb"^id: (\d+)$", body, re.M)] == list(range(11, 18))
+        assert body == b"".join(format_event(e) for e in batch(11, 7))
+        assert hub.since(17, everything) == (b"", None, None)  # nothing new
+        # a cursor inside a batch: the rest of it
+        body, kept, last = hub.since(12, everything)
+        assert re.findall(rb"^id: (\d+)$", body, re.M) == [b"13", b"14", b"15", b"16", b"17"]
+        # at most about ``limit`` events: whole batches
+        assert hub.since(10, everything, limit=2)[2] == 14
+        # filters: the task's events (its index), of the kinds asked
+        body, kept, last = hub.since(10, StreamQuery(task_id="t1"))
+        assert re.findall(rb"^id: (\d+)$", body, re.M) == [b"11", b"13", b"15", b"17"]
+        assert (kept, last) == (17, 17)
+        body, kept, last = hub.since(10, StreamQuery(task_id="t1", kinds=frozenset(
+            {ev.RUN_FINISHED})))
+        assert re.findall(rb"^id: (\d+)$", body, re.M) == [b"11", b"17"]
+        body, kept, last = hub.since(12, StreamQuery(kinds=frozenset({ev.TASK_CREATED})))
+        assert re.findall(rb"^id: (\d+)$", body, re.M) == [b"15"]
+        # none kept, but the cursor moves past them (the next heartbeat tells the client)
+        assert hub.since(10, StreamQuery(task_id="t9")) == (b"", None, 17)
+        # only the newest ``keep`` events (whole batches) stay
+        hub.keep = 3
+        hub._hand_out(batch(18, 3))  # 18-20
+        assert hub.base == 17 and not hub.covers(16) and hub.covers(17)
+
+    run(go())
+
+
 # --------------------------------------------------------------------------- the stream
 
 
-def test_events_are_sse_messages_in_order_with_id_kind_and_json() -> None:
+@pytest.mark.parametrize("guarded", [True, False], ids=["direct-writes", "asgi-writes"])
+def test_events_are_sse_messages_in_order_with_id_kind_and_json(
+        guarded: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    direct: list[bytes] = []
+    write = GuardedProtocol._stream_write
+
+    def spy(self: GuardedProtocol, body: bytes) -> bool:
+        done = write(self, body)
+        if done:
+            direct.append(body)
+        return done
+
+    monkeypatch.setattr(GuardedProtocol, "_stream_write", spy)
+
     async def go() -> None:
-        async with live() as srv, httpx.AsyncClient(timeout=LIMIT) as client:
+        async with live(guarded=guarded) as srv, httpx.AsyncClient(timeout=LIMIT) as client:
             srv.executor.set_online("node-001")
             async with client.stream("GET", srv.url + "/events", headers=srv.headers()) as r:
                 assert r.status_code == 200
@@ -188,6 +280,9 @@ def test_events_are_sse_messages_in_order_with_id_kind_and_json() -> None:
             await closed(srv)  # the stream's slot was given back
 
     run(go())
+    # under ghostrunner serve's protocol the events were written directly (chunks
+    # framed by the guard: httpx decoded them above), else through ASGI
+    assert (b"".join(direct).count(b"\nevent: ") == 3) is guarded
 
 
 def test_last_event_id_resumes_from_the_store_and_wins_over_after() -> None:
@@ -355,10 +450,135 @@ def test_a_client_that_reads_nothing_is_dropped_and_costs_bounded_memory() -> No
                 await closed(srv)
             finally:
                 sock.close()
-            assert i >= QUEUE  # more than a stream may hold were written meanwhile
+            assert i >= CHUNK  # more than a stream may hold were written meanwhile
             assert not srv.guard.streams
 
     run(go())
+
+
+def test_without_the_guard_a_client_that_reads_nothing_is_dropped_by_the_app() -> None:
+    async def go() -> None:
+        # plain uvicorn: no stall timer in the protocol; the broadcast's ticker drops it
+        async with live(guarded=False, stream_send_timeout=0.5) as srv:
+            loop = asyncio.get_running_loop()
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            port = int(srv.url.rsplit(":", 1)[1])
+            await loop.sock_connect(sock, ("127.0.0.1", port))
+            await loop.sock_sendall(sock, (
+                f"GET /events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN}"
+                "\r\n\r\n").encode())
+            try:
+                await until(lambda: srv.svc.streams.active == 1)
+                async with asyncio.timeout(LIMIT):
+                    runner = srv.svc.runner
+                    while srv.svc.streams.active:
+                        for _ in range(200):
+                            await runner.submit(Task(name="x" * 200, command="true",
+                                                     targets=["node-003"]))
+                        await asyncio.sleep(0.05)
+            finally:
+                sock.close()
+
+    run(go())
+
+
+def test_many_streams_share_one_read_and_one_encoding_per_batch() -> None:
+    async def go() -> None:
+        store = CountingStore()
+        # no slow poll within the test: every read of the log is the broadcast's
+        async with live(store=store, loop=LoopSettings(events_poll=3600)) as srv:
+            hub = srv.svc.broadcast
+            clients = [httpx.AsyncClient(timeout=LIMIT) for _ in range(20)]
+            try:
+                async with contextlib.AsyncExitStack() as stack:
+                    streams = []
+                    for client in clients:
+                        r = await stack.enter_async_context(
+                            client.stream("GET", srv.url + "/events", headers=srv.headers()))
+                        streams.append(messages(r))
+                        await anext(streams[-1])
+                    reads, batches = store.reads, hub.batches
+                    tasks = [await submit(srv, "node-002", name=f"t{i}") for i in range(30)]
+                    got = [await read_events(stream, 30) for stream in streams]
+                    reads, batches = store.reads - reads, hub.batches - batches
+            finally:
+                for client in clients:
+                    await client.aclose()
+        ids = [[m.json()["task_id"] for m in events] for events in got]
+        assert ids == [[t.id for t in tasks]] * 20  # every stream every event, in order
+        # the log was read once per hand-out (the feed's refresh), not once per stream
+        assert 1 <= batches <= reads <= batches + 2, (reads, batches)
+        assert reads < 20
+
+    run(go())
+
+
+def test_a_stream_behind_what_the_broadcast_keeps_reads_the_store_then_joins() -> None:
+    async def go() -> None:
+        async with live() as srv, httpx.AsyncClient(timeout=LIMIT) as client:
+            hub = srv.svc.broadcast
+            hub.keep = 5  # the newest 5 events (whole batches) only
+            async with client.stream("GET", srv.url + "/events?after=0",
+                                     headers=srv.headers()) as first:
+                following = messages(first)
+                await anext(following)
+                tasks = []
+                for i in range(30):  # one at a time: a batch each
+                    tasks.append(await submit(srv, "node-002", name=f"t{i}"))
+                    await read_events(following, 1)
+                assert hub.base is not None and hub.base >= 25  # older events dropped
+                # a second stream from the start: from the store, then from the broadcast
+                async with client.stream("GET", srv.url + "/events?after=0",
+                                         headers=srv.headers()) as second:
+                    behind = messages(second)
+                    early = await read_events(behind, 30)
+                    more = [await submit(srv, "node-002", name=f"u{i}") for i in range(3)]
+                    late = await read_events(behind, 3)
+            assert [m.json()["task_id"] for m in early + late] == [t.id for t in tasks + more]
+            await closed(srv)
+            assert hub.base is not None  # waiting for the next event, which it drops
+            await submit(srv, "node-002", name="nobody-follows")
+            await until(lambda: hub.base is None)  # the last stream gone: it stopped
+
+    run(go())
+
+
+def test_a_store_failing_under_the_broadcast_ends_the_streams_and_the_next_ones_work(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from ghostrunner.errors import StoreError
+
+    class Flaky(InMemoryStore):
+        failing = False
+
+        async def events_after(self, after: int, limit: int = 1000) -> Any:
+            if self.failing:
+                raise StoreError("the database went away")
+            return await super().events_after(after, limit)
+
+    async def go() -> None:
+        store = Flaky()
+        async with live(store=store) as srv, httpx.AsyncClient(timeout=LIMIT) as client:
+            async with client.stream("GET", srv.url + "/events", headers=srv.headers()) as r:
+                stream = messages(r)
+                await anext(stream)
+                store.failing = True
+                await submit(srv, "node-003")
+                async with asyncio.timeout(LIMIT):
+                    async for _ in stream:  # ends: its client would reconnect
+                        pass
+            await closed(srv)
+            store.failing = False
+            async with client.stream("GET", srv.url + "/events", headers=srv.headers()) as r:
+                stream = messages(r)
+                await anext(stream)
+                task = await submit(srv, "node-003", name="after")
+                (created,) = await read_events(stream, 1)
+            assert created.json()["task_id"] == task.id
+
+    run(go())
+    assert "could not read the event log: the database went away" in caplog.text
 
 
 def test_a_revoked_token_ends_its_streams() -> None:
@@ -377,6 +597,38 @@ def test_a_revoked_token_ends_its_streams() -> None:
                 async with asyncio.timeout(LIMIT):
                     async for _ in stream:  # ends by itself
                         pass
+
+    run(go())
+
+
+def test_a_revoked_token_ends_its_streams_while_events_flow() -> None:
+    async def go() -> None:
+        async with live(stream_heartbeat=0.1) as srv, httpx.AsyncClient(timeout=LIMIT) as client:
+            r = await client.post(srv.url + "/token/create", headers=srv.headers(),
+                                  json={"details": {"name": "busy", "scope": "read"}})
+            secret = r.json()["data"]["token"]
+
+            async def churn() -> None:  # an event every 20 ms: never a quiet heartbeat
+                for i in range(10_000):
+                    await submit(srv, "node-003", name=f"c{i}")
+                    await asyncio.sleep(0.02)
+
+            async with client.stream("GET", srv.url + "/events",
+                                     headers=srv.headers(secret)) as r:
+                stream = messages(r)
+                await anext(stream)
+                busy = asyncio.create_task(churn())
+                try:
+                    await read_events(stream, 3)
+                    r2 = await client.request("DELETE", srv.url + "/token/delete",
+                                              headers=srv.headers(),
+                                              json={"details": {"name": "busy"}})
+                    assert r2.status_code == 200
+                    async with asyncio.timeout(LIMIT):
+                        async for _ in stream:  # ends by itself, events or not
+                            pass
+                finally:
+                    busy.cancel()
 
     run(go())
 

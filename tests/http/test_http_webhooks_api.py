@@ -4,18 +4,21 @@ store's event log to a receiver on loopback; ``GET /webhooks``, ``GET
 (admin, audited, same message id); the console's Webhooks page (admin only, CSRF,
 escaping).
 
-The store here is an ``InMemoryStore`` given an event log by the test (the core's event
-log is another branch's work): the same structural interface the app looks for.
+The store is a plain ``InMemoryStore``; its events are the ones the facade writes for
+what the tests do through the API: a task created on an online device (``task.created``,
+``run.claimed``, ``run.finished``: the fake device answers at once) or on an offline one
+and cancelled (``task.created``, ``runs.cancelled``).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
+from ghostrunner import Event
 from ghostrunner.testing import InMemoryStore
 from ghostrunner.tokens import Scope
 from ghostrunner_http import Settings
@@ -23,23 +26,9 @@ from ghostrunner_http._webhooks import DeliveryPolicy, Webhook, parse_secret
 from tests.http.conftest import ADMIN, Api, ApiFactory
 from tests.http.test_http_audit import entries
 from tests.http.test_http_console import XSS, Browser
-from tests.webhookkit import SECRET, Ev, Receiver
+from tests.webhookkit import SECRET, Receiver
 
-POLICY = DeliveryPolicy(schedule=(0.05,), jitter=0, max_attempts=1, poll_interval=0.02)
-
-
-class EventfulStore(InMemoryStore):
-    """An InMemoryStore with an event log (events added by the test)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.events: list[Ev] = []
-
-    async def events_after(self, after_id: int, limit: int) -> Sequence[Ev]:
-        return [e for e in self.events if e.id > after_id][:limit]
-
-    async def last_event_id(self) -> int:
-        return max((e.id for e in self.events), default=0)
+ONLINE, OFFLINE = "node-001", "node-002"
 
 
 class NoOutbox(InMemoryStore):
@@ -79,40 +68,71 @@ def deliveries(api: Api, **params: Any) -> list[dict[str, Any]]:
     return found
 
 
-def started(api_factory: ApiFactory, receiver: Receiver, **policy: Any) -> tuple[Api,
-                                                                                  EventfulStore]:
-    store = EventfulStore()
-    api = api_factory(settings=settings(receiver, **policy), store=store)
-    wait(lambda: set(store.cursors) == {"all", "runs"})  # the worker's first pass
-    return api, store
+def started(api_factory: ApiFactory, receiver: Receiver, **policy: Any) -> Api:
+    """The app over a plain InMemoryStore, ``ONLINE`` online, once the webhook worker's
+    first pass has set both cursors (a webhook gets the events committed from then on)."""
+    store = InMemoryStore()
+    api = api_factory(settings=settings(receiver, **policy), store=store, online=(ONLINE,))
+    wait(lambda: set(store.cursors) == {"all", "runs"})
+    return api
+
+
+def task_events(api: Api, task_id: str) -> list[Event]:
+    return [e for e in api.store.events if e.task_id == task_id]
+
+
+def run_once(api: Api) -> list[Event]:
+    """A task on the online device, run to its end: its 3 events."""
+    task_id = api.create([ONLINE], name="runs-once")["id"]
+    api.wait_done(task_id)
+    events = task_events(api, task_id)
+    assert [e.kind for e in events] == ["task.created", "run.claimed", "run.finished"]
+    return events
+
+
+def cancelled(api: Api, name: str = "cancelled") -> list[Event]:
+    """A task on the offline device, cancelled: its 2 events (task-level only)."""
+    task_id = api.create([OFFLINE], name=name)["id"]
+    assert api.post(f"/tasks/{task_id}/cancel").status_code == 200
+    events = task_events(api, task_id)
+    assert [e.kind for e in events] == ["task.created", "runs.cancelled"]
+    return events
 
 
 def test_events_are_delivered_and_listed(api_factory: ApiFactory, receiver: Receiver) -> None:
-    api, store = started(api_factory, receiver)
-    store.events += [Ev(1, "task.created"), Ev(2, "run.claimed"), Ev(3, "run.finished")]
-    wait(lambda: len(receiver.got) == 5)
+    api = started(api_factory, receiver)
+    created, claimed, finished = (e.id for e in run_once(api))
+    wait(lambda: len(receiver.got) == 5)  # 3 for "all", 2 for "runs"
     assert all(r.valid for r in receiver.got)
     wait(lambda: all(d["status"] == "delivered" for d in deliveries(api)))
     listed = deliveries(api)
-    assert [(d["webhook"], d["event_id"]) for d in listed] == [
-        ("runs", 3), ("runs", 2), ("all", 3), ("all", 2), ("all", 1)]
-    d = listed[0]
+    assert [d["id"] for d in listed] == sorted((d["id"] for d in listed), reverse=True)
+    assert sorted((d["webhook"], d["event_id"]) for d in listed) == sorted([
+        ("runs", finished), ("runs", claimed), ("all", finished), ("all", claimed),
+        ("all", created)])
+    d = deliveries(api, webhook="runs", event_id=finished)[0]
     assert d["kind"] == "run.finished" and d["attempts"] == 1 and d["sending"] is False
-    assert d["msg_id"].startswith("msg_3_") and d["finished_at"] is not None
+    assert d["msg_id"].startswith(f"msg_{finished}_") and d["finished_at"] is not None
     assert d["next_attempt_at"] is None and d["last_error"] is None
     assert {r.msg_id for r in receiver.got} == {x["msg_id"] for x in listed}
+    # what was sent is the event as the store keeps it
+    sent = next(r.body for r in receiver.got if r.msg_id == d["msg_id"])
+    assert sent is not None and sent["type"] == "run.finished"
+    assert sent["data"]["id"] == finished and sent["data"]["node_id"] == ONLINE
+    assert sent["data"]["data"]["state"] == "succeeded"
 
     hooks = api.get("/webhooks").json()["data"]
     assert hooks["event_log"] is True
     assert [(w["name"], w["configured"], w["cursor"], w["counts"]) for w in hooks["webhooks"]
-            ] == [("all", True, 3, {"pending": 0, "delivered": 3, "failed": 0}),
-                  ("runs", True, 3, {"pending": 0, "delivered": 2, "failed": 0})]
+            ] == [("all", True, finished, {"pending": 0, "delivered": 3, "failed": 0}),
+                  ("runs", True, finished, {"pending": 0, "delivered": 2, "failed": 0})]
     assert hooks["webhooks"][1]["events"] == ["run.*"]
     assert hooks["webhooks"][0]["url"] == f"http://127.0.0.1:{receiver.port}"  # origin only
 
     # filters and pages
-    assert [d["event_id"] for d in deliveries(api, webhook="runs")] == [3, 2]
-    assert [d["webhook"] for d in deliveries(api, event_id=2)] == ["runs", "all"]
+    assert [d["event_id"] for d in deliveries(api, webhook="runs")] == [finished, claimed]
+    assert {d["webhook"] for d in deliveries(api, event_id=claimed)} == {"runs", "all"}
+    assert [d["webhook"] for d in deliveries(api, event_id=created)] == ["all"]
     assert deliveries(api, status="failed") == []
     first = api.get("/webhooks/deliveries", params={"limit": 2}).json()["data"]
     second = api.get("/webhooks/deliveries",
@@ -123,11 +143,12 @@ def test_events_are_delivered_and_listed(api_factory: ApiFactory, receiver: Rece
 
 def test_a_failed_delivery_is_sent_again_by_an_admin(api_factory: ApiFactory,
                                                      receiver: Receiver) -> None:
-    receiver.answers = [500, 500]  # both webhooks' first attempt; one attempt allowed
+    receiver.answers = [500, 500]  # both events' first attempt; one attempt allowed
     receiver.answer_body = XSS.encode()
-    api, store = started(api_factory, receiver)
-    store.events.append(Ev(1, "run.finished"))
+    api = started(api_factory, receiver)
+    cancelled(api)  # two task-level events: for "all" only
     failed = wait(lambda: len(found := deliveries(api, status="failed")) == 2 and found)
+    assert {d["webhook"] for d in failed} == {"all"}
     one = failed[0]
     assert one["last_status"] == 500 and one["attempts"] == 1
     assert one["last_error"].startswith("HTTP 500: <script>")
@@ -142,8 +163,9 @@ def test_a_failed_delivery_is_sent_again_by_an_admin(api_factory: ApiFactory,
     audit = entries(api, route="/webhooks/deliveries/{delivery_id}/retry")
     assert [(e["token"], e["status"], e["counts"]) for e in audit] == [
         ("admin", 200, {"deliveries": 1}), ("writer", 403, {})]
-    wait(lambda: [d["status"] for d in deliveries(api, event_id=1, webhook=one["webhook"])]
+    wait(lambda: [d["status"] for d in deliveries(api, event_id=one["event_id"])]
          == ["delivered"])
+    assert [d["status"] for d in deliveries(api, status="failed")] == ["failed"]  # the other
     # the receiver got it twice, under the same message id: a duplicate it can drop
     assert [r.msg_id for r in receiver.got].count(one["msg_id"]) == 2
 
@@ -155,7 +177,7 @@ def test_a_failed_delivery_is_sent_again_by_an_admin(api_factory: ApiFactory,
 
 def test_only_admins_see_and_retry_deliveries(api_factory: ApiFactory,
                                               receiver: Receiver) -> None:
-    api, _ = started(api_factory, receiver)
+    api = started(api_factory, receiver)
     for scope in (Scope.READ, Scope.WRITE):
         token = api.token(f"t-{scope.value}", scope)
         assert api.get("/webhooks", token=token).status_code == 403
@@ -195,10 +217,11 @@ def test_a_store_without_an_outbox_answers_404(api_factory: ApiFactory) -> None:
 
 def test_webhooks_no_longer_configured_are_listed_as_such(api_factory: ApiFactory,
                                                          receiver: Receiver) -> None:
-    api, store = started(api_factory, receiver)
-    store.events.append(Ev(1))
+    api = started(api_factory, receiver)
+    cancelled(api)
     wait(lambda: len(receiver.got) == 2)
-    store.cursors["gone"] = 7  # a webhook removed from the configuration
+    assert isinstance(api.store, InMemoryStore)
+    api.store.cursors["gone"] = 7  # a webhook removed from the configuration
     rows = {w["name"]: w for w in api.get("/webhooks").json()["data"]["webhooks"]}
     assert (rows["gone"]["configured"], rows["gone"]["url"], rows["gone"]["cursor"]) == (
         False, None, 7)
@@ -209,12 +232,12 @@ def test_webhooks_no_longer_configured_are_listed_as_such(api_factory: ApiFactor
 
 def test_the_console_page_shows_delivery_state_to_admins(api_factory: ApiFactory,
                                                          receiver: Receiver) -> None:
-    receiver.answers = [500]
+    receiver.answers = [500]  # the first request; the answer's body is shown, escaped
     receiver.answer_body = XSS.encode()
-    api, store = started(api_factory, receiver)
-    store.events += [Ev(1, "run.finished"), Ev(2, XSS.replace(" ", "_"))]
+    api = started(api_factory, receiver)
+    cancelled(api, name=XSS)  # two events for "all"
     wait(lambda: len(deliveries(api, status="failed")) == 1
-         and len(deliveries(api, status="delivered")) == 2)
+         and len(deliveries(api, status="delivered")) == 1)
     admin = Browser(api.client)
     admin.sign_in(ADMIN)
     page = admin.get("/ui/webhooks")

@@ -4,8 +4,8 @@ next start, under the same message id); the secret stays out of the log and the
 database. (The crash scenario, SIGKILL and a receiver outage, is
 ``tests/reliability/test_webhook_crash.py``.)
 
-The store's event log is a file the test writes (``tests/webhook_serve.py``) until the
-core's event log is merged.
+Plain ``ghostrunner serve`` (fake executor: its devices are online and answer at once);
+the events are those of a task created through the API.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.serverproc import ServerProcess
-from tests.webhookkit import SECRET, Ev, FileSource, Receiver
+from tests.webhookkit import SECRET, Receiver
 
 ADMIN = "webhook-serve-admin-secret-0123456789"
 
@@ -31,8 +31,6 @@ def wait(predicate: Callable[[], Any], timeout: float = 30.0) -> Any:
 
 
 def test_sigterm_with_a_hung_receiver_stops_promptly_and_hands_back(tmp_path: Path) -> None:
-    events = tmp_path / "events.jsonl"
-    events.touch()
     hung = Receiver(hang=True).start()
     server = ServerProcess(tmp_path, f"""executor = "fake"
 [webhook_delivery]
@@ -41,15 +39,19 @@ poll_interval = 0.1
 url = "{hung.url}"
 secret = "{SECRET}"
 timeout = 60
-""", {"GHOSTRUNNER_ADMIN_TOKEN": ADMIN, "WEBHOOK_TEST_EVENTS": str(events)},
-        module="tests.webhook_serve")
+""", {"GHOSTRUNNER_ADMIN_TOKEN": ADMIN})
     fine = Receiver()
     try:
         server.start()
         wait(lambda: server.call("GET", "/webhooks", ADMIN).json()["data"]["webhooks"][0][
             "cursor"] == 0)
-        FileSource.append(events, [Ev(1), Ev(2), Ev(3)])
+        r = server.call("POST", "/task/create", ADMIN, json={"details": {
+            "name": "one", "command": "true", "nodeids": ["node-001"]}})
+        assert r.status_code == 200, r.text
+        # task.created, run.claimed, run.finished: all three being sent, none answered
         assert wait(lambda: len(hung.got) == 3)
+        assert sorted(got.body["type"] for got in hung.got if got.body) == [
+            "run.claimed", "run.finished", "task.created"]
         started = time.monotonic()
         assert server.stop(signal.SIGTERM) == 0
         assert time.monotonic() - started < 10  # not the receiver's 60 s timeout
@@ -71,6 +73,9 @@ timeout = 60
         fine.stop()
     assert all(r.valid for r in hung.got + fine.got)
     assert {r.msg_id for r in fine.got} == {r.msg_id for r in hung.got}  # same ids
+    stored = [e.id for e in server.stored_events()]
+    assert len(stored) == 3
+    assert sorted({r.body["data"]["id"] for r in fine.got if r.body}) == stored
     assert "webhook '127.0.0.1:" in server.log()  # the start-up line names it
     assert SECRET[6:] not in server.log()
     assert SECRET[6:].encode() not in server.files_bytes()

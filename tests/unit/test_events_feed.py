@@ -109,6 +109,35 @@ def test_many_followers_cost_one_query_per_change() -> None:
     run(go())
 
 
+def test_event_batches_hand_on_each_read_whole() -> None:
+    async def go() -> None:
+        store = CountingStore()
+        gr, executor = runner(store)
+        async with gr:
+            batches = gr.event_batches(after=0)
+            for i in range(3):  # written before the first read: one batch
+                await gr.submit(Task(name=f"t{i}", command="true", targets=["b"]))
+            async with asyncio.timeout(LIMIT):
+                first = await anext(batches)
+                assert [e.data["name"] for e in first] == ["t0", "t1", "t2"]
+                waiting = asyncio.ensure_future(anext(batches))
+                await asyncio.sleep(0)
+                reads = store.reads
+                task = await gr.submit(Task(name="t", command="true", targets=["a"]))
+                executor.set_online("a")
+                await gr.run_until_idle()
+                got = [*await waiting]
+                while len(got) < 3:
+                    got += await anext(batches)
+            assert [e.kind for e in got] == [
+                events.TASK_CREATED, events.RUN_CLAIMED, events.RUN_FINISHED]
+            assert {e.task_id for e in got} == {task.id}
+            assert store.reads - reads <= 3  # one read per batch handed on
+            await batches.aclose()
+
+    run(go())
+
+
 def test_other_processes_events_come_by_the_poll_or_the_wake_hook() -> None:
     async def go() -> None:
         store = InMemoryStore()

@@ -1,5 +1,6 @@
 """What the SQL stores (``sqlite``, ``postgres``) share: how a task's fleet fields are
-kept as one JSON document, and how each task status reads on a ``task_counts`` row.
+kept as one JSON document, how each task status reads on a ``task_counts`` row, and how
+a page of the webhook outbox is asked for.
 
 One module, so that a database moved from one backend to the other (``ghostrunner db
 migrate``) reads alike, and a status means the same SQL in both.
@@ -14,8 +15,10 @@ from typing import Any, Final
 import attrs
 
 from ._types import Rollout, Selector, Task, TaskStatus
+from .errors import ValidationError
+from .webhooks import DeliveryQuery
 
-__all__ = ["STATUS_SQL", "fleet_fields", "fleet_json"]
+__all__ = ["DELIVERY_COLS", "STATUS_SQL", "deliveries_sql", "fleet_fields", "fleet_json"]
 
 _PLAIN_ROLLOUT: Final = Rollout()
 
@@ -72,3 +75,36 @@ STATUS_SQL: Final[Mapping[TaskStatus, str]] = {
     TaskStatus.CANCELLED: f"{_SETTLED} AND c.succeeded <> c.total AND c.cancelled = c.total",
     TaskStatus.FAILED: f"{_SETTLED} AND c.succeeded <> c.total AND c.cancelled <> c.total",
 }
+
+
+#: The columns of a ``webhook_deliveries`` row, in the order the stores read them.
+DELIVERY_COLS: Final = (
+    "id, webhook, event_id, kind, msg_id, body, status, attempts, created_at, started_at, "
+    "next_attempt_at, lease_until, last_attempt_at, last_status, last_error, finished_at")
+
+
+def deliveries_sql(query: DeliveryQuery, mark: str) -> tuple[str, list[Any]]:
+    """The statement and parameters reading one page of ``query`` from the outbox,
+    newest first, one row more than the page (there is a next page if it comes back);
+    ``mark`` is the driver's placeholder (``?`` or ``%s``). Raises ``ValidationError``
+    for a cursor this server did not give."""
+    try:
+        before = query.before_id()
+    except ValueError:
+        raise ValidationError("cursor", "is not a cursor this server gave") from None
+    terms: list[str] = []
+    params: list[Any] = []
+    for column, value in (("webhook", query.webhook), ("event_id", query.event_id),
+                          ("status", query.status and query.status.value)):
+        if value is not None:
+            terms.append(f"{column} = {mark}")
+            params.append(value)
+    if before is not None:
+        terms.append(f"id < {mark}")
+        params.append(min(before, (1 << 63) - 1))
+    where = "WHERE " + " AND ".join(terms) if terms else ""
+    params.append(query.limit + 1)
+    # constant columns and placeholders only: every value is a parameter
+    sql = (f"SELECT {DELIVERY_COLS} FROM webhook_deliveries {where} "  # noqa: S608
+           f"ORDER BY id DESC LIMIT {mark}")
+    return sql, params

@@ -418,9 +418,8 @@ _AUDIT_KEYS = ("limit", "cursor", "token", "route", "task_id", "since", "until",
 _STATUS_CLASSES = {f"{n}xx": n for n in range(1, 6)}
 
 
-def parse_audit_query(params: QueryParams) -> AuditQuery:
-    """The filters and page of ``GET /audit`` (and of the console's audit page)."""
-    values = _single_values(params, _AUDIT_KEYS)
+def _page_fields(values: Mapping[str, str]) -> dict[str, Any]:
+    """``limit`` (1 to 1000) and ``cursor`` (the digits of an id) of a paged admin list."""
     fields: dict[str, Any] = {}
     if "limit" in values:
         text = values["limit"].strip()
@@ -432,6 +431,13 @@ def parse_audit_query(params: QueryParams) -> AuditQuery:
         if not (text.isascii() and text.isdigit()) or len(text) > 19:
             raise ValidationError("cursor", "is not a cursor this server gave")
         fields["cursor"] = text
+    return fields
+
+
+def parse_audit_query(params: QueryParams) -> AuditQuery:
+    """The filters and page of ``GET /audit`` (and of the console's audit page)."""
+    values = _single_values(params, _AUDIT_KEYS)
+    fields = _page_fields(values)
     for key in ("token", "route", "task_id"):
         if key in values:
             text = values[key]
@@ -471,17 +477,7 @@ def _id(field: str, text: str) -> int:
 def parse_delivery_query(params: QueryParams) -> DeliveryQuery:
     """The filters and page of ``GET /webhooks/deliveries`` (and of the console's page)."""
     values = _single_values(params, _DELIVERY_KEYS)
-    fields: dict[str, Any] = {}
-    if "limit" in values:
-        text = values["limit"].strip()
-        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 1000:
-            raise ValidationError("limit", "must be an integer between 1 and 1000")
-        fields["limit"] = int(text)
-    if "cursor" in values:
-        text = values["cursor"]
-        if not (text.isascii() and text.isdigit()) or len(text) > 19:
-            raise ValidationError("cursor", "is not a cursor this server gave")
-        fields["cursor"] = text
+    fields = _page_fields(values)
     if "webhook" in values:
         text = values["webhook"]
         if not text or len(text) > 1024 or "\x00" in text:

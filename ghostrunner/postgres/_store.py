@@ -34,6 +34,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .. import events as ev
 from .._planner import RATE_WINDOW, rollout_budget
+from .._sqlkit import DELIVERY_COLS, deliveries_sql
 from .._types import (
     TERMINAL_STATES,
     TRANSITIONS,
@@ -1075,7 +1076,7 @@ class PostgresStore:
                 "AND status = 'pending' AND next_attempt_at <= %(now)s "
                 "AND (lease_until IS NULL OR lease_until <= %(now)s) "
                 "ORDER BY next_attempt_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED) "
-                f"RETURNING {_DELIVERY_COLS}", params)
+                f"RETURNING {DELIVERY_COLS}", params)
             rows = await cur.fetchall()
             return sorted((_delivery(r) for r in rows),
                           key=lambda d: (d.next_attempt_at, d.id))
@@ -1110,24 +1111,7 @@ class PostgresStore:
         return await self._tx(op)
 
     async def query_deliveries(self, query: DeliveryQuery) -> DeliveryPage:
-        try:
-            before = query.before_id()
-        except ValueError:
-            raise ValidationError("cursor", "is not a cursor this server gave") from None
-        terms: list[str] = []
-        params: list[Any] = []
-        for column, value in (("webhook", query.webhook), ("event_id", query.event_id),
-                              ("status", query.status and query.status.value)):
-            if value is not None:
-                terms.append(f"{column} = %s")
-                params.append(value)
-        if before is not None:
-            terms.append("id < %s")
-            params.append(min(before, (1 << 63) - 1))
-        where = "WHERE " + " AND ".join(terms) if terms else ""
-        params.append(query.limit + 1)
-        sql = (f"SELECT {_DELIVERY_COLS} FROM webhook_deliveries {where} "
-               "ORDER BY id DESC LIMIT %s")
+        sql, params = deliveries_sql(query, "%s")
 
         async def op(conn: Conn) -> DeliveryPage:
             cur = await conn.execute(sql, params)
@@ -1146,7 +1130,7 @@ class PostgresStore:
                 "UPDATE webhook_deliveries SET status = 'pending', attempts = 0, "
                 "started_at = %(now)s, next_attempt_at = %(now)s, lease_until = NULL, "
                 "finished_at = NULL WHERE id = %(id)s AND status = 'failed' "
-                f"RETURNING {_DELIVERY_COLS}", params)
+                f"RETURNING {DELIVERY_COLS}", params)
             row = await cur.fetchone()
             if row is not None:
                 return _delivery(row)
@@ -1402,9 +1386,6 @@ async def _update_dispatched(
     return q.run(key.task_id, key.node_id, row)
 
 
-_DELIVERY_COLS: Final = (
-    "id, webhook, event_id, kind, msg_id, body, status, attempts, created_at, started_at, "
-    "next_attempt_at, lease_until, last_attempt_at, last_status, last_error, finished_at")
 
 
 def _delivery(row: Sequence[Any]) -> WebhookDelivery:

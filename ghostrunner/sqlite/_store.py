@@ -25,6 +25,7 @@ from typing import Any, Final, Literal, TypeVar, cast
 import sqlite_utils
 
 from .. import events as ev
+from .._sqlkit import DELIVERY_COLS, deliveries_sql
 from .._types import (
     TERMINAL_STATES,
     TRANSITIONS,
@@ -758,7 +759,7 @@ class SQLiteStore:
             rows = db.execute(
                 "UPDATE webhook_deliveries SET attempts = attempts + 1, "
                 "lease_until = :lease, last_attempt_at = :now "
-                f"WHERE id IN ({due}) RETURNING {_DELIVERY_COLS}", params).fetchall()
+                f"WHERE id IN ({due}) RETURNING {DELIVERY_COLS}", params).fetchall()
             return sorted((_delivery(r) for r in rows),
                           key=lambda d: (d.next_attempt_at, d.id))
 
@@ -785,23 +786,7 @@ class SQLiteStore:
             "AND (attempts = :attempt OR :delivered)", params).rowcount))
 
     async def query_deliveries(self, query: DeliveryQuery) -> DeliveryPage:
-        try:
-            before = query.before_id()
-        except ValueError:
-            raise ValidationError("cursor", "is not a cursor this server gave") from None
-        terms: list[str] = []
-        params: list[Any] = []
-        for column, value in (("webhook", query.webhook), ("event_id", query.event_id),
-                              ("status", query.status and query.status.value)):
-            if value is not None:
-                terms.append(f"{column} = ?")
-                params.append(value)
-        if before is not None:
-            terms.append("id < ?")
-            params.append(min(before, (1 << 63) - 1))
-        where = "WHERE " + " AND ".join(terms) if terms else ""
-        params.append(query.limit + 1)
-        sql = f"SELECT {_DELIVERY_COLS} FROM webhook_deliveries {where} ORDER BY id DESC LIMIT ?"
+        sql, params = deliveries_sql(query, "?")
 
         def op(db: sqlite_utils.Database) -> DeliveryPage:
             rows = db.execute(sql, params).fetchall()
@@ -819,7 +804,7 @@ class SQLiteStore:
                 "UPDATE webhook_deliveries SET status = 'pending', attempts = 0, "
                 "started_at = :now, next_attempt_at = :now, lease_until = NULL, "
                 "finished_at = NULL WHERE id = :id AND status = 'failed' "
-                f"RETURNING {_DELIVERY_COLS}", params).fetchone()
+                f"RETURNING {DELIVERY_COLS}", params).fetchone()
             if row is not None:
                 return _delivery(row)
             found = db.execute("SELECT status FROM webhook_deliveries WHERE id = ?",
@@ -1045,9 +1030,6 @@ def _audit_entry(row: Sequence[Any]) -> AuditEntry:
                       route=row[5], task_id=row[6], status=row[7], counts=json.loads(row[8]))
 
 
-_DELIVERY_COLS: Final = (
-    "id, webhook, event_id, kind, msg_id, body, status, attempts, created_at, started_at, "
-    "next_attempt_at, lease_until, last_attempt_at, last_status, last_error, finished_at")
 #: a delivery that may be claimed now (parameters :webhook and :now)
 _DUE: Final = ("webhook = :webhook AND status = 'pending' AND next_attempt_at <= :now "
                "AND (lease_until IS NULL OR lease_until <= :now)")

@@ -210,8 +210,9 @@ class FakeExecutor:
             book[attempt] = lost.outcome
             raise OutcomeUnknown("no reply", recoverable=True) from None
         except (NotDelivered, PermanentError):
-            # refused before it ran: not an execution
+            # refused before it ran: not an execution (nor a rerun)
             self.executions.remove(request)
+            self.reruns[:] = [r for r in self.reruns if r is not request]
             if book is not None:
                 del book[attempt]
             raise

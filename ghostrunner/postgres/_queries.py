@@ -278,17 +278,27 @@ WHERE state = 'pending' AND expires_at <= %(now)s
 RETURNING task_seq, position, (SELECT id FROM tasks WHERE seq = task_seq), node
 """
 
-#: Write events (the verb's last statement): the advisory lock first, held until the
-#: commit, so that event ids become visible in order (see _schema's version 3). One
-#: statement: the lock's row must be joined before any row is inserted, so the ids
-#: (the identity's nextval, taken as each row is inserted) come after it.
+#: Write events into the inbox (no lock: the sequencer gives them their ids; see
+#: _schema's version 6), in the order given.
 EMIT_SQL: Final = """
-WITH turn AS (SELECT pg_advisory_xact_lock(%(lock)s))
-INSERT INTO events(at, kind, task_id, node_id, data)
+INSERT INTO event_inbox(at, kind, task_id, node_id, data)
 SELECT %(at)s, u.kind, u.task_id, u.node_id, u.data::jsonb
-FROM turn CROSS JOIN unnest(%(kinds)s::text[], %(task_ids)s::text[], %(node_ids)s::text[],
-                            %(data)s::text[]) WITH ORDINALITY AS u(kind, task_id, node_id, data, i)
+FROM unnest(%(kinds)s::text[], %(task_ids)s::text[], %(node_ids)s::text[],
+            %(data)s::text[]) WITH ORDINALITY AS u(kind, task_id, node_id, data, i)
 ORDER BY u.i
+"""
+
+#: Whether the inbox holds committed events (rows a pass in progress is moving still
+#: count: its delete is not committed).
+INBOX_SQL: Final = "SELECT EXISTS (SELECT 1 FROM event_inbox)"
+
+#: A sequencer pass, under EVENTS_LOCK (taken by the statement before, so that this
+#: statement's snapshot sees every pass before it committed): the inbox's committed
+#: rows move to the log, taking their ids in inbox order.
+SEQUENCE_SQL: Final = """
+WITH moved AS (DELETE FROM event_inbox RETURNING seq, at, kind, task_id, node_id, data)
+INSERT INTO events(at, kind, task_id, node_id, data)
+SELECT at, kind, task_id, node_id, data FROM moved ORDER BY seq
 """
 
 EVENTS_AFTER_SQL: Final = """

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import secrets
@@ -96,6 +97,12 @@ _TRIES: Final = 5
 _TASK_CACHE: Final = 1024
 #: Tasks whose having rollout limits claim_many remembers (see _within_limits).
 _LIMITED_CACHE: Final = 100_000
+#: Seconds after a commit that wrote events before this process's sequencer pass moves
+#: them from the inbox (a reader of the log runs a pass first: this only keeps the inbox
+#: short when nobody reads; the commits meanwhile share the pass).
+_DRAIN_DELAY: Final = 0.2
+#: Whether the current transaction wrote events (set by _emit, read by _tx).
+_EMITTED: contextvars.ContextVar[bool] = contextvars.ContextVar("_EMITTED", default=False)
 #: Seconds the pool keeps one chain of reconnection attempts going (see open()).
 _RECONNECT_CHAIN: Final = 2.0
 
@@ -158,6 +165,10 @@ class PostgresStore:
         # never reused, so they never go stale (a task of 10,000 targets takes ~10 ms
         # to read and build)
         self._tasks: OrderedDict[int, Task] = OrderedDict()
+        # the event log's sequencer (see _sequenced): passes started, one at a time
+        self._passes = 0
+        self._pass_lock = asyncio.Lock()
+        self._drain: asyncio.Task[None] | None = None
 
     def _remember(self, seq: int, task: Task) -> Task:
         self._tasks[seq] = task
@@ -201,6 +212,11 @@ class PostgresStore:
         self._pool = pool
 
     async def close(self) -> None:
+        drain, self._drain = self._drain, None
+        if drain is not None:
+            drain.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await drain
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
@@ -213,8 +229,12 @@ class PostgresStore:
             raise StoreError("the store is not open")
         for attempt in range(_TRIES):
             try:
+                _EMITTED.set(False)
                 async with pool.connection() as conn, conn.transaction():
-                    return await fn(conn)
+                    result = await fn(conn)
+                if _EMITTED.get():
+                    self._drain_soon()
+                return result
             except (
                 psycopg.errors.DeadlockDetected,
                 psycopg.errors.SerializationFailure,
@@ -690,8 +710,31 @@ class PostgresStore:
 
     # ---------------------------------------------------------------- the event log
 
+    async def _sequenced(self) -> None:
+        """Return once a sequencer pass that started after the call has ended: every
+        event committed before the call then has its id (see ``_schema``'s version 6).
+        One pass at a time in this process; callers waiting together share one."""
+        ticket = self._passes
+        async with self._pass_lock:
+            if self._passes > ticket:  # a pass started after the call, and has ended
+                return
+            self._passes += 1
+            await self._tx(_sequence_pass)
+
+    def _drain_soon(self) -> None:
+        if self._drain is None or self._drain.done():
+            self._drain = asyncio.get_running_loop().create_task(self._drain_later())
+
+    async def _drain_later(self) -> None:
+        await asyncio.sleep(_DRAIN_DELAY)
+        try:
+            await self._sequenced()
+        except GhostRunnerError as exc:  # the next reader's or writer's pass does it
+            log.debug("sequencing the event log: %s", exc)
+
     async def events_after(self, after: int, limit: int = 1000) -> Sequence[ev.Event]:
         params = (min(max(after, -1), (1 << 63) - 1), max(limit, 0))
+        await self._sequenced()
 
         async def op(conn: Conn) -> list[ev.Event]:
             rows = await (await conn.execute(q.EVENTS_AFTER_SQL, params)).fetchall()
@@ -701,6 +744,8 @@ class PostgresStore:
         return await self._tx(op)
 
     async def last_event_id(self) -> int:
+        await self._sequenced()
+
         async def op(conn: Conn) -> int:
             row = await (await conn.execute("SELECT coalesce(max(id), 0) FROM events")).fetchone()
             assert row is not None
@@ -710,6 +755,7 @@ class PostgresStore:
 
     async def prune_events(self, before: datetime) -> int:
         params = {"before": q.ts(before)}
+        await self._sequenced()
 
         async def op(conn: Conn) -> int:
             return (await conn.execute(q.PRUNE_EVENTS_SQL, params)).rowcount
@@ -1235,17 +1281,28 @@ async def _emit(
     conn: Conn, at: datetime,
     events: Sequence[tuple[str, str, str | None, Mapping[str, Any]]],
 ) -> None:
-    """Write ``events`` (kind, task id, node id, data), all at ``at``: the last
-    statement of a verb's transaction, since it takes the event log's advisory lock,
-    held until the commit (see ``_schema``'s version 3)."""
+    """Write ``events`` (kind, task id, node id, data), all at ``at``, into the inbox, in
+    the verb's transaction; a sequencer pass gives them their ids once it committed."""
     if not events:
         return
     await conn.execute(q.EMIT_SQL, {
-        "lock": EVENTS_LOCK, "at": q.ts(at),
+        "at": q.ts(at),
         "kinds": [e[0] for e in events], "task_ids": [e[1] for e in events],
         "node_ids": [e[2] for e in events],
         "data": [json.dumps(e[3], ensure_ascii=False) for e in events],
     })
+    _EMITTED.set(True)
+
+
+async def _sequence_pass(conn: Conn) -> None:
+    """One sequencer pass (in a transaction): nothing to do without committed rows in
+    the inbox; else take the sequencer's lock, then move them (a statement of its own,
+    so that its snapshot comes after the lock: it sees what passes before it did)."""
+    row = await (await conn.execute(q.INBOX_SQL)).fetchone()
+    if row is None or not row[0]:
+        return
+    await conn.execute("SELECT pg_advisory_xact_lock(%s)", (EVENTS_LOCK,))
+    await conn.execute(q.SEQUENCE_SQL)
 
 
 async def _configure(conn: Conn) -> None:

@@ -233,37 +233,75 @@ async def _advisory_waiters(store: PostgresStore) -> int:
         return int(row[0])
 
 
-async def test_event_ids_become_visible_in_commit_order(
-    pg_store: PostgresStore, postgres: PgServer
+async def _inbox(store: PostgresStore) -> int:
+    async with store.connection() as conn:
+        row = await (await conn.execute("SELECT count(*) FROM event_inbox")).fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+async def test_an_open_transaction_with_events_holds_back_no_writer_and_no_id(
+    pg_store: PostgresStore,
 ) -> None:
-    """A transaction that took an event id and has not committed holds back every later
-    event writer: a reader never sees id n + 1 before id n is committed."""
+    """A verb's transaction that wrote events and has not committed delays nobody (no
+    lock across its commit: schema 6) and has no id yet: a reader sees the later
+    writer's event now, and the slow one's after its commit, with a later id, past the
+    reader's cursor (never behind it)."""
     from ghostrunner import events as ev
     from ghostrunner.postgres._store import _emit
 
-    dsn = pg_store._dsn
-    async with await psycopg.AsyncConnection.connect(dsn) as slow:
+    async with await psycopg.AsyncConnection.connect(pg_store._dsn) as slow:
         async with slow.transaction():
-            await _emit(slow, NOW, [(ev.TASK_PAUSED, "slow-task", None, {})])  # id taken
-            writer = asyncio.create_task(add(pg_store, "node//a"))
-            while await _advisory_waiters(pg_store) == 0:  # the writer waits for its turn
-                assert not writer.done()
-                await asyncio.sleep(0.01)
-            assert list(await pg_store.events_after(0, 10)) == []  # nothing committed
-        # the slow transaction committed: the writer goes on, with a later id
-        task = await writer
-    first, second = await pg_store.events_after(0, 10)
-    assert (first.task_id, second.task_id) == ("slow-task", task.id)
-    assert first.id < second.id
+            await _emit(slow, NOW, [(ev.TASK_PAUSED, "slow-task", None, {})])
+            task = await asyncio.wait_for(add(pg_store, "node//a"), 10)  # not held back
+            (first,) = await pg_store.events_after(0, 10)
+            assert first.task_id == task.id
+        # committed now: the next read sequences it, after the cursor
+        (second,) = await pg_store.events_after(first.id, 10)
+    assert second.task_id == "slow-task" and second.id > first.id
+    assert [e.id for e in await pg_store.events_after(0, 10)] == [first.id, second.id]
 
 
-async def test_without_the_lock_a_reader_would_miss_an_event(pg_store: PostgresStore) -> None:
-    """Why the lock: a sequence value taken first can commit last, behind the cursor."""
+async def test_a_pass_in_progress_holds_back_no_verb(pg_store: PostgresStore) -> None:
+    """Another process's sequencer pass holds the sequencer's lock: verbs (and their
+    events) go on; the events wait in the inbox until the pass ends."""
+    other = await psycopg.AsyncConnection.connect(pg_store._dsn)
+    async with other, other.transaction():
+        await other.execute("SELECT pg_advisory_xact_lock(%s)", (_schema.EVENTS_LOCK,))
+        task = await asyncio.wait_for(add(pg_store, "node//a"), 10)
+        key = RunKey(task.id, "node//a")
+        await asyncio.wait_for(claim(pg_store, key, NOW), 10)
+        reader = asyncio.create_task(pg_store.events_after(0, 10))
+        while await _advisory_waiters(pg_store) == 0:  # the reader's pass waits
+            assert not reader.done()
+            await asyncio.sleep(0.01)
+        assert await _inbox(pg_store) == 2
+    kinds = [e.kind for e in await asyncio.wait_for(reader, 10)]
+    assert kinds == ["task.created", "run.claimed"]
+    assert await _inbox(pg_store) == 0
+
+
+async def test_events_leave_the_inbox_with_no_reader(pg_store: PostgresStore) -> None:
+    """Shortly after a commit that wrote events, the writer's own pass moves them to the
+    log, whether or not anyone reads it."""
+    await add(pg_store, "node//a")
+    drain = pg_store._drain
+    assert drain is not None
+    await asyncio.wait_for(drain, 10)
+    assert await _inbox(pg_store) == 0
+    async with pg_store.connection() as conn:
+        row = await (await conn.execute("SELECT count(*) FROM events")).fetchone()
+    assert row == (1,)
+
+
+async def test_only_the_sequencer_may_write_the_log(pg_store: PostgresStore) -> None:
+    """Why only passes take ids: an id taken outside a pass (a bare insert) can commit
+    after a later one was read, behind the reader's cursor."""
     async with await psycopg.AsyncConnection.connect(pg_store._dsn) as rogue:
         async with rogue.transaction():
-            await rogue.execute(  # a bare insert, as a store without the lock would do
+            await rogue.execute(
                 "INSERT INTO events(at, kind, task_id) VALUES (now(), 'task.paused', 'x')")
-            task = await add(pg_store, "node//a")  # not held back: the rogue took no lock
+            task = await add(pg_store, "node//a")
             (seen,) = await pg_store.events_after(0, 10)
             assert seen.task_id == task.id
         late = await pg_store.events_after(0, 10)

@@ -175,7 +175,7 @@ LIMIT %(limit)s
 #: owner. Rows another transaction holds are skipped (SKIP LOCKED), not waited for.
 CLAIM_SQL: Final = f"""
 WITH wanted AS (
-    SELECT r.task_seq, r.node, k.ord
+    SELECT r.task_seq, r.node, k.ord, k.task_id
     FROM unnest(%(task_ids)s::text[], %(node_ids)s::text[]) WITH ORDINALITY
          AS k(task_id, node, ord)
     JOIN tasks AS t ON t.id = k.task_id
@@ -185,12 +185,20 @@ WITH wanted AS (
       AND NOT EXISTS (SELECT 1 FROM runs AS d WHERE d.node = r.node AND d.state = 'dispatched')
     ORDER BY r.task_seq, r.node
     FOR NO KEY UPDATE OF r SKIP LOCKED
+), up AS (
+    UPDATE runs AS r SET state = 'dispatched', attempts = r.attempts + 1,
+                         started_at = %(now)s, recovered = false, runner = %(runner)s
+    FROM wanted AS w
+    WHERE r.task_seq = w.task_seq AND r.node = w.node
+    RETURNING w.ord, w.task_id, r.task_seq, r.node, {R_RUN_COLS}
+), logged AS (
+    INSERT INTO event_inbox(at, kind, task_id, node_id, data)
+    SELECT %(now)s, 'run.claimed', up.task_id, up.node, jsonb_strip_nulls(jsonb_build_object(
+        'state', up.state, 'attempts', up.attempts, 'exit_code', up.exit_code,
+        'recovered', CASE WHEN up.recovered THEN true END))
+    FROM up ORDER BY up.ord
 )
-UPDATE runs AS r SET state = 'dispatched', attempts = r.attempts + 1,
-                     started_at = %(now)s, recovered = false, runner = %(runner)s
-FROM wanted AS w
-WHERE r.task_seq = w.task_seq AND r.node = w.node
-RETURNING w.ord, r.task_seq, r.node, {R_RUN_COLS}
+SELECT ord, task_seq, node, {RUN_COLS} FROM up
 """
 
 #: The rollout limits of the tasks named in the array ids that have some, with their
@@ -241,6 +249,49 @@ ON CONFLICT (task_seq, node, number) DO UPDATE SET
     output = excluded.output, output_truncated = excluded.output_truncated,
     error = excluded.error, recovered = excluded.recovered
 """
+
+_ATTEMPT_COLS: Final = (
+    "task_seq, node, number, state, started_at, finished_at, exit_code, output, "
+    "output_truncated, error, recovered"
+)
+
+
+def finish_sql(assignments: str, *, owned: bool) -> str:
+    """``finish`` in one statement: the run (``task_id``, ``node_id``) if dispatched (by
+    ``owner``, if ``owned``) gets ``assignments``; its attempt goes to the history; its
+    ``run.finished`` event to the inbox (its data as ``events.run_data`` builds it;
+    ``clipped``: the error, clipped); and, if ``notify`` and the device has a pending
+    run, a NOTIFY ``payload``. Returns the run (no row: not dispatched, by ``owner``)."""
+    owner = " AND runner = %(owner)s" if owned else ""
+    return f"""
+WITH up AS (
+    UPDATE runs SET {assignments}
+    WHERE {KEY_WHERE} AND state = 'dispatched'{owner}
+    RETURNING task_seq, node, {RUN_COLS}
+), history AS (
+    INSERT INTO attempts({_ATTEMPT_COLS})
+    SELECT task_seq, node, attempts, state, started_at, finished_at, exit_code, output,
+           output_truncated, error, recovered
+    FROM up
+    ON CONFLICT (task_seq, node, number) DO UPDATE SET
+        state = excluded.state, started_at = excluded.started_at,
+        finished_at = excluded.finished_at, exit_code = excluded.exit_code,
+        output = excluded.output, output_truncated = excluded.output_truncated,
+        error = excluded.error, recovered = excluded.recovered
+), logged AS (
+    INSERT INTO event_inbox(at, kind, task_id, node_id, data)
+    SELECT %(at)s, 'run.finished', %(task_id)s, up.node, jsonb_strip_nulls(jsonb_build_object(
+        'state', up.state, 'attempts', up.attempts, 'exit_code', up.exit_code,
+        'recovered', CASE WHEN up.recovered THEN true END, 'error', %(clipped)s::text))
+    FROM up
+), signal AS (
+    SELECT pg_notify('{CHANNEL}', %(payload)s) FROM up
+    WHERE %(notify)s AND EXISTS (
+        SELECT 1 FROM runs AS p WHERE p.node = up.node AND p.state = 'pending')
+)
+SELECT {RUN_COLS}, (SELECT count(*) FROM signal) FROM up
+"""
+
 
 ATTEMPTS_SQL: Final = """
 SELECT a.node, a.number, a.state, a.started_at, a.finished_at, a.exit_code, a.output,

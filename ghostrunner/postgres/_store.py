@@ -191,6 +191,7 @@ class PostgresStore:
             timeout=self.timeout,
             open=False,
             configure=_configure,
+            kwargs={"autocommit": True},
             name="ghostrunner",
             # while the server is away, give up a chain of reconnection attempts soon
             # (its delays double: 1, 2, 4 s...): the next request starts a new chain at
@@ -221,17 +222,23 @@ class PostgresStore:
         if pool is not None:
             await pool.close()
 
-    async def _tx(self, fn: Callable[[Conn], Awaitable[_T]]) -> _T:
+    async def _tx(self, fn: Callable[[Conn], Awaitable[_T]], *, atomic: bool = True) -> _T:
         """``fn(conn)`` in one transaction, the backend's errors turned into
-        GhostRunner's; run again if it lost a race with another transaction."""
+        GhostRunner's; run again if it lost a race with another transaction.
+        ``atomic=False``: ``fn`` makes its own transactions (the pool's connections are
+        in autocommit: a verb of one statement is one round trip, no BEGIN, no COMMIT)."""
         pool = self._pool
         if pool is None:
             raise StoreError("the store is not open")
         for attempt in range(_TRIES):
             try:
                 _EMITTED.set(False)
-                async with pool.connection() as conn, conn.transaction():
-                    result = await fn(conn)
+                async with pool.connection() as conn:
+                    if atomic:
+                        async with conn.transaction():
+                            result = await fn(conn)
+                    else:
+                        result = await fn(conn)
                 if _EMITTED.get():
                     self._drain_soon()
                 return result
@@ -377,9 +384,8 @@ class PostgresStore:
                     "now": stamp,
                     "runner": runner,
                 }
-                try:
-                    async with conn.transaction():  # a savepoint
-                        rows = await (await conn.execute(q.CLAIM_SQL, params)).fetchall()
+                try:  # the run.claimed events are written by the same statement
+                    rows = await (await conn.execute(q.CLAIM_SQL, params)).fetchall()
                 except psycopg.errors.UniqueViolation as exc:
                     # another process dispatched to one of these devices meanwhile: the
                     # whole claim again, which now sees it
@@ -403,8 +409,7 @@ class PostgresStore:
                 for row in await cur.fetchall():
                     tasks[row[0]] = self._remember(row[0], q.task(row))
             claimed.sort(key=lambda c: c[0])
-            await _emit(conn, stamp, [(ev.RUN_CLAIMED, run.task_id, run.node_id,
-                                       ev.run_data(run)) for _, _, run in claimed])
+            _EMITTED.set(True)
             return [(run, _known(tasks[seq])) for _, seq, run in claimed]
 
         return await self._tx(op)
@@ -446,19 +451,23 @@ class PostgresStore:
                 sets.append("started_at = %(started)s")
                 params["started"] = q.ts(outcome.started_at)
         params["finished"] = q.ts(finished)
-        assignments = ", ".join(sets)
-        record = {**_key_params(key), "state": None, "finished": None, "error": None,
-                  "when": params["state"]}
+        params.update(_key_params(key), owner=runner, at=q.ts(now),
+                      clipped=ev.clip(error), notify=self._peers != 0,
+                      payload=_payload(self._tag, "runs", [key.node_id]))
+        sql = q.finish_sql(", ".join(sets), owned=runner is not None)
 
         async def op(conn: Conn) -> Run:
-            run = await _update_dispatched(conn, key, assignments, params, runner)
-            await conn.execute(q.RECORD_ATTEMPT_SQL, record)
-            await self._notify(conn, "runs", [key.node_id], if_pending=True)
-            await _emit(conn, now, [(ev.RUN_FINISHED, key.task_id, key.node_id,
-                                     ev.run_data(run))])
-            return run
+            row = await (await conn.execute(sql, params)).fetchone()
+            if row is None:
+                async with conn.transaction():
+                    if runner is not None:
+                        await _check_owner(conn, key, runner)
+                    await _must_exist(conn, key)
+                raise IllegalTransition(f"run {key} is not dispatched")
+            _EMITTED.set(True)
+            return q.run(key.task_id, key.node_id, row[:-1])
 
-        return await self._tx(op)
+        return await self._tx(op, atomic=False)
 
     async def release(
         self,

@@ -140,12 +140,12 @@ async def runner_child(spec: dict[str, Any]) -> None:
             profile.disable()
             profile.dump_stats(spec["profile"])
         passes = gr.loop.passes
-    batches = getattr(store, "_finishes", None)
+    statements = getattr(store, "finish_statements", None)
     print(json.dumps({
         "start": start, "last": store.last, "finished": store.finished,
         "executions": len(executor.executions), "overlaps": len(executor.overlaps),
         "cpu": cpu, "passes": passes,
-        "finish_batches": None if batches is None else batches.batches,
+        "finish_batches": statements,
     }), flush=True)
 
 

@@ -256,18 +256,36 @@ _ATTEMPT_COLS: Final = (
 )
 
 
-def finish_sql(assignments: str, *, owned: bool) -> str:
-    """``finish`` in one statement: the run (``task_id``, ``node_id``) if dispatched (by
-    ``owner``, if ``owned``) gets ``assignments``; its attempt goes to the history; its
-    ``run.finished`` event to the inbox (its data as ``events.run_data`` builds it;
-    ``clipped``: the error, clipped); and, if ``notify`` and the device has a pending
-    run, a NOTIFY ``payload``. Returns the run (no row: not dispatched, by ``owner``)."""
-    owner = " AND runner = %(owner)s" if owned else ""
-    return f"""
-WITH up AS (
-    UPDATE runs SET {assignments}
-    WHERE {KEY_WHERE} AND state = 'dispatched'{owner}
-    RETURNING task_seq, node, {RUN_COLS}
+#: ``finish`` of several runs in one statement (a group commit: the runs finished while
+#: the previous statement ran), each as :func:`finish_sql` would, from arrays (one entry
+#: per run; the keys distinct). ``has_outcome`` false: exit code, output and recovered
+#: stay; ``started`` NULL: started_at stays. One NOTIFY for all (``payload``), if one of
+#: the devices has a pending run. Returns ``ord`` (1-based) and the run of each run
+#: finished; a run not dispatched (by its ``owner``, when given) returns no row.
+FINISH_MANY_SQL: Final = f"""
+WITH u AS (
+    SELECT k.*, t.seq
+    FROM unnest(%(task_ids)s::text[], %(node_ids)s::text[], %(states)s::text[],
+                %(ats)s::timestamptz[], %(finished)s::timestamptz[], %(errors)s::text[],
+                %(clipped)s::text[], %(has_outcome)s::boolean[], %(exit_codes)s::bigint[],
+                %(outputs)s::bytea[], %(truncated)s::boolean[], %(recovered)s::boolean[],
+                %(started)s::timestamptz[], %(owners)s::text[]) WITH ORDINALITY
+         AS k(task_id, node, state, at, finished, error, clipped, has_outcome, exit_code,
+              output, truncated, recovered, started, owner, ord)
+    JOIN tasks AS t ON t.id = k.task_id
+), up AS (
+    UPDATE runs AS r SET
+        state = u.state, finished_at = u.finished, error = u.error,
+        exit_code = CASE WHEN u.has_outcome THEN u.exit_code ELSE r.exit_code END,
+        output = CASE WHEN u.has_outcome THEN u.output ELSE r.output END,
+        output_truncated = CASE WHEN u.has_outcome THEN u.truncated
+                                ELSE r.output_truncated END,
+        recovered = CASE WHEN u.has_outcome THEN u.recovered ELSE r.recovered END,
+        started_at = coalesce(u.started, r.started_at)
+    FROM u
+    WHERE r.task_seq = u.seq AND r.node = u.node AND r.state = 'dispatched'
+      AND (u.owner IS NULL OR r.runner = u.owner)
+    RETURNING u.ord, u.task_id, u.at, u.clipped, r.task_seq, r.node, {R_RUN_COLS}
 ), history AS (
     INSERT INTO attempts({_ATTEMPT_COLS})
     SELECT task_seq, node, attempts, state, started_at, finished_at, exit_code, output,
@@ -280,16 +298,16 @@ WITH up AS (
         error = excluded.error, recovered = excluded.recovered
 ), logged AS (
     INSERT INTO event_inbox(at, kind, task_id, node_id, data)
-    SELECT %(at)s, 'run.finished', %(task_id)s, up.node, jsonb_strip_nulls(jsonb_build_object(
+    SELECT up.at, 'run.finished', up.task_id, up.node, jsonb_strip_nulls(jsonb_build_object(
         'state', up.state, 'attempts', up.attempts, 'exit_code', up.exit_code,
-        'recovered', CASE WHEN up.recovered THEN true END, 'error', %(clipped)s::text))
-    FROM up
+        'recovered', CASE WHEN up.recovered THEN true END, 'error', up.clipped))
+    FROM up ORDER BY up.ord
 ), signal AS (
-    SELECT pg_notify('{CHANNEL}', %(payload)s) FROM up
-    WHERE %(notify)s AND EXISTS (
-        SELECT 1 FROM runs AS p WHERE p.node = up.node AND p.state = 'pending')
+    SELECT pg_notify(%(channel)s, %(payload)s)
+    WHERE %(notify)s AND EXISTS (SELECT 1 FROM up) AND EXISTS (
+        SELECT 1 FROM runs AS p WHERE p.node = ANY(%(node_ids)s::text[]) AND p.state = 'pending')
 )
-SELECT {RUN_COLS}, (SELECT count(*) FROM signal) FROM up
+SELECT ord, {RUN_COLS}, (SELECT count(*) FROM signal) FROM up
 """
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import json
 import logging
 import secrets
@@ -27,6 +28,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any, Final, TypeVar
 
+import attrs
 import psycopg
 import psycopg.errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -169,6 +171,10 @@ class PostgresStore:
         self._passes = 0
         self._pass_lock = asyncio.Lock()
         self._drain: asyncio.Task[None] | None = None
+        # finish's group commit (see _finish_queued)
+        self._finishing: list[_Finishing] = []
+        self._finisher: asyncio.Task[None] | None = None
+        self.finish_statements = 0  # statements that finished runs (for benchmarks)
 
     def _remember(self, seq: int, task: Task) -> Task:
         self._tasks[seq] = task
@@ -213,6 +219,15 @@ class PostgresStore:
         self._pool = pool
 
     async def close(self) -> None:
+        finisher, self._finisher = self._finisher, None
+        if finisher is not None:
+            finisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await finisher
+        for item in self._finishing:
+            if not item.future.done():
+                item.future.set_exception(StoreError("the store is closed"))
+        self._finishing = []
         drain, self._drain = self._drain, None
         if drain is not None:
             drain.cancel()
@@ -433,41 +448,85 @@ class PostgresStore:
                 raise IllegalTransition(f"run {key}: dispatched -> {state} is not allowed")
 
             return await self._tx(refuse)
-        params: dict[str, Any] = {"state": RunState(state).value, "error": q.text(error)}
-        sets = ["state = %(state)s", "finished_at = %(finished)s", "error = %(error)s"]
-        finished = now
-        if outcome is not None:
-            sets += ["exit_code = %(exit_code)s", "output = %(output)s",
-                     "output_truncated = %(trunc)s", "recovered = %(recovered)s"]
-            params.update(
-                exit_code=outcome.exit_code,
-                output=q.blob(outcome.output),
-                trunc=outcome.output_truncated,
-                recovered=outcome.recovered,
-            )
-            if outcome.finished_at is not None:
-                finished = outcome.finished_at
-            if outcome.started_at is not None:
-                sets.append("started_at = %(started)s")
-                params["started"] = q.ts(outcome.started_at)
-        params["finished"] = q.ts(finished)
-        params.update(_key_params(key), owner=runner, at=q.ts(now),
-                      clipped=ev.clip(error), notify=self._peers != 0,
-                      payload=_payload(self._tag, "runs", [key.node_id]))
-        sql = q.finish_sql(", ".join(sets), owned=runner is not None)
+        item = _Finishing(
+            key=key, state=RunState(state).value, at=q.ts(now), error=q.text(error),
+            clipped=ev.clip(error), outcome=outcome, runner=runner,
+            finished=q.ts(now if outcome is None or outcome.finished_at is None
+                          else outcome.finished_at),
+            started=None if outcome is None else q.tso(outcome.started_at),
+            future=asyncio.get_running_loop().create_future(),
+        )
+        self._finishing.append(item)
+        if self._finisher is None or self._finisher.done():
+            self._finisher = asyncio.get_running_loop().create_task(self._finish_queued())
+        row = await item.future
+        if row is None:  # not dispatched (by this runner): say why
 
-        async def op(conn: Conn) -> Run:
-            row = await (await conn.execute(sql, params)).fetchone()
-            if row is None:
-                async with conn.transaction():
-                    if runner is not None:
-                        await _check_owner(conn, key, runner)
-                    await _must_exist(conn, key)
+            async def refuse(conn: Conn) -> Run:
+                if runner is not None:
+                    await _check_owner(conn, key, runner)
+                await _must_exist(conn, key)
                 raise IllegalTransition(f"run {key} is not dispatched")
-            _EMITTED.set(True)
-            return q.run(key.task_id, key.node_id, row[:-1])
 
-        return await self._tx(op, atomic=False)
+            return await self._tx(refuse)
+        return q.run(key.task_id, key.node_id, row)
+
+    async def _finish_queued(self) -> None:
+        """Group commit of ``finish``: the runs finished while a statement ran go in the
+        next one (each key once per statement), until none is left."""
+        while self._finishing:
+            batch: list[_Finishing] = []
+            later: list[_Finishing] = []
+            keys: set[RunKey] = set()
+            for item in self._finishing:
+                if item.future.done():  # its caller left before it was sent
+                    continue
+                if item.key in keys or len(batch) >= _FINISH_BATCH:
+                    later.append(item)
+                else:
+                    keys.add(item.key)
+                    batch.append(item)
+            self._finishing = later
+            if not batch:
+                continue
+            try:
+                rows = await self._tx(functools.partial(self._finish_many, batch=batch),
+                                      atomic=False)
+            except BaseException as exc:
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                continue
+            for i, item in enumerate(batch, 1):
+                if not item.future.done():
+                    item.future.set_result(rows.get(i))
+
+    async def _finish_many(
+        self, conn: Conn, *, batch: Sequence[_Finishing]
+    ) -> dict[int, Sequence[Any]]:
+        nodes = [f.key.node_id for f in batch]
+        outcomes = [f.outcome for f in batch]
+        params = {
+            "task_ids": [f.key.task_id for f in batch], "node_ids": nodes,
+            "states": [f.state for f in batch], "ats": [f.at for f in batch],
+            "finished": [f.finished for f in batch], "errors": [f.error for f in batch],
+            "clipped": [f.clipped for f in batch],
+            "has_outcome": [o is not None for o in outcomes],
+            "exit_codes": [None if o is None else o.exit_code for o in outcomes],
+            "outputs": [b"" if o is None else q.blob(o.output) for o in outcomes],
+            "truncated": [o is not None and o.output_truncated for o in outcomes],
+            "recovered": [o is not None and o.recovered for o in outcomes],
+            "started": [f.started for f in batch], "owners": [f.runner for f in batch],
+            "channel": q.CHANNEL, "payload": _payload(self._tag, "runs", nodes),
+            "notify": self._peers != 0,
+        }
+        rows = await (await conn.execute(q.FINISH_MANY_SQL, params)).fetchall()
+        self.finish_statements += 1
+        if rows:
+            _EMITTED.set(True)
+        return {row[0]: row[1:-1] for row in rows}
 
     async def release(
         self,
@@ -1281,6 +1340,26 @@ def _runner_status(row: Sequence[Any]) -> RunnerStatus:
         state=state, heartbeat_at=heartbeat, heartbeat_age=max(0.0, float(age)),
         expires_at=expires, runs=int(runs), adopted_by=adopted_by,
     )
+
+#: Runs finished in one statement at most (see PostgresStore._finish_queued).
+_FINISH_BATCH: Final = 256
+
+
+@attrs.define(kw_only=True)
+class _Finishing:
+    """A ``finish`` waiting for its statement."""
+
+    key: RunKey
+    state: str
+    at: datetime
+    finished: datetime
+    started: datetime | None
+    error: str | None
+    clipped: str | None
+    outcome: Outcome | None
+    runner: str | None
+    future: asyncio.Future[Sequence[Any] | None]
+
 
 class _Retry(Exception):
     """The transaction lost a race: run it again."""

@@ -351,3 +351,46 @@ async def test_concurrent_writers_and_a_following_reader_lose_nothing(
         stored = [row[0] for row in await cur.fetchall()]
     assert len(stored) == 4 * 40 * 3
     assert seen == stored  # every one, once, in order
+
+
+async def test_finishes_at_once_share_statements_and_keep_their_own_answers(
+    pg_store: PostgresStore,
+) -> None:
+    """Group commit: finishes asked together go in few statements; each caller gets its
+    own run or its own error (not dispatched, twice the same run, another's run)."""
+    nodes = [f"node//g{i}" for i in range(40)]
+    task = await add(pg_store, *nodes)
+    keys = [RunKey(task.id, n) for n in nodes]
+    await pg_store.claim_many(keys[:30], at(1), runner="me")
+    statements = 0
+    real = pg_store._finish_many
+
+    async def counted(conn: Any, *, batch: Any) -> Any:
+        nonlocal statements
+        statements += 1
+        return await real(conn, batch=batch)
+
+    pg_store._finish_many = counted  # type: ignore[method-assign]
+    results = await asyncio.gather(
+        *(pg_store.finish(k, RunState.SUCCEEDED, at(2), outcome=Outcome(exit_code=i),
+                          runner="me") for i, k in enumerate(keys[:29])),
+        pg_store.finish(keys[0], RunState.FAILED, at(2), runner="me"),  # the same again
+        pg_store.finish(keys[29], RunState.FAILED, at(2), runner="other"),  # not its own
+        pg_store.finish(keys[30], RunState.FAILED, at(2), runner="me"),  # still pending
+        return_exceptions=True,
+    )
+    assert statements < 10, statements
+    for i, run in enumerate(results[:29]):
+        assert not isinstance(run, BaseException), run
+        assert (run.state, run.exit_code, run.node_id) == (RunState.SUCCEEDED, i, nodes[i])
+    from ghostrunner.errors import IllegalTransition, NotOwner
+
+    assert isinstance(results[29], IllegalTransition)
+    assert isinstance(results[30], NotOwner)
+    assert isinstance(results[31], IllegalTransition)
+    counts = (await pg_store.get_task(task.id)).counts
+    assert (counts[RunState.SUCCEEDED], counts[RunState.DISPATCHED]) == (29, 1)
+    events = await pg_store.events_after(0, 1000)
+    finished = [e for e in events if e.kind == "run.finished"]
+    assert sorted(e.node_id or "" for e in finished) == sorted(nodes[:29])
+    assert all(e.data["exit_code"] == nodes.index(e.node_id or "") for e in finished)

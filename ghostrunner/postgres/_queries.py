@@ -115,16 +115,25 @@ ON CONFLICT (id) DO NOTHING
 RETURNING seq
 """
 
-ADD_COUNTS_SQL: Final = """
-INSERT INTO task_counts(task_seq, total, pending) VALUES (%(seq)s, %(n)s, %(n)s)
-"""
-
-#: The pending runs of a new task: one statement for all its nodes (an array).
-ADD_RUNS_OF_NEW_TASK_SQL: Final = """
-INSERT INTO runs(task_seq, node, position, state, queued_at, available_at, expires_at)
-SELECT %(seq)s, u.node, u.ord - 1, 'pending', %(now)s,
-       coalesce(%(not_before)s, %(now)s), %(expires_at)s
-FROM unnest(%(nodes)s::text[]) WITH ORDINALITY AS u(node, ord)
+#: ``add_task`` in one statement: the task (no row: its id exists), its counts, its
+#: pending runs (array nodes), its ``task.created`` event (``data``) and, if ``notify``,
+#: a NOTIFY ``payload``.
+ADD_TASK_ALL_SQL: Final = f"""
+WITH t AS ({ADD_TASK_SQL.strip()}
+), counted AS (
+    INSERT INTO task_counts(task_seq, total, pending) SELECT seq, %(n)s, %(n)s FROM t
+), queued AS (
+    INSERT INTO runs(task_seq, node, position, state, queued_at, available_at, expires_at)
+    SELECT t.seq, u.node, u.ord - 1, 'pending', %(now)s,
+           coalesce(%(not_before)s, %(now)s), %(expires_at)s
+    FROM t, unnest(%(nodes)s::text[]) WITH ORDINALITY AS u(node, ord)
+), logged AS (
+    INSERT INTO event_inbox(at, kind, task_id, data)
+    SELECT %(now)s, 'task.created', %(id)s, %(data)s::jsonb FROM t
+), signal AS (
+    SELECT pg_notify(%(channel)s, %(payload)s) FROM t WHERE %(notify)s
+)
+SELECT seq, (SELECT count(*) FROM signal) FROM t
 """
 
 #: New runs of a task (seq) for the nodes of the array nodes that have none, after its

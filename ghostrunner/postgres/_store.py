@@ -280,19 +280,19 @@ class PostgresStore:
         params["nodes"] = list(task.targets if nodes is None else nodes)
         params["n"] = len(params["nodes"])
 
+        params.update(
+            channel=q.CHANNEL, payload=_payload(self._tag, "runs", params["nodes"]),
+            notify=bool(params["n"]) and self._peers != 0,
+            data=json.dumps(ev.created_data(task.name, params["nodes"]), ensure_ascii=False),
+        )
+
         async def op(conn: Conn) -> None:
-            row = await (await conn.execute(q.ADD_TASK_SQL, params)).fetchone()
+            row = await (await conn.execute(q.ADD_TASK_ALL_SQL, params)).fetchone()
             if row is None:
                 raise Conflict(f"task {task.id} exists")
-            params["seq"] = row[0]
-            await conn.execute(q.ADD_COUNTS_SQL, params)
-            if params["n"]:
-                await conn.execute(q.ADD_RUNS_OF_NEW_TASK_SQL, params)
-                await self._notify(conn, "runs", params["nodes"])
-            await _emit(conn, now, [(ev.TASK_CREATED, task.id, None,
-                                     ev.created_data(task.name, params["nodes"]))])
+            _EMITTED.set(True)
 
-        await self._tx(op)
+        await self._tx(op, atomic=False)
 
     async def get_task(self, task_id: str) -> TaskSummary:
         return await self._tx(lambda conn: _summary(conn, task_id))
@@ -360,7 +360,7 @@ class PostgresStore:
             rows = await (await conn.execute(q.NEXT_PENDING_SQL, params)).fetchall()
             return [q.run(row[0], row[1], row[2:]) for row in rows]
 
-        return await self._tx(op)
+        return await self._tx(op, atomic=False)
 
     async def claim_many(
         self, keys: Sequence[RunKey], now: datetime, *, runner: str | None = None
@@ -774,7 +774,7 @@ class PostgresStore:
             assert row is not None
             return {s: int(n) for s, n in zip(q.STATES, row, strict=True) if n}
 
-        return await self._tx(op)
+        return await self._tx(op, atomic=False)
 
     # ---------------------------------------------------------------- the event log
 
@@ -787,7 +787,7 @@ class PostgresStore:
             if self._passes > ticket:  # a pass started after the call, and has ended
                 return
             self._passes += 1
-            await self._tx(_sequence_pass)
+            await self._tx(_sequence_pass, atomic=False)
 
     def _drain_soon(self) -> None:
         if self._drain is None or self._drain.done():
@@ -809,7 +809,7 @@ class PostgresStore:
             return [ev.Event(id=r[0], at=r[1], kind=r[2], task_id=r[3], node_id=r[4],
                              data=r[5]) for r in rows]
 
-        return await self._tx(op)
+        return await self._tx(op, atomic=False)
 
     async def last_event_id(self) -> int:
         await self._sequenced()
@@ -819,7 +819,7 @@ class PostgresStore:
             assert row is not None
             return int(row[0])
 
-        return await self._tx(op)
+        return await self._tx(op, atomic=False)
 
     async def prune_events(self, before: datetime) -> int:
         params = {"before": q.ts(before)}
@@ -828,7 +828,7 @@ class PostgresStore:
         async def op(conn: Conn) -> int:
             return (await conn.execute(q.PRUNE_EVENTS_SQL, params)).rowcount
 
-        return await self._tx(op)
+        return await self._tx(op, atomic=False)
 
 
     # ---------------------------------------------------------------- runners (Leases)
@@ -851,7 +851,7 @@ class PostgresStore:
             assert row is not None
             return Renewal(held=bool(row[0]), peers=int(row[1]))
 
-        renewal = await self._tx(op)
+        renewal = await self._tx(op, atomic=False)
         self._peers = renewal.peers
         return renewal
 
@@ -996,7 +996,7 @@ class PostgresStore:
             row = await cur.fetchone()
             return None if row is None else q.token(row)
 
-        return await self._tx(op)
+        return await self._tx(op, atomic=False)
 
     async def list_tokens(self) -> Sequence[Token]:
         async def op(conn: Conn) -> list[Token]:
@@ -1019,7 +1019,7 @@ class PostgresStore:
         async def op(conn: Conn) -> None:
             await conn.execute("UPDATE tokens SET last_used = %s WHERE name = %s", params)
 
-        await self._tx(op)
+        await self._tx(op, atomic=False)
 
     # ---------------------------------------------------------------- bulk import
 
@@ -1071,7 +1071,7 @@ class PostgresStore:
                 "INSERT INTO audit(at, token, address, method, route, task_id, status, counts) "
                 "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)", params)
 
-        await self._tx(op)
+        await self._tx(op, atomic=False)
 
     async def query_audit(self, query: AuditQuery) -> AuditPage:
         try:
@@ -1383,14 +1383,15 @@ async def _emit(
 
 
 async def _sequence_pass(conn: Conn) -> None:
-    """One sequencer pass (in a transaction): nothing to do without committed rows in
-    the inbox; else take the sequencer's lock, then move them (a statement of its own,
+    """One sequencer pass: nothing to do without committed rows in the inbox; else, in
+    a transaction, take the sequencer's lock, then move them (a statement of its own,
     so that its snapshot comes after the lock: it sees what passes before it did)."""
     row = await (await conn.execute(q.INBOX_SQL)).fetchone()
     if row is None or not row[0]:
         return
-    await conn.execute("SELECT pg_advisory_xact_lock(%s)", (EVENTS_LOCK,))
-    await conn.execute(q.SEQUENCE_SQL)
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (EVENTS_LOCK,))
+        await conn.execute(q.SEQUENCE_SQL)
 
 
 async def _configure(conn: Conn) -> None:

@@ -618,3 +618,14 @@ WHERE x.ended_at IS NULL OR x.ended_at > clock_timestamp() - interval '1 hour'
    OR d.n > 0
 ORDER BY x.started_at, x.id
 """
+
+
+#: Audit entries, one per element of the arrays (in order: ids follow it).
+AUDIT_MANY_SQL: Final = """
+INSERT INTO audit(at, token, address, method, route, task_id, status, counts)
+SELECT u.at, u.token, u.address, u.method, u.route, u.task_id, u.status, u.counts::jsonb
+FROM unnest(%s::timestamptz[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
+            %s::integer[], %s::text[]) WITH ORDINALITY
+     AS u(at, token, address, method, route, task_id, status, counts, i)
+ORDER BY u.i
+"""

@@ -32,7 +32,6 @@ import attrs
 import psycopg
 import psycopg.errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .. import events as ev
@@ -175,6 +174,9 @@ class PostgresStore:
         self._finishing: list[_Finishing] = []
         self._finisher: asyncio.Task[None] | None = None
         self.finish_statements = 0  # statements that finished runs (for benchmarks)
+        # the audit log's group commit (see _audit_queued)
+        self._auditing: list[tuple[tuple[Any, ...], asyncio.Future[None]]] = []
+        self._auditor: asyncio.Task[None] | None = None
 
     def _remember(self, seq: int, task: Task) -> Task:
         self._tasks[seq] = task
@@ -219,15 +221,17 @@ class PostgresStore:
         self._pool = pool
 
     async def close(self) -> None:
-        finisher, self._finisher = self._finisher, None
-        if finisher is not None:
-            finisher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await finisher
-        for item in self._finishing:
-            if not item.future.done():
-                item.future.set_exception(StoreError("the store is closed"))
-        self._finishing = []
+        for task in (self._finisher, self._auditor):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._finisher = self._auditor = None
+        closed = StoreError("the store is closed")
+        for future in [f.future for f in self._finishing] + [f for _, f in self._auditing]:
+            if not future.done():
+                future.set_exception(closed)
+        self._finishing, self._auditing = [], []
         drain, self._drain = self._drain, None
         if drain is not None:
             drain.cancel()
@@ -1063,15 +1067,38 @@ class PostgresStore:
     # ---------------------------------------------------------------- audit log
 
     async def record_audit(self, entry: AuditEntry) -> None:
-        params = (q.ts(entry.at), entry.token, entry.address, entry.method, entry.route,
-                  entry.task_id, entry.status, Jsonb(dict(entry.counts)))
+        # text made storable first: one entry's bad text must not fail its batch
+        row = (q.ts(entry.at), q.text(entry.token), q.text(entry.address),
+               q.text(entry.method), q.text(entry.route), q.text(entry.task_id),
+               entry.status, json.dumps(dict(entry.counts)))
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._auditing.append((row, future))
+        if self._auditor is None or self._auditor.done():
+            self._auditor = asyncio.get_running_loop().create_task(self._audit_queued())
+        await future
 
-        async def op(conn: Conn) -> None:
-            await conn.execute(
-                "INSERT INTO audit(at, token, address, method, route, task_id, status, counts) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)", params)
+    async def _audit_queued(self) -> None:
+        """Group commit of audit entries: those recorded while a statement ran go in the
+        next one."""
+        while self._auditing:
+            batch, self._auditing = self._auditing[:_AUDIT_BATCH], self._auditing[_AUDIT_BATCH:]
+            columns = [list(c) for c in zip(*(row for row, _ in batch), strict=True)]
 
-        await self._tx(op, atomic=False)
+            async def op(conn: Conn, columns: list[list[Any]] = columns) -> None:
+                await conn.execute(q.AUDIT_MANY_SQL, columns)
+
+            try:
+                await self._tx(op, atomic=False)
+            except BaseException as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                continue
+            for _, future in batch:
+                if not future.done():
+                    future.set_result(None)
 
     async def query_audit(self, query: AuditQuery) -> AuditPage:
         try:
@@ -1343,6 +1370,8 @@ def _runner_status(row: Sequence[Any]) -> RunnerStatus:
 
 #: Runs finished in one statement at most (see PostgresStore._finish_queued).
 _FINISH_BATCH: Final = 256
+#: Audit entries written in one statement at most (see PostgresStore._audit_queued).
+_AUDIT_BATCH: Final = 256
 
 
 @attrs.define(kw_only=True)

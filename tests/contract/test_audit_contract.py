@@ -100,3 +100,15 @@ async def test_text_any_client_can_send_is_kept(store: Any) -> None:
     got = (await store.query_audit(AuditQuery())).items[0]
     assert got.task_id is not None and "\x00" not in got.task_id
     assert len(got.route) == 1024
+
+
+async def test_entries_recorded_together_are_all_kept_in_their_order(store: Any) -> None:
+    """Many at once (PostgreSQL writes them in one statement: a group commit), one
+    with text no database column takes among them: every one kept, ids in call order."""
+    import asyncio
+
+    await asyncio.gather(*(store.record_audit(entry(i, address="a\x00b" if i == 7 else
+                                                    "10.0.0.1")) for i in range(60)))
+    page = await store.query_audit(AuditQuery(limit=100))
+    assert [e.task_id for e in page.items] == [f"task-{i}" for i in reversed(range(60))]
+    assert page.items[60 - 1 - 7].address not in (None, "a\x00b")

@@ -394,3 +394,27 @@ async def test_finishes_at_once_share_statements_and_keep_their_own_answers(
     finished = [e for e in events if e.kind == "run.finished"]
     assert sorted(e.node_id or "" for e in finished) == sorted(nodes[:29])
     assert all(e.data["exit_code"] == nodes.index(e.node_id or "") for e in finished)
+
+
+async def test_small_calls_plan_once_large_calls_plan_for_their_arrays(
+    pg_store: PostgresStore,
+) -> None:
+    """A pooled session plans generically for calls of few devices (planned once) and
+    as PostgreSQL's default for larger ones; it sends the setting only on a change."""
+    from ghostrunner.postgres._store import _GENERIC, _SMALL, _plan
+
+    async def mode(conn: Any) -> str:
+        row = await (await conn.execute("SHOW plan_cache_mode")).fetchone()
+        return str(row[0])
+
+    async with pg_store.connection() as conn:
+        assert _GENERIC[conn] is False  # a new session: the default
+        await _plan(conn, 1)
+        assert (await mode(conn), _GENERIC[conn]) == ("force_generic_plan", True)
+        await conn.execute("SET plan_cache_mode = auto")  # behind its back:
+        await _plan(conn, _SMALL)  # no change asked, nothing sent
+        assert await mode(conn) == "auto"
+        await _plan(conn, _SMALL + 1)
+        assert (await mode(conn), _GENERIC[conn]) == ("auto", False)
+        await _plan(conn, 1)
+        assert await mode(conn) == "force_generic_plan"

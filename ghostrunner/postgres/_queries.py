@@ -136,6 +136,52 @@ WITH t AS ({ADD_TASK_SQL.strip()}
 SELECT seq, (SELECT count(*) FROM signal) FROM t
 """
 
+#: ``add_task`` of several tasks in one statement (a group commit), from arrays (one
+#: entry per task, their ids distinct, in submission order: seqs follow it); targets,
+#: nodes and event data as JSON text. Returns the id of each task added (a task whose
+#: id exists returns no row).
+ADD_TASKS_SQL: Final = """
+WITH k AS (
+    SELECT * FROM unnest(
+        %(ids)s::text[], %(names)s::text[], %(commands)s::text[], %(targets)s::text[],
+        %(created_ats)s::timestamptz[], %(shells)s::text[], %(run_as_users)s::boolean[],
+        %(timeouts)s::double precision[], %(not_befores)s::timestamptz[],
+        %(expires)s::timestamptz[], %(max_attempts)s::integer[], %(deliveries)s::text[],
+        %(fleets)s::text[], %(continuous)s::boolean[], %(per_minutes)s::integer[],
+        %(max_concurrents)s::integer[], %(nodes)s::text[], %(counts)s::integer[],
+        %(data)s::text[], %(nows)s::timestamptz[]) WITH ORDINALITY
+    AS k(id, name, command, targets, created_at, shell, run_as_user, timeout, not_before,
+         expires_at, max_attempts, delivery, fleet, continuous, per_minute, max_concurrent,
+         nodes, n, data, now, ord)
+), t AS (
+    INSERT INTO tasks(id, name, command, targets, created_at, shell, run_as_user, timeout,
+                      not_before, expires_at, max_attempts, delivery, fleet, continuous,
+                      per_minute, max_concurrent)
+    SELECT id, name, command, ARRAY(SELECT jsonb_array_elements_text(targets::jsonb)),
+           created_at, shell, run_as_user, timeout, not_before, expires_at, max_attempts,
+           delivery, fleet, continuous, per_minute, max_concurrent
+    FROM k ORDER BY ord
+    ON CONFLICT (id) DO NOTHING
+    RETURNING seq, id
+), added AS (
+    SELECT k.*, t.seq FROM k JOIN t ON t.id = k.id
+), counted AS (
+    INSERT INTO task_counts(task_seq, total, pending) SELECT seq, n, n FROM added
+), queued AS (
+    INSERT INTO runs(task_seq, node, position, state, queued_at, available_at, expires_at)
+    SELECT a.seq, u.node, u.i - 1, 'pending', a.now, coalesce(a.not_before, a.now),
+           a.expires_at
+    FROM added AS a, jsonb_array_elements_text(a.nodes::jsonb) WITH ORDINALITY AS u(node, i)
+), logged AS (
+    INSERT INTO event_inbox(at, kind, task_id, data)
+    SELECT now, 'task.created', id, data::jsonb FROM added ORDER BY ord
+), signal AS (
+    SELECT pg_notify(%(channel)s, %(payload)s)
+    WHERE %(notify)s AND EXISTS (SELECT 1 FROM added WHERE n > 0)
+)
+SELECT id, (SELECT count(*) FROM signal) FROM t
+"""
+
 #: New runs of a task (seq) for the nodes of the array nodes that have none, after its
 #: other runs.
 ADD_RUNS_SQL: Final = f"""

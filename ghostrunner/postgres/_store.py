@@ -175,6 +175,9 @@ class PostgresStore:
         self._finishing: list[_Finishing] = []
         self._finisher: asyncio.Task[None] | None = None
         self.finish_statements = 0  # statements that finished runs (for benchmarks)
+        # add_task's group commit (see _add_queued)
+        self._adding: list[_Adding] = []
+        self._adder: asyncio.Task[None] | None = None
         # the audit log's group commit (see _audit_queued)
         self._auditing: list[tuple[tuple[Any, ...], asyncio.Future[None]]] = []
         self._auditor: asyncio.Task[None] | None = None
@@ -222,17 +225,18 @@ class PostgresStore:
         self._pool = pool
 
     async def close(self) -> None:
-        for task in (self._finisher, self._auditor):
+        for task in (self._finisher, self._auditor, self._adder):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._finisher = self._auditor = None
+        self._finisher = self._auditor = self._adder = None
         closed = StoreError("the store is closed")
-        for future in [f.future for f in self._finishing] + [f for _, f in self._auditing]:
+        for future in ([f.future for f in self._finishing] + [f for _, f in self._auditing]
+                       + [a.future for a in self._adding]):
             if not future.done():
                 future.set_exception(closed)
-        self._finishing, self._auditing = [], []
+        self._finishing, self._auditing, self._adding = [], [], []
         drain, self._drain = self._drain, None
         if drain is not None:
             drain.cancel()
@@ -285,19 +289,109 @@ class PostgresStore:
         params["nodes"] = list(task.targets if nodes is None else nodes)
         params["n"] = len(params["nodes"])
 
-        params.update(
-            channel=q.CHANNEL, payload=_payload(self._tag, "runs", params["nodes"]),
-            notify=bool(params["n"]) and self._peers != 0,
-            data=json.dumps(ev.created_data(task.name, params["nodes"]), ensure_ascii=False),
-        )
+        item = _Adding(task=task, params=params,
+                       future=asyncio.get_running_loop().create_future())
+        if params["n"] > _ADD_ALONE:  # a large task: a statement of its own
+            await self._add_alone(item)
+            return
+        self._adding.append(item)
+        if self._adder is None or self._adder.done():
+            self._adder = asyncio.get_running_loop().create_task(self._add_queued())
+        await item.future
+
+    async def _add_alone(self, item: _Adding) -> None:
+        params = {
+            **item.params, "channel": q.CHANNEL,
+            "payload": _payload(self._tag, "runs", item.params["nodes"]),
+            "notify": bool(item.params["n"]) and self._peers != 0,
+            "data": _created(item),
+        }
 
         async def op(conn: Conn) -> None:
             row = await (await conn.execute(q.ADD_TASK_ALL_SQL, params)).fetchone()
             if row is None:
-                raise Conflict(f"task {task.id} exists")
+                raise Conflict(f"task {item.task.id} exists")
             _EMITTED.set(True)
 
         await self._tx(op, atomic=False)
+
+    async def _add_queued(self) -> None:
+        """Group commit of ``add_task``: the tasks submitted while a statement ran go in
+        the next one (each id once per statement), in submission order. If that
+        statement fails, each of its tasks is added alone: one task's error is its own."""
+        while self._adding:
+            batch: list[_Adding] = []
+            later: list[_Adding] = []
+            ids: set[str] = set()
+            for item in self._adding:
+                if item.future.done():  # its caller left before it was sent
+                    continue
+                if item.task.id in ids or len(batch) >= _ADD_BATCH:
+                    later.append(item)
+                else:
+                    ids.add(item.task.id)
+                    batch.append(item)
+            self._adding = later
+            if not batch:
+                continue
+            try:
+                added = await self._tx(functools.partial(self._add_many, batch=batch),
+                                       atomic=False)
+            except asyncio.CancelledError:
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(StoreError("the store is closed"))
+                raise
+            except GhostRunnerError as exc:
+                if len(batch) == 1:
+                    if not batch[0].future.done():
+                        batch[0].future.set_exception(exc)
+                    continue
+                await asyncio.gather(*(self._settle_alone(item) for item in batch))
+                continue
+            for item in batch:
+                if not item.future.done():
+                    if item.task.id in added:
+                        item.future.set_result(None)
+                    else:
+                        item.future.set_exception(Conflict(f"task {item.task.id} exists"))
+
+    async def _settle_alone(self, item: _Adding) -> None:
+        try:
+            await self._add_alone(item)
+        except GhostRunnerError as exc:
+            if not item.future.done():
+                item.future.set_exception(exc)
+        else:
+            if not item.future.done():
+                item.future.set_result(None)
+
+    async def _add_many(self, conn: Conn, *, batch: Sequence[_Adding]) -> set[str]:
+        ps = [item.params for item in batch]
+        nodes = [n for p in ps for n in p["nodes"]]
+        params = {
+            "ids": [p["id"] for p in ps], "names": [p["name"] for p in ps],
+            "commands": [p["command"] for p in ps],
+            "targets": [json.dumps(p["targets"]) for p in ps],
+            "created_ats": [p["created_at"] for p in ps], "shells": [p["shell"] for p in ps],
+            "run_as_users": [p["run_as_user"] for p in ps],
+            "timeouts": [p["timeout"] for p in ps], "not_befores": [p["not_before"] for p in ps],
+            "expires": [p["expires_at"] for p in ps],
+            "max_attempts": [p["max_attempts"] for p in ps],
+            "deliveries": [p["delivery"] for p in ps], "fleets": [p["fleet"] for p in ps],
+            "continuous": [p["continuous"] for p in ps],
+            "per_minutes": [p["per_minute"] for p in ps],
+            "max_concurrents": [p["max_concurrent"] for p in ps],
+            "nodes": [json.dumps(p["nodes"]) for p in ps], "counts": [p["n"] for p in ps],
+            "data": [_created(item) for item in batch], "nows": [p["now"] for p in ps],
+            "channel": q.CHANNEL, "payload": _payload(self._tag, "runs", nodes),
+            "notify": bool(nodes) and self._peers != 0,
+        }
+        await _plan(conn, len(batch))
+        rows = await (await conn.execute(q.ADD_TASKS_SQL, params)).fetchall()
+        if rows:
+            _EMITTED.set(True)
+        return {row[0] for row in rows}
 
     async def get_task(self, task_id: str) -> TaskSummary:
         return await self._tx(lambda conn: _summary(conn, task_id))
@@ -1374,6 +1468,26 @@ def _runner_status(row: Sequence[Any]) -> RunnerStatus:
 
 #: Runs finished in one statement at most (see PostgresStore._finish_queued).
 _FINISH_BATCH: Final = 256
+#: Tasks added in one statement at most, and the targets above which a task is added
+#: by a statement of its own (see PostgresStore._add_queued).
+_ADD_BATCH: Final = 128
+_ADD_ALONE: Final = 1000
+
+
+@attrs.define(kw_only=True)
+class _Adding:
+    """An ``add_task`` waiting for its statement."""
+
+    task: Task
+    params: dict[str, Any]
+    future: asyncio.Future[None]
+
+
+def _created(item: _Adding) -> str:
+    return json.dumps(ev.created_data(item.task.name, item.params["nodes"]),
+                      ensure_ascii=False)
+
+
 #: Audit entries written in one statement at most (see PostgresStore._audit_queued).
 _AUDIT_BATCH: Final = 256
 

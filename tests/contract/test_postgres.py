@@ -418,3 +418,60 @@ async def test_small_calls_plan_once_large_calls_plan_for_their_arrays(
         assert (await mode(conn), _GENERIC[conn]) == ("auto", False)
         await _plan(conn, 1)
         assert await mode(conn) == "force_generic_plan"
+
+
+async def test_tasks_submitted_together_share_statements_in_their_order(
+    pg_store: PostgresStore,
+) -> None:
+    """Group commit of add_task: few statements; submission order kept (the listing's
+    seq, the events); each caller its own answer (a taken id: Conflict, the same id
+    twice in one burst: the second is a Conflict)."""
+    from ghostrunner._types import TaskQuery
+    from ghostrunner.errors import Conflict
+
+    taken = await add(pg_store, "node//x")
+    statements = 0
+    real = pg_store._add_many
+
+    async def counted(conn: Any, *, batch: Any) -> Any:
+        nonlocal statements
+        statements += 1
+        return await real(conn, batch=batch)
+
+    pg_store._add_many = counted  # type: ignore[method-assign]
+    tasks = [make_task(f"node//t{i}", f"node//u{i}", name=f"job-{i}") for i in range(30)]
+    twin = make_task("node//v", id=tasks[3].id)
+    again = make_task("node//w", id=taken.id)
+    results = await asyncio.gather(
+        *(pg_store.add_task(t, NOW) for t in tasks), pg_store.add_task(twin, NOW),
+        pg_store.add_task(again, NOW), return_exceptions=True)
+    assert results[:30] == [None] * 30
+    assert isinstance(results[30], Conflict) and isinstance(results[31], Conflict)
+    assert statements <= 3, statements
+    page = await pg_store.list_tasks(TaskQuery(limit=100))
+    listed = [s.task.id for s in page.items]
+    submitted = [taken.id, *(t.id for t in tasks)]
+    assert listed in (submitted, submitted[::-1])  # by seq: the order of submission
+    for t in tasks[:3]:
+        assert [r.node_id for r in await pg_store.get_runs(t.id)] == list(t.targets)
+    created = [e.task_id for e in await pg_store.events_after(0, 1000)
+               if e.kind == "task.created"]
+    assert created == [taken.id, *(t.id for t in tasks)]
+
+
+async def test_a_failed_group_statement_adds_each_task_alone(pg_store: PostgresStore) -> None:
+    """If a group's statement fails, each of its tasks is added by itself: one task's
+    error stays its own."""
+    from ghostrunner.errors import StoreError
+
+    async def broken(conn: Any, *, batch: Any) -> Any:
+        raise StoreError("the group's statement failed")
+
+    pg_store._add_many = broken  # type: ignore[method-assign]
+    tasks = [make_task(f"node//t{i}") for i in range(5)]
+    assert await asyncio.gather(*(pg_store.add_task(t, NOW) for t in tasks)) == [None] * 5
+    for t in tasks:
+        assert (await pg_store.get_task(t.id)).task == t
+    lone = make_task("node//z")
+    with pytest.raises(StoreError, match="group"):  # alone in its group: its own error
+        await pg_store.add_task(lone, NOW)

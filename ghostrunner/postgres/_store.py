@@ -179,7 +179,7 @@ class PostgresStore:
         self._adding: list[_Adding] = []
         self._adder: asyncio.Task[None] | None = None
         # the audit log's group commit (see _audit_queued)
-        self._auditing: list[tuple[tuple[Any, ...], asyncio.Future[None]]] = []
+        self._auditing: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
         self._auditor: asyncio.Task[None] | None = None
 
     def _remember(self, seq: int, task: Task) -> Task:
@@ -367,23 +367,24 @@ class PostgresStore:
                 item.future.set_result(None)
 
     async def _add_many(self, conn: Conn, *, batch: Sequence[_Adding]) -> set[str]:
-        ps = [item.params for item in batch]
-        nodes = [n for p in ps for n in p["nodes"]]
+        nodes = [n for item in batch for n in item.params["nodes"]]
+        tasks = []
+        for i, item in enumerate(batch):
+            p = item.params
+            tasks.append({
+                "id": p["id"], "name": p["name"], "command": p["command"],
+                "targets": p["targets"], "created_at": p["created_at"].isoformat(),
+                "shell": p["shell"], "run_as_user": p["run_as_user"], "timeout": p["timeout"],
+                "not_before": _iso(p["not_before"]), "expires_at": _iso(p["expires_at"]),
+                "max_attempts": p["max_attempts"], "delivery": p["delivery"],
+                "fleet": p["fleet"], "continuous": p["continuous"],
+                "per_minute": p["per_minute"], "max_concurrent": p["max_concurrent"],
+                "nodes": p["nodes"], "n": p["n"],
+                "data": ev.created_data(item.task.name, p["nodes"]),
+                "now": p["now"].isoformat(), "ord": i,
+            })
         params = {
-            "ids": [p["id"] for p in ps], "names": [p["name"] for p in ps],
-            "commands": [p["command"] for p in ps],
-            "targets": [json.dumps(p["targets"]) for p in ps],
-            "created_ats": [p["created_at"] for p in ps], "shells": [p["shell"] for p in ps],
-            "run_as_users": [p["run_as_user"] for p in ps],
-            "timeouts": [p["timeout"] for p in ps], "not_befores": [p["not_before"] for p in ps],
-            "expires": [p["expires_at"] for p in ps],
-            "max_attempts": [p["max_attempts"] for p in ps],
-            "deliveries": [p["delivery"] for p in ps], "fleets": [p["fleet"] for p in ps],
-            "continuous": [p["continuous"] for p in ps],
-            "per_minutes": [p["per_minute"] for p in ps],
-            "max_concurrents": [p["max_concurrent"] for p in ps],
-            "nodes": [json.dumps(p["nodes"]) for p in ps], "counts": [p["n"] for p in ps],
-            "data": [_created(item) for item in batch], "nows": [p["now"] for p in ps],
+            "batch": json.dumps(tasks, ensure_ascii=False),
             "channel": q.CHANNEL, "payload": _payload(self._tag, "runs", nodes),
             "notify": bool(nodes) and self._peers != 0,
         }
@@ -1166,9 +1167,10 @@ class PostgresStore:
 
     async def record_audit(self, entry: AuditEntry) -> None:
         # text made storable first: one entry's bad text must not fail its batch
-        row = (q.ts(entry.at), q.text(entry.token), q.text(entry.address),
-               q.text(entry.method), q.text(entry.route), q.text(entry.task_id),
-               entry.status, json.dumps(dict(entry.counts)))
+        row = {"at": q.ts(entry.at).isoformat(), "token": q.text(entry.token),
+               "address": q.text(entry.address), "method": q.text(entry.method),
+               "route": q.text(entry.route), "task_id": q.text(entry.task_id),
+               "status": entry.status, "counts": dict(entry.counts)}
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._auditing.append((row, future))
         if self._auditor is None or self._auditor.done():
@@ -1180,10 +1182,11 @@ class PostgresStore:
         next one."""
         while self._auditing:
             batch, self._auditing = self._auditing[:_AUDIT_BATCH], self._auditing[_AUDIT_BATCH:]
-            columns = [list(c) for c in zip(*(row for row, _ in batch), strict=True)]
+            rows = {"batch": json.dumps([{**row, "i": i} for i, (row, _) in enumerate(batch)],
+                                        ensure_ascii=False)}
 
-            async def op(conn: Conn, columns: list[list[Any]] = columns) -> None:
-                await conn.execute(q.AUDIT_MANY_SQL, columns)
+            async def op(conn: Conn, rows: dict[str, str] = rows) -> None:
+                await conn.execute(q.AUDIT_MANY_SQL, rows)
 
             try:
                 await self._tx(op, atomic=False)
@@ -1481,6 +1484,10 @@ class _Adding:
     task: Task
     params: dict[str, Any]
     future: asyncio.Future[None]
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
 
 
 def _created(item: _Adding) -> str:

@@ -225,23 +225,25 @@ class PostgresStore:
         self._pool = pool
 
     async def close(self) -> None:
-        for task in (self._finisher, self._auditor, self._adder):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        self._finisher = self._auditor = self._adder = None
+        loop = asyncio.get_running_loop()
+        workers = [t for t in (self._finisher, self._auditor, self._adder, self._drain)
+                   if t is not None and not t.done() and t.get_loop() is loop]
+        # the group commits first send what they hold (its callers are waiting for it)
+        held = [t for t in workers if t is not self._drain]
+        if held:
+            await asyncio.wait(held, timeout=self.timeout)
+        for task in workers:
+            task.cancel()
+        for task in workers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._finisher = self._auditor = self._adder = self._drain = None
         closed = StoreError("the store is closed")
         for future in ([f.future for f in self._finishing] + [f for _, f in self._auditing]
                        + [a.future for a in self._adding]):
             if not future.done():
                 future.set_exception(closed)
         self._finishing, self._auditing, self._adding = [], [], []
-        drain, self._drain = self._drain, None
-        if drain is not None:
-            drain.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await drain
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
@@ -295,7 +297,7 @@ class PostgresStore:
             await self._add_alone(item)
             return
         self._adding.append(item)
-        if self._adder is None or self._adder.done():
+        if _idle(self._adder):
             self._adder = asyncio.get_running_loop().create_task(self._add_queued())
         await item.future
 
@@ -342,7 +344,7 @@ class PostgresStore:
                     if not item.future.done():
                         item.future.set_exception(StoreError("the store is closed"))
                 raise
-            except GhostRunnerError as exc:
+            except Exception as exc:  # each caller gets its own answer
                 if len(batch) == 1:
                     if not batch[0].future.done():
                         batch[0].future.set_exception(exc)
@@ -359,7 +361,7 @@ class PostgresStore:
     async def _settle_alone(self, item: _Adding) -> None:
         try:
             await self._add_alone(item)
-        except GhostRunnerError as exc:
+        except Exception as exc:  # handed to its caller
             if not item.future.done():
                 item.future.set_exception(exc)
         else:
@@ -559,7 +561,7 @@ class PostgresStore:
             future=asyncio.get_running_loop().create_future(),
         )
         self._finishing.append(item)
-        if self._finisher is None or self._finisher.done():
+        if _idle(self._finisher):
             self._finisher = asyncio.get_running_loop().create_task(self._finish_queued())
         row = await item.future
         if row is None:  # not dispatched (by this runner): say why
@@ -594,12 +596,15 @@ class PostgresStore:
             try:
                 rows = await self._tx(functools.partial(self._finish_many, batch=batch),
                                       atomic=False)
-            except BaseException as exc:
+            except asyncio.CancelledError:
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(StoreError("the store is closed"))
+                raise
+            except Exception as exc:
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(exc)
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
                 continue
             for i, item in enumerate(batch, 1):
                 if not item.future.done():
@@ -893,7 +898,7 @@ class PostgresStore:
             await self._tx(_sequence_pass, atomic=False)
 
     def _drain_soon(self) -> None:
-        if self._drain is None or self._drain.done():
+        if _idle(self._drain):
             self._drain = asyncio.get_running_loop().create_task(self._drain_later())
 
     async def _drain_later(self) -> None:
@@ -1173,7 +1178,7 @@ class PostgresStore:
                "status": entry.status, "counts": dict(entry.counts)}
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._auditing.append((row, future))
-        if self._auditor is None or self._auditor.done():
+        if _idle(self._auditor):
             self._auditor = asyncio.get_running_loop().create_task(self._audit_queued())
         await future
 
@@ -1190,12 +1195,15 @@ class PostgresStore:
 
             try:
                 await self._tx(op, atomic=False)
-            except BaseException as exc:
+            except asyncio.CancelledError:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(StoreError("the store is closed"))
+                raise
+            except Exception as exc:
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
                 continue
             for _, future in batch:
                 if not future.done():
@@ -1484,6 +1492,13 @@ class _Adding:
     task: Task
     params: dict[str, Any]
     future: asyncio.Future[None]
+
+
+def _idle(worker: asyncio.Task[Any] | None) -> bool:
+    """Whether a background worker must be started: none, ended, or one of an event
+    loop other than the running one (a loop closed under it never ends it)."""
+    return (worker is None or worker.done()
+            or worker.get_loop() is not asyncio.get_running_loop())
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -475,3 +475,39 @@ async def test_a_failed_group_statement_adds_each_task_alone(pg_store: PostgresS
     lone = make_task("node//z")
     with pytest.raises(StoreError, match="group"):  # alone in its group: its own error
         await pg_store.add_task(lone, NOW)
+
+
+async def test_close_sends_what_the_group_commits_hold(postgres: PgServer) -> None:
+    """Finishes, tasks and audit entries asked just before close are written (their
+    callers wait for them), not dropped."""
+    from ghostrunner.audit import AuditEntry, AuditQuery
+
+    dsn = postgres.database()
+    try:
+        store = PostgresStore(dsn)
+        await store.open()
+        nodes = [f"node//c{i}" for i in range(10)]
+        task = await add(store, *nodes)
+        keys = [RunKey(task.id, n) for n in nodes]
+        await store.claim_many(keys, at(1))
+        later = make_task("node//later")
+        pending = [
+            asyncio.create_task(store.finish(k, RunState.SUCCEEDED, at(2),
+                                             outcome=Outcome(exit_code=0))) for k in keys]
+        pending.append(asyncio.create_task(store.add_task(later, NOW)))
+        pending.append(asyncio.create_task(store.record_audit(AuditEntry(
+            at=NOW, method="POST", route="/task/create", status=200))))
+        await asyncio.sleep(0)  # each has asked
+        await store.close()
+        assert all(t.done() and t.exception() is None for t in pending)
+        again = PostgresStore(dsn)
+        await again.open()
+        try:
+            counts = (await again.get_task(task.id)).counts
+            assert counts[RunState.SUCCEEDED] == 10
+            assert (await again.get_task(later.id)).task == later
+            assert len((await again.query_audit(AuditQuery())).items) == 1
+        finally:
+            await again.close()
+    finally:
+        postgres.drop(dsn)

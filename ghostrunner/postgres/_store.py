@@ -22,12 +22,13 @@ from collections.abc import (
     Awaitable,
     Callable,
     Collection,
+    Hashable,
     Mapping,
     Sequence,
 )
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 import attrs
 import psycopg
@@ -179,7 +180,7 @@ class PostgresStore:
         self._adding: list[_Adding] = []
         self._adder: asyncio.Task[None] | None = None
         # the audit log's group commit (see _audit_queued)
-        self._auditing: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._auditing: list[_Auditing] = []
         self._auditor: asyncio.Task[None] | None = None
 
     def _remember(self, seq: int, task: Task) -> Task:
@@ -239,10 +240,7 @@ class PostgresStore:
                 await task
         self._finisher = self._auditor = self._adder = self._drain = None
         closed = StoreError("the store is closed")
-        for future in ([f.future for f in self._finishing] + [f for _, f in self._auditing]
-                       + [a.future for a in self._adding]):
-            if not future.done():
-                future.set_exception(closed)
+        _fail([*self._finishing, *self._auditing, *self._adding], closed)
         self._finishing, self._auditing, self._adding = [], [], []
         pool, self._pool = self._pool, None
         if pool is not None:
@@ -322,32 +320,18 @@ class PostgresStore:
         the next one (each id once per statement), in submission order. If that
         statement fails, each of its tasks is added alone: one task's error is its own."""
         while self._adding:
-            batch: list[_Adding] = []
-            later: list[_Adding] = []
-            ids: set[str] = set()
-            for item in self._adding:
-                if item.future.done():  # its caller left before it was sent
-                    continue
-                if item.task.id in ids or len(batch) >= _ADD_BATCH:
-                    later.append(item)
-                else:
-                    ids.add(item.task.id)
-                    batch.append(item)
-            self._adding = later
+            batch, self._adding = _take_group(self._adding, lambda a: a.task.id, _ADD_BATCH)
             if not batch:
                 continue
             try:
                 added = await self._tx(functools.partial(self._add_many, batch=batch),
                                        atomic=False)
-            except asyncio.CancelledError:
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(StoreError("the store is closed"))
+            except asyncio.CancelledError as exc:
+                _fail(batch, exc)
                 raise
             except Exception as exc:  # each caller gets its own answer
                 if len(batch) == 1:
-                    if not batch[0].future.done():
-                        batch[0].future.set_exception(exc)
+                    _fail(batch, exc)
                     continue
                 await asyncio.gather(*(self._settle_alone(item) for item in batch))
                 continue
@@ -579,32 +563,17 @@ class PostgresStore:
         """Group commit of ``finish``: the runs finished while a statement ran go in the
         next one (each key once per statement), until none is left."""
         while self._finishing:
-            batch: list[_Finishing] = []
-            later: list[_Finishing] = []
-            keys: set[RunKey] = set()
-            for item in self._finishing:
-                if item.future.done():  # its caller left before it was sent
-                    continue
-                if item.key in keys or len(batch) >= _FINISH_BATCH:
-                    later.append(item)
-                else:
-                    keys.add(item.key)
-                    batch.append(item)
-            self._finishing = later
+            batch, self._finishing = _take_group(self._finishing, lambda f: f.key,
+                                                 _FINISH_BATCH)
             if not batch:
                 continue
             try:
                 rows = await self._tx(functools.partial(self._finish_many, batch=batch),
                                       atomic=False)
-            except asyncio.CancelledError:
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(StoreError("the store is closed"))
-                raise
-            except Exception as exc:
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
+            except BaseException as exc:
+                _fail(batch, exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
                 continue
             for i, item in enumerate(batch, 1):
                 if not item.future.done():
@@ -1177,7 +1146,7 @@ class PostgresStore:
                "route": q.text(entry.route), "task_id": q.text(entry.task_id),
                "status": entry.status, "counts": dict(entry.counts)}
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._auditing.append((row, future))
+        self._auditing.append(_Auditing(row=row, future=future))
         if _idle(self._auditor):
             self._auditor = asyncio.get_running_loop().create_task(self._audit_queued())
         await future
@@ -1186,8 +1155,8 @@ class PostgresStore:
         """Group commit of audit entries: those recorded while a statement ran go in the
         next one."""
         while self._auditing:
-            batch, self._auditing = self._auditing[:_AUDIT_BATCH], self._auditing[_AUDIT_BATCH:]
-            rows = {"batch": json.dumps([{**row, "i": i} for i, (row, _) in enumerate(batch)],
+            batch, self._auditing = _take_group(self._auditing, id, _AUDIT_BATCH)
+            rows = {"batch": json.dumps([{**a.row, "i": i} for i, a in enumerate(batch)],
                                         ensure_ascii=False)}
 
             async def op(conn: Conn, rows: dict[str, str] = rows) -> None:
@@ -1195,19 +1164,14 @@ class PostgresStore:
 
             try:
                 await self._tx(op, atomic=False)
-            except asyncio.CancelledError:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(StoreError("the store is closed"))
-                raise
-            except Exception as exc:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
+            except BaseException as exc:
+                _fail(batch, exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
                 continue
-            for _, future in batch:
-                if not future.done():
-                    future.set_result(None)
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_result(None)
 
     async def query_audit(self, query: AuditQuery) -> AuditPage:
         try:
@@ -1494,11 +1458,59 @@ class _Adding:
     future: asyncio.Future[None]
 
 
+class _Waiting(Protocol):
+    """A call waiting in a group commit: its answer comes through ``future``."""
+
+    @property
+    def future(self) -> asyncio.Future[Any]: ...
+
+
+_W = TypeVar("_W", bound=_Waiting)
+
+
+def _take_group(
+    queue: Sequence[_W], key: Callable[[_W], Hashable], limit: int
+) -> tuple[list[_W], list[_W]]:
+    """The next statement's group of ``queue`` (each key once, ``limit`` at most; calls
+    whose caller left are dropped), and what waits for a later one."""
+    group: list[_W] = []
+    later: list[_W] = []
+    keys: set[Hashable] = set()
+    for item in queue:
+        if item.future.done():  # its caller left before it was sent
+            continue
+        k = key(item)
+        if k in keys or len(group) >= limit:
+            later.append(item)
+        else:
+            keys.add(k)
+            group.append(item)
+    return group, later
+
+
+def _fail(group: Sequence[_Waiting], exc: BaseException) -> None:
+    """Hand ``exc`` to every caller of ``group`` still waiting (a cancelled group's
+    callers get ``StoreError``: the store closed under them)."""
+    if isinstance(exc, asyncio.CancelledError):
+        exc = StoreError("the store is closed")
+    for item in group:
+        if not item.future.done():
+            item.future.set_exception(exc)
+
+
 def _idle(worker: asyncio.Task[Any] | None) -> bool:
     """Whether a background worker must be started: none, ended, or one of an event
     loop other than the running one (a loop closed under it never ends it)."""
     return (worker is None or worker.done()
             or worker.get_loop() is not asyncio.get_running_loop())
+
+
+@attrs.define(kw_only=True)
+class _Auditing:
+    """An audit entry waiting for its statement."""
+
+    row: dict[str, Any]
+    future: asyncio.Future[None]
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -353,6 +353,19 @@ async def test_concurrent_writers_and_a_following_reader_lose_nothing(
     assert seen == stored  # every one, once, in order
 
 
+def _count_groups(store: PostgresStore, method: str) -> list[int]:
+    """The size of each group ``store.method`` (a group commit's statement) sends."""
+    sizes: list[int] = []
+    real = getattr(store, method)
+
+    async def counted(conn: Any, *, batch: Any) -> Any:
+        sizes.append(len(batch))
+        return await real(conn, batch=batch)
+
+    setattr(store, method, counted)
+    return sizes
+
+
 async def test_finishes_at_once_share_statements_and_keep_their_own_answers(
     pg_store: PostgresStore,
 ) -> None:
@@ -362,15 +375,7 @@ async def test_finishes_at_once_share_statements_and_keep_their_own_answers(
     task = await add(pg_store, *nodes)
     keys = [RunKey(task.id, n) for n in nodes]
     await pg_store.claim_many(keys[:30], at(1), runner="me")
-    statements = 0
-    real = pg_store._finish_many
-
-    async def counted(conn: Any, *, batch: Any) -> Any:
-        nonlocal statements
-        statements += 1
-        return await real(conn, batch=batch)
-
-    pg_store._finish_many = counted  # type: ignore[method-assign]
+    groups = _count_groups(pg_store, "_finish_many")
     results = await asyncio.gather(
         *(pg_store.finish(k, RunState.SUCCEEDED, at(2), outcome=Outcome(exit_code=i),
                           runner="me") for i, k in enumerate(keys[:29])),
@@ -379,7 +384,7 @@ async def test_finishes_at_once_share_statements_and_keep_their_own_answers(
         pg_store.finish(keys[30], RunState.FAILED, at(2), runner="me"),  # still pending
         return_exceptions=True,
     )
-    assert statements < 10, statements
+    assert len(groups) < 10, groups
     for i, run in enumerate(results[:29]):
         assert not isinstance(run, BaseException), run
         assert (run.state, run.exit_code, run.node_id) == (RunState.SUCCEEDED, i, nodes[i])
@@ -430,15 +435,7 @@ async def test_tasks_submitted_together_share_statements_in_their_order(
     from ghostrunner.errors import Conflict
 
     taken = await add(pg_store, "node//x")
-    statements = 0
-    real = pg_store._add_many
-
-    async def counted(conn: Any, *, batch: Any) -> Any:
-        nonlocal statements
-        statements += 1
-        return await real(conn, batch=batch)
-
-    pg_store._add_many = counted  # type: ignore[method-assign]
+    groups = _count_groups(pg_store, "_add_many")
     tasks = [make_task(f"node//t{i}", f"node//u{i}", name=f"job-{i}") for i in range(30)]
     twin = make_task("node//v", id=tasks[3].id)
     again = make_task("node//w", id=taken.id)
@@ -447,7 +444,7 @@ async def test_tasks_submitted_together_share_statements_in_their_order(
         pg_store.add_task(again, NOW), return_exceptions=True)
     assert results[:30] == [None] * 30
     assert isinstance(results[30], Conflict) and isinstance(results[31], Conflict)
-    assert statements <= 3, statements
+    assert len(groups) <= 3, groups
     page = await pg_store.list_tasks(TaskQuery(limit=100))
     listed = [s.task.id for s in page.items]
     submitted = [taken.id, *(t.id for t in tasks)]

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, TextIO
 from ghostrunner import RunState, SQLiteStore, TaskQuery, TaskSummary
 from ghostrunner.audit import AuditEntry, AuditQuery
 from ghostrunner.errors import Conflict, GhostRunnerError
+from ghostrunner.events import Event
+from ghostrunner.webhooks import DeliveryQuery, WebhookDelivery
 
 from ._logging import redact_url
 from .config import is_postgres_url, sqlite_path
@@ -155,8 +157,12 @@ async def _migrate(path: Path, target: PostgresStore, *, dry_run: bool,
         summaries = await _summaries(source)
         tokens = await source.list_tokens()
         audit = await _audit_log(source)
+        events = await _event_log(source)
+        webhooks = await source.webhook_cursors()
+        deliveries = await _outbox(source)
         report = await target.import_all(_records(source, summaries), tokens, audit=audit,
-                                         dry_run=dry_run)
+                                         events=events, webhooks=webhooks,
+                                         deliveries=deliveries, dry_run=dry_run)
         if not dry_run:
             await _check(source, target, summaries)
         return report
@@ -173,6 +179,26 @@ async def _audit_log(source: SQLiteStore) -> list[AuditEntry]:
         entries.extend(page.items)
         if page.next_cursor is None:
             return entries[::-1]
+        cursor = page.next_cursor
+
+
+async def _event_log(source: SQLiteStore) -> list[Event]:
+    """The source's whole event log, oldest first."""
+    events: list[Event] = []
+    while batch := await source.events_after(events[-1].id if events else 0, 10_000):
+        events.extend(batch)
+    return events
+
+
+async def _outbox(source: SQLiteStore) -> list[WebhookDelivery]:
+    """The source's whole webhook outbox, oldest first."""
+    deliveries: list[WebhookDelivery] = []
+    cursor: str | None = None
+    while True:
+        page = await source.query_deliveries(DeliveryQuery(limit=1000, cursor=cursor))
+        deliveries.extend(page.items)
+        if page.next_cursor is None:
+            return deliveries[::-1]
         cursor = page.next_cursor
 
 
@@ -211,6 +237,8 @@ def _print_report(report: ImportReport, path: Path, dsn: str, out: TextIO) -> No
     print(f"  attempts  {report.attempts}", file=out)
     print(f"  tokens    {report.tokens}", file=out)
     print(f"  audit     {report.audit} entries", file=out)
+    print(f"  events    {report.events}", file=out)
+    print(f"  webhooks  {report.webhooks} cursors, {report.deliveries} deliveries", file=out)
     if report.dry_run:
         print("dry run: nothing written", file=out)
     else:

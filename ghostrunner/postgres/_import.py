@@ -1,6 +1,8 @@
 """A bulk import into an empty GhostRunner database on PostgreSQL (``ghostrunner db
-migrate``): tasks with their runs, attempts and flags, and API tokens, exactly as another
-store holds them. Not part of the :class:`~ghostrunner.Store` protocol: a tool's door.
+migrate``): tasks with their runs, attempts and flags, API tokens, the audit log, the
+event log (ids kept: a client's ``Last-Event-ID`` and the webhooks' cursors stay valid)
+and the webhook outbox (cursors and deliveries, ids kept), exactly as another store
+holds them. Not part of the :class:`~ghostrunner.Store` protocol: a tool's door.
 
 Everything goes in **one transaction** on one connection of its own: the schema is
 created if missing, the target is checked empty (no task, no token), every row is
@@ -23,10 +25,12 @@ import attrs
 import psycopg
 from psycopg.types.json import Jsonb
 
+from .. import events as ev
 from .._types import Attempt, Run, RunState, TaskSummary
 from ..audit import AuditEntry
 from ..errors import Conflict, StoreError
 from ..tokens import Token
+from ..webhooks import WebhookDelivery
 from . import _queries as q
 from ._schema import migrate
 
@@ -52,6 +56,12 @@ class ImportReport:
     states: Mapping[RunState, int]
     audit: int = 0
     """Audit log entries."""
+    events: int = 0
+    """Events of the event log."""
+    webhooks: int = 0
+    """Webhook cursors."""
+    deliveries: int = 0
+    """Deliveries of the webhook outbox."""
     """Runs per state."""
     dry_run: bool = False
 
@@ -74,7 +84,22 @@ _AUDIT_INSERT: Final = """
 INSERT INTO audit(at, token, address, method, route, task_id, status, counts)
 VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
 """
-_TABLES: Final = "tasks, runs, attempts, task_counts, tokens, audit"
+_TABLES: Final = ("tasks, runs, attempts, task_counts, tokens, audit, events, event_inbox, "
+                   "webhook_cursors, webhook_deliveries")
+#: Events and deliveries keep their ids; the identities then go on after the largest.
+_EVENT_INSERT: Final = """
+INSERT INTO events(id, at, kind, task_id, node_id, data) OVERRIDING SYSTEM VALUE
+VALUES (%s, %s, %s, %s, %s, %s)
+"""
+_CURSOR_INSERT: Final = "INSERT INTO webhook_cursors(webhook, event_id) VALUES (%s, %s)"
+_DELIVERY_INSERT: Final = """
+INSERT INTO webhook_deliveries(id, webhook, event_id, kind, msg_id, body, status, attempts,
+    created_at, started_at, next_attempt_at, lease_until, last_attempt_at, last_status,
+    last_error, finished_at) OVERRIDING SYSTEM VALUE
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+"""
+_GO_ON: Final = ("SELECT setval(pg_get_serial_sequence('{table}', 'id'), max(id)) FROM {table}"
+                 " HAVING count(*) > 0")
 
 
 class _DryRun(Exception):
@@ -87,11 +112,15 @@ async def import_into(
     tokens: Sequence[Token],
     *,
     audit: Sequence[AuditEntry] = (),
+    events: Sequence[ev.Event] = (),
+    webhooks: Mapping[str, int] | None = None,
+    deliveries: Sequence[WebhookDelivery] = (),
     dry_run: bool = False,
 ) -> ImportReport:
-    """Write ``records`` (in submission order, oldest first), ``tokens`` and the
-    ``audit`` log (oldest first) into the empty database of ``conn``, in one
-    transaction (rolled back if ``dry_run``).
+    """Write ``records`` (in submission order, oldest first), ``tokens``, the ``audit``
+    log (oldest first), the ``events`` (oldest first), the ``webhooks``' cursors and
+    their ``deliveries`` into the empty database of ``conn``, in one transaction (rolled
+    back if ``dry_run``).
 
     Raises:
         Conflict: the database already has tasks or tokens.
@@ -101,6 +130,10 @@ async def import_into(
     try:
         async with conn.transaction():
             report = await _import(conn, records, tokens, audit, dry_run=dry_run)
+            n_events, n_webhooks, n_deliveries = await _add_logs(
+                conn, events, webhooks or {}, deliveries)
+            report = attrs.evolve(report, events=n_events, webhooks=n_webhooks,
+                                  deliveries=n_deliveries)
             if dry_run:
                 raise _DryRun
     except _DryRun:
@@ -121,13 +154,17 @@ async def _import(
     await migrate(conn)  # a savepoint: the schema commits with the rows, or not at all
     # nobody writes meanwhile (a runner started on the target would wait for us)
     await conn.execute(f"LOCK TABLE {_TABLES} IN SHARE ROW EXCLUSIVE MODE")
-    cur = await conn.execute("SELECT (SELECT count(*) FROM tasks), (SELECT count(*) FROM tokens)")
+    cur = await conn.execute(
+        "SELECT (SELECT count(*) FROM tasks), (SELECT count(*) FROM tokens), "
+        "(SELECT count(*) FROM events) + (SELECT count(*) FROM event_inbox), "
+        "(SELECT count(*) FROM webhook_deliveries)")
     found = await cur.fetchone()
     assert found is not None
-    if found[0] or found[1]:
+    if any(found):
         raise Conflict(
-            f"the target database is not empty ({found[0]} tasks, {found[1]} tokens): "
-            "migrate into an empty database"
+            f"the target database is not empty ({found[0]} tasks, {found[1]} tokens, "
+            f"{found[2]} events, {found[3]} webhook deliveries): migrate into an empty "
+            "database"
         )
     expected: dict[int, Counter[str]] = {}
     states: Counter[RunState] = Counter()
@@ -235,3 +272,32 @@ async def _verify(
     if counted is None or (counted[0], counted[1]) != (attempts, tokens):
         raise StoreError("the attempts or tokens read back differ from those written: "
                          "nothing imported")
+
+
+async def _add_logs(
+    conn: psycopg.AsyncConnection[Any], events: Sequence[ev.Event],
+    webhooks: Mapping[str, int], deliveries: Sequence[WebhookDelivery],
+) -> tuple[int, int, int]:
+    """The event log and the webhook outbox, ids kept, then counted back."""
+    async with conn.cursor() as cur:
+        if events:
+            await cur.executemany(_EVENT_INSERT, [
+                (e.id, q.ts(e.at), e.kind, e.task_id, e.node_id, Jsonb(dict(e.data)))
+                for e in events])
+        if webhooks:
+            await cur.executemany(_CURSOR_INSERT, list(webhooks.items()))
+        if deliveries:
+            await cur.executemany(_DELIVERY_INSERT, [
+                (d.id, d.webhook, d.event_id, d.kind, d.msg_id, d.body, d.status.value,
+                 d.attempts, q.ts(d.created_at), q.ts(d.started_at), q.tso(d.next_attempt_at),
+                 q.tso(d.lease_until), q.tso(d.last_attempt_at), d.last_status,
+                 q.text(d.last_error), q.tso(d.finished_at)) for d in deliveries])
+    for table in ("events", "webhook_deliveries"):
+        await conn.execute(_GO_ON.format(table=table))
+    row = await (await conn.execute(
+        "SELECT (SELECT count(*) FROM events), (SELECT count(*) FROM webhook_cursors), "
+        "(SELECT count(*) FROM webhook_deliveries)")).fetchone()
+    if row != (len(events), len(webhooks), len(deliveries)):
+        raise StoreError("the events or webhook deliveries read back differ from those "
+                         "written")
+    return len(events), len(webhooks), len(deliveries)

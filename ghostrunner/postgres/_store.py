@@ -1106,12 +1106,17 @@ class PostgresStore:
         tokens: Sequence[Token],
         *,
         audit: Sequence[AuditEntry] = (),
+        events: Sequence[ev.Event] = (),
+        webhooks: Mapping[str, int] | None = None,
+        deliveries: Sequence[WebhookDelivery] = (),
         dry_run: bool = False,
     ) -> ImportReport:
         """Copy another store's contents into this **empty** database (``ghostrunner db
         migrate``): tasks with their flags (paused, aborted, closed), runs with every
         field and state (``dispatched`` ones stay dispatched: the next start recovers
-        their outcome), attempt histories, and tokens with their hashes and scopes.
+        their outcome), attempt histories, tokens with their hashes and scopes, the audit
+        log, the event log and the webhook outbox (``webhooks``: cursor by webhook; their
+        ``deliveries``), events and deliveries keeping their ids.
 
         ``records`` in submission order (oldest first). One transaction on a
         connection of its own (the store need not be open): the schema is created if
@@ -1129,7 +1134,9 @@ class PostgresStore:
         except psycopg.Error as exc:
             raise _translate(exc, self.dsn) from None
         try:
-            return await import_into(conn, records, tokens, audit=audit, dry_run=dry_run)
+            return await import_into(conn, records, tokens, audit=audit, events=events,
+                                     webhooks=webhooks, deliveries=deliveries,
+                                     dry_run=dry_run)
         except GhostRunnerError:
             raise
         except (psycopg.Error, UnicodeError, OverflowError) as exc:

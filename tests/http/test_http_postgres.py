@@ -19,6 +19,7 @@ from ghostrunner import Outcome, Rollout, RunKey, RunState, Selector, SQLiteStor
 from ghostrunner.audit import AuditEntry, AuditQuery
 from ghostrunner.postgres import PostgresStore
 from ghostrunner.tokens import Scope
+from ghostrunner.webhooks import DeliveryQuery, DeliveryStatus, NewDelivery
 from ghostrunner_http import ConfigError, Settings, load_settings
 from ghostrunner_http._tokens import new_token
 from ghostrunner_http.cli import main
@@ -198,6 +199,17 @@ async def _fill(path: Path) -> None:
                 at=at(10 + i), token=f"t-{i}", address="10.0.0.7", method="POST",
                 route=route, task_id=done.id, status=status, counts={"runs": i}))
         assert expired and paused
+        # the webhook outbox: two webhooks, deliveries pending and delivered
+        log = list(await store.events_after(0, 1000))
+        for name in ("ops", "audit-sink"):
+            await store.webhook_cursor(name, 0)
+            assert await store.enqueue_deliveries(name, 0, log[2].id, [
+                NewDelivery(event_id=e.id, kind=e.kind, msg_id=f"msg_{name}_{e.id}",
+                            body=f'{{"type": "{e.kind}"}}') for e in log[:3]], at(11))
+        first = (await store.claim_deliveries("ops", at(12), at(13), limit=2))[0]
+        await store.finish_delivery(first.id, first.attempts, at(12),
+                                    status=DeliveryStatus.DELIVERED, next_attempt_at=None,
+                                    http_status=200, error=None)
     finally:
         await store.close()
 
@@ -230,6 +242,10 @@ async def _everything(store: Any) -> dict[str, Any]:
         # entries as recorded (their ids are the target's own)
         "audit": [attrs.evolve(e, id=None)
                   for e in (await store.query_audit(AuditQuery(limit=1000))).items],
+        # the event log and the webhook outbox keep their ids
+        "events": list(await store.events_after(0, 10_000)),
+        "webhooks": dict(await store.webhook_cursors()),
+        "deliveries": list((await store.query_deliveries(DeliveryQuery(limit=1000))).items),
     }
 
 
@@ -274,6 +290,8 @@ def test_migrate_copies_everything(postgres: PgServer, tmp_path: Path,
         assert f"tasks     {len(want['tasks'])}" in out
         assert "tokens    3" in out
         assert "audit     2 entries" in out
+        assert f"events    {len(want['events'])}" in out and len(want["events"]) > 20
+        assert "webhooks  2 cursors, 6 deliveries" in out
         assert "checked:" in out
         assert "1 runs were dispatched" in out
         assert DB_PASSWORD not in out + err
@@ -286,6 +304,19 @@ def test_migrate_copies_everything(postgres: PgServer, tmp_path: Path,
         assert [a.state for a in next(iter(retried["attempts"].values()))] == [
             RunState.LOST, RunState.SUCCEEDED]
         assert any(r.recovered for t in want["tasks"].values() for r in t["runs"])
+        assert {d.status.value for d in want["deliveries"]} == {"pending", "delivered"}
+        # the copy's new events and deliveries go on after the copied ids
+        async def one_more() -> int:
+            store = PostgresStore(dsn)
+            await store.open()
+            try:
+                await add(store, "node//after")
+                return (await store.events_after(want["events"][-1].id, 10))[0].id
+            finally:
+                await store.close()
+
+        assert asyncio.run(one_more()) == want["events"][-1].id + 1
+        want = _read(PostgresStore(dsn))  # with that task, for the check below
 
         # a second time: the target is not empty
         code, out, err = _migrate(capsys, "--from", str(path), "--to", dsn)

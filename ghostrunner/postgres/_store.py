@@ -258,11 +258,16 @@ class PostgresStore:
             try:
                 _EMITTED.set(False)
                 async with pool.connection() as conn:
-                    if atomic:
-                        async with conn.transaction():
+                    try:
+                        if atomic:
+                            async with conn.transaction():
+                                result = await fn(conn)
+                        else:
                             result = await fn(conn)
-                    else:
-                        result = await fn(conn)
+                    except BaseException:
+                        # a SET of the plan mode in a transaction rolled back is undone
+                        _GENERIC.pop(conn, None)
+                        raise
                 if _EMITTED.get():
                     self._drain_soon()
                 return result

@@ -508,3 +508,35 @@ async def test_close_sends_what_the_group_commits_hold(postgres: PgServer) -> No
             await again.close()
     finally:
         postgres.drop(dsn)
+
+
+async def test_a_plan_mode_set_in_a_transaction_rolled_back_is_set_again(
+    postgres: PgServer,
+) -> None:
+    """A claim's transaction sets the plan mode; if it rolls back, PostgreSQL undoes the
+    SET: the store forgets what it knew of that session, and the next call sets it."""
+    from ghostrunner.errors import NotFound
+    from ghostrunner.postgres._store import _GENERIC
+
+    dsn = postgres.database()
+    pg_store = PostgresStore(dsn, max_size=1)  # one session: the one the claims used
+    await pg_store.open()
+    try:
+        await _rolled_back_plan_mode(pg_store, _GENERIC, NotFound)
+    finally:
+        await pg_store.close()
+        postgres.drop(dsn)
+
+
+async def _rolled_back_plan_mode(pg_store: PostgresStore, generic: Any, missing: Any) -> None:
+    with pytest.raises(missing):  # a claim of a run that does not exist: rolled back
+        await pg_store.claim_many([RunKey("no-such-task", "node//a")], NOW)
+    async with pg_store.connection() as conn:
+        row = await (await conn.execute("SHOW plan_cache_mode")).fetchone()
+        assert row == ("auto",)  # the SET went with the transaction
+        assert generic.get(conn) is None  # and the store knows it does not know
+    task = await add(pg_store, "node//a")
+    await pg_store.claim_many([RunKey(task.id, "node//a")], NOW)
+    async with pg_store.connection() as conn:
+        row = await (await conn.execute("SHOW plan_cache_mode")).fetchone()
+        assert row == ("force_generic_plan",) and generic[conn] is True

@@ -19,9 +19,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Protocol, TextIO, TypeVar
 
 from ghostrunner import RunState, SQLiteStore, TaskQuery, TaskSummary
 from ghostrunner.audit import AuditEntry, AuditQuery
@@ -170,16 +170,35 @@ async def _migrate(path: Path, target: PostgresStore, *, dry_run: bool,
         await source.close()
 
 
-async def _audit_log(source: SQLiteStore) -> list[AuditEntry]:
-    """The source's whole audit log, oldest first."""
-    entries: list[AuditEntry] = []
+_Item = TypeVar("_Item")
+_Item_co = TypeVar("_Item_co", covariant=True)
+
+
+class _Paged(Protocol[_Item_co]):
+    @property
+    def items(self) -> Sequence[_Item_co]: ...
+
+    @property
+    def next_cursor(self) -> str | None: ...
+
+
+async def _oldest_first(page_at: Callable[[str | None], Awaitable[_Paged[_Item]]]
+                        ) -> list[_Item]:
+    """Every item of a listing that pages newest first, oldest first."""
+    items: list[_Item] = []
     cursor: str | None = None
     while True:
-        page = await source.query_audit(AuditQuery(limit=1000, cursor=cursor))
-        entries.extend(page.items)
+        page = await page_at(cursor)
+        items.extend(page.items)
         if page.next_cursor is None:
-            return entries[::-1]
+            return items[::-1]
         cursor = page.next_cursor
+
+
+async def _audit_log(source: SQLiteStore) -> list[AuditEntry]:
+    """The source's whole audit log, oldest first."""
+    return await _oldest_first(
+        lambda cursor: source.query_audit(AuditQuery(limit=1000, cursor=cursor)))
 
 
 async def _event_log(source: SQLiteStore) -> list[Event]:
@@ -192,14 +211,8 @@ async def _event_log(source: SQLiteStore) -> list[Event]:
 
 async def _outbox(source: SQLiteStore) -> list[WebhookDelivery]:
     """The source's whole webhook outbox, oldest first."""
-    deliveries: list[WebhookDelivery] = []
-    cursor: str | None = None
-    while True:
-        page = await source.query_deliveries(DeliveryQuery(limit=1000, cursor=cursor))
-        deliveries.extend(page.items)
-        if page.next_cursor is None:
-            return deliveries[::-1]
-        cursor = page.next_cursor
+    return await _oldest_first(
+        lambda cursor: source.query_deliveries(DeliveryQuery(limit=1000, cursor=cursor)))
 
 
 async def _check(source: SQLiteStore, target: PostgresStore,

@@ -1,6 +1,6 @@
 """What the SQL stores (``sqlite``, ``postgres``) share: how a task's fleet fields are
 kept as one JSON document, how each task status reads on a ``task_counts`` row, and how
-a page of the webhook outbox is asked for.
+a page of the audit log and of the webhook outbox is asked for.
 
 One module, so that a database moved from one backend to the other (``ghostrunner db
 migrate``) reads alike, and a status means the same SQL in both.
@@ -9,16 +9,19 @@ migrate``) reads alike, and a status means the same SQL in both.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from datetime import datetime
 from typing import Any, Final
 
 import attrs
 
 from ._types import Rollout, Selector, Task, TaskStatus
+from .audit import AuditQuery
 from .errors import ValidationError
 from .webhooks import DeliveryQuery
 
-__all__ = ["DELIVERY_COLS", "STATUS_SQL", "deliveries_sql", "fleet_fields", "fleet_json"]
+__all__ = ["AUDIT_COLS", "DELIVERY_COLS", "STATUS_SQL", "audit_sql", "deliveries_sql",
+           "fleet_fields", "fleet_json"]
 
 _PLAIN_ROLLOUT: Final = Rollout()
 
@@ -106,5 +109,46 @@ def deliveries_sql(query: DeliveryQuery, mark: str) -> tuple[str, list[Any]]:
     params.append(query.limit + 1)
     # constant columns and placeholders only: every value is a parameter
     sql = (f"SELECT {DELIVERY_COLS} FROM webhook_deliveries {where} "  # noqa: S608
+           f"ORDER BY id DESC LIMIT {mark}")
+    return sql, params
+
+
+#: The audit log's columns, in the order ``AuditEntry`` takes them.
+AUDIT_COLS: Final = "id, at, token, address, method, route, task_id, status, counts"
+
+
+def audit_sql(query: AuditQuery, mark: str, stamp: Callable[[datetime], Any]
+              ) -> tuple[str, list[Any]]:
+    """The statement and parameters reading one page of ``query`` from the audit log,
+    newest first, one row more than the page; ``mark`` is the driver's placeholder,
+    ``stamp`` how it takes a time. Raises ``ValidationError`` for a cursor this server
+    did not give."""
+    try:
+        before = query.before_id()
+    except ValueError:
+        raise ValidationError("cursor", "is not a cursor this server gave") from None
+    terms: list[str] = []
+    params: list[Any] = []
+    for column, value in (("token", query.token), ("route", query.route),
+                          ("task_id", query.task_id)):
+        if value is not None:
+            terms.append(f"{column} = {mark}")
+            params.append(value)
+    if query.since is not None:
+        terms.append(f"at >= {mark}")
+        params.append(stamp(query.since))
+    if query.until is not None:
+        terms.append(f"at < {mark}")
+        params.append(stamp(query.until))
+    if query.status_class is not None:
+        terms.append(f"status >= {mark} AND status < {mark}")
+        params += [query.status_class * 100, query.status_class * 100 + 100]
+    if before is not None:
+        terms.append(f"id < {mark}")
+        params.append(min(before, (1 << 63) - 1))
+    where = "WHERE " + " AND ".join(terms) if terms else ""
+    params.append(query.limit + 1)
+    # constant columns and placeholders only: every value is a parameter
+    sql = (f"SELECT {AUDIT_COLS} FROM audit {where} "  # noqa: S608
            f"ORDER BY id DESC LIMIT {mark}")
     return sql, params

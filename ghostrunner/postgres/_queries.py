@@ -115,27 +115,6 @@ ON CONFLICT (id) DO NOTHING
 RETURNING seq
 """
 
-#: ``add_task`` in one statement: the task (no row: its id exists), its counts, its
-#: pending runs (array nodes), its ``task.created`` event (``data``) and, if ``notify``,
-#: a NOTIFY ``payload``.
-ADD_TASK_ALL_SQL: Final = f"""
-WITH t AS ({ADD_TASK_SQL.strip()}
-), counted AS (
-    INSERT INTO task_counts(task_seq, total, pending) SELECT seq, %(n)s, %(n)s FROM t
-), queued AS (
-    INSERT INTO runs(task_seq, node, position, state, queued_at, available_at, expires_at)
-    SELECT t.seq, u.node, u.ord - 1, 'pending', %(now)s,
-           coalesce(%(not_before)s, %(now)s), %(expires_at)s
-    FROM t, unnest(%(nodes)s::text[]) WITH ORDINALITY AS u(node, ord)
-), logged AS (
-    INSERT INTO event_inbox(at, kind, task_id, data)
-    SELECT %(now)s, 'task.created', %(id)s, %(data)s::jsonb FROM t
-), signal AS (
-    SELECT pg_notify(%(channel)s, %(payload)s) FROM t WHERE %(notify)s
-)
-SELECT seq, (SELECT count(*) FROM signal) FROM t
-"""
-
 #: ``add_task`` of several tasks in one statement (a group commit), from one JSON array
 #: (``batch``: one object per task, their ids distinct, ``ord`` their submission order,
 #: which seqs follow; one JSON text is far cheaper to send than twenty arrays). Returns

@@ -312,22 +312,19 @@ _V5: Final = (
 )
 
 
-def _sums(rows: str) -> str:
-    """Per state, the net change in ``rows`` (``state``, ``k``: +1 new, -1 old)."""
-    return ", ".join(
-        f"coalesce(sum({rows}.k) FILTER (WHERE {rows}.state = '{s}'), 0) AS {s}"
-        for s in V1_STATES)
+def _net(rows: str, state: str) -> str:
+    """The net change of ``state`` in ``rows`` (``state``, ``k``: +1 new, -1 old)."""
+    return f"coalesce(sum({rows}.k) FILTER (WHERE {rows}.state = '{state}'), 0)"
 
 
 #: The runs' net change of state per task in an UPDATE statement: the new rows counted
 #: in, the old rows counted out, no join (a row whose state did not change cancels out).
 _NET_CHANGE: Final = f"""
-    SELECT x.task_seq, {_sums("x")}
+    SELECT x.task_seq, {", ".join(f"{_net('x', s)} AS {s}" for s in V1_STATES)}
     FROM (SELECT task_seq, state, 1 AS k FROM new_runs
           UNION ALL SELECT task_seq, state, -1 FROM old_runs) AS x
     GROUP BY x.task_seq
-    HAVING {" OR ".join(f"coalesce(sum(x.k) FILTER (WHERE x.state = '{s}'), 0) <> 0"
-                        for s in V1_STATES)}"""
+    HAVING {" OR ".join(f"{_net('x', s)} <> 0" for s in V1_STATES)}"""
 
 #: Version 6: event ids handed out by a sequencer, no lock across any verb's commit.
 #:

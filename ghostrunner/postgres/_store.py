@@ -38,7 +38,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .. import events as ev
 from .._planner import RATE_WINDOW, rollout_budget
-from .._sqlkit import DELIVERY_COLS, deliveries_sql
+from .._sqlkit import DELIVERY_COLS, audit_sql, deliveries_sql
 from .._types import (
     TERMINAL_STATES,
     TRANSITIONS,
@@ -305,20 +305,10 @@ class PostgresStore:
         await item.future
 
     async def _add_alone(self, item: _Adding) -> None:
-        params = {
-            **item.params, "channel": q.CHANNEL,
-            "payload": _payload(self._tag, "runs", item.params["nodes"]),
-            "notify": bool(item.params["n"]) and self._peers != 0,
-            "data": _created(item),
-        }
-
-        async def op(conn: Conn) -> None:
-            row = await (await conn.execute(q.ADD_TASK_ALL_SQL, params)).fetchone()
-            if row is None:
-                raise Conflict(f"task {item.task.id} exists")
-            _EMITTED.set(True)
-
-        await self._tx(op, atomic=False)
+        """``item`` in a statement of its own (a group of one)."""
+        added = await self._tx(functools.partial(self._add_many, batch=[item]), atomic=False)
+        if item.task.id not in added:
+            raise Conflict(f"task {item.task.id} exists")
 
     async def _add_queued(self) -> None:
         """Group commit of ``add_task``: the tasks submitted while a statement ran go in
@@ -1186,33 +1176,7 @@ class PostgresStore:
                     item.future.set_result(None)
 
     async def query_audit(self, query: AuditQuery) -> AuditPage:
-        try:
-            before = query.before_id()
-        except ValueError:
-            raise ValidationError("cursor", "is not a cursor this server gave") from None
-        terms: list[str] = []
-        params: list[Any] = []
-        for column, value in (("token", query.token), ("route", query.route),
-                              ("task_id", query.task_id)):
-            if value is not None:
-                terms.append(f"{column} = %s")
-                params.append(value)
-        if query.since is not None:
-            terms.append("at >= %s")
-            params.append(q.ts(query.since))
-        if query.until is not None:
-            terms.append("at < %s")
-            params.append(q.ts(query.until))
-        if query.status_class is not None:
-            terms.append("status >= %s AND status < %s")
-            params += [query.status_class * 100, query.status_class * 100 + 100]
-        if before is not None:
-            terms.append("id < %s")
-            params.append(min(before, (1 << 63) - 1))
-        where = "WHERE " + " AND ".join(terms) if terms else ""
-        params.append(query.limit + 1)
-        sql = (f"SELECT id, at, token, address, method, route, task_id, status, counts "
-               f"FROM audit {where} ORDER BY id DESC LIMIT %s")
+        sql, params = audit_sql(query, "%s", q.ts)
 
         async def op(conn: Conn) -> AuditPage:
             cur = await conn.execute(sql, params)
@@ -1527,11 +1491,6 @@ class _Auditing:
 
 def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
-
-
-def _created(item: _Adding) -> str:
-    return json.dumps(ev.created_data(item.task.name, item.params["nodes"]),
-                      ensure_ascii=False)
 
 
 #: Audit entries written in one statement at most (see PostgresStore._audit_queued).

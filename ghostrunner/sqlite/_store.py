@@ -25,7 +25,7 @@ from typing import Any, Final, Literal, TypeVar, cast
 import sqlite_utils
 
 from .. import events as ev
-from .._sqlkit import DELIVERY_COLS, deliveries_sql
+from .._sqlkit import DELIVERY_COLS, audit_sql, deliveries_sql
 from .._types import (
     TERMINAL_STATES,
     TRANSITIONS,
@@ -681,9 +681,7 @@ class SQLiteStore:
             "VALUES (?,?,?,?,?,?,?,?)", row))
 
     async def query_audit(self, query: AuditQuery) -> AuditPage:
-        where, params = _audit_where(query)
-        sql = (f"SELECT {_AUDIT_COLS} FROM audit {where} ORDER BY id DESC LIMIT ?")
-        params.append(query.limit + 1)
+        sql, params = audit_sql(query, "?", ts)
 
         def op(db: sqlite_utils.Database) -> AuditPage:
             rows = db.execute(sql, params).fetchall()
@@ -992,37 +990,6 @@ def _update_dispatched(
             raise NotFound(f"no run {key}")
         raise IllegalTransition(f"run {key} is not dispatched")
     return q.run(key.task_id, key.node_id, rows[0])
-
-
-_AUDIT_COLS: Final = "id, at, token, address, method, route, task_id, status, counts"
-
-
-def _audit_where(query: AuditQuery) -> tuple[str, list[Any]]:
-    """The WHERE clause (and its parameters) of an audit query's filters and cursor."""
-    try:
-        before = query.before_id()
-    except ValueError:
-        raise ValidationError("cursor", "is not a cursor this server gave") from None
-    terms: list[str] = []
-    params: list[Any] = []
-    for column, value in (("token", query.token), ("route", query.route),
-                          ("task_id", query.task_id)):
-        if value is not None:
-            terms.append(f"{column} = ?")
-            params.append(value)
-    if query.since is not None:
-        terms.append("at >= ?")
-        params.append(ts(query.since))
-    if query.until is not None:
-        terms.append("at < ?")
-        params.append(ts(query.until))
-    if query.status_class is not None:
-        terms.append("status >= ? AND status < ?")
-        params += [query.status_class * 100, query.status_class * 100 + 100]
-    if before is not None:
-        terms.append("id < ?")
-        params.append(before)
-    return ("WHERE " + " AND ".join(terms) if terms else ""), params
 
 
 def _audit_entry(row: Sequence[Any]) -> AuditEntry:

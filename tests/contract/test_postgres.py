@@ -461,15 +461,20 @@ async def test_a_failed_group_statement_adds_each_task_alone(pg_store: PostgresS
     error stays its own."""
     from ghostrunner.errors import StoreError
 
+    real = pg_store._add_many
+    lone = make_task("node//z")
+
     async def broken(conn: Any, *, batch: Any) -> Any:
-        raise StoreError("the group's statement failed")
+        # a group's statement fails, and so does the lone task's own (a group of one)
+        if len(batch) > 1 or batch[0].task.id == lone.id:
+            raise StoreError("the group's statement failed")
+        return await real(conn, batch=batch)
 
     pg_store._add_many = broken  # type: ignore[method-assign]
     tasks = [make_task(f"node//t{i}") for i in range(5)]
     assert await asyncio.gather(*(pg_store.add_task(t, NOW) for t in tasks)) == [None] * 5
     for t in tasks:
         assert (await pg_store.get_task(t.id)).task == t
-    lone = make_task("node//z")
     with pytest.raises(StoreError, match="group"):  # alone in its group: its own error
         await pg_store.add_task(lone, NOW)
 

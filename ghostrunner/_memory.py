@@ -138,7 +138,8 @@ class InMemoryStore:
     # ---------------------------------------------------------------- tasks
 
     async def add_task(
-        self, task: Task, now: datetime, *, nodes: Sequence[str] | None = None
+        self, task: Task, now: datetime, *, nodes: Sequence[str] | None = None,
+        audit: AuditEntry | None = None,
     ) -> None:
         if task.id in self.tasks:
             raise Conflict(f"task {task.id} exists")
@@ -150,6 +151,8 @@ class InMemoryStore:
         self._add(runs)
         self._event(now, ev.TASK_CREATED, task.id,
                     data=ev.created_data(task.name, [r.node_id for r in runs]))
+        if audit is not None:
+            self._audit(audit)
 
     async def add_runs(
         self, task_id: str, node_ids: Sequence[str], now: datetime
@@ -512,6 +515,9 @@ class InMemoryStore:
     # ---------------------------------------------------------------- audit log
 
     async def record_audit(self, entry: AuditEntry) -> None:
+        self._audit(entry)
+
+    def _audit(self, entry: AuditEntry) -> None:
         self._audit_seq += 1
         self.audit.append(attrs.evolve(entry, id=self._audit_seq))
 

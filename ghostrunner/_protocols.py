@@ -37,6 +37,7 @@ from ._types import (
     TaskQuery,
     TaskSummary,
 )
+from .audit import AuditEntry
 from .events import Event
 
 __all__ = ["Executor", "Store"]
@@ -77,7 +78,8 @@ class Store(Protocol):
     # ---------------------------------------------------------------- tasks
 
     async def add_task(
-        self, task: Task, now: datetime, *, nodes: Sequence[str] | None = None
+        self, task: Task, now: datetime, *, nodes: Sequence[str] | None = None,
+        audit: AuditEntry | None = None,
     ) -> None:
         """Store ``task`` and one pending run per node of ``nodes`` (default: its
         targets; the facade passes the targets and the devices its selector matched),
@@ -85,6 +87,10 @@ class Store(Protocol):
         task or any of its runs before all of them are stored, and a crash leaves all
         or nothing (one transaction; SQLiteStore writes a large task in several, each
         invisible until the last). Read them back with :meth:`get_runs`.
+
+        ``audit``: an audit log entry stored with the task, in the same transaction
+        (a task not added leaves no entry). Only given to a store that keeps an audit
+        log (``record_audit``); the HTTP server's entry of ``POST /task/create``.
 
         Raises ``Conflict`` if a task with this id exists.
         """

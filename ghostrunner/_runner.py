@@ -36,6 +36,7 @@ from ._types import (
     TaskSummary,
     utcnow,
 )
+from .audit import AuditEntry
 from .errors import GhostRunnerError, IllegalTransition, NotFound, ValidationError
 from .events import Event
 from .runners import Leases, LeaseState, RunnerInfo, RunnerStatus, Signal, Signals
@@ -146,9 +147,13 @@ class GhostRunner:
 
     # ---------------------------------------------------------------- operations
 
-    async def submit(self, task: Task | None = None, /, **fields: Any) -> Task:
+    async def submit(self, task: Task | None = None, /, *, audit: AuditEntry | None = None,
+                     **fields: Any) -> Task:
         """Queue a task: ``submit(Task(...))`` or ``submit(name=..., command=...,
         targets=[...])``. Its runs start as their devices come online.
+
+        ``audit``: an audit log entry the store keeps with the task, in the same
+        transaction (a store with an audit log; see ``Store.add_task``).
 
         Raises:
             ValidationError: naming the invalid field.
@@ -163,7 +168,10 @@ class GhostRunner:
         nodes = self.targets_of(task)
         if task.select is not None and not nodes and not task.continuous:
             raise ValidationError("select", f"matches no device ({task.select})")
-        await self.store.add_task(task, self.clock(), nodes=nodes)
+        if audit is None:
+            await self.store.add_task(task, self.clock(), nodes=nodes)
+        else:  # (a store that keeps no audit log takes no audit argument)
+            await self.store.add_task(task, self.clock(), nodes=nodes, audit=audit)
         self.loop.follow(task, nodes)
         self.loop.wake(nodes, due=task.not_before, expires=task.expires_at)
         self._notify()

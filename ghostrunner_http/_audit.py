@@ -8,11 +8,12 @@ console; the task id when the path has none; counts).
 
 **When.** The entry is written when the answer's status is known, and the answer is
 sent only once the entry is stored: a client that saw an answer can find its entry.
-It is not in the same transaction as the write itself (the queue's ``Store`` knows
-nothing of the HTTP side): if the process dies after a write committed and before its
-entry did (one store round trip), that write has no entry, and its client got no
-answer. Recording *before* the write (and updating the result after) would close that
-gap at the cost of two more store writes per request; see ``docs/operations.md``.
+``POST /task/create`` (the hot path of scripts) hands its entry to the store with the
+task (:meth:`AuditNote.ahead`, ``Store.add_task(audit=...)``): one transaction, so a
+created task always has its entry, and one commit per create instead of two. Other
+writes are recorded in a transaction of their own: if the process dies after such a
+write committed and before its entry did (one store round trip), that write has no
+entry, and its client got no answer; see ``docs/operations.md``.
 
 **Address.** ``scope["client"]``: the peer of the TCP connection, or what uvicorn's
 ``--forwarded-allow-ips`` made of ``X-Forwarded-For`` when the proxy is trusted.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import datetime, timedelta
@@ -69,6 +71,19 @@ class AuditNote:
     token: str | None = None
     task_id: str | None = None
     counts: dict[str, int] = attrs.field(factory=dict)
+    #: the status of the entry already stored with the write (see :meth:`ahead`)
+    stored: int | None = None
+    draft: Callable[[int], AuditEntry | None] | None = attrs.field(default=None, repr=False)
+
+    def ahead(self, status: int) -> AuditEntry | None:
+        """The request's entry as it stands, with ``status``, for the store to keep
+        with the write itself (in its transaction); the middleware then writes none if
+        the answer has that status, and its own if not (the write failed: nothing of
+        it, entry included, was stored). None if the request is not recorded."""
+        entry = None if self.draft is None else self.draft(status)
+        if entry is not None:
+            self.stored = status
+        return entry
 
 
 def note(request: Request) -> AuditNote:
@@ -101,6 +116,7 @@ class AuditLog:
             await self.app(scope, receive, send)
             return
         audit = AuditNote()
+        audit.draft = functools.partial(self.entry, scope, audit)
         scope[SCOPE_KEY] = audit
         recorded = False
 
@@ -120,29 +136,39 @@ class AuditLog:
                     await self.record(scope, audit, 500)
             raise
 
-    async def record(self, scope: Scope, audit: AuditNote, status: int) -> None:
+    def entry(self, scope: Scope, audit: AuditNote, status: int) -> AuditEntry | None:
+        """The request's entry, or None if it is not recorded (no route matched: a
+        404, or a 405 for the method; or a store that keeps no audit log)."""
         route = self.templates.get(scope.get("endpoint"))
         if route is None or status == 405:
-            return  # no route matched (a 404, or a 405 for the method): nothing written
+            return None
         svc = scope.get("state", {}).get("services")
-        store = getattr(svc, "audit", None)
-        if store is None:
-            return
+        if getattr(svc, "audit", None) is None:
+            return None
         client = scope.get("client")
         task_id = audit.task_id
         if task_id is None:
             task_id = scope.get("path_params", {}).get("task_id")
+        return AuditEntry(
+            at=self.clock(), method=scope["method"], route=route, status=status,
+            token=audit.token, address=client[0] if client else None,
+            task_id=task_id, counts=audit.counts,
+        )
+
+    async def record(self, scope: Scope, audit: AuditNote, status: int) -> None:
+        if audit.stored == status:
+            return  # stored with the write (AuditNote.ahead)
         try:
-            entry = AuditEntry(
-                at=self.clock(), method=scope["method"], route=route, status=status,
-                token=audit.token, address=client[0] if client else None,
-                task_id=task_id, counts=audit.counts,
-            )
+            entry = self.entry(scope, audit, status)
+            if entry is None:
+                return
+            store = scope["state"]["services"].audit
             await store.record_audit(entry)
         except (GhostRunnerError, ValueError, TypeError) as exc:
             # the write (if any) is done: answering with an error would hide it
             log.error("could not record the audit entry of %s %s (status %d): %s",
-                      scope["method"], route, status, exc)
+                      scope["method"], self.templates.get(scope.get("endpoint")), status,
+                      exc)
 
 
 def render_entry(entry: AuditEntry) -> dict[str, Any]:

@@ -121,6 +121,9 @@ class Services:
     """Where the tasks are kept: postgresql, sqlite, memory or custom."""
     audit: AuditStore | None = None
     """Where the audit log goes (None: a store that keeps none)."""
+    audit_with_writes: bool = False
+    """Whether the store keeps a create's audit entry with the task, in its transaction
+    (``Store.add_task(audit=...)``; the three shipped stores do)."""
     streams: StreamSlots = attrs.field(factory=lambda: StreamSlots(100))
     """The event streams open, and how many may be."""
     broadcast: Broadcast = attrs.field(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import sys
 from collections import Counter
@@ -231,13 +232,15 @@ async def task_create(request: Request) -> Response:
     audit = note(request)
     audit.task_id = task.id
     audit.counts["nodeids"] = len(task.targets)
+    # the entry goes in with the task (one transaction): a created task has its entry
+    entry = audit.ahead(200) if call.services.audit_with_writes else None
     if task.select is None:
         # the seed's path: every target has a pending run, nothing more to read
-        await runner.submit(task)
+        await runner.submit(task, audit=entry)
         return envelope(render_task(task, {RunState.PENDING: len(task.targets)}, "pending"),
                         headers={"Location": f"/tasks/{task.id}"})
     try:
-        await runner.submit(task)
+        await runner.submit(task, audit=entry)
     except ValidationError as exc:  # the selector matches no device
         raise ValidationError(f"details.{exc.field}", exc.message) from None
     # the selector chose the devices: answer with the runs the store holds
@@ -487,6 +490,15 @@ def _store_from(settings: Settings) -> Store:
     return SQLiteStore(settings.database.expanduser(), synchronous=settings.database_synchronous)
 
 
+def _takes_audit(store: Store) -> bool:
+    """Whether ``store.add_task`` keeps an audit entry with the task (``audit=``): the
+    shipped stores do; a store written against an older ``Store`` may not."""
+    try:
+        return "audit" in inspect.signature(store.add_task).parameters
+    except (TypeError, ValueError):  # no signature to read
+        return False
+
+
 def _store_kind(store: Store) -> str:
     """``GET /``'s ``store``: postgresql, sqlite, memory, or custom."""
     module = type(store).__module__
@@ -605,6 +617,7 @@ def create_app(
                     connected=_connected(runs_on, kind),
                     store_kind=_store_kind(queue),
                     audit=audit_store,
+                    audit_with_writes=audit_store is not None and _takes_audit(queue),
                     outbox=outbox,
                     webhooks=cfg.webhooks if outbox is not None else (),
                     event_log=source is not None,

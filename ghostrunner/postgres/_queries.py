@@ -117,8 +117,9 @@ RETURNING seq
 
 #: ``add_task`` of several tasks in one statement (a group commit), from one JSON array
 #: (``batch``: one object per task, their ids distinct, ``ord`` their submission order,
-#: which seqs follow; one JSON text is far cheaper to send than twenty arrays). Returns
-#: the id of each task added (a task whose id exists returns no row).
+#: which seqs follow; one JSON text is far cheaper to send than twenty arrays; ``audit``
+#: an audit entry to store with the task, or null). Returns the id of each task added
+#: (a task whose id exists returns no row, and leaves no audit entry).
 ADD_TASKS_SQL: Final = """
 WITH k AS (
     SELECT * FROM jsonb_to_recordset(%(batch)s::jsonb) AS k(
@@ -126,7 +127,7 @@ WITH k AS (
         shell text, run_as_user boolean, timeout double precision, not_before timestamptz,
         expires_at timestamptz, max_attempts integer, delivery text, fleet text,
         continuous boolean, per_minute integer, max_concurrent integer, nodes jsonb,
-        n integer, data jsonb, now timestamptz, ord integer)
+        n integer, data jsonb, now timestamptz, ord integer, audit jsonb)
 ), t AS (
     INSERT INTO tasks(id, name, command, targets, created_at, shell, run_as_user, timeout,
                       not_before, expires_at, max_attempts, delivery, fleet, continuous,
@@ -149,6 +150,14 @@ WITH k AS (
 ), logged AS (
     INSERT INTO event_inbox(at, kind, task_id, data)
     SELECT now, 'task.created', id, data FROM added ORDER BY ord
+), audited AS (
+    INSERT INTO audit(at, token, address, method, route, task_id, status, counts)
+    SELECT u.at, u.token, u.address, u.method, u.route, u.task_id, u.status, u.counts
+    FROM added AS a CROSS JOIN LATERAL jsonb_to_record(a.audit) AS u(
+        at timestamptz, token text, address text, method text, route text, task_id text,
+        status integer, counts jsonb)
+    WHERE jsonb_typeof(a.audit) = 'object'
+    ORDER BY a.ord
 ), signal AS (
     SELECT pg_notify(%(channel)s, %(payload)s)
     WHERE %(notify)s AND EXISTS (SELECT 1 FROM added WHERE n > 0)

@@ -288,11 +288,13 @@ class PostgresStore:
     # ---------------------------------------------------------------- tasks
 
     async def add_task(
-        self, task: Task, now: datetime, *, nodes: Sequence[str] | None = None
+        self, task: Task, now: datetime, *, nodes: Sequence[str] | None = None,
+        audit: AuditEntry | None = None,
     ) -> None:
         params = q.task_params(task, now)
         params["nodes"] = list(task.targets if nodes is None else nodes)
         params["n"] = len(params["nodes"])
+        params["audit"] = None if audit is None else _audit_row(audit)
 
         item = _Adding(task=task, params=params,
                        future=asyncio.get_running_loop().create_future())
@@ -362,7 +364,7 @@ class PostgresStore:
                 "per_minute": p["per_minute"], "max_concurrent": p["max_concurrent"],
                 "nodes": p["nodes"], "n": p["n"],
                 "data": ev.created_data(item.task.name, p["nodes"]),
-                "now": p["now"].isoformat(), "ord": i,
+                "now": p["now"].isoformat(), "ord": i, "audit": p["audit"],
             })
         params = {
             "batch": json.dumps(tasks, ensure_ascii=False),
@@ -1142,11 +1144,7 @@ class PostgresStore:
     # ---------------------------------------------------------------- audit log
 
     async def record_audit(self, entry: AuditEntry) -> None:
-        # text made storable first: one entry's bad text must not fail its batch
-        row = {"at": q.ts(entry.at).isoformat(), "token": q.text(entry.token),
-               "address": q.text(entry.address), "method": q.text(entry.method),
-               "route": q.text(entry.route), "task_id": q.text(entry.task_id),
-               "status": entry.status, "counts": dict(entry.counts)}
+        row = _audit_row(entry)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._auditing.append(_Auditing(row=row, future=future))
         if _idle(self._auditor):
@@ -1442,6 +1440,16 @@ class _Waiting(Protocol):
 
 
 _W = TypeVar("_W", bound=_Waiting)
+
+
+def _audit_row(entry: AuditEntry) -> dict[str, Any]:
+    """An audit entry as a JSON object of :data:`._queries.AUDIT_MANY_SQL`'s batch (and
+    of ``ADD_TASKS_SQL``'s ``audit``), its text made storable first: one entry's bad
+    text must not fail its group."""
+    return {"at": q.ts(entry.at).isoformat(), "token": q.text(entry.token),
+            "address": q.text(entry.address), "method": q.text(entry.method),
+            "route": q.text(entry.route), "task_id": q.text(entry.task_id),
+            "status": entry.status, "counts": dict(entry.counts)}
 
 
 def _take_group(

@@ -131,18 +131,22 @@ class SQLiteStore:
     # ---------------------------------------------------------------- tasks
 
     async def add_task(
-        self, task: Task, now: datetime, *, nodes: Sequence[str] | None = None
+        self, task: Task, now: datetime, *, nodes: Sequence[str] | None = None,
+        audit: AuditEntry | None = None,
     ) -> None:
         row = q.task_row(task, ts(now), nodes)
+        entry = None if audit is None else _audit_row(audit)
         if len(row[16]) > _large.STAGED_RUNS:
-            await self._add_large(row)
+            await self._add_large(row, entry)
             return
         # tasks added concurrently are written with one statement (their jobs share the
         # bulk function): per-statement costs and the worker's hold on the GIL are paid
         # once per batch, not once per task
-        await self._call(lambda db: _add_tasks(db, [row]), "write", bulk=(_add_tasks, row))
+        item = (row, entry)
+        await self._call(lambda db: _add_audited(db, [item]), "write",
+                         bulk=(_add_audited, item))
 
-    async def _add_large(self, row: tuple[Any, ...]) -> None:
+    async def _add_large(self, row: tuple[Any, ...], entry: tuple[Any, ...] | None) -> None:
         """:meth:`add_task` of a task with many runs, in steps the store's thread
         interleaves with its other jobs; visible at the last one (see :mod:`._large`)."""
         seq = await self._write(lambda db: _large.stage(db, row))
@@ -164,8 +168,12 @@ class SQLiteStore:
                 await self._write(functools.partial(
                     _large.write_runs, seq=seq, runs=runs[start : start + size], queued=row[12]
                 ))
-            await self._write(
-                lambda db: _large.publish(db, seq, len(nodes), (row[12], row[18])))
+            def publish(db: sqlite_utils.Database) -> None:
+                _large.publish(db, seq, len(nodes), (row[12], row[18]))
+                if entry is not None:  # in the transaction that makes the task visible
+                    db.conn.execute(_AUDIT_INSERT, entry)
+
+            await self._write(publish)
         except BaseException:  # failed or cancelled: take back what was written
             discard = asyncio.ensure_future(self._discard(seq))
             self._discards.add(discard)
@@ -672,13 +680,10 @@ class SQLiteStore:
     # ---------------------------------------------------------------- audit log
 
     async def record_audit(self, entry: AuditEntry) -> None:
-        row = (ts(entry.at), entry.token, entry.address, entry.method, entry.route,
-               entry.task_id, entry.status, json.dumps(dict(entry.counts)))
+        row = _audit_row(entry)
         # a write job like any other: it joins the batch (one commit) of the writes
         # queued with it
-        await self._write(lambda db: db.execute(
-            "INSERT INTO audit(at, token, address, method, route, task_id, status, counts) "
-            "VALUES (?,?,?,?,?,?,?,?)", row))
+        await self._write(lambda db: db.execute(_AUDIT_INSERT, row))
 
     async def query_audit(self, query: AuditQuery) -> AuditPage:
         sql, params = audit_sql(query, "?", ts)
@@ -862,6 +867,39 @@ def _add_tasks(db: sqlite_utils.Database, rows: list[tuple[Any, ...]]) -> None:
         if len(rows) == 1 and "tasks.id" in str(exc):
             raise Conflict(f"task {rows[0][0]} exists") from exc
         raise
+
+
+def _add_audited(
+    db: sqlite_utils.Database, items: list[tuple[tuple[Any, ...], tuple[Any, ...] | None]]
+) -> None:
+    """:func:`_add_tasks` of tasks given with their audit entries (or None), the entries
+    in the same transaction: all or nothing (a duplicate id adds neither). Outside a
+    transaction (a batch of adds only, see ``_worker``) the savepoint is that
+    transaction."""
+    rows = [row for row, _ in items]
+    entries = [entry for _, entry in items if entry is not None]
+    if not entries:
+        _add_tasks(db, rows)  # one statement: atomic by itself
+        return
+    db.execute("SAVEPOINT audited")
+    try:
+        _add_tasks(db, rows)
+        db.conn.executemany(_AUDIT_INSERT, entries)
+    except BaseException:
+        if db.conn.in_transaction:  # (unless SQLite rolled it all back itself)
+            db.execute("ROLLBACK TO audited")
+            db.execute("RELEASE audited")
+        raise
+    db.execute("RELEASE audited")
+
+
+_AUDIT_INSERT: Final = ("INSERT INTO audit(at, token, address, method, route, task_id, "
+                        "status, counts) VALUES (?,?,?,?,?,?,?,?)")
+
+
+def _audit_row(entry: AuditEntry) -> tuple[Any, ...]:
+    return (ts(entry.at), entry.token, entry.address, entry.method, entry.route,
+            entry.task_id, entry.status, json.dumps(dict(entry.counts)))
 
 
 def _bulk_load(

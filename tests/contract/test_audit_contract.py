@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
+from ghostrunner import Task
 from ghostrunner.audit import AuditEntry, AuditQuery
-from ghostrunner.errors import ValidationError
+from ghostrunner.errors import Conflict, ValidationError
 from ghostrunner_http._audit import AuditStore
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -112,3 +113,48 @@ async def test_entries_recorded_together_are_all_kept_in_their_order(store: Any)
     page = await store.query_audit(AuditQuery(limit=100))
     assert [e.task_id for e in page.items] == [f"task-{i}" for i in reversed(range(60))]
     assert page.items[60 - 1 - 7].address not in (None, "a\x00b")
+
+
+# ------------------------------------------------- an entry kept with the task (add_task)
+
+
+def _task(i: int, *targets: str) -> Task:
+    return Task(id=f"task-{i}", name="job", command="true", targets=targets or ("node//a",),
+                created_at=T0)
+
+
+async def _task_ids(store: Any) -> list[str | None]:
+    return [e.task_id for e in (await store.query_audit(AuditQuery(limit=500))).items]
+
+
+async def test_add_task_keeps_its_audit_entry_with_the_task(store: Any) -> None:
+    await store.add_task(_task(1), T0, audit=entry(1))
+    await store.add_task(_task(2), T0)  # no entry asked for: none written
+    page = await store.query_audit(AuditQuery())
+    assert [e.task_id for e in page.items] == ["task-1"]
+    got = page.items[0]
+    assert (got.at, got.method, got.route, got.status, got.token, got.address,
+            dict(got.counts)) == (T0 + timedelta(minutes=1), "POST", "/task/create", 200,
+                                  "ops", "10.0.0.1", {"nodeids": 1})
+    assert (await store.get_task("task-1")).task.id == "task-1"
+
+
+async def test_a_task_not_added_leaves_no_audit_entry(store: Any) -> None:
+    await store.add_task(_task(1), T0, audit=entry(1))
+    with pytest.raises(Conflict):
+        await store.add_task(_task(1), T0, audit=entry(2, task_id="task-1-again"))
+    assert await _task_ids(store) == ["task-1"]
+
+
+async def test_tasks_added_together_each_keep_their_own_entry(store: Any) -> None:
+    """Concurrent adds (PostgreSQL: one group statement; SQLite: one bulk job), one of
+    them a duplicate id: every added task has its entry, the duplicate leaves none."""
+    import asyncio
+
+    await store.add_task(_task(0), T0)
+    results = await asyncio.gather(*(
+        store.add_task(_task(i), T0, audit=entry(i, address="a\x00b" if i == 5 else "x"))
+        for i in range(40)), return_exceptions=True)
+    assert isinstance(results[0], Conflict)
+    assert all(r is None for r in results[1:])
+    assert sorted(await _task_ids(store)) == sorted(f"task-{i}" for i in range(1, 40))

@@ -53,6 +53,23 @@ async def test_a_large_task_reads_back_like_a_small_one(store: Store) -> None:
         await store.add_task(make_task("node//x", id=task.id), NOW)
 
 
+async def test_a_large_task_keeps_its_audit_entry(store: Any) -> None:
+    """The entry goes in with the step that makes the task visible: there once it is,
+    and none for an add that fails."""
+    from ghostrunner.audit import AuditEntry, AuditQuery
+
+    def entry(task_id: str) -> AuditEntry:
+        return AuditEntry(at=NOW, method="POST", route="/task/create", status=200,
+                          task_id=task_id, counts={"nodeids": N})
+
+    task = big_task()
+    await store.add_task(task, NOW, audit=entry(task.id))
+    with pytest.raises(Conflict):
+        await store.add_task(task, NOW, audit=entry("again"))
+    page = await store.query_audit(AuditQuery())
+    assert [(e.task_id, dict(e.counts)) for e in page.items] == [(task.id, {"nodeids": N})]
+
+
 async def test_a_large_task_over_known_and_new_devices(sqlite_store: SQLiteStore) -> None:
     first = make_task(*(f"node//{i:05d}" for i in range(0, N, 2)))
     await sqlite_store.add_task(first, NOW)

@@ -5,14 +5,20 @@ ever in an entry."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
+import pytest
 from starlette.routing import Route
 
+from ghostrunner import Task
+from ghostrunner.errors import StoreError
+from ghostrunner.testing import InMemoryStore
 from ghostrunner.tokens import Scope
 from ghostrunner_http._tokens import hash_secret
 from ghostrunner_http.openapi import openapi_document
-from tests.http.conftest import ADMIN, Api
+from tests.http.conftest import ADMIN, Api, ApiFactory
 from tests.http.test_http_console import XSS, Browser
 
 SAFE = {"get", "head", "options"}
@@ -218,3 +224,42 @@ def test_cli_writes_go_through_the_api_and_are_recorded(api: Api) -> None:
                                                "nodeids": ["node-001"]}},
              headers={"User-Agent": "ghostrunner-cli"})
     assert latest(api)["route"] == "/task/create"
+
+
+# ------------------------------------------- a create's entry goes in with the task itself
+
+
+def test_a_create_is_recorded_once_in_the_tasks_transaction(api: Api) -> None:
+    task = api.create(["node-001", "node-002"])
+    created = [e for e in entries(api) if e["route"] == "/task/create"]
+    assert [(e["task_id"], e["status"], e["counts"]) for e in created] == [
+        (task["id"], 200, {"nodeids": 2})]
+    # stored by add_task with the task (the middleware wrote no second one)
+    assert [e.task_id for e in api.store.audit] == [task["id"]]
+
+
+def test_a_create_the_store_fails_has_the_failures_entry_only(
+        api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def failing(task: Any, now: Any, *, nodes: Any = None, audit: Any = None) -> None:
+        raise StoreError("disk full")
+
+    monkeypatch.setattr(api.store, "add_task", failing)
+    r = api.post("/task/create",
+                 json={"details": {"name": "n", "command": "c", "nodeids": ["node-001"]}})
+    assert r.status_code == 503, r.text
+    assert [(e["route"], e["status"]) for e in entries(api)] == [("/task/create", 503)]
+
+
+class _OlderStore(InMemoryStore):
+    """A store written before ``add_task`` took ``audit``."""
+
+    async def add_task(self, task: Task, now: datetime, *,  # type: ignore[override]
+                       nodes: Sequence[str] | None = None) -> None:
+        await super().add_task(task, now, nodes=nodes)
+
+
+def test_a_store_whose_add_task_takes_no_entry_is_recorded_by_the_middleware(
+        api_factory: ApiFactory) -> None:
+    api = api_factory(store=_OlderStore())
+    task = api.create(["node-001"])
+    assert [(e["task_id"], e["status"]) for e in entries(api)] == [(task["id"], 200)]

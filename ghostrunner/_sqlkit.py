@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any, Final
 
 import attrs
+import orjson
 
 from ._types import Rollout, Selector, Task, TaskStatus
 from .audit import AuditQuery
@@ -21,9 +22,20 @@ from .errors import ValidationError
 from .webhooks import DeliveryQuery
 
 __all__ = ["AUDIT_COLS", "DELIVERY_COLS", "STATUS_SQL", "audit_sql", "deliveries_sql",
-           "fleet_fields", "fleet_json"]
+           "fleet_fields", "fleet_json", "json_text"]
 
 _PLAIN_ROLLOUT: Final = Rollout()
+
+
+def json_text(value: Any) -> str:
+    """``value`` as compact JSON text (a statement's JSON parameter): orjson, ten times
+    faster than the standard library; the standard library for what orjson refuses (a
+    lone surrogate, an integer beyond 64 bits: the database refuses them with a clear
+    error)."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # orjson.JSONEncodeError
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def fleet_json(task: Task) -> str | None:

@@ -204,6 +204,8 @@ def _aware(inst: object, attribute: attrs.Attribute[Any], value: datetime | None
 
 
 def _encodable(value: str) -> bool:
+    if value.isascii():
+        return True
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:  # lone surrogates

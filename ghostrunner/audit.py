@@ -26,6 +26,8 @@ def _clip(value: str | None) -> str | None:
     lone surrogate: they come from URLs as the client sent them)."""
     if value is None:
         return None
+    if value.isascii() and len(value) <= MAX_FIELD and "\x00" not in value:
+        return value  # (most values: nothing to clip)
     value = value[:MAX_FIELD].replace("\x00", "\ufffd")
     return value.encode("utf-8", "replace").decode("utf-8")
 

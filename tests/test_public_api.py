@@ -32,7 +32,7 @@ INTERNAL = {
     "ghostrunner._loop": {"Reconciler"},
     "ghostrunner._sqlkit": {"AUDIT_COLS", "DELIVERY_COLS", "STATUS_SQL", "audit_sql",
                             "deliveries_sql", "fleet_fields",
-                            "fleet_json"},
+                            "fleet_json", "json_text"},
     "ghostrunner._fanout": {"EventFanout"},
     "ghostrunner._feed": {"EventFeed"},
     "ghostrunner._output": {"cap_output"},

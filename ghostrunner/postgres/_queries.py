@@ -31,6 +31,7 @@ from .._types import (
     trusted,
 )
 from ..errors import StoreError
+from ..events import created_data
 from ..tokens import Scope, Token
 
 STATES: Final = tuple(RunState)  # the state names double as task_counts column names
@@ -454,6 +455,35 @@ def task_params(task: Task, now: datetime) -> dict[str, Any]:
         "per_minute": task.rollout.per_minute,
         "max_concurrent": task.rollout.max_concurrent,
         "now": ts(now),
+    }
+
+
+def task_json(task: Task, now: datetime, nodes: Sequence[str] | None) -> dict[str, Any]:
+    """``task`` as an object of :data:`ADD_TASKS_SQL`'s batch (but ``ord`` and
+    ``audit``): its ``tasks`` columns, the time its runs are queued at, the nodes they
+    are for (default: its targets), and its ``task.created`` event's ``data``."""
+    listed = list(task.targets if nodes is None else nodes)
+    return {
+        "id": task.id,
+        "name": task.name,
+        "command": task.command,
+        "targets": list(task.targets),
+        "created_at": ts(task.created_at).isoformat(),
+        "shell": task.shell.value,
+        "run_as_user": task.run_as_user,
+        "timeout": float(task.timeout),
+        "not_before": None if task.not_before is None else ts(task.not_before).isoformat(),
+        "expires_at": None if task.expires_at is None else ts(task.expires_at).isoformat(),
+        "max_attempts": task.max_attempts,
+        "delivery": task.delivery.value,
+        "fleet": fleet_json(task),
+        "continuous": task.continuous,
+        "per_minute": task.rollout.per_minute,
+        "max_concurrent": task.rollout.max_concurrent,
+        "nodes": listed,
+        "n": len(listed),
+        "data": created_data(task.name, listed),
+        "now": ts(now).isoformat(),
     }
 
 

@@ -38,7 +38,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .. import events as ev
 from .._planner import RATE_WINDOW, rollout_budget
-from .._sqlkit import DELIVERY_COLS, audit_sql, deliveries_sql
+from .._sqlkit import DELIVERY_COLS, audit_sql, deliveries_sql, json_text
 from .._types import (
     TERMINAL_STATES,
     TRANSITIONS,
@@ -291,14 +291,10 @@ class PostgresStore:
         self, task: Task, now: datetime, *, nodes: Sequence[str] | None = None,
         audit: AuditEntry | None = None,
     ) -> None:
-        params = q.task_params(task, now)
-        params["nodes"] = list(task.targets if nodes is None else nodes)
-        params["n"] = len(params["nodes"])
-        params["audit"] = None if audit is None else _audit_row(audit)
-
-        item = _Adding(task=task, params=params,
+        item = _Adding(task=task, row=q.task_json(task, now, nodes),
+                       audit=None if audit is None else _audit_row(audit),
                        future=asyncio.get_running_loop().create_future())
-        if params["n"] > _ADD_ALONE:  # a large task: a statement of its own
+        if item.row["n"] > _ADD_ALONE:  # a large task: a statement of its own
             await self._add_alone(item)
             return
         self._adding.append(item)
@@ -350,24 +346,10 @@ class PostgresStore:
                 item.future.set_result(None)
 
     async def _add_many(self, conn: Conn, *, batch: Sequence[_Adding]) -> set[str]:
-        nodes = [n for item in batch for n in item.params["nodes"]]
-        tasks = []
-        for i, item in enumerate(batch):
-            p = item.params
-            tasks.append({
-                "id": p["id"], "name": p["name"], "command": p["command"],
-                "targets": p["targets"], "created_at": p["created_at"].isoformat(),
-                "shell": p["shell"], "run_as_user": p["run_as_user"], "timeout": p["timeout"],
-                "not_before": _iso(p["not_before"]), "expires_at": _iso(p["expires_at"]),
-                "max_attempts": p["max_attempts"], "delivery": p["delivery"],
-                "fleet": p["fleet"], "continuous": p["continuous"],
-                "per_minute": p["per_minute"], "max_concurrent": p["max_concurrent"],
-                "nodes": p["nodes"], "n": p["n"],
-                "data": ev.created_data(item.task.name, p["nodes"]),
-                "now": p["now"].isoformat(), "ord": i, "audit": p["audit"],
-            })
+        nodes = [n for item in batch for n in item.row["nodes"]]
+        tasks = [{**item.row, "ord": i, "audit": item.audit} for i, item in enumerate(batch)]
         params = {
-            "batch": json.dumps(tasks, ensure_ascii=False),
+            "batch": json_text(tasks),
             "channel": q.CHANNEL, "payload": _payload(self._tag, "runs", nodes),
             "notify": bool(nodes) and self._peers != 0,
         }
@@ -1156,8 +1138,7 @@ class PostgresStore:
         next one."""
         while self._auditing:
             batch, self._auditing = _take_group(self._auditing, id, _AUDIT_BATCH)
-            rows = {"batch": json.dumps([{**a.row, "i": i} for i, a in enumerate(batch)],
-                                        ensure_ascii=False)}
+            rows = {"batch": json_text([{**a.row, "i": i} for i, a in enumerate(batch)])}
 
             async def op(conn: Conn, rows: dict[str, str] = rows) -> None:
                 await conn.execute(q.AUDIT_MANY_SQL, rows)
@@ -1425,10 +1406,12 @@ _ADD_ALONE: Final = 1000
 
 @attrs.define(kw_only=True)
 class _Adding:
-    """An ``add_task`` waiting for its statement."""
+    """An ``add_task`` waiting for its statement: its task as a JSON object of
+    ``ADD_TASKS_SQL``'s batch, and its audit entry's (or None)."""
 
     task: Task
-    params: dict[str, Any]
+    row: dict[str, Any]
+    audit: dict[str, Any] | None
     future: asyncio.Future[None]
 
 
@@ -1446,9 +1429,10 @@ def _audit_row(entry: AuditEntry) -> dict[str, Any]:
     """An audit entry as a JSON object of :data:`._queries.AUDIT_MANY_SQL`'s batch (and
     of ``ADD_TASKS_SQL``'s ``audit``), its text made storable first: one entry's bad
     text must not fail its group."""
-    return {"at": q.ts(entry.at).isoformat(), "token": q.text(entry.token),
-            "address": q.text(entry.address), "method": q.text(entry.method),
-            "route": q.text(entry.route), "task_id": q.text(entry.task_id),
+    # (route, token, address and task_id are storable: AuditEntry clips them)
+    return {"at": q.ts(entry.at).isoformat(), "token": entry.token,
+            "address": entry.address, "method": q.text(entry.method),
+            "route": entry.route, "task_id": entry.task_id,
             "status": entry.status, "counts": dict(entry.counts)}
 
 
@@ -1495,10 +1479,6 @@ class _Auditing:
 
     row: dict[str, Any]
     future: asyncio.Future[None]
-
-
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat()
 
 
 #: Audit entries written in one statement at most (see PostgresStore._audit_queued).

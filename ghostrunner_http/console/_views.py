@@ -55,6 +55,8 @@ __all__ = ["HEADERS", "Console", "page"]
 log = logging.getLogger("ghostrunner.http")
 
 HERE = Path(__file__).resolve().parent
+#: the answer to a console write that worked: see other (the page to show next)
+REDIRECT = 303
 
 #: on every console answer: no inline script or style, nothing from elsewhere, no framing
 HEADERS = {
@@ -173,7 +175,7 @@ class Ctx:
     def redirect(self, url: str, message: str | None = None, kind: str = "info") -> Response:
         if message:
             self.session.say(message, kind)
-        return RedirectResponse(url, status_code=303, headers=HEADERS)
+        return RedirectResponse(url, status_code=REDIRECT, headers=HEADERS)
 
 
 def console_of(request: Request) -> Console:
@@ -642,7 +644,9 @@ async def queue(ctx: Ctx) -> Response:
         audit = note(ctx.request)
         audit.task_id = task.id
         audit.counts["nodeids"] = len(task.targets)
-        await runner.submit(task)
+        # the entry goes in with the task (its answer: the redirect to its page)
+        entry = audit.ahead(REDIRECT) if ctx.svc.audit_with_writes else None
+        await runner.submit(task, audit=entry)
     except ValidationError as exc:
         field = exc.field.removeprefix("details.")
         return _queue_form(ctx, 422, f"{field}: {exc.message}")

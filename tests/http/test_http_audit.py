@@ -229,13 +229,31 @@ def test_cli_writes_go_through_the_api_and_are_recorded(api: Api) -> None:
 # ------------------------------------------- a create's entry goes in with the task itself
 
 
-def test_a_create_is_recorded_once_in_the_tasks_transaction(api: Api) -> None:
+def _no_record_audit(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """record_audit fails from here on: an entry stored now came with add_task."""
+    async def failing(entry: Any) -> None:
+        raise StoreError("record_audit was called")
+
+    monkeypatch.setattr(api.store, "record_audit", failing)
+
+
+def test_a_create_is_recorded_once_in_the_tasks_transaction(
+        api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_record_audit(api, monkeypatch)
     task = api.create(["node-001", "node-002"])
-    created = [e for e in entries(api) if e["route"] == "/task/create"]
-    assert [(e["task_id"], e["status"], e["counts"]) for e in created] == [
-        (task["id"], 200, {"nodeids": 2})]
-    # stored by add_task with the task (the middleware wrote no second one)
-    assert [e.task_id for e in api.store.audit] == [task["id"]]
+    assert [(e.route, e.task_id, e.status, dict(e.counts)) for e in api.store.audit] == [
+        ("/task/create", task["id"], 200, {"nodeids": 2})]
+
+
+def test_a_task_queued_in_the_console_is_recorded_with_it(
+        api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    b = Browser(api.client)
+    assert b.sign_in(ADMIN).status_code == 303
+    _no_record_audit(api, monkeypatch)
+    r = b.post("/ui/queue", {"name": "q", "command": "c", "nodeids": "node-001"})
+    assert r.status_code == 303, r.text
+    assert [(e.route, e.status, dict(e.counts)) for e in api.store.audit
+            if e.route != "/ui/login"] == [("/ui/queue", 303, {"nodeids": 1})]
 
 
 def test_a_create_the_store_fails_has_the_failures_entry_only(

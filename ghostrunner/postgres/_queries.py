@@ -435,27 +435,30 @@ COUNTS_SQL: Final = (
 )
 
 
-def task_params(task: Task, now: datetime) -> dict[str, Any]:
-    """The ``tasks`` columns of ``task``, and the time its runs are queued at."""
+def _columns(task: Task) -> dict[str, Any]:
+    """The ``tasks`` columns of ``task`` but its times."""
     return {
         "id": task.id,
         "name": task.name,
         "command": task.command,
         "targets": list(task.targets),
-        "created_at": ts(task.created_at),
         "shell": task.shell.value,
         "run_as_user": task.run_as_user,
         "timeout": float(task.timeout),
-        "not_before": tso(task.not_before),
-        "expires_at": tso(task.expires_at),
         "max_attempts": task.max_attempts,
         "delivery": task.delivery.value,
         "fleet": fleet_json(task),
         "continuous": task.continuous,
         "per_minute": task.rollout.per_minute,
         "max_concurrent": task.rollout.max_concurrent,
-        "now": ts(now),
     }
+
+
+def task_params(task: Task, now: datetime) -> dict[str, Any]:
+    """The ``tasks`` columns of ``task``, and the time its runs are queued at."""
+    return {**_columns(task), "created_at": ts(task.created_at),
+            "not_before": tso(task.not_before), "expires_at": tso(task.expires_at),
+            "now": ts(now)}
 
 
 def task_json(task: Task, now: datetime, nodes: Sequence[str] | None) -> dict[str, Any]:
@@ -464,22 +467,10 @@ def task_json(task: Task, now: datetime, nodes: Sequence[str] | None) -> dict[st
     are for (default: its targets), and its ``task.created`` event's ``data``."""
     listed = list(task.targets if nodes is None else nodes)
     return {
-        "id": task.id,
-        "name": task.name,
-        "command": task.command,
-        "targets": list(task.targets),
+        **_columns(task),
         "created_at": ts(task.created_at).isoformat(),
-        "shell": task.shell.value,
-        "run_as_user": task.run_as_user,
-        "timeout": float(task.timeout),
         "not_before": None if task.not_before is None else ts(task.not_before).isoformat(),
         "expires_at": None if task.expires_at is None else ts(task.expires_at).isoformat(),
-        "max_attempts": task.max_attempts,
-        "delivery": task.delivery.value,
-        "fleet": fleet_json(task),
-        "continuous": task.continuous,
-        "per_minute": task.rollout.per_minute,
-        "max_concurrent": task.rollout.max_concurrent,
         "nodes": listed,
         "n": len(listed),
         "data": created_data(task.name, listed),

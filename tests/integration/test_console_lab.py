@@ -136,15 +136,18 @@ def api_run(server: ServerProcess, task_id: str, node: str) -> dict[str, Any]:
 
 
 def server_sees(server: ServerProcess, agent: Agent, *, online: bool) -> None:
-    """Wait until the server's executor shows ``agent`` online (or offline)."""
+    """Wait until the server's executor shows ``agent`` online (or offline), by its name
+    (as the console's pages show it: a device that enrolled while the server logged in
+    to MeshCentral is known by its node id until the server's next snapshot)."""
     key = "online_devices" if online else "offline_devices"
 
     def seen() -> bool:
         devices = api(server, "GET", "/devices")[key]
-        return any(d["nodeid"] == agent.node_id for d in devices)
+        return any(d["nodeid"] == agent.node_id and d["name"] == agent.name
+                   for d in devices)
 
-    wait_for(seen, SEEN_S, f"the server sees {agent.name} {'online' if online else 'offline'}",
-             server.log)
+    wait_for(seen, SEEN_S, f"the server sees {agent.name} {'online' if online else 'offline'}"
+             " under its name", server.log)
 
 
 def stopped_agent(agent_factory: Callable[..., Agent], mesh_lab: MeshLab,
@@ -230,7 +233,12 @@ def test_queue_for_an_offline_lab_device_watch_it_run_cancel_and_retry(
                "echo patched by the console")
     page.get_by_role("link", name="Queue a command").first.click()
     picker = page.get_by_role("checkbox", name=re.compile(rf"^{AGENT} offline"))
-    expect(picker).to_have_count(1)
+    try:
+        expect(picker).to_have_count(1)
+    except AssertionError as exc:  # what the page and the server showed instead
+        raise AssertionError(
+            f"{exc}\npage {page.url}: {page.locator('.picker label').all_inner_texts()}\n"
+            f"server: {api(server, 'GET', '/devices')}") from None
     assert_accessible(page)
     shot(page, screenshots, "queue")
     page.go_back()

@@ -7,10 +7,7 @@ What MeshCentral gives us, and what this module makes of it (see
   command sent in the ~0.3 s before the agent finishes starting is silently dropped. A
   device is therefore reported online (ready) only after its ``devicesessions`` event,
   or ``ready_fallback`` seconds after connecting if that event never comes. After every
-  (re)login a full snapshot replaces the view, since events are lost while disconnected;
-  an event naming a device the view lacks (it enrolled while the session logged in:
-  its ``addnode`` came before we listened, its row after the snapshot's read) brings
-  another snapshot, so that it gets its name, tags and OS.
+  (re)login a full snapshot replaces the view, since events are lost while disconnected.
 * **The session.** libmeshctrl does not fail pending calls on a drop and does not notice
   a clean close until the next send. We run one session at a time without its
   auto-reconnect, ping it every ``ping_interval`` with a timeout, and rebuild it with
@@ -76,11 +73,6 @@ _DEVICE_EVENTS = frozenset(
     {"nodeconnect", "devicesessions", "addnode", "removenode", "changenode",
      "nodemeshchange", "deletemesh", "createmesh", "meshchange"}
 )
-#: seconds from an event naming a device the view lacks to the snapshot that fills it in
-RESNAPSHOT_DELAY = 0.5
-#: and at least this many between two such snapshots (events about a device the
-#: snapshot does not list must not make every event a snapshot)
-RESNAPSHOT_EVERY = 10.0
 
 
 def agent_kind(agent: Mapping[str, Any] | None) -> AgentKind:
@@ -192,8 +184,6 @@ class MeshCentralExecutor:
         self._session: Any = None
         self._connected = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
-        self._resnapshot: asyncio.Task[None] | None = None
-        self._resnapshot_at = float("-inf")
         self._console_verified = False
         self.sessions_started = 0
         self.last_error: str | None = None
@@ -230,12 +220,11 @@ class MeshCentralExecutor:
             )
 
     async def close(self) -> None:
-        for task in (self._supervisor, self._resnapshot):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        self._supervisor = self._resnapshot = None
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+            self._supervisor = None
         for dispatch in list(self._by_response.values()):
             if not dispatch.done.done():
                 dispatch.done.set_exception(OutcomeUnknown(
@@ -541,10 +530,6 @@ class MeshCentralExecutor:
                 group_name=self._group_names.get(mesh_id or ""),
             ))
             self._nodes[node_id] = node
-            # a device no addnode told us of (it enrolled while this session logged in:
-            # its addnode came before the listener, its row after the snapshot's read):
-            # its name, tags and OS come with a fresh snapshot
-            self._resnapshot_soon()
         if action == "nodeconnect":
             connected = bool(int(event.get("conn") or 0) & 1)
             if connected and not node.connected:
@@ -568,29 +553,6 @@ class MeshCentralExecutor:
                         ))
         elif action == "devicesessions" and node.connected:
             self._set_ready(node, True)
-
-    def _resnapshot_soon(self) -> None:
-        """Take the device snapshot again shortly (once for a burst of unknown devices:
-        a fleet enrolling at once)."""
-        session = self._session
-        if session is None or (self._resnapshot is not None and not self._resnapshot.done()):
-            return
-        self._resnapshot = asyncio.get_running_loop().create_task(
-            self._resnapshot_later(session), name="ghostrunner-mc-resnapshot")
-
-    async def _resnapshot_later(self, session: Any) -> None:
-        wait = max(RESNAPSHOT_DELAY, self._resnapshot_at + RESNAPSHOT_EVERY - time.monotonic())
-        await asyncio.sleep(wait)
-        if self._session is not session:
-            return  # a new session took its own snapshot
-        self._resnapshot_at = time.monotonic()
-        try:
-            await self._snapshot(session)
-        except Exception as exc:  # the next login's snapshot does it
-            log.warning("could not read the devices again from MeshCentral: %s",
-                        _describe(exc))
-            return
-        self._emit(DeviceEvent(kind=EventKind.RESYNC))
 
     def _ready_fallback(self, node_id: str) -> None:
         node = self._nodes.get(node_id)

@@ -183,12 +183,21 @@ def test_two_servers_one_killed_again_and_again(
             pair.submit(ledger.plan(size), pair.servers)
             if cycle == kills:
                 break
-            victim = ledger.rng.choice(pair.servers)
-            victim_id = info(victim)["runner"]["id"]
-            # a random moment while the victim has runs in flight
+            # a random moment while runs are in flight (the last ones of the cycle at the
+            # latest), and a victim among the runners that have some: a runner keeps the
+            # devices it works on (it claims a device's next run as it finishes one), so
+            # the one restarted last may get no device until the other's queues drain
+            ids = {info(server)["runner"]["id"]: server for server in pair.servers}
             moment = time.monotonic() + ledger.rng.uniform(0.0, 1.5)
-            wait_for(lambda v=victim_id, m=moment: time.monotonic() >= m and pair.owned(v),
-                     120, f"runs in flight on the victim before kill {cycle + 1}")
+
+            def busy(m: float = moment, ids: dict[str, ServerProcess] = ids) -> list[str]:
+                owners = [i for i in ids if pair.owned(i)]
+                late = time.monotonic() >= m or pair.active() <= len(agents)
+                return owners if late else []
+
+            wait_for(busy, 120, f"runs in flight before kill {cycle + 1}")
+            victim_id = ledger.rng.choice(sorted(busy(0.0)) or sorted(ids))
+            victim = ids[victim_id]
             victim.kill()  # SIGKILL
             killed = time.monotonic()
             left = pair.sql("SELECT array_agg(r.task_seq || ' ' || r.node) FROM runs AS r "

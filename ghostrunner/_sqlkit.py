@@ -9,7 +9,7 @@ migrate``) reads alike, and a status means the same SQL in both.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any, Final
 
@@ -103,24 +103,39 @@ def deliveries_sql(query: DeliveryQuery, mark: str) -> tuple[str, list[Any]]:
     newest first, one row more than the page (there is a next page if it comes back);
     ``mark`` is the driver's placeholder (``?`` or ``%s``). Raises ``ValidationError``
     for a cursor this server did not give."""
+    return _page_sql(
+        DELIVERY_COLS, "webhook_deliveries", query.before_id, query.limit, mark,
+        (("webhook", query.webhook), ("event_id", query.event_id),
+         ("status", query.status and query.status.value)))
+
+
+def _page_sql(
+    cols: str, table: str, before_id: Callable[[], int | None], limit: int, mark: str,
+    equal: Iterable[tuple[str, Any]], terms: Iterable[str] = (), values: Iterable[Any] = (),
+) -> tuple[str, list[Any]]:
+    """One page of ``table``, newest first (highest id first), one row more than
+    ``limit``: the rows whose ``equal`` columns have their value (None: any), that match
+    ``terms`` (taking ``values``), and come before the cursor (``before_id``, which
+    raises ``ValueError`` for a cursor this server did not give: ``ValidationError``)."""
     try:
-        before = query.before_id()
+        before = before_id()
     except ValueError:
         raise ValidationError("cursor", "is not a cursor this server gave") from None
-    terms: list[str] = []
+    where: list[str] = []
     params: list[Any] = []
-    for column, value in (("webhook", query.webhook), ("event_id", query.event_id),
-                          ("status", query.status and query.status.value)):
+    for column, value in equal:
         if value is not None:
-            terms.append(f"{column} = {mark}")
+            where.append(f"{column} = {mark}")
             params.append(value)
+    where += terms
+    params += values
     if before is not None:
-        terms.append(f"id < {mark}")
+        where.append(f"id < {mark}")
         params.append(min(before, (1 << 63) - 1))
-    where = "WHERE " + " AND ".join(terms) if terms else ""
-    params.append(query.limit + 1)
+    clause = "WHERE " + " AND ".join(where) if where else ""
+    params.append(limit + 1)
     # constant columns and placeholders only: every value is a parameter
-    sql = (f"SELECT {DELIVERY_COLS} FROM webhook_deliveries {where} "  # noqa: S608
+    sql = (f"SELECT {cols} FROM {table} {clause} "  # noqa: S608
            f"ORDER BY id DESC LIMIT {mark}")
     return sql, params
 
@@ -135,32 +150,18 @@ def audit_sql(query: AuditQuery, mark: str, stamp: Callable[[datetime], Any]
     newest first, one row more than the page; ``mark`` is the driver's placeholder,
     ``stamp`` how it takes a time. Raises ``ValidationError`` for a cursor this server
     did not give."""
-    try:
-        before = query.before_id()
-    except ValueError:
-        raise ValidationError("cursor", "is not a cursor this server gave") from None
     terms: list[str] = []
-    params: list[Any] = []
-    for column, value in (("token", query.token), ("route", query.route),
-                          ("task_id", query.task_id)):
-        if value is not None:
-            terms.append(f"{column} = {mark}")
-            params.append(value)
+    values: list[Any] = []
     if query.since is not None:
         terms.append(f"at >= {mark}")
-        params.append(stamp(query.since))
+        values.append(stamp(query.since))
     if query.until is not None:
         terms.append(f"at < {mark}")
-        params.append(stamp(query.until))
+        values.append(stamp(query.until))
     if query.status_class is not None:
         terms.append(f"status >= {mark} AND status < {mark}")
-        params += [query.status_class * 100, query.status_class * 100 + 100]
-    if before is not None:
-        terms.append(f"id < {mark}")
-        params.append(min(before, (1 << 63) - 1))
-    where = "WHERE " + " AND ".join(terms) if terms else ""
-    params.append(query.limit + 1)
-    # constant columns and placeholders only: every value is a parameter
-    sql = (f"SELECT {AUDIT_COLS} FROM audit {where} "  # noqa: S608
-           f"ORDER BY id DESC LIMIT {mark}")
-    return sql, params
+        values += [query.status_class * 100, query.status_class * 100 + 100]
+    return _page_sql(
+        AUDIT_COLS, "audit", query.before_id, query.limit, mark,
+        (("token", query.token), ("route", query.route), ("task_id", query.task_id)),
+        terms, values)

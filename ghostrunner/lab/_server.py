@@ -362,7 +362,8 @@ class MeshLab:
         try:
             with opener.open(self.https_url + "/", timeout=2.0) as resp:
                 resp.read(1)
-        except urllib.error.HTTPError:
+        except urllib.error.HTTPError as exc:
+            exc.close()  # its answer holds the socket: left to the collector, it warns
             return True  # any HTTP answer means the server is up
         except (OSError, ssl.SSLError):
             return False

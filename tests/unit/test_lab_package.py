@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from ghostrunner.lab import MeshLab
 from ghostrunner_http.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,3 +87,25 @@ def test_status_and_down_of_a_directory_without_a_lab(
     assert main(["lab", "down", "--dir", str(empty)]) == 0
     assert "nothing to stop" in capsys.readouterr().out
     assert not empty.exists()  # looking does not create a lab
+
+
+def test_the_readiness_probe_closes_an_error_answer(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """An HTTP error answer (404...) means the server is up; its socket is closed at
+    once, not left to the cyclic collector (a ResourceWarning at a random later point,
+    which failed an unrelated test's setup in CI)."""
+    import io
+    import urllib.error
+
+    from ghostrunner.lab import _server
+
+    body = io.BytesIO(b"not found")
+    error = urllib.error.HTTPError("https://127.0.0.1/", 404, "Not Found", None, body)  # type: ignore[arg-type]
+
+    class Opener:
+        def open(self, *args: object, **kwargs: object) -> object:
+            raise error
+
+    monkeypatch.setattr(_server, "_loopback_opener", Opener)
+    assert MeshLab(tmp_path)._answers() is True
+    assert body.closed
